@@ -1,0 +1,144 @@
+"""Command line: parse, validate, call one library function.
+
+``mergekit-swarm RECIPE.yml [flags]`` runs a search; ``mergekit-swarm push
+OUT_DIR --repo org/name`` pushes a finished run again; ``mergekit-swarm-yaml``
+is mergekit's own ``mergekit-yaml`` with the ``swarm`` method registered.
+
+Exit codes: 0 success, 2 bad input (recipe, experts, data, output folder),
+1 failure at run time, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import List, Optional
+
+from swarm_merge.errors import InputError, SwarmMergeError
+
+LOG = logging.getLogger("swarm_merge")
+
+
+def _run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mergekit-swarm",
+        description="Search merges of expert models with Model Swarms and write the best one with mergekit. "
+        "`mergekit-swarm push OUT_DIR --repo org/name` pushes a finished run.",
+    )
+    p.add_argument("recipe", help="the recipe YAML file")
+    p.add_argument("--out", metavar="DIR", help="output folder (overrides output.dir)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a recipe value before validation, e.g. --set swarm.max_iterations=5 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint in the out dir")
+    p.add_argument("--force", action="store_true", help="start over in an out dir that holds an earlier run or other files")
+    p.add_argument("--dry-run", action="store_true", help="validate everything and print the plan; write nothing")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--seed", type=int, help="override swarm.seed")
+    p.add_argument("--push-to-hub", metavar="ORG/NAME", help="push the result to this Hub repo (overrides output.push_to_hub)")
+    p.add_argument("--cache-dir", help="Hub download cache (default: the Hugging Face cache)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logs and tracebacks")
+    return p
+
+
+def _push_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mergekit-swarm push", description="Push a finished run's output folder to the Hub.")
+    p.add_argument("out_dir", help="the output folder of a finished run (holds swarm.json)")
+    p.add_argument("--repo", required=True, metavar="ORG/NAME", help="the Hub repo to push to")
+    p.add_argument("--private", action=argparse.BooleanOptionalAction, default=None,
+                   help="create the repo private (default: the run's output.private)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logs and tracebacks")
+    return p
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s",
+        stream=sys.stderr,
+    )
+    if not verbose:
+        for noisy in ("transformers", "mergekit", "huggingface_hub", "accelerate", "httpx", "filelock", "urllib3"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        import warnings
+
+        warnings.filterwarnings("ignore")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "-v" in argv or "--verbose" in argv
+    _setup_logging(verbose)
+    try:
+        if argv and argv[0] == "push":
+            return _push(_push_parser().parse_args(argv[1:]))
+        return _run(_run_parser().parse_args(argv))
+    except InputError as exc:
+        _fail(exc, verbose)
+        return 2
+    except KeyboardInterrupt:
+        print("mergekit-swarm: interrupted; run again with --resume to continue", file=sys.stderr)
+        return 130
+    except SwarmMergeError as exc:
+        _fail(exc, verbose)
+        return 1
+    except Exception as exc:  # an unexpected failure: one line, the traceback with -v
+        _fail(exc, verbose, prefix=f"{type(exc).__name__}: ")
+        if not verbose:
+            print("mergekit-swarm: run with -v for the traceback", file=sys.stderr)
+        return 1
+
+
+def _fail(exc: BaseException, verbose: bool, prefix: str = "") -> None:
+    if verbose:
+        LOG.exception("failed")
+    message = " ".join(str(exc).split())  # one line
+    print(f"mergekit-swarm: error: {prefix}{message}", file=sys.stderr)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from swarm_merge.options import RunOptions
+    from swarm_merge.recipe import load_recipe
+
+    overrides = list(args.overrides)
+    if args.seed is not None:
+        overrides.append(f"swarm.seed={args.seed}")
+    recipe = load_recipe(args.recipe, overrides)
+    options = RunOptions(
+        out_dir=args.out,
+        resume=args.resume,
+        force=args.force,
+        dry_run=args.dry_run,
+        device=args.device,
+        cache_dir=args.cache_dir,
+        push_to_hub=args.push_to_hub,
+        progress=not args.no_progress and sys.stderr.isatty() or os.environ.get("SWARM_MERGE_PROGRESS") == "1",
+    )
+    from swarm_merge.pipeline import run
+
+    run(recipe, options)
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from swarm_merge import hub
+
+    hub.push_folder(args.out_dir, args.repo, private=args.private)
+    return 0
+
+
+def mergekit_yaml() -> None:
+    """mergekit's ``mergekit-yaml`` with ``merge_method: swarm`` available."""
+    from mergekit.scripts.run_yaml import main as run_yaml
+
+    from swarm_merge.merge import register
+
+    register()
+    run_yaml()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

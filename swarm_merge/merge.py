@@ -1,0 +1,165 @@
+"""Write the winning merge with mergekit, and the ``swarm`` merge method.
+
+The winner is ``sum_k a_k E_k`` with ``sum_k a_k = 1`` and a_k possibly
+negative. That is mergekit's ``linear`` method with ``normalize: false``: the
+written ``mergekit_config.yml`` uses it, so stock ``mergekit-yaml`` reproduces
+the weights. Normalising would be wrong: it divides by ``sum_k a_k``, which is 1
+for a position but 0 for a velocity, and it hides coefficients that do not sum
+to 1.
+
+The ``swarm`` method registered here is that affine combination with the
+constraint checked: a mergekit config can name ``merge_method: swarm`` (run it
+with ``mergekit-swarm-yaml``) and gets an error, not a silently rescaled model,
+if its weights do not sum to 1. mergekit 0.1.5 has no plugin discovery, so
+:func:`register` is called by our entry points, once.
+
+This module and the CLI wrapper are the only places that touch mergekit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from typing_extensions import Annotated
+
+from mergekit.merge_methods import BatchParameter, ParameterScope, TensorBatch, merge_method
+
+from swarm_merge.experts import Expert
+
+__all__ = ["swarm_method", "register", "mergekit_config", "write_merge"]
+
+LOG = logging.getLogger(__name__)
+
+AFFINE_TOLERANCE = 1e-4
+
+
+@merge_method(
+    name="swarm",
+    pretty_name="Model Swarms",
+    reference_url="https://arxiv.org/abs/2410.11163",
+)
+def swarm_method(
+    batch: TensorBatch,
+    weight: Annotated[torch.Tensor, BatchParameter(float, ParameterScope.INPUT)],
+) -> torch.Tensor:
+    """sum_k w_k E_k, never normalised; the weights must sum to 1 (affine)."""
+    first = batch.tensors[0]
+    if not first.is_floating_point():
+        raise TypeError("the swarm method merges floating-point tensors only")
+    dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+    weight = weight.to(dtype)
+    totals = weight.sum(dim=1)
+    if torch.any((totals - 1).abs() > AFFINE_TOLERANCE):
+        raise ValueError(
+            f"swarm weights must sum to 1 (got {totals.flatten()[0].item():.6g}); "
+            "use the coefficients from swarm.json, or merge_method: linear for other weights"
+        )
+    shape = (first.shape[0],) + (1,) * (first.ndim - 1)
+    result = torch.zeros_like(first, dtype=dtype)
+    for tensor, coefficient in zip(batch.tensors, weight.unbind(1)):
+        result.addcmul_(tensor, coefficient.reshape(shape))
+    return result.to(first.dtype)
+
+
+def register() -> None:
+    """Make ``merge_method: swarm`` available to mergekit (idempotent)."""
+    from mergekit import merge_methods
+
+    if not any(m.spec.name == "swarm" for m in merge_methods.registered_methods()):
+        merge_methods.register(swarm_method)
+
+
+def _model_ref(expert: Expert, *, portable: bool) -> str:
+    if portable and not expert.ref.is_local:
+        # Pin the exact commit that was searched.
+        return f"{expert.ref.model}@{expert.revision}" if expert.revision else expert.ref.model
+    return str(Path(expert.path).resolve())
+
+
+def mergekit_config(
+    experts: Sequence[Expert],
+    coefficients: np.ndarray,
+    groups: Dict[str, int],
+    *,
+    dtype: str,
+    portable: bool = True,
+) -> Dict[str, Any]:
+    """The mergekit config whose ``linear``/``normalize: false`` merge is the particle.
+
+    Args:
+        coefficients: ``(G, K)``; with G > 1 each expert's weight is given per
+            layer group with mergekit's filter syntax.
+        portable: name Hub experts as ``repo@commit`` (for the written file)
+            rather than by their local snapshot folder (for running here).
+    """
+    coefficients = np.asarray(coefficients, dtype=np.float64)
+    models: List[Dict[str, Any]] = []
+    for k, expert in enumerate(experts):
+        if coefficients.shape[0] == 1:
+            weight: Any = float(coefficients[0, k])
+        else:
+            weight = _filtered_weights(coefficients[:, k], groups)
+        models.append({"model": _model_ref(expert, portable=portable), "parameters": {"weight": weight}})
+    return {
+        "merge_method": "linear",
+        "parameters": {"normalize": False},
+        "models": models,
+        # Inputs are read in float32 (the kernel accumulates in float32 anyway);
+        # out_dtype is the recipe's.
+        "dtype": "float32",
+        "out_dtype": dtype,
+    }
+
+
+def _filtered_weights(column: np.ndarray, groups: Dict[str, int]) -> List[Dict[str, Any]]:
+    """Per-group weights as mergekit conditional parameters (first matching filter wins)."""
+    import re
+
+    entries: List[Dict[str, Any]] = []
+    layers: Dict[int, int] = {}
+    for name, g in groups.items():
+        m = re.search(r"\.(?:layers|h|blocks|layer)\.(\d+)\.", name)
+        if m:
+            layers[int(m.group(1))] = g
+        else:
+            entries.append({"filter": name, "value": float(column[g])})
+    prefix_of = {}
+    for name in groups:
+        m = re.search(r"^(.*?\.(?:layers|h|blocks|layer)\.)(\d+)\.", name)
+        if m:
+            prefix_of[int(m.group(2))] = m.group(1)
+    for layer in sorted(layers):
+        # "model.layers.1." does not match "model.layers.11.": the dot closes it.
+        entries.append({"filter": f"{prefix_of[layer]}{layer}.", "value": float(column[layers[layer]])})
+    return entries
+
+
+def write_merge(config: Dict[str, Any], out_path: Path, *, device: str = "cpu", quiet: bool = True) -> None:
+    """Run mergekit on ``config`` into ``out_path`` (config, safetensors, tokenizer)."""
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    register()
+    merge_config = MergeConfiguration.model_validate(config)
+    options = MergeOptions(
+        copy_tokenizer=True,
+        # swarm_merge writes its own card; mergekit's asks the Hub about local paths.
+        write_model_card=False,
+        device=device,
+        quiet=quiet,
+        allow_crimes=False,
+    )
+    out_path = Path(out_path)
+    if out_path.exists():
+        shutil.rmtree(out_path)
+    run_merge(merge_config, str(out_path), options=options, config_source=yaml.safe_dump(config, sort_keys=False))
+    if not any(out_path.glob("*.safetensors")):
+        raise RuntimeError(f"mergekit wrote no safetensors into {out_path}")

@@ -1,0 +1,270 @@
+"""Utilities: what a particle scores on the dev set (higher is better).
+
+One registry, :data:`OBJECTIVES`, maps a recipe's ``objective.type`` to a
+scoring function ``(model, tokenizer, examples, objective, device) -> Score``.
+Each function makes few, large batches: in streaming mode every forward call
+rebuilds the weights, so the number of forward calls is the cost that counts.
+
+JSONL rows:
+- exact_match: ``{"prompt", "answer"}``: greedy completion (cut at its first
+  newline, stripped) compared with the stripped answer (``match``: prefix,
+  exact or contains).
+- multiple_choice: ``{"prompt", "choices", "answer": index}``: the choice with
+  the highest mean log-likelihood per token wins.
+- loglik: ``{"prompt", "answer"}`` or ``{"text"}``: utility is minus the mean
+  token NLL of the answer (or of the whole text after its first token).
+Other fields are kept; the one named by ``objective.group_by`` (default
+``task``) breaks scores down per group.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from swarm_merge.errors import DataError
+
+__all__ = ["Example", "Score", "load_examples", "score", "OBJECTIVES"]
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    answer: Any = None
+    choices: Optional[Tuple[str, ...]] = None
+    group: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Score:
+    utility: float
+    groups: Dict[str, float] = field(default_factory=dict)
+    n: int = 0
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"utility": self.utility, "groups": dict(self.groups), "n": self.n}
+
+
+# ----------------------------------------------------------------------- data
+
+
+def load_examples(path: str, objective_type: str, group_by: Optional[str] = "task") -> List[Example]:
+    """Read and check a JSONL data file; errors name the file and line."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"data file {path!r} not found; check objective.dev / objective.test in the recipe")
+    examples = []
+    with p.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg}); write one JSON object per line") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: a row must be a JSON object, not {type(row).__name__}")
+            examples.append(_example(row, objective_type, group_by, f"{path}:{lineno}"))
+    if not examples:
+        raise DataError(f"data file {path!r} is empty; add JSONL rows")
+    return examples
+
+
+def _need_str(row: dict, key: str, where: str, shape: str) -> str:
+    value = row.get(key)
+    if not isinstance(value, str):
+        raise DataError(f"{where}: {key!r} must be a string (rows look like {shape})")
+    return value
+
+
+def _example(row: dict, kind: str, group_by: Optional[str], where: str) -> Example:
+    group = row.get(group_by) if group_by else None
+    group = None if group is None else str(group)
+    if kind == "exact_match":
+        shape = '{"prompt": ..., "answer": ...}'
+        prompt = _need_str(row, "prompt", where, shape)
+        answer = row.get("answer")
+        if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+            answer = str(answer)
+        if not isinstance(answer, str) or not answer.strip():
+            raise DataError(f"{where}: 'answer' must be a non-empty string (rows look like {shape})")
+        return Example(prompt=prompt, answer=answer, group=group)
+    if kind == "multiple_choice":
+        shape = '{"prompt": ..., "choices": [...], "answer": index}'
+        prompt = _need_str(row, "prompt", where, shape)
+        choices = row.get("choices")
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+            raise DataError(f"{where}: 'choices' must be a list of two or more non-empty strings (rows look like {shape})")
+        answer = row.get("answer")
+        if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
+            raise DataError(f"{where}: 'answer' must be the index of the right choice, 0..{len(choices) - 1}")
+        return Example(prompt=prompt, answer=answer, choices=tuple(choices), group=group)
+    if kind == "loglik":
+        if "text" in row:
+            text = _need_str(row, "text", where, '{"text": ...}')
+            if not text.strip():
+                raise DataError(f"{where}: 'text' is empty")
+            return Example(prompt="", answer=text, group=group)
+        shape = '{"prompt": ..., "answer": ...} or {"text": ...}'
+        prompt = _need_str(row, "prompt", where, shape)
+        answer = _need_str(row, "answer", where, shape)
+        if not answer:
+            raise DataError(f"{where}: 'answer' is empty")
+        return Example(prompt=prompt, answer=answer, group=group)
+    raise DataError(f"unknown objective type {kind!r}")
+
+
+# -------------------------------------------------------------------- scoring
+
+
+def _prepare(tokenizer, objective, text: str) -> str:
+    if objective.chat_template and text:
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
+    return text
+
+
+def _aggregate(values: Sequence[float], weights: Sequence[float], examples: Sequence[Example]) -> Score:
+    total = sum(w * v for v, w in zip(values, weights))
+    mass = sum(weights)
+    groups: Dict[str, List[float]] = defaultdict(lambda: [0.0, 0.0])
+    for v, w, ex in zip(values, weights, examples):
+        if ex.group is not None:
+            groups[ex.group][0] += w * v
+            groups[ex.group][1] += w
+    return Score(
+        utility=total / mass if mass else float("nan"),
+        groups={g: s / m for g, (s, m) in sorted(groups.items()) if m},
+        n=len(examples),
+    )
+
+
+def _batches(order: Sequence[int], size: int):
+    for start in range(0, len(order), size):
+        yield order[start : start + size]
+
+
+@torch.inference_mode()
+def score_exact_match(model, tokenizer, examples, objective, device) -> Score:
+    prompts = [_prepare(tokenizer, objective, ex.prompt) for ex in examples]
+    encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    # Longest first, so batches hold prompts of similar length (less padding).
+    order = sorted(range(len(examples)), key=lambda i: -len(encoded[i]))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    hits = [0.0] * len(examples)
+    for batch in _batches(order, objective.batch_size):
+        width = max(len(encoded[i]) for i in batch)
+        # Left padding: every row's last prompt token sits at the same position.
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            seq = encoded[i]
+            ids[row, width - len(seq) :] = torch.tensor(seq)
+            mask[row, width - len(seq) :] = 1
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=objective.max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+        )
+        texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        for i, text in zip(batch, texts):
+            hits[i] = float(_matches(text, examples[i].answer, objective.match))
+    return _aggregate(hits, [1.0] * len(examples), examples)
+
+
+def _matches(completion: str, answer: str, how: str) -> bool:
+    # Compare the first non-empty line: answers are one line, models ramble on.
+    lines = [line.strip() for line in completion.split("\n") if line.strip()]
+    got = lines[0] if lines else ""
+    want = answer.strip()
+    if how == "exact":
+        return got == want
+    if how == "contains":
+        return want in got
+    return got.startswith(want)
+
+
+def _continuation_logprobs(model, tokenizer, pairs: Sequence[Tuple[str, str]], batch_size: int, device) -> List[Tuple[float, int]]:
+    """Sum of log-probabilities of each continuation given its context, and its token count."""
+    seqs = []
+    for context, continuation in pairs:
+        ctx = tokenizer(context)["input_ids"] if context else []
+        cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        if not ctx:  # a bare text: score every token after the first
+            ctx, cont = cont[:1], cont[1:]
+        seqs.append((ctx, cont))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    order = sorted(range(len(seqs)), key=lambda i: -(len(seqs[i][0]) + len(seqs[i][1])))
+    results: List[Tuple[float, int]] = [(0.0, 0)] * len(seqs)
+    for batch in _batches(order, batch_size):
+        width = max(len(seqs[i][0]) + len(seqs[i][1]) for i in batch)
+        # Right padding: a causal model never looks at the pad tokens after a row.
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            seq = seqs[i][0] + seqs[i][1]
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        # fp32 log-softmax: bf16 logits lose the small differences between choices.
+        logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
+        for row, i in enumerate(batch):
+            ctx, cont = seqs[i]
+            if not cont:
+                results[i] = (0.0, 0)
+                continue
+            start = len(ctx)
+            positions = torch.arange(start - 1, start - 1 + len(cont))
+            targets = torch.tensor(cont)
+            results[i] = (float(logprobs[row, positions, targets].sum()), len(cont))
+    return results
+
+
+@torch.inference_mode()
+def score_multiple_choice(model, tokenizer, examples, objective, device) -> Score:
+    pairs, owner = [], []
+    for idx, ex in enumerate(examples):
+        for choice in ex.choices:
+            pairs.append((_prepare(tokenizer, objective, ex.prompt), choice))
+            owner.append(idx)
+    scored = _continuation_logprobs(model, tokenizer, pairs, objective.batch_size, device)
+    per_example: Dict[int, List[float]] = defaultdict(list)
+    for idx, (logprob, count) in zip(owner, scored):
+        # Length-normalised: longer choices are not penalised for their length.
+        per_example[idx].append(logprob / max(count, 1))
+    hits = [float(max(range(len(v)), key=v.__getitem__) == examples[i].answer) for i, v in sorted(per_example.items())]
+    return _aggregate(hits, [1.0] * len(examples), examples)
+
+
+@torch.inference_mode()
+def score_loglik(model, tokenizer, examples, objective, device) -> Score:
+    pairs = [(_prepare(tokenizer, objective, ex.prompt), ex.answer) for ex in examples]
+    scored = _continuation_logprobs(model, tokenizer, pairs, objective.batch_size, device)
+    # Utility = minus mean NLL per token, pooled over tokens (and per group).
+    values = [lp / n if n else 0.0 for lp, n in scored]
+    weights = [float(n) for _, n in scored]
+    result = _aggregate(values, weights, examples)
+    if not math.isfinite(result.utility):
+        return Score(float("nan"), result.groups, result.n)
+    return result
+
+
+OBJECTIVES: Dict[str, Callable[..., Score]] = {
+    "exact_match": score_exact_match,
+    "multiple_choice": score_multiple_choice,
+    "loglik": score_loglik,
+}
+
+
+def score(model, tokenizer, examples: Sequence[Example], objective, device) -> Score:
+    """Score ``model`` on ``examples`` with the recipe's objective."""
+    return OBJECTIVES[objective.type](model, tokenizer, examples, objective, device)

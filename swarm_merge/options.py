@@ -1,0 +1,23 @@
+"""How to run here: device, memory, output policy. Not part of the recipe, which
+says only what to search and travels between machines."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+__all__ = ["RunOptions"]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Options of one run (the CLI's flags)."""
+
+    out_dir: Optional[str] = None  # overrides the recipe's output.dir
+    resume: bool = False  # continue from swarm-state.json in the out dir
+    force: bool = False  # start over in an out dir that holds something else
+    dry_run: bool = False  # validate, print the plan, write nothing
+    device: str = "auto"  # auto | cpu | cuda[:N]
+    cache_dir: Optional[str] = None  # Hub download cache (default: the HF cache)
+    push_to_hub: Optional[str] = None  # overrides output.push_to_hub
+    progress: bool = True

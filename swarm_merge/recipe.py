@@ -1,0 +1,339 @@
+"""The recipe: *what* to search. Frozen pydantic models, loaded from YAML.
+
+How to run it here (device, memory, output policy) lives in
+:mod:`swarm_merge.options`; a recipe is pure data that can travel on the Hub,
+so it names components by short registered names, never by import path.
+
+Paths of inputs (local expert folders, data files) are resolved relative to the
+recipe file's folder, so a recipe and its data travel together; ``output.dir``
+is resolved relative to the current directory, where the user runs the command.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Any, List, Literal, Optional, Sequence, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from swarm_merge.errors import RecipeError
+
+__all__ = [
+    "ExpertRef",
+    "Objective",
+    "SwarmSettings",
+    "OutputSettings",
+    "Recipe",
+    "load_recipe",
+    "parse_recipe",
+    "apply_overrides",
+]
+
+OBJECTIVE_TYPES = ("exact_match", "multiple_choice", "loglik")
+DTYPES = ("float32", "bfloat16", "float16")
+# A Hub repo id: "name" or "org/name", optionally "@revision".
+_REPO_ID = re.compile(r"^(?:[\w.\-]+/)?[\w.\-]+(?:@[\w.\-/]+)?$")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ExpertRef(_Frozen):
+    """One expert: a local folder, or a Hub repo at an optional revision.
+
+    Written in a recipe as ``./experts/add``, ``org/name``, ``org/name@v1.0`` or
+    ``{model: org/name, revision: 3f2c1d0}``.
+    """
+
+    model: str
+    revision: Optional[str] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if not _looks_local(value) and "@" in value:
+                model, revision = value.rsplit("@", 1)
+                return {"model": model, "revision": revision}
+            return {"model": value}
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _nonempty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("an expert's model is empty; give a folder or a Hub repo id")
+        return value
+
+    @property
+    def is_local(self) -> bool:
+        return _looks_local(self.model) or os.path.isdir(self.model)
+
+    def __str__(self) -> str:
+        return self.model + (f"@{self.revision}" if self.revision else "")
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or not _REPO_ID.match(path)
+
+
+class Objective(_Frozen):
+    """The utility the swarm maximises, scored on a JSONL dev set."""
+
+    type: Literal["exact_match", "multiple_choice", "loglik"]
+    dev: str
+    test: Optional[str] = None
+    max_new_tokens: int = Field(8, ge=1, le=4096)
+    batch_size: int = Field(32, ge=1)
+    # exact_match: how the stripped greedy completion is compared with the answer.
+    match: Literal["exact", "prefix", "contains"] = "prefix"
+    # Rows carrying this field get per-group scores in the report.
+    group_by: Optional[str] = "task"
+    # Wrap prompts in the tokenizer's chat template before scoring.
+    chat_template: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_type(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "type" in value and value["type"] not in OBJECTIVE_TYPES:
+            raise ValueError(
+                f"objective type {value['type']!r} does not exist; use one of: {', '.join(OBJECTIVE_TYPES)}"
+            )
+        return value
+
+
+class SwarmSettings(_Frozen):
+    """Model Swarms hyperparameters (see ../shared/docs/model-swarms.md).
+
+    Defaults follow the paper's run scripts where they differ from the official
+    code's argparse defaults.
+    """
+
+    size: int = Field(10, ge=2, description="particles: the experts, the soup, then children")
+    granularity: Literal["model", "layer"] = "model"
+    # layer granularity: number of contiguous layer groups (null: one per layer).
+    layer_groups: Optional[int] = Field(None, ge=1)
+    inertia: float = Field(0.2, ge=0)
+    cognitive: float = Field(0.3, ge=0)
+    social: float = Field(0.4, ge=0)
+    repel: float = Field(0.05, ge=0)
+    step_length: float = Field(0.5, gt=0)
+    step_length_decay: float = Field(0.95, gt=0, le=1)
+    min_step_length: float = Field(0.1, ge=0)
+    patience: int = Field(10, ge=1)
+    restart_patience: float = Field(0.67, gt=0)
+    max_iterations: int = Field(200, ge=0)
+    drop_k: float = Field(0.0, ge=0, le=1)
+    drop_n: float = Field(0.0, ge=0, le=1)
+    init_velocity: Literal["random", "zero", "best"] = "random"
+    seed_soup: bool = True
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _check(self) -> "SwarmSettings":
+        if self.inertia + self.cognitive + self.social + self.repel <= 0:
+            raise ValueError(
+                "swarm.inertia + cognitive + social + repel must be > 0 (the velocity update divides by it)"
+            )
+        if self.drop_k >= 1:
+            raise ValueError("swarm.drop_k must be < 1: with drop_k 1 no particle is ever evaluated")
+        if self.layer_groups is not None and self.granularity != "layer":
+            raise ValueError("swarm.layer_groups needs swarm.granularity: layer")
+        return self
+
+
+class OutputSettings(_Frozen):
+    dir: Optional[str] = None
+    push_to_hub: Optional[str] = None
+    private: bool = True
+
+
+class Recipe(_Frozen):
+    """A whole swarm-merge recipe."""
+
+    name: str = Field("swarm-merge", min_length=1)
+    experts: List[ExpertRef]
+    base_model: Optional[ExpertRef] = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    objective: Objective
+    swarm: SwarmSettings = SwarmSettings()
+    output: OutputSettings = OutputSettings()
+
+    @model_validator(mode="after")
+    def _check(self) -> "Recipe":
+        k = len(self.experts)
+        if k < 2:
+            raise ValueError(f"experts lists {k}; a swarm needs two or more experts")
+        names = [str(e) for e in self.experts]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"expert {sorted(dup)[0]!r} is listed twice; list each expert once")
+        need = k + (1 if self.swarm.seed_soup else 0)
+        if self.swarm.size < need:
+            raise ValueError(
+                f"swarm.size is {self.swarm.size} but {k} experts"
+                + (" plus the soup" if self.swarm.seed_soup else "")
+                + f" need {need}; set swarm.size >= {need}"
+            )
+        return self
+
+    @property
+    def output_dir(self) -> str:
+        return self.output.dir or os.path.join("out", self.name)
+
+
+# --------------------------------------------------------------------- loading
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    """Apply ``key.path=value`` overrides (values parsed as YAML) to raw recipe data."""
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"--set {item!r} is not key.path=value; write e.g. --set swarm.size=8")
+        path, raw = item.split("=", 1)
+        keys = [k for k in path.strip().split(".") if k]
+        if not keys:
+            raise RecipeError(f"--set {item!r} has an empty key; write e.g. --set swarm.size=8")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node: Any = data
+        for i, key in enumerate(keys):
+            last = i == len(keys) - 1
+            if isinstance(node, list):
+                if not key.isdigit() or int(key) >= len(node):
+                    raise RecipeError(f"--set {path}: index {key!r} is not in the list (0..{len(node) - 1})")
+                if last:
+                    node[int(key)] = value
+                else:
+                    node = node[int(key)]
+            elif isinstance(node, dict):
+                if last:
+                    node[key] = value
+                else:
+                    if not isinstance(node.get(key), (dict, list)):
+                        node[key] = {}
+                    node = node[key]
+            else:
+                raise RecipeError(f"--set {path}: {'.'.join(keys[:i])} is not a mapping")
+    return data
+
+
+def load_recipe(path: Union[str, os.PathLike], overrides: Sequence[str] = ()) -> Recipe:
+    """Read, override, resolve and validate a recipe file.
+
+    Args:
+        path: the YAML file.
+        overrides: ``key.path=value`` strings applied before validation.
+
+    Raises:
+        RecipeError: with a one-line message naming the problem and the fix.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {str(path)!r} not found; check the path")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(f"{path}:{where}: YAML syntax error: {problem}; fix the YAML there") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping (name:, experts:, objective:, ...), not a {type(data).__name__}")
+    data = apply_overrides(data, overrides)
+    return parse_recipe(data, base_dir=path.resolve().parent, source=str(path))
+
+
+def parse_recipe(data: dict, *, base_dir: Union[str, os.PathLike, None] = None, source: str = "recipe") -> Recipe:
+    """Validate raw recipe data; relative input paths resolve against ``base_dir``."""
+    if base_dir is not None:
+        data = _resolve_inputs(data, Path(base_dir))
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(f"{source}: {_describe(exc)}") from None
+
+
+def _resolve_inputs(data: dict, base: Path) -> dict:
+    data = dict(data)
+
+    def resolve_expert(ref: Any) -> Any:
+        model = ref.get("model") if isinstance(ref, dict) else ref
+        if not isinstance(model, str) or not model:
+            return ref
+        if os.path.isabs(model) or model.startswith("~"):
+            local = Path(model).expanduser()
+        else:
+            local = base / model
+            if not (_looks_local(model) or local.is_dir()):
+                return ref  # a Hub repo id
+        if isinstance(ref, dict):
+            return {**ref, "model": str(local.resolve())}
+        return str(local.resolve())
+
+    if isinstance(data.get("experts"), list):
+        data["experts"] = [resolve_expert(e) for e in data["experts"]]
+    if data.get("base_model") is not None:
+        data["base_model"] = resolve_expert(data["base_model"])
+    objective = data.get("objective")
+    if isinstance(objective, dict):
+        objective = dict(objective)
+        for key in ("dev", "test"):
+            value = objective.get(key)
+            if isinstance(value, str) and value and not os.path.isabs(value):
+                objective[key] = str((base / value).resolve())
+        data["objective"] = objective
+    return data
+
+
+def _describe(exc: ValidationError) -> str:
+    """One line for the first validation error, with a did-you-mean for unknown keys."""
+    err = exc.errors()[0]
+    loc = [str(p) for p in err["loc"]]
+    where = ".".join(loc)
+    if err["type"] == "extra_forbidden":
+        valid = _fields_at(loc[:-1])
+        guess = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
+        hint = f"did you mean {guess[0]!r}?" if guess else f"valid keys: {', '.join(valid)}"
+        return f"unknown key {where!r}; {hint}"
+    if err["type"] == "missing":
+        return f"missing key {where!r}; add it to the recipe"
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    if not where:
+        return msg
+    value = err.get("input")
+    shown = "" if isinstance(value, (dict, list)) else f" (got {value!r})"
+    return f"{where}: {msg}{shown}"
+
+
+def _fields_at(loc: List[str]) -> List[str]:
+    model: Any = Recipe
+    for part in loc:
+        if part.isdigit():
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        for candidate in getattr(annotation, "__args__", ()) + (annotation,):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                model = candidate
+                break
+            inner = getattr(candidate, "__args__", ())
+            found = [c for c in inner if isinstance(c, type) and issubclass(c, BaseModel)]
+            if found:
+                model = found[0]
+                break
+    return list(getattr(model, "model_fields", {}))

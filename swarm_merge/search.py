@@ -1,0 +1,217 @@
+"""The search loop: the pure optimiser (:mod:`swarm_merge.swarm`) driven against
+an evaluator, with memoisation, a crash-safe checkpoint and a progress bar.
+
+The checkpoint (``swarm-state.json``) holds the swarm state and the random
+generator's state after the last finished iteration, plus every utility
+computed so far (memo). It is rewritten atomically after every evaluation, so
+a run killed at any point resumes without re-scoring anything and, since
+evaluation is deterministic, ends with the same result as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+
+from swarm_merge import swarm
+from swarm_merge.errors import OutputError
+from swarm_merge.objectives import Score
+
+__all__ = ["SearchResult", "run_search", "position_key", "write_json_atomic"]
+
+LOG = logging.getLogger(__name__)
+CHECKPOINT_VERSION = 1
+
+
+def position_key(x: np.ndarray) -> str:
+    """Identity of a position for memoisation (exact, up to float64 round-off)."""
+    return hashlib.sha1(np.round(np.asarray(x, dtype=np.float64), 12).tobytes()).hexdigest()
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON so that a kill at any instant leaves the old file or the new one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@dataclass
+class SearchResult:
+    best: np.ndarray  # (G, K) coefficients of the winner
+    best_score: Score
+    state: swarm.SwarmState
+    initial: np.ndarray  # (size, G, K) the initial swarm
+    history: List[Dict[str, Any]]
+    memo: Dict[str, Dict[str, Any]]
+    seconds: float
+    resumed: bool = False
+    stop_reason: str = ""
+
+    def lookup(self, x: np.ndarray) -> Optional[Score]:
+        hit = self.memo.get(position_key(x))
+        return Score(hit["utility"], hit.get("groups", {}), hit.get("n", 0)) if hit else None
+
+
+@dataclass
+class _Run:
+    """Mutable bookkeeping of one search, saved as the checkpoint."""
+
+    path: Path
+    fingerprint: str
+    memo: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    history: List[Dict[str, Any]] = field(default_factory=list)
+    state: Optional[swarm.SwarmState] = None
+    rng_state: Optional[dict] = None
+    seconds_before: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def seconds(self) -> float:
+        return self.seconds_before + time.monotonic() - self.started
+
+    def save(self) -> None:
+        write_json_atomic(
+            self.path,
+            {
+                "version": CHECKPOINT_VERSION,
+                "fingerprint": self.fingerprint,
+                "seconds": self.seconds,
+                "rng": self.rng_state,
+                "state": self.state.to_dict() if self.state is not None else None,
+                "history": self.history,
+                "memo": self.memo,
+            },
+        )
+
+    @classmethod
+    def load(cls, path: Path, fingerprint: str) -> "_Run":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise OutputError(f"cannot read checkpoint {path} ({exc}); pass --force to start over") from None
+        if data.get("version") != CHECKPOINT_VERSION or data.get("fingerprint") != fingerprint:
+            raise OutputError(
+                f"{path} was written by a different recipe or version; restore that recipe to resume, "
+                "or pass --force to start over"
+            )
+        run = cls(path=path, fingerprint=fingerprint, memo=data["memo"], history=data["history"])
+        run.seconds_before = float(data.get("seconds", 0.0))
+        if data.get("state") is not None:
+            run.state = swarm.SwarmState.from_dict(data["state"])
+            run.rng_state = data["rng"]
+        return run
+
+
+def _stats(values: np.ndarray) -> Dict[str, float]:
+    finite = values[np.isfinite(values)]
+    if not len(finite):
+        return {"best": float("nan"), "mean": float("nan"), "worst": float("nan")}
+    return {"best": float(finite.max()), "mean": float(finite.mean()), "worst": float(finite.min())}
+
+
+def run_search(
+    settings: Any,
+    *,
+    num_experts: int,
+    num_groups: int,
+    evaluate: Callable[[np.ndarray], Score],
+    checkpoint: Path,
+    fingerprint: str,
+    resume: bool = False,
+    progress: bool = True,
+) -> SearchResult:
+    """Run Model Swarms over coefficient arrays of shape ``(num_groups, num_experts)``.
+
+    Args:
+        settings: the recipe's ``swarm`` section.
+        evaluate: scores one position (coefficients) on the dev set.
+        checkpoint: the ``swarm-state.json`` path, written after every evaluation.
+        fingerprint: identifies the recipe; a checkpoint of another recipe is refused.
+        resume: continue from ``checkpoint`` when it exists.
+    """
+    from tqdm.auto import tqdm
+
+    checkpoint = Path(checkpoint)
+    resumed = resume and checkpoint.exists()
+    run = _Run.load(checkpoint, fingerprint) if resumed else _Run(path=checkpoint, fingerprint=fingerprint)
+
+    def score_of(x: np.ndarray) -> float:
+        key = position_key(x)
+        if key not in run.memo:
+            s = evaluate(x)
+            run.memo[key] = s.to_dict()
+            run.save()
+        return float(run.memo[key]["utility"])
+
+    # The initial swarm is drawn again from the seed on resume (same positions),
+    # and its utilities come back from the memo.
+    rng = np.random.default_rng(settings.seed)
+    x0 = swarm.initial_positions(num_experts, settings.size, groups=num_groups, seed_soup=settings.seed_soup, rng=rng)
+    if run.state is None:
+        bar = tqdm(total=len(x0), desc="initial swarm", unit="eval", disable=not progress, leave=False)
+        scores = []
+        for x in x0:
+            scores.append(score_of(x))
+            bar.update()
+        bar.close()
+        state = swarm.init_state(x0, np.array(scores), settings, rng)
+        run.state, run.rng_state = state, rng.bit_generator.state
+        run.history = [{"iteration": 0, **_stats(np.array(scores)), "global_best": state.g_score,
+                        "evaluations": state.evaluations, "seconds": round(run.seconds, 3)}]
+        run.save()
+    state = run.state
+    rng.bit_generator.state = run.rng_state
+
+    bar = tqdm(total=settings.max_iterations, initial=state.iteration, desc="swarm", unit="it", disable=not progress)
+    bar.set_postfix(best=f"{state.g_score:.4f}", evals=state.evaluations)
+    while not swarm.finished(state, settings):
+        proposal = swarm.propose(state, settings, rng)
+        scores = np.full(len(proposal.x), np.nan)
+        for i in np.flatnonzero(proposal.evaluate):
+            scores[i] = score_of(proposal.x[i])
+        state = swarm.update(state, proposal, scores, settings)
+        evaluated = scores[proposal.evaluate]
+        stats = _stats(evaluated) if len(evaluated) else {"best": None, "mean": None, "worst": None}
+        run.history.append({"iteration": state.iteration, **stats, "global_best": state.g_score,
+                            "evaluations": state.evaluations, "seconds": round(run.seconds, 3)})
+        run.state, run.rng_state = state, rng.bit_generator.state
+        run.save()
+        bar.update()
+        mean = stats["mean"]
+        bar.set_postfix(best=f"{state.g_score:.4f}", mean="-" if mean is None else f"{mean:.4f}", evals=state.evaluations)
+        if not progress:
+            LOG.info("iteration %d/%d: best %.4f, mean %s, %d evaluations", state.iteration, settings.max_iterations,
+                     state.g_score, "-" if mean is None else f"{mean:.4f}", state.evaluations)
+    bar.close()
+    reason = "max_iterations reached" if state.iteration >= settings.max_iterations else (
+        f"global best unchanged for {settings.patience} iterations")
+    best_hit = run.memo[position_key(state.g)]
+    return SearchResult(
+        best=state.g.copy(),
+        best_score=Score(best_hit["utility"], best_hit.get("groups", {}), best_hit.get("n", 0)),
+        state=state,
+        initial=x0,
+        history=run.history,
+        memo=run.memo,
+        seconds=run.seconds,
+        resumed=resumed,
+        stop_reason=reason,
+    )

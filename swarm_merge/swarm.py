@@ -1,0 +1,244 @@
+"""The Model Swarms optimiser, pure: arrays and a seeded Generator in, arrays out.
+
+Every particle the algorithm ever produces is an affine combination of the
+experts, ``sum_k a_k E_k`` with ``sum_k a_k = 1``, and every velocity is a
+combination with ``sum_k b_k = 0`` (each update below is linear with weights
+summing to 1 or 0). So the search runs exactly on coefficient arrays of shape
+``(groups, K)`` instead of on weights: ``groups`` is 1 for the paper's
+"model" granularity, or one row per layer group. Weights are built only when a
+particle is evaluated (:mod:`swarm_merge.evaluate`).
+
+The coefficients are unbounded (extrapolation makes some negative) and are
+never renormalised: the paper neither clips nor rescales.
+
+One iteration is ``propose`` (move every particle, decide which to evaluate),
+the caller's evaluation, then ``update`` (personal, global best and worst,
+step length). All particles move against the global best and worst of the
+previous iteration (synchronous update, as the official code evaluates the
+particles of an iteration in parallel).
+
+The random draws, in order, so a weight-space reference can replay them:
+``initial_positions``: per child ``rng.choice(n_so_far, 2, replace=False)``
+then ``rng.uniform(0, 2, size=groups)``; ``initial_velocities`` ("random"):
+per particle ``rng.integers(n - 1)``; ``propose``: ``rng.random((n, groups, 4))``
+(r_v, r_p, r_g, r_w), then ``rng.random()`` (drop-K), then ``rng.random(n)``
+(drop-N).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+__all__ = [
+    "SwarmState",
+    "Proposal",
+    "initial_positions",
+    "initial_velocities",
+    "init_state",
+    "propose",
+    "update",
+    "finished",
+]
+
+# The settings this module reads; :class:`swarm_merge.recipe.SwarmSettings` has them all.
+# inertia, cognitive, social, repel, step_length, step_length_decay,
+# min_step_length, patience, restart_patience, max_iterations, drop_k, drop_n,
+# init_velocity.
+
+
+def initial_positions(
+    num_experts: int, size: int, *, groups: int = 1, seed_soup: bool, rng: np.random.Generator
+) -> np.ndarray:
+    """The initial swarm: the experts, optionally the uniform soup, then children.
+
+    Each child is ``w * P1 + (1 - w) * P2`` of two distinct particles made so far
+    (children may be parents), ``w ~ U[0, 2)`` drawn per group: half
+    interpolation, half extrapolation, as in the paper.
+
+    Returns:
+        ``(size, groups, num_experts)`` coefficients; each row sums to 1.
+    """
+    k = num_experts
+    base = [np.eye(k)[i] for i in range(k)]
+    if seed_soup:
+        base.append(np.full(k, 1.0 / k))
+    if size < len(base):
+        raise ValueError(f"size {size} is smaller than the {len(base)} initial particles")
+    x = np.empty((size, groups, k))
+    for i, row in enumerate(base):
+        x[i] = row
+    for i in range(len(base), size):
+        a, b = rng.choice(i, 2, replace=False)
+        w = rng.uniform(0.0, 2.0, size=groups)[:, None]
+        x[i] = w * x[a] + (1.0 - w) * x[b]
+    return x
+
+
+def initial_velocities(
+    x: np.ndarray, mode: str, rng: np.random.Generator, *, best: Optional[np.ndarray] = None
+) -> np.ndarray:
+    """Initial velocities: ``random`` (x_j - x_i for a random other particle j),
+    ``zero``, or ``best`` (g - x_i; needs ``best``). Each sums to 0 per group."""
+    if mode == "zero":
+        return np.zeros_like(x)
+    if mode == "best":
+        if best is None:
+            raise ValueError("init_velocity 'best' needs the global best")
+        return best[None] - x
+    if mode != "random":
+        raise ValueError(f"unknown init_velocity {mode!r}")
+    n = len(x)
+    v = np.empty_like(x)
+    for i in range(n):
+        j = int(rng.integers(n - 1))
+        j += j >= i  # any particle but i
+        v[i] = x[j] - x[i]
+    return v
+
+
+@dataclass
+class SwarmState:
+    """Everything the search needs to go on; small enough to checkpoint as JSON."""
+
+    x: np.ndarray  # (n, G, K) positions
+    v: np.ndarray  # (n, G, K) velocities
+    score: np.ndarray  # (n,) latest utility of each position
+    p: np.ndarray  # (n, G, K) personal bests
+    p_score: np.ndarray  # (n,)
+    g: np.ndarray  # (G, K) global best
+    g_score: float
+    gw: np.ndarray  # (G, K) global worst (all time, never reset)
+    gw_score: float
+    stale: np.ndarray  # (n,) evaluations since the personal best last improved
+    step_length: float
+    iteration: int = 0
+    since_global: int = 0  # iterations since g last changed
+    evaluations: int = 0
+
+    def to_dict(self) -> Dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value.tolist() if isinstance(value, np.ndarray) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "SwarmState":
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            value = data[f.name]
+            kwargs[f.name] = np.asarray(value, dtype=np.int64 if f.name == "stale" else float) if isinstance(value, list) else value
+        return cls(**kwargs)
+
+
+def _nan_worst(scores: np.ndarray) -> np.ndarray:
+    # A NaN utility (failed evaluation) ranks below everything.
+    return np.where(np.isnan(scores), -np.inf, scores)
+
+
+def init_state(x: np.ndarray, scores: np.ndarray, settings: Any, rng: np.random.Generator) -> SwarmState:
+    """The state after evaluating the initial swarm ``x`` (scores, NaN = failed)."""
+    s = _nan_worst(np.asarray(scores, dtype=float))
+    best, worst = int(np.argmax(s)), int(np.argmin(s))
+    v = initial_velocities(x, settings.init_velocity, rng, best=x[best])
+    return SwarmState(
+        x=x.copy(),
+        v=v,
+        score=s.copy(),
+        p=x.copy(),
+        p_score=s.copy(),
+        g=x[best].copy(),
+        g_score=float(s[best]),
+        gw=x[worst].copy(),
+        gw_score=float(s[worst]),
+        stale=np.zeros(len(x), dtype=np.int64),
+        step_length=float(settings.step_length),
+        evaluations=len(x),
+    )
+
+
+@dataclass
+class Proposal:
+    x: np.ndarray  # new positions
+    v: np.ndarray  # new velocities
+    evaluate: np.ndarray  # (n,) bool: which particles get evaluated (Drop-K/N)
+    restarted: np.ndarray  # (n,) bool
+
+
+def propose(state: SwarmState, settings: Any, rng: np.random.Generator) -> Proposal:
+    """Move every particle one step (the paper's velocity and position update)."""
+    x, v = state.x.copy(), state.v.copy()
+    # Restart: a particle whose personal best has not improved for
+    # restart_patience * patience evaluations goes back to it, at rest; the
+    # normal update below still runs this iteration.
+    restarted = state.stale >= settings.restart_patience * settings.patience
+    x[restarted] = state.p[restarted]
+    v[restarted] = 0.0
+
+    phi = np.array([settings.inertia, settings.cognitive, settings.social, settings.repel])
+    # One scalar per term, per particle (and per group), shared by every tensor.
+    r = rng.random((len(x), x.shape[1], 4))
+    rv, rp, rg, rw = (r[..., t : t + 1] * phi[t] for t in range(4))
+    # The normaliser makes the new velocity an affine mix of the four terms.
+    c = rv + rp + rg + rw
+    v = (rv * v + rp * (state.p - x) + rg * (state.g[None] - x) + rw * (x - state.gw[None])) / c
+    x = x + state.step_length * v
+
+    skip_all = rng.random() < settings.drop_k
+    skip_one = rng.random(len(x)) < settings.drop_n
+    evaluate = ~skip_one & (not skip_all)
+    return Proposal(x=x, v=v, evaluate=evaluate, restarted=restarted)
+
+
+def update(state: SwarmState, proposal: Proposal, scores: np.ndarray, settings: Any) -> SwarmState:
+    """Take the utilities of the evaluated particles (others keep their last score)."""
+    scores = np.asarray(scores, dtype=float)
+    ev = proposal.evaluate
+    s = np.where(ev, _nan_worst(scores), state.score)
+    stale = np.where(proposal.restarted, 0, state.stale)
+    improved = ev & (s > state.p_score)
+    p = np.where(improved[:, None, None], proposal.x, state.p)
+    p_score = np.where(improved, s, state.p_score)
+    stale = np.where(improved, 0, np.where(ev, stale + 1, stale))
+
+    g, g_score, gw, gw_score = state.g, state.g_score, state.gw, state.gw_score
+    changed = False
+    if ev.any():
+        idx = np.flatnonzero(ev)
+        best = idx[int(np.argmax(s[idx]))]
+        worst = idx[int(np.argmin(s[idx]))]
+        if s[best] > g_score:  # strict improvement
+            g, g_score, changed = proposal.x[best].copy(), float(s[best]), True
+        if s[worst] < gw_score:
+            gw, gw_score = proposal.x[worst].copy(), float(s[worst])
+    return SwarmState(
+        x=proposal.x,
+        v=proposal.v,
+        score=s,
+        p=p,
+        p_score=p_score,
+        g=g,
+        g_score=g_score,
+        gw=gw,
+        gw_score=gw_score,
+        stale=stale,
+        step_length=max(state.step_length * settings.step_length_decay, settings.min_step_length),
+        iteration=state.iteration + 1,
+        since_global=0 if changed else state.since_global + 1,
+        evaluations=state.evaluations + int(ev.sum()),
+    )
+
+
+def finished(state: SwarmState, settings: Any) -> bool:
+    """Stop when g has not changed for ``patience`` iterations, or at ``max_iterations``."""
+    return state.iteration >= settings.max_iterations or state.since_global >= settings.patience
+
+
+def budget(settings: Any) -> int:
+    """The most evaluations a run can make: the initial swarm plus every iteration."""
+    return settings.size * (1 + settings.max_iterations)
+

@@ -1,0 +1,72 @@
+"""Tiny real models for fast tests: a 2-layer Llama with a byte-level BPE
+tokenizer trained on the fly, and experts that are seeded perturbations of
+one base (like fine-tunes of a shared model)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+CORPUS = [f"{a}+{b}={a + b}" for a in range(30) for b in range(30)] + [
+    "upper: cat -> CAT", "reverse: abc -> cba", "the quick brown fox jumps over the lazy dog",
+]
+
+
+def make_tokenizer():
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(CORPUS, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    return tok
+
+
+def make_config(vocab_size: int, *, tie: bool = False, layers: int = 2, hidden: int = 32):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=tie, eos_token_id=0, pad_token_id=0, bos_token_id=None,
+    )
+
+
+def make_experts(root: Path, n: int = 3, *, tie: bool = False, layers: int = 2, scale: float = 0.5,
+                 dtype=torch.float32, names: Optional[List[str]] = None) -> List[Path]:
+    """A base model and ``n`` experts = base + seeded noise; returns the expert folders."""
+    from transformers import LlamaForCausalLM
+
+    tok = make_tokenizer()
+    config = make_config(len(tok), tie=tie, layers=layers)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config).to(dtype)
+    paths = []
+    for i in range(n):
+        torch.manual_seed(100 + i)
+        expert = LlamaForCausalLM(config).to(dtype)
+        with torch.no_grad():
+            for (name, p), q in zip(expert.named_parameters(), base.parameters()):
+                p.copy_(q + scale * torch.randn_like(q) * q.float().std().clamp(min=1e-3).to(dtype))
+        path = root / (names[i] if names else f"expert{i}")
+        expert.save_pretrained(path)
+        tok.save_pretrained(path)
+        paths.append(path)
+    return paths
+
+
+def write_jsonl(path: Path, rows: List[Dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def arithmetic_rows(n: int, *, offset: int = 0) -> List[Dict]:
+    rows = []
+    for i in range(n):
+        a, b = (7 * i + offset) % 23, (5 * i + 3 + offset) % 19
+        rows.append({"prompt": f"{a}+{b}=", "answer": str(a + b), "task": "add" if i % 2 else "sum"})
+    return rows
