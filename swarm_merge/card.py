@@ -119,7 +119,7 @@ def render_card(report: Dict[str, Any], *, recipe_yaml: str, mergekit_yaml: str,
             "revision": f"`{e['revision'][:12]}`" if e.get("revision") else "local",
             "coefficient": f"{coefficients['model'][k]:+.4f}" if coefficients.get("model") else "",
         })
-    layer_rows = [{"label": label, "values": [f"{v:+.3f}" for v in vals]}
+    layer_rows = [{"label": label, "cells": [f"{v:+.3f}" for v in vals]}
                   for label, vals in zip(coefficients.get("groups", []), coefficients.get("per_group", []))]
     notes = []
     if "license_name" in license_kw:

@@ -34,6 +34,11 @@ Behaviour that mirrors the real Hub:
 * Errors carry ``X-Error-Code`` (RepoNotFound / RevisionNotFound /
   EntryNotFound / GatedRepo) and ``X-Error-Message`` so the client raises its
   typed errors.
+
+Test-side API: ``add_repo`` / ``commit`` / ``tag`` / ``create_branch`` build
+repos; ``resolve`` / ``commit_ids`` / ``files`` / ``read_file`` inspect them;
+``fail_next`` injects faults; ``requests`` / ``request_log`` /
+``authorizations`` / ``tokens_seen`` record what the client did.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -181,7 +187,14 @@ class Fault:
 
 
 class _HttpError(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None, headers: Mapping[str, str] | None = None, body: Any = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        body: Any = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -234,7 +247,9 @@ class HubServer:
         self.gitattributes = gitattributes
         self.user = user
         self._own_storage = storage_dir is None
-        self.storage_dir = Path(storage_dir) if storage_dir is not None else Path(tempfile.mkdtemp(prefix="hub-server-"))
+        if storage_dir is None:
+            storage_dir = tempfile.mkdtemp(prefix="hub-server-")
+        self.storage_dir = Path(storage_dir)
         self.blob_dir = self.storage_dir / "blobs"
         self.blob_dir.mkdir(parents=True, exist_ok=True)
 
@@ -259,9 +274,10 @@ class HubServer:
             pass
 
         Handler.hub = hub
-        self._httpd = ThreadingHTTPServer((self.host, self._port), Handler)
-        self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="hub-server", daemon=True)
+        self._httpd = _QuietServer((self.host, self._port), Handler)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="hub-server", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -367,9 +383,10 @@ class HubServer:
     ) -> str:
         """Create `repo_id` if needed and commit `files` as the full snapshot of a new commit.
 
-        `files` maps repo paths to bytes, str (utf-8 text) or a path of a local file;
-        or is a local folder (all files under it). Tags the commit with `revision_tag`
-        if given. Returns the commit sha.
+        `files` maps repo paths to bytes, str (utf-8 text) or a pathlib.Path of a local
+        file; or is a local folder (all files under it). Tags the commit with
+        `revision_tag` if given. `private` / `gated` are (re)applied on every call.
+        Returns the commit sha (call twice to get an older, pinnable commit).
         """
         snapshot = self._materialize(files)
         with self._lock:
@@ -477,7 +494,8 @@ class HubServer:
 
     def files(self, repo_id: str, revision: str = "main", *, repo_type: str = "model") -> dict[str, bytes]:
         """Full snapshot {path: bytes} at `revision`."""
-        return {p: self.read_file(repo_id, p, revision, repo_type=repo_type) for p in self.list_files(repo_id, revision, repo_type=repo_type)}
+        paths = self.list_files(repo_id, revision, repo_type=repo_type)
+        return {p: self.read_file(repo_id, p, revision, repo_type=repo_type) for p in paths}
 
     # ------------------------------------------------------------------ storage internals
     def _materialize(self, files: Mapping[str, Any] | str | os.PathLike) -> dict[str, _File]:
@@ -668,13 +686,15 @@ class HubServer:
         if not self._token_valid(token):
             raise _HttpError(
                 401,
-                f"Access to {kind} {repo.repo_id} is restricted. You must have access to it and be authenticated to access it. Please log in.",
+                f"Access to {kind} {repo.repo_id} is restricted. You must have access to it and be"
+                " authenticated to access it. Please log in.",
                 "GatedRepo",
             )
         if token not in repo.granted:
             raise _HttpError(
                 403,
-                f"Access to {kind} {repo.repo_id} is restricted and you are not in the authorized list. Visit {self.url}/{URL_PREFIX[kind]}{repo.repo_id} to ask for access.",
+                f"Access to {kind} {repo.repo_id} is restricted and you are not in the authorized list."
+                f" Visit {self.url}/{URL_PREFIX[kind]}{repo.repo_id} to ask for access.",
                 "GatedRepo",
             )
 
@@ -717,7 +737,16 @@ class HubServer:
             return f"{rest[0]}/{rest[1]}", rest[2:]
         return (rest[0] if rest else ""), rest[1:]
 
-    def _handle_api(self, method: str, segs: list[str], params: dict, headers: Mapping[str, str], body: bytes, token: str | None, raw_path: str) -> _Response:
+    def _handle_api(
+        self,
+        method: str,
+        segs: list[str],
+        params: dict,
+        headers: Mapping[str, str],
+        body: bytes,
+        token: str | None,
+        raw_path: str,
+    ) -> _Response:
         if segs == ["whoami-v2"] and method == "GET":
             if token is None or not self._token_valid(token):
                 raise _HttpError(401, "Invalid credentials in Authorization header")
@@ -749,11 +778,21 @@ class HubServer:
             return self._handle_repo_api(method, repo_type, repo_id, tail, params, headers, body, token)
         raise _HttpError(404, f"Not found: {method} {raw_path}")
 
-    def _handle_repo_api(self, method: str, repo_type: str, repo_id: str, tail: list[str], params: dict, headers: Mapping[str, str], body: bytes, token: str | None) -> _Response:
+    def _handle_repo_api(
+        self,
+        method: str,
+        repo_type: str,
+        repo_id: str,
+        tail: list[str],
+        params: dict,
+        headers: Mapping[str, str],
+        body: bytes,
+        token: str | None,
+    ) -> _Response:
         head = tail[0] if tail else None
         rest = "/".join(tail[1:])  # still quoted
         if head in ("xet-write-token", "xet-read-token"):
-            raise _HttpError(501, "This test Hub does not speak Xet: set HF_HUB_DISABLE_XET=1 in the client environment")
+            raise _HttpError(501, "This test Hub does not speak Xet: set HF_HUB_DISABLE_XET=1 for the client")
         if head is None and method == "GET":
             repo = self._get_repo_for_read(repo_type, repo_id, token)
             return _json(self._info(repo, self._resolve(repo, "main"), params))
@@ -775,7 +814,11 @@ class HubServer:
                 "branches": [ref("heads", n, o) for n, o in repo.branches.items() if not n.startswith("refs/pr/")],
                 "converts": [],
                 "tags": [ref("tags", n, o) for n, o in repo.tags.items()],
-                "pullRequests": [{"name": n, "ref": n, "targetCommit": o} for n, o in repo.branches.items() if n.startswith("refs/pr/")],
+                "pullRequests": [
+                    {"name": n, "ref": n, "targetCommit": o}
+                    for n, o in repo.branches.items()
+                    if n.startswith("refs/pr/")
+                ],
             })
         if head == "commits" and method == "GET":
             repo = self._get_repo_for_read(repo_type, repo_id, token)
@@ -885,7 +928,8 @@ class HubServer:
             if blobs:
                 sib.update(size=f.size, blobId=f.blob_id)
                 if f.lfs:
-                    sib["lfs"] = {"size": f.size, "sha256": f.sha256, "pointerSize": len(_lfs_pointer(f.sha256, f.size))}
+                    pointer_size = len(_lfs_pointer(f.sha256, f.size))
+                    sib["lfs"] = {"size": f.size, "sha256": f.sha256, "pointerSize": pointer_size}
             siblings.append(sib)
         info: dict[str, Any] = {
             "_id": hashlib.sha1(f"{repo.repo_type}/{repo.repo_id}".encode()).hexdigest()[:24],
@@ -987,9 +1031,14 @@ class HubServer:
         page = listing[cursor:cursor + page_size]
         headers = {"X-Repo-Commit": oid}
         if cursor + page_size < len(listing):
-            q = {"recursive": "true" if recursive else "false", "expand": "true" if expand else "false", "cursor": str(cursor + page_size)}
+            q = {
+                "recursive": "true" if recursive else "false",
+                "expand": "true" if expand else "false",
+                "cursor": str(cursor + page_size),
+            }
             quoted_path = "/" + quote(path, safe="") if path else ""
-            next_url = f"{self.url}/api/{repo.repo_type}s/{repo.repo_id}/tree/{quote(rev, safe='')}{quoted_path}?{urlencode(q)}"
+            base = f"{self.url}/api/{repo.repo_type}s/{repo.repo_id}/tree/{quote(rev, safe='')}{quoted_path}"
+            next_url = f"{base}?{urlencode(q)}"
             headers["Link"] = f'<{next_url}>; rel="next"'
         return _json(page, headers=headers)
 
@@ -1027,7 +1076,8 @@ class HubServer:
             remote_oid = None
             if existing is not None:
                 remote_oid = existing.sha256 if existing.lfs else existing.blob_id
-            out.append({"path": path, "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False, "oid": remote_oid})
+            mode = "lfs" if lfs else "regular"
+            out.append({"path": path, "uploadMode": mode, "shouldIgnore": False, "oid": remote_oid})
         return _json({"files": out, "commitOid": oid})
 
     def _lfs_batch(self, repo_type: str, repo_id: str, body: bytes, token: str | None) -> _Response:
@@ -1046,7 +1096,8 @@ class HubServer:
                     "verify": {"href": f"{self.url}/_lfs/verify/{oid}", "header": {}},
                 }
             objects.append(entry)
-        return _json({"transfer": "basic", "objects": objects}, headers={"Content-Type": "application/vnd.git-lfs+json"})
+        lfs_json = {"Content-Type": "application/vnd.git-lfs+json"}
+        return _json({"transfer": "basic", "objects": objects}, headers=lfs_json)
 
     def _lfs_put(self, oid: str, params: dict, body: bytes) -> _Response:
         sha = hashlib.sha256(body).hexdigest()
@@ -1081,7 +1132,8 @@ class HubServer:
         changes: dict[str, _File] = {}
         deleted: list[str] = []
         deleted_folders: list[str] = []
-        base = repo.commits[parent_commit if (create_pr and parent_commit) else head].files
+        base_oid = parent_commit if (create_pr and parent_commit in repo.commits) else head
+        base = repo.commits[base_oid].files
         for line in lines[1:]:
             key, value = line.get("key"), line.get("value", {})
             path = value.get("path", "")
@@ -1097,7 +1149,11 @@ class HubServer:
                 oid = value["oid"]
                 blob = self.blob_dir / oid
                 if not blob.exists():
-                    raise _HttpError(422, f"Your push was rejected because an LFS pointer pointed to a file that does not exist ({path}: {oid})")
+                    raise _HttpError(
+                        422,
+                        "Your push was rejected because an LFS pointer pointed to a file that does not exist"
+                        f" ({path}: {oid})",
+                    )
                 size = blob.stat().st_size
                 if value.get("size") is not None and int(value["size"]) != size:
                     raise _HttpError(422, f"LFS object size mismatch for {path}")
@@ -1119,7 +1175,7 @@ class HubServer:
         if create_pr:
             repo.pr_count += 1
             target_branch = f"refs/pr/{repo.pr_count}"
-            repo.branches[target_branch] = head
+            repo.branches[target_branch] = base_oid
             pr_url = f"{self.url}/{URL_PREFIX[repo.repo_type]}{repo.repo_id}/discussions/{repo.pr_count}"
         else:
             target_branch = branch
@@ -1175,7 +1231,8 @@ class HubServer:
         if range_header:
             m = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", range_header)
             if not m or (not m.group(1) and not m.group(2)):
-                raise _HttpError(416, f"Unsupported range {range_header}", headers={"Content-Range": f"bytes */{entry.size}"})
+                unsatisfiable = {"Content-Range": f"bytes */{entry.size}"}
+                raise _HttpError(416, f"Unsupported range {range_header}", headers=unsatisfiable)
             first, last = m.group(1), m.group(2)
             if first:
                 start = int(first)
@@ -1196,7 +1253,9 @@ class HubServer:
         split = urlsplit(handler.path)
         raw_path, query = split.path or "/", split.query
         headers = {k.lower(): v for k, v in handler.headers.items()}
-        record = RequestRecord(handler.command, raw_path, query, handler.headers.get("Authorization"), dict(handler.headers.items()))
+        record = RequestRecord(
+            handler.command, raw_path, query, handler.headers.get("Authorization"), dict(handler.headers.items())
+        )
         try:
             body = handler.read_body()
         except Exception as e:  # malformed body: answer and drop the connection
@@ -1215,11 +1274,10 @@ class HubServer:
                 fault.hits += 1
                 record.fault = True
         if fault is not None and fault.truncate_after is None:
-            resp = _Response(
-                fault.status,
-                {"Content-Type": "application/json", **fault.headers},
-                fault.body if fault.body is not None else json.dumps({"error": f"Injected fault ({fault.status})"}).encode(),
-            )
+            body = fault.body
+            if body is None:
+                body = json.dumps({"error": f"Injected fault ({fault.status})"}).encode()
+            resp = _Response(fault.status, {"Content-Type": "application/json", **fault.headers}, body)
         else:
             try:
                 with self._lock:
@@ -1262,8 +1320,19 @@ def _error_response(e: _HttpError) -> _Response:
     return _json(e.body if e.body is not None else {"error": e.message}, e.status, headers)
 
 
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that drops a keep-alive connection (or a truncate fault) is not an error.
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out in separate writes: avoid 40 ms stalls
     server_version = "TestHub/1.0"
     hub: HubServer  # set on a per-server subclass
 

@@ -67,10 +67,13 @@ def run_client(hub: HubServer, code: str, home: Path, token: str | None = TOKEN,
 def make_model_folder(folder: Path, seed: int = 0) -> dict[str, bytes]:
     folder.mkdir(parents=True, exist_ok=True)
     files = {
-        "README.md": b"---\nlicense: apache-2.0\nbase_model:\n- org/expert-a\n- org/expert-b\ntags:\n- merge\n- model-swarms\n---\n\n# merged\n",
+        "README.md": (
+            b"---\nlicense: apache-2.0\nbase_model:\n- org/expert-a\n- org/expert-b\n"
+            b"tags:\n- merge\n- model-swarms\n---\n\n# merged\n"
+        ),
         "config.json": json.dumps({"model_type": "llama", "seed": seed}).encode(),
         # 3 MB of binary: goes through LFS (batch + PUT + verify).
-        "model.safetensors": bytes((i * 7 + seed) % 251 for i in range(3 * 1024 * 1024)),
+        "model.safetensors": (bytes(range(seed, 251)) + bytes(range(seed))) * (3 * 1024 * 1024 // 251 + 1),
     }
     for name, data in files.items():
         (folder / name).write_bytes(data)
@@ -333,3 +336,45 @@ def test_server_side_helpers(tmp_path: Path) -> None:
         assert hub.refs("solo") == {"branches": {"main": sha2}, "tags": {"base": sha1}}
         assert hub.repo_ids() == ["solo"]
         assert hub.url.startswith("http://127.0.0.1:")
+
+
+def test_other_client_apis(hub: HubServer, tmp_path: Path) -> None:
+    folder = tmp_path / "out"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "config.json").write_text('{"x": 1}')
+    (folder / "sub" / "notes.txt").write_text("n")
+
+    out = run_client(hub, f"""
+        from huggingface_hub import HfApi, hf_hub_download
+        api = HfApi()
+        api.create_repo("swarm/misc", private=True)
+        api.upload_file(path_or_fileobj=b"old", path_in_repo="stale.txt", repo_id="swarm/misc")
+        api.create_branch("swarm/misc", branch="dev")
+        dev = api.upload_file(path_or_fileobj=b"dev only", path_in_repo="dev.txt", repo_id="swarm/misc", revision="dev")
+        api.create_tag("swarm/misc", tag="v0", revision="dev")
+        main = api.upload_folder(folder_path={str(folder)!r}, repo_id="swarm/misc", delete_patterns=["*.txt"])
+        pr = api.upload_file(path_or_fileobj=b"proposal", path_in_repo="pr.txt", repo_id="swarm/misc", create_pr=True)
+        same = api.upload_folder(folder_path={str(folder)!r}, repo_id="swarm/misc")  # nothing changed
+        paths = api.get_paths_info("swarm/misc", ["config.json", "sub", "missing"], revision="main")
+        api.delete_file("sub/notes.txt", repo_id="swarm/misc")
+        report(dict(
+            dev=dev.oid, main=main.oid, pr=[pr.pr_revision, pr.pr_num], same=same.oid,
+            files=sorted(api.list_repo_files("swarm/misc")),
+            dev_files=sorted(api.list_repo_files("swarm/misc", revision="v0")),
+            pr_file=open(hf_hub_download("swarm/misc", "pr.txt", revision=pr.pr_revision)).read(),
+            exists=[api.file_exists("swarm/misc", "config.json"), api.file_exists("swarm/misc", "nope")],
+            paths=sorted(p.path for p in paths),
+            private=api.model_info("swarm/misc").private,
+        ))
+        api.delete_repo("swarm/misc")
+    """, tmp_path)
+
+    assert out["main"] == out["same"]  # an unchanged re-upload makes no commit
+    assert out["pr"] == ["refs/pr/1", 1]
+    assert out["files"] == [".gitattributes", "config.json"]
+    assert out["dev_files"] == [".gitattributes", "dev.txt", "stale.txt"]
+    assert out["pr_file"] == "proposal"
+    assert out["exists"] == [True, False]
+    assert out["paths"] == ["config.json", "sub"]
+    assert out["private"] is True
+    assert not hub.repo_exists("swarm/misc")

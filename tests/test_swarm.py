@@ -1,0 +1,226 @@
+"""The pure optimiser: exact equivalence with a weight-space run, invariants,
+restart, patience, Drop-K/N and determinism."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from swarm_merge import swarm
+from swarm_merge.recipe import SwarmSettings
+
+
+def settings(**kw):
+    return SwarmSettings(**{"size": 8, "max_iterations": 12, "patience": 4, **kw})
+
+
+def utility(weights: np.ndarray) -> float:
+    # A smooth, non-trivial objective on weight space.
+    return float(-np.sum((weights - 0.3) ** 2) + 0.1 * np.sin(weights.sum()))
+
+
+def run_coefficients(experts, s, steps, rng):
+    k = len(experts)
+    x0 = swarm.initial_positions(k, s.size, seed_soup=s.seed_soup, rng=rng)
+    score = lambda a: utility(np.tensordot(a[0], experts, axes=1))  # noqa: E731
+    state = swarm.init_state(x0, np.array([score(x) for x in x0]), s, rng)
+    for _ in range(steps):
+        prop = swarm.propose(state, s, rng)
+        scores = np.array([score(x) if e else np.nan for x, e in zip(prop.x, prop.evaluate)])
+        state = swarm.update(state, prop, scores, s)
+    return state
+
+
+def run_weight_space(experts, s, steps, rng):
+    """The paper's algorithm on weights, consuming the same random draws."""
+    k, n = len(experts), s.size
+    pos = [experts[i].copy() for i in range(k)]
+    if s.seed_soup:
+        pos.append(experts.mean(0))
+    while len(pos) < n:
+        a, b = rng.choice(len(pos), 2, replace=False)
+        w = rng.uniform(0.0, 2.0, size=1)[0]
+        pos.append(w * pos[a] + (1 - w) * pos[b])
+    pos = np.array(pos)
+    vel = np.empty_like(pos)
+    for i in range(n):
+        j = int(rng.integers(n - 1))
+        j += j >= i
+        vel[i] = pos[j] - pos[i]
+    score = np.array([utility(p) for p in pos])
+    pb, pbs = pos.copy(), score.copy()
+    g, gs = pos[score.argmax()].copy(), score.max()
+    gw, gws = pos[score.argmin()].copy(), score.min()
+    stale = np.zeros(n, int)
+    lam = s.step_length
+    phi = [s.inertia, s.cognitive, s.social, s.repel]
+    for _ in range(steps):
+        restart = stale >= s.restart_patience * s.patience
+        pos[restart] = pb[restart]
+        vel[restart] = 0
+        stale[restart] = 0
+        r = rng.random((n, 1, 4))
+        for i in range(n):
+            rv, rp, rg, rw = (r[i, 0, t] * phi[t] for t in range(4))
+            vel[i] = (rv * vel[i] + rp * (pb[i] - pos[i]) + rg * (g - pos[i]) + rw * (pos[i] - gw)) / (rv + rp + rg + rw)
+            pos[i] = pos[i] + lam * vel[i]
+        skip_all = rng.random() < s.drop_k
+        skip = rng.random(n) < s.drop_n
+        new_g = new_gw = None
+        for i in range(n):
+            if skip_all or skip[i]:
+                continue
+            score[i] = utility(pos[i])
+            if score[i] > pbs[i]:
+                pb[i], pbs[i], stale[i] = pos[i].copy(), score[i], 0
+            else:
+                stale[i] += 1
+            if score[i] > gs and (new_g is None or score[i] > score[new_g]):
+                new_g = i
+            if score[i] < gws and (new_gw is None or score[i] < score[new_gw]):
+                new_gw = i
+        if new_g is not None:
+            g, gs = pos[new_g].copy(), score[new_g]
+        if new_gw is not None:
+            gw, gws = pos[new_gw].copy(), score[new_gw]
+        lam = max(lam * s.step_length_decay, s.min_step_length)
+    return pos, vel, g, gs
+
+
+@pytest.mark.parametrize("kw", [{}, {"seed_soup": False}, {"drop_n": 0.3, "drop_k": 0.2}, {"restart_patience": 0.25}])
+def test_coefficient_run_equals_weight_space_run(kw):
+    s = settings(**kw)
+    experts = np.random.default_rng(7).normal(size=(4, 50))
+    state = run_coefficients(experts, s, 15, np.random.default_rng(s.seed))
+    pos, vel, g, gs = run_weight_space(experts, s, 15, np.random.default_rng(s.seed))
+    built = np.tensordot(state.x[:, 0], experts, axes=1)
+    assert np.max(np.abs(built - pos)) < 1e-6
+    assert np.max(np.abs(np.tensordot(state.v[:, 0], experts, axes=1) - vel)) < 1e-6
+    assert np.max(np.abs(np.tensordot(state.g[0], experts, axes=1) - g)) < 1e-6
+    assert state.g_score == pytest.approx(gs, abs=1e-9)
+
+
+def test_positions_are_affine_and_velocities_sum_to_zero():
+    s = settings(size=12)
+    rng = np.random.default_rng(0)
+    x0 = swarm.initial_positions(5, s.size, groups=3, seed_soup=True, rng=rng)
+    assert np.allclose(x0.sum(-1), 1.0)
+    assert (x0 < 0).any(), "extrapolated children make some coefficients negative"
+    state = swarm.init_state(x0, rng.normal(size=s.size), s, rng)
+    assert np.allclose(state.v.sum(-1), 0.0)
+    for _ in range(20):
+        prop = swarm.propose(state, s, rng)
+        state = swarm.update(state, prop, rng.normal(size=s.size), s)
+        assert np.allclose(state.x.sum(-1), 1.0, atol=1e-9)
+        assert np.allclose(state.v.sum(-1), 0.0, atol=1e-9)
+        assert np.allclose(state.p.sum(-1), 1.0, atol=1e-9)
+
+
+def test_initial_swarm_holds_experts_soup_and_children():
+    x = swarm.initial_positions(3, 7, seed_soup=True, rng=np.random.default_rng(1))
+    assert np.allclose(x[:3, 0], np.eye(3))
+    assert np.allclose(x[3, 0], 1 / 3)
+    assert x.shape == (7, 1, 3)
+    x = swarm.initial_positions(3, 3, seed_soup=False, rng=np.random.default_rng(1))
+    assert np.allclose(x[:, 0], np.eye(3))
+
+
+def test_layer_groups_are_drawn_independently():
+    rng = np.random.default_rng(3)
+    x0 = swarm.initial_positions(2, 6, groups=4, seed_soup=False, rng=rng)
+    assert not np.allclose(x0[2:, 0], x0[2:, 1])
+
+
+def test_restart_sends_a_stale_particle_back_to_its_best_at_rest():
+    s = settings(patience=2, restart_patience=1.0, inertia=0.0, cognitive=1.0, social=0.0, repel=0.0)
+    rng = np.random.default_rng(0)
+    x0 = swarm.initial_positions(3, 4, seed_soup=True, rng=rng)
+    state = swarm.init_state(x0, np.array([1.0, 0.0, 0.0, 0.0]), s, rng)
+    state.stale[:] = [0, 2, 1, 2]
+    prop = swarm.propose(state, s, rng)
+    assert list(prop.restarted) == [False, True, False, True]
+    # At rest on its personal best with only the cognitive pull, it stays put.
+    assert np.allclose(prop.x[1], state.p[1]) and np.allclose(prop.v[1], 0)
+    new = swarm.update(state, prop, np.zeros(4), s)
+    assert new.stale[1] == 1  # reset by the restart, then one evaluation without improvement
+
+
+def test_patience_and_max_iterations_stop_the_search():
+    s = settings(patience=3, max_iterations=50)
+    rng = np.random.default_rng(0)
+    x0 = swarm.initial_positions(3, 8, seed_soup=True, rng=rng)
+    state = swarm.init_state(x0, np.arange(8.0), s, rng)
+    iterations = 0
+    while not swarm.finished(state, s):
+        prop = swarm.propose(state, s, rng)
+        state = swarm.update(state, prop, np.full(8, -1.0), s)  # never better than g
+        iterations += 1
+    assert iterations == 3 and state.since_global == 3
+    s2 = settings(patience=100, max_iterations=5)
+    state = swarm.init_state(x0, np.arange(8.0), s2, rng)
+    value = 10.0
+    while not swarm.finished(state, s2):
+        value += 1  # always a new global best: only max_iterations stops it
+        state = swarm.update(state, swarm.propose(state, s2, rng), np.full(8, value), s2)
+    assert state.iteration == 5
+
+
+def test_step_length_decays_to_its_floor():
+    s = settings(step_length=1.0, step_length_decay=0.5, min_step_length=0.2)
+    rng = np.random.default_rng(0)
+    x0 = swarm.initial_positions(2, 4, seed_soup=True, rng=rng)
+    state = swarm.init_state(x0, np.zeros(4), s, rng)
+    lengths = []
+    for _ in range(4):
+        state = swarm.update(state, swarm.propose(state, s, rng), np.zeros(4), s)
+        lengths.append(state.step_length)
+    assert lengths == [0.5, 0.25, 0.2, 0.2]
+
+
+def test_drop_k_and_drop_n_skip_evaluations_but_positions_move():
+    s = settings(drop_k=0.5, drop_n=0.5)
+    rng = np.random.default_rng(0)
+    x0 = swarm.initial_positions(3, 8, seed_soup=True, rng=rng)
+    state = swarm.init_state(x0, np.arange(8.0), s, rng)
+    whole_skips = partial = 0
+    for _ in range(200):
+        prop = swarm.propose(state, s, rng)
+        assert not np.allclose(prop.x, state.x)
+        n_eval = int(prop.evaluate.sum())
+        whole_skips += n_eval == 0
+        partial += 0 < n_eval < 8
+        before = state.score.copy()
+        state = swarm.update(state, prop, np.where(prop.evaluate, 0.5, np.nan), s)
+        # a skipped particle keeps its previous score
+        assert np.array_equal(state.score[~prop.evaluate], before[~prop.evaluate])
+    assert 70 < whole_skips < 130 and partial > 50
+    assert swarm.budget(settings()) == 8 * 13
+
+
+def test_nan_utility_ranks_worst():
+    s = settings()
+    rng = np.random.default_rng(0)
+    x0 = swarm.initial_positions(3, 4, seed_soup=True, rng=rng)
+    state = swarm.init_state(x0, np.array([np.nan, 1.0, 2.0, 0.5]), s, rng)
+    assert state.g_score == 2.0 and state.gw_score == -np.inf
+    assert np.allclose(state.gw, x0[0])
+
+
+def test_same_seed_same_search_and_state_round_trips():
+    experts = np.random.default_rng(1).normal(size=(3, 20))
+    a = run_coefficients(experts, settings(), 10, np.random.default_rng(5))
+    b = run_coefficients(experts, settings(), 10, np.random.default_rng(5))
+    c = run_coefficients(experts, settings(), 10, np.random.default_rng(6))
+    assert np.array_equal(a.x, b.x) and a.g_score == b.g_score
+    assert not np.array_equal(a.x, c.x)
+    again = swarm.SwarmState.from_dict(a.to_dict())
+    assert np.array_equal(again.x, a.x) and again.stale.dtype.kind == "i"
+
+
+def test_settings_object_is_duck_typed():
+    # The optimiser reads plain attributes: it has no dependency on pydantic.
+    s = SimpleNamespace(**settings().model_dump())
+    rng = np.random.default_rng(0)
+    x0 = swarm.initial_positions(2, 3, seed_soup=True, rng=rng)
+    state = swarm.init_state(x0, np.zeros(3), s, rng)
+    swarm.update(state, swarm.propose(state, s, rng), np.ones(3), s)
