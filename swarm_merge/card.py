@@ -4,11 +4,12 @@ from the run's report (the content of ``swarm.json``), plus the history plot."""
 from __future__ import annotations
 
 import logging
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-__all__ = ["render_card", "plot_history", "expert_license"]
+__all__ = ["render_card", "plot_history", "expert_license", "set_repo_id"]
 
 LOG = logging.getLogger(__name__)
 PLOT_NAME = "swarm_history.png"
@@ -99,29 +100,39 @@ def render_card(report: Dict[str, Any], *, recipe_yaml: str, mergekit_yaml: str,
         **{k: v for k, v in license_kw.items() if v is not None},
     )
 
-    groups = sorted({g for row in results["rows"] for g in (row.get("test") or {}).get("groups", {})})
+    # Per-group columns on the held-out test set, or on dev when there is none.
+    group_split = "test" if any(row.get("test") for row in results["rows"]) else "dev"
+    groups = sorted({g for row in results["rows"] for g in (row.get(group_split) or {}).get("groups", {})})
     rows = []
     for row in results["rows"]:
-        test = row.get("test") or {}
+        split = row.get(group_split) or {}
         rows.append({
-            "name": row["name"],
+            "name": f"**{row['name']}**" if row.get("kind") == "winner" else row["name"],
             "dev": _fmt((row.get("dev") or {}).get("utility")),
-            "test": _fmt(test.get("utility")),
-            "groups": [_fmt(test.get("groups", {}).get(g)) for g in groups],
+            "test": _fmt((row.get("test") or {}).get("utility")),
+            "groups": [_fmt(split.get("groups", {}).get(g)) for g in groups],
         })
     coefficients = report["coefficients"]
     expert_rows = []
     for k, e in enumerate(experts):
         link = f"[{e['model']}](https://huggingface.co/{e['model']})" if not e["local"] else f"`{e['name']}` (local)"
+        revision = "local"
+        if e.get("revision"):
+            # The short sha links to the exact commit's files; the full one is in swarm.json
+            # and in mergekit_config.yml below.
+            revision = f"[`{e['revision'][:12]}`](https://huggingface.co/{e['model']}/tree/{e['revision']})"
+            if e.get("requested_revision") and e["requested_revision"] != e["revision"]:
+                revision += f" (`{e['requested_revision']}`)"
         expert_rows.append({
             "link": link,
             "short": e["name"],
-            "revision": f"`{e['revision'][:12]}`" if e.get("revision") else "local",
+            "revision": revision,
             "coefficient": f"{coefficients['model'][k]:+.4f}" if coefficients.get("model") else "",
         })
     layer_rows = [{"label": label, "cells": [f"{v:+.3f}" for v in vals]}
                   for label, vals in zip(coefficients.get("groups", []), coefficients.get("per_group", []))]
     notes = []
+    moving = [e for e in experts if e.get("revision") and e.get("requested_revision") != e["revision"]]
     if "license_name" in license_kw:
         notes.append("License: the experts' licenses differ or are unknown; check each expert's license before use.")
     search = report["search"]
@@ -135,6 +146,8 @@ def render_card(report: Dict[str, Any], *, recipe_yaml: str, mergekit_yaml: str,
         objective=f"`{objective['type']}`",
         objective_note=" ".join(notes + [f"Utility: `{objective['type']}` (higher is better)."]),
         group_names=groups,
+        group_split=group_split,
+        pinned_note=bool(moving),
         results=rows,
         granularity=recipe["swarm"]["granularity"],
         group_labels=coefficients.get("groups", []),
@@ -151,3 +164,8 @@ def render_card(report: Dict[str, Any], *, recipe_yaml: str, mergekit_yaml: str,
         mergekit_yaml=mergekit_yaml.rstrip(),
     )
     return card
+
+
+def set_repo_id(card_text: str, repo_id: str) -> str:
+    """Point the card's usage snippet at ``repo_id`` (for a push to another repo than the run named)."""
+    return re.sub(r'(\.from_pretrained\(")[^"\n]*("\))', lambda m: m.group(1) + repo_id + m.group(2), card_text)

@@ -38,9 +38,24 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="override swarm.seed")
     p.add_argument("--push-to-hub", metavar="ORG/NAME", help="push the result to this Hub repo (overrides output.push_to_hub)")
     p.add_argument("--cache-dir", help="Hub download cache (default: the Hugging Face cache)")
+    p.add_argument("--eval-mode", default="auto", choices=["auto", "in-memory", "streaming"],
+                   help="in-memory: experts held in memory, weights rebuilt in place per evaluation; streaming: "
+                   "each module's weights built from the experts' files per forward (memory of about one layer); "
+                   "auto (default): in-memory when it fits --max-memory")
+    p.add_argument("--max-memory", metavar="SIZE", type=_size,
+                   help="memory the evaluation may use, e.g. 16GiB (default: 70%% of available RAM, 80%% of free GPU memory)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logs and tracebacks")
     return p
+
+
+def _size(text: str) -> int:
+    from swarm_merge.evaluate import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _push_parser() -> argparse.ArgumentParser:
@@ -115,6 +130,8 @@ def _run(args: argparse.Namespace) -> int:
         device=args.device,
         cache_dir=args.cache_dir,
         push_to_hub=args.push_to_hub,
+        eval_mode=args.eval_mode,
+        max_memory=args.max_memory,
         progress=not args.no_progress and sys.stderr.isatty() or os.environ.get("SWARM_MERGE_PROGRESS") == "1",
     )
     from swarm_merge.pipeline import run
@@ -126,7 +143,8 @@ def _run(args: argparse.Namespace) -> int:
 def _push(args: argparse.Namespace) -> int:
     from swarm_merge import hub
 
-    hub.push_folder(args.out_dir, args.repo, private=args.private)
+    url = hub.push_folder(args.out_dir, args.repo, private=args.private)
+    print(f"pushed {args.out_dir} to {args.repo}: {url}")
     return 0
 
 

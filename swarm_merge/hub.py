@@ -1,5 +1,15 @@
 """Every Hugging Face Hub call, through huggingface_hub's public API only.
 
+Pull: :func:`resolve` asks the Hub what a ref points at (commit sha, files and
+their sizes) without downloading anything; :func:`download` fetches a snapshot
+restricted to some file patterns; :func:`cached` finds one in the local cache
+when the Hub cannot be reached; :func:`safetensors_headers` reads tensor names
+and shapes from the headers alone (HTTP range requests), for ``--dry-run``.
+
+Push: :func:`push` uploads a finished output folder (``create_repo`` +
+``upload_folder``, one commit); :func:`push_folder` does it again later from the
+folder alone (``mergekit-swarm push``).
+
 The token comes from the environment (``HF_TOKEN``) or the ``hf`` login, which
 huggingface_hub finds by itself; it is never read from a recipe and never
 written to logs, errors, ``swarm.json`` or the card.
@@ -7,60 +17,300 @@ written to logs, errors, ``swarm.json`` or the card.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
-from swarm_merge.errors import ExpertError, HubError
+from swarm_merge.errors import ExpertError, HubError, OutputError
 from swarm_merge.recipe import ExpertRef
 
-__all__ = ["download"]
+__all__ = ["RepoSnapshot", "resolve", "download", "cached", "safetensors_headers", "push", "push_folder",
+           "commit_message"]
 
 LOG = logging.getLogger(__name__)
 
+REPORT_FILE = "swarm.json"
+# Never uploaded: the search checkpoint (large, only useful here) and the
+# staging folder of an interrupted write.
+PUSH_IGNORE = ["swarm-state.json", ".staging/*", ".cache/*"]
+
+
+class HubUnreachable(Exception):
+    """The Hub could not be asked (offline mode, no connection); the cache may still serve."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class RepoSnapshot:
+    """What the Hub says a ref points at: the commit and the files there."""
+
+    repo_id: str
+    commit: str
+    files: Dict[str, Optional[int]]  # path in the repo -> size in bytes (None if the Hub did not say)
+    gated: bool
+
+
+# ---------------------------------------------------------------------- pull
+
+
+def resolve(ref: ExpertRef, *, what: str = "expert") -> RepoSnapshot:
+    """Resolve ``ref`` to a commit and list its files with sizes; downloads nothing.
+
+    Raises:
+        ExpertError: repo or revision not found, private without access.
+        HubError: the Hub answered with a server error.
+        HubUnreachable: offline mode or no connection (the caller may use the cache).
+    """
+    from huggingface_hub import HfApi
+
+    with _pull_errors(ref, what):
+        info = HfApi().model_info(ref.model, revision=ref.revision, files_metadata=True)
+    files = {s.rfilename: s.size for s in (info.siblings or [])}
+    return RepoSnapshot(repo_id=ref.model, commit=str(info.sha), files=files, gated=bool(info.gated))
+
 
 def download(
-    ref: ExpertRef, *, cache_dir: Optional[str], allow_patterns: List[str], what: str = "expert"
+    ref: ExpertRef, *, cache_dir: Optional[str], allow_patterns: List[str], what: str = "expert",
+    revision: Optional[str] = None,
 ) -> Tuple[Path, str]:
     """Download a repo snapshot (only ``allow_patterns``) and return (folder, commit sha).
 
-    The commit is resolved first, then the snapshot is fetched at that exact
-    commit, so what is recorded is what was downloaded. huggingface_hub resumes
-    interrupted downloads from its cache on the next run.
+    ``revision`` (default: the ref's own) may be a commit sha from :func:`resolve`.
+    huggingface_hub retries transient HTTP errors and resumes interrupted
+    downloads from its cache on the next run.
     """
     from huggingface_hub import snapshot_download
-    from huggingface_hub import errors as hf_errors
 
-    label = f"{what} {str(ref)!r}"
-    try:
+    with _pull_errors(ref, what):
         folder = snapshot_download(
-            ref.model, revision=ref.revision, cache_dir=cache_dir, allow_patterns=allow_patterns
+            ref.model, revision=revision or ref.revision, cache_dir=cache_dir, allow_patterns=allow_patterns
         )
-    except hf_errors.GatedRepoError:
-        raise ExpertError(
-            f"{label} is gated or private and this token has no access; accept its terms on the Hub "
-            "or log in with `hf auth login` / set HF_TOKEN"
-        ) from None
-    except hf_errors.RepositoryNotFoundError:
-        raise ExpertError(
-            f"{label} not found on the Hub (or private without access); check the repo id, "
-            "or log in with `hf auth login` / set HF_TOKEN"
-        ) from None
-    except hf_errors.RevisionNotFoundError:
-        raise ExpertError(f"{label}: revision {ref.revision!r} not found; check the branch, tag or commit") from None
-    except (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled):
-        raise ExpertError(
-            f"{label} is not in the local cache and the Hub cannot be reached; "
-            "connect, or unset HF_HUB_OFFLINE, or use a local folder"
-        ) from None
-    except hf_errors.HfHubHTTPError as exc:
-        raise HubError(f"{label}: Hub request failed ({_status(exc)}); retry later") from None
     path = Path(folder)
-    # snapshot_download returns <cache>/snapshots/<commit sha>: the resolved revision.
+    # snapshot_download returns <cache>/snapshots/<commit sha>, for a tag or a
+    # branch too: the folder name is the commit that was downloaded.
     return path, path.name
 
 
+def cached(ref: ExpertRef, *, cache_dir: Optional[str], allow_patterns: List[str]) -> Optional[Tuple[Path, str]]:
+    """The snapshot of ``ref`` already in the local cache, or None."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub import errors as hf_errors
+
+    try:
+        folder = snapshot_download(ref.model, revision=ref.revision, cache_dir=cache_dir,
+                                   allow_patterns=allow_patterns, local_files_only=True)
+    except (hf_errors.LocalEntryNotFoundError, hf_errors.IncompleteSnapshotError, FileNotFoundError):
+        return None
+    path = Path(folder)
+    return path, path.name
+
+
+def safetensors_headers(ref: ExpertRef, commit: str) -> Optional[Dict[str, Dict[str, Tuple[str, Tuple[int, ...]]]]]:
+    """Tensor dtype and shape per safetensors file, read from the headers alone
+    (HTTP range requests, no weights downloaded); None if the Hub cannot serve them."""
+    from huggingface_hub import HfApi
+
+    try:
+        meta = HfApi().get_safetensors_metadata(ref.model, revision=commit)
+    except Exception as exc:  # a server without range support, a malformed header: skip, say so
+        LOG.debug("no safetensors headers for %s: %s", ref, type(exc).__name__)
+        return None
+    return {
+        name: {t: (info.dtype, tuple(info.shape)) for t, info in file_meta.tensors.items()}
+        for name, file_meta in meta.files_metadata.items()
+    }
+
+
+@contextlib.contextmanager
+def _pull_errors(ref: ExpertRef, what: str) -> Iterator[None]:
+    """Re-raise huggingface_hub's typed errors with the recipe's words and the fix."""
+    import httpx2
+    from huggingface_hub import errors as hf_errors
+
+    label = f"{what} {str(ref)!r}"
+    login = "log in with `hf auth login` or set HF_TOKEN"
+    try:
+        yield
+    except hf_errors.GatedRepoError:
+        raise ExpertError(
+            f"{label} is gated and this token has no access; request access on its Hub page, then {login}"
+        ) from None
+    except hf_errors.RepositoryNotFoundError:
+        raise ExpertError(
+            f"{label}: repo {ref.model!r} not found on the Hub (or private without access); "
+            f"check the repo id, or {login} with access to it"
+        ) from None
+    except hf_errors.RevisionNotFoundError:
+        raise ExpertError(
+            f"{label}: revision {ref.revision!r} not found in {ref.model!r}; check the branch, tag or commit"
+        ) from None
+    except hf_errors.OfflineModeIsEnabled:
+        raise HubUnreachable("HF_HUB_OFFLINE is set") from None
+    except (httpx2.ConnectError, httpx2.TimeoutException) as exc:
+        raise HubUnreachable(f"cannot connect to the Hub ({type(exc).__name__})") from None
+    except hf_errors.LocalEntryNotFoundError as exc:
+        # snapshot_download turns every failure to reach the Hub into this one
+        # once the cache cannot help; its cause says which failure it was.
+        cause = exc.__cause__
+        if isinstance(cause, hf_errors.HfHubHTTPError):
+            raise HubError(f"{label}: the Hub answered {_status(cause)}; retry later") from None
+        if isinstance(cause, hf_errors.OfflineModeIsEnabled):
+            raise HubUnreachable("HF_HUB_OFFLINE is set") from None
+        raise HubUnreachable(f"cannot connect to the Hub ({type(cause or exc).__name__})") from None
+    except hf_errors.HfHubHTTPError as exc:
+        code = _code(exc)
+        if code in (401, 403):
+            raise ExpertError(f"{label}: the Hub refused access ({_status(exc)}); {login} with access to it") from None
+        raise HubError(f"{label}: the Hub answered {_status(exc)}; retry later") from None
+
+
+def unreachable_error(ref: ExpertRef, reason: str, *, what: str = "expert") -> ExpertError:
+    """The error for a Hub ref that is neither reachable nor in the cache."""
+    fix = ("unset HF_HUB_OFFLINE, or run once online to fill the cache" if "OFFLINE" in reason
+           else "check the connection (HF_ENDPOINT), or run once online to fill the cache")
+    return ExpertError(f"{what} {str(ref)!r} is not in the local cache and {reason}; {fix}, or use a local folder")
+
+
+# ---------------------------------------------------------------------- push
+
+
+def commit_message(report: Dict[str, Any]) -> Tuple[str, str]:
+    """(title, description) of the push commit: experts, coefficients, dev/test utility."""
+    experts = report["experts"]
+    winner = report["scores"]["winner"]
+    scores = [f"dev {winner['dev']['utility']:.4f}"]
+    if winner.get("test"):
+        scores.append(f"test {winner['test']['utility']:.4f}")
+    names = [e["model"] if not e["local"] else e["name"] for e in experts]
+    listed = ", ".join(names) if len(", ".join(names)) <= 80 else f"{len(names)} experts"
+    title = f"Model Swarms merge of {listed} ({', '.join(scores)})"
+    coefficients = report["coefficients"].get("model")
+    lines = []
+    for k, (e, n) in enumerate(zip(experts, names)):
+        rev = f"@{e['revision']}" if e.get("revision") else " (local)"
+        coef = f": {coefficients[k]:+.4f}" if coefficients else ""
+        lines.append(f"- {n}{rev}{coef}")
+    objective = report["recipe"]["objective"]["type"]
+    search = report["search"]
+    uniform = report["scores"]["uniform"]
+    body = (
+        f"Winner's {objective} utility: {', '.join(scores)} "
+        f"(uniform average: dev {uniform['dev']['utility']:.4f}"
+        + (f", test {uniform['test']['utility']:.4f}" if uniform.get("test") else "") + ").\n"
+        + "Experts and coefficients"
+        + (" (per layer group: see README.md)" if not coefficients else "") + ":\n"
+        + "\n".join(lines) + "\n"
+        + f"Search: swarm size {report['recipe']['swarm']['size']}, {search['iterations']} iterations, "
+        f"{search['evaluations']} evaluations, {search['stop_reason']}.\n"
+        + f"Made with swarm_merge {report.get('versions', {}).get('swarm_merge', '')}".rstrip() + "."
+    )
+    return title, body
+
+
+def push(out_dir: Union[str, os.PathLike], repo_id: str, *, private: bool, report: Dict[str, Any]) -> str:
+    """Upload a finished output folder to ``repo_id`` in one commit; returns the commit URL.
+
+    The repo is created if needed (``private`` applies only then). The search
+    checkpoint and any staging folder stay local. On failure the local folder
+    is left as it is and the error says how to push it again.
+
+    Raises:
+        HubError: no token, refused or failed upload (with the retry command).
+    """
+    from huggingface_hub import HfApi, get_token
+
+    out_dir = Path(out_dir)
+    again = f"`mergekit-swarm push {out_dir} --repo {repo_id}`"
+    if not get_token():
+        raise HubError(f"cannot push to {repo_id}: no Hub token; log in with `hf auth login` or set HF_TOKEN "
+                       f"to a token with write access, then run {again}")
+    retry = f"the output in {out_dir} is complete and untouched; push it again with {again}"
+    title, body = commit_message(report)
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        info = api.upload_folder(folder_path=str(out_dir), repo_id=repo_id, commit_message=title,
+                                 commit_description=body, ignore_patterns=PUSH_IGNORE)
+    except Exception as exc:  # any failure here has the same remedy: push the folder again
+        raise HubError(f"push to {repo_id} failed ({_describe(exc)}); {retry}") from None
+    url = str(getattr(info, "commit_url", "") or f"{repo_id}")
+    LOG.info("pushed %s to %s", out_dir, url)
+    return url
+
+
+def push_folder(out_dir: Union[str, os.PathLike], repo_id: str, *, private: Optional[bool] = None) -> str:
+    """Push a finished run's output folder again (``mergekit-swarm push OUT --repo X``).
+
+    The model card's usage snippet is pointed at ``repo_id`` first. ``private``
+    defaults to the run's ``output.private``.
+
+    Raises:
+        OutputError: the folder is not a finished run (no ``swarm.json``).
+        HubError: the push failed.
+    """
+    from swarm_merge import card
+
+    out_dir = Path(out_dir)
+    report_file = out_dir / REPORT_FILE
+    if not out_dir.is_dir():
+        raise OutputError(f"{out_dir} is not a folder; give the output folder of a finished mergekit-swarm run")
+    if not report_file.is_file():
+        raise OutputError(f"{out_dir} has no {REPORT_FILE}, so it is not a finished mergekit-swarm run "
+                          "(or the run died before the end); run the recipe (with --resume) first")
+    try:
+        report = json.loads(report_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise OutputError(f"{report_file} cannot be read ({type(exc).__name__}); re-run the recipe") from None
+    if not any(out_dir.glob("*.safetensors")):
+        raise OutputError(f"{out_dir} has {REPORT_FILE} but no *.safetensors weights; re-run the recipe")
+    if private is None:
+        private = bool(report.get("recipe", {}).get("output", {}).get("private", True))
+    readme = out_dir / "README.md"
+    if readme.is_file():
+        text = readme.read_text(encoding="utf-8")
+        patched = card.set_repo_id(text, repo_id)
+        if patched != text:
+            tmp = readme.with_name(readme.name + ".tmp")
+            tmp.write_text(patched, encoding="utf-8")
+            os.replace(tmp, readme)
+    return push(out_dir, repo_id, private=private, report=report)
+
+
+def _code(exc: Exception) -> Optional[int]:
+    return getattr(getattr(exc, "response", None), "status_code", None)
+
+
 def _status(exc: Exception) -> str:
-    response = getattr(exc, "response", None)
-    code = getattr(response, "status_code", None)
+    code = _code(exc)
     return f"HTTP {code}" if code else type(exc).__name__
+
+
+def _describe(exc: BaseException) -> str:
+    """A short, token-free description of a failed Hub call."""
+    # upload_folder wraps a failed LFS upload in a RuntimeError whose cause is the HTTP error.
+    inner = exc.__cause__ if _code(exc) is None and exc.__cause__ is not None else exc
+    code = _code(inner)
+    if code in (401, 403):
+        return f"HTTP {code}: the token cannot write there; log in with `hf auth login` or set HF_TOKEN to a write token"
+    detail = getattr(inner, "server_message", None) or ""
+    detail = " ".join(str(detail).split())[:160]
+    text = f"HTTP {code}" if code else type(inner).__name__
+    return _scrub(f"{text}: {detail}" if detail else text)
+
+
+def _scrub(text: str) -> str:
+    """Belt and braces: never echo the token, whatever a server put in its message."""
+    from huggingface_hub import get_token
+
+    token = get_token()
+    if token:
+        text = text.replace(token, "***")
+    return re.sub(r"hf_[A-Za-z0-9]{8,}", "***", text)

@@ -151,29 +151,57 @@ def _batches(order: Sequence[int], size: int):
         yield order[start : start + size]
 
 
+def _left_padded(seqs: Sequence[Sequence[int]], pad: int):
+    """Left-padded ids, attention mask and position ids (positions count real tokens only)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        if seq:
+            ids[row, width - len(seq) :] = torch.tensor(seq)
+            mask[row, width - len(seq) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, positions
+
+
+class _LineDone:
+    """Stops generation once every row has written a non-blank line and a newline
+    after it (or EOS): the first non-blank line is all that is scored."""
+
+    def __init__(self, tokenizer, start: int, eos: Optional[int]):
+        self.tokenizer, self.start, self.eos = tokenizer, start, eos
+
+    def __call__(self, input_ids, scores, **kwargs):
+        texts = self.tokenizer.batch_decode(input_ids[:, self.start :], skip_special_tokens=False)
+        done = []
+        for row, text in zip(input_ids, texts):
+            stripped = text.lstrip()
+            ended = self.eos is not None and bool((row[self.start :] == self.eos).any())
+            done.append(ended or ("\n" in stripped and stripped.split("\n", 1)[0].strip() != ""))
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
 @torch.inference_mode()
-def score_exact_match(model, tokenizer, examples, objective, device) -> Score:
+def score_exact_match(model, tokenizer, examples, objective, device, batch_size=None) -> Score:
+    from transformers import StoppingCriteriaList
+
     prompts = [_prepare(tokenizer, objective, ex.prompt) for ex in examples]
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
     # Longest first, so batches hold prompts of similar length (less padding).
     order = sorted(range(len(examples)), key=lambda i: -len(encoded[i]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     hits = [0.0] * len(examples)
-    for batch in _batches(order, objective.batch_size):
-        width = max(len(encoded[i]) for i in batch)
+    for batch in _batches(order, batch_size or objective.batch_size):
         # Left padding: every row's last prompt token sits at the same position.
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            seq = encoded[i]
-            ids[row, width - len(seq) :] = torch.tensor(seq)
-            mask[row, width - len(seq) :] = 1
+        ids, mask, _ = _left_padded([encoded[i] for i in batch], pad)
+        width = ids.shape[1]
         out = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
             max_new_tokens=objective.max_new_tokens,
             do_sample=False,
             pad_token_id=pad,
+            stopping_criteria=StoppingCriteriaList([_LineDone(tokenizer, width, tokenizer.eos_token_id)]),
         )
         texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
         for i, text in zip(batch, texts):
@@ -182,7 +210,7 @@ def score_exact_match(model, tokenizer, examples, objective, device) -> Score:
 
 
 def _matches(completion: str, answer: str, how: str) -> bool:
-    # Compare the first non-empty line: answers are one line, models ramble on.
+    # Compare the first non-blank line: answers are one line, models ramble on.
     lines = [line.strip() for line in completion.split("\n") if line.strip()]
     got = lines[0] if lines else ""
     want = answer.strip()
@@ -206,37 +234,35 @@ def _continuation_logprobs(model, tokenizer, pairs: Sequence[Tuple[str, str]], b
     order = sorted(range(len(seqs)), key=lambda i: -(len(seqs[i][0]) + len(seqs[i][1])))
     results: List[Tuple[float, int]] = [(0.0, 0)] * len(seqs)
     for batch in _batches(order, batch_size):
-        width = max(len(seqs[i][0]) + len(seqs[i][1]) for i in batch)
-        # Right padding: a causal model never looks at the pad tokens after a row.
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            seq = seqs[i][0] + seqs[i][1]
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        # Left padding puts every continuation at the end of its row, so only the
+        # last `keep` positions need logits: the (large) vocabulary projection
+        # runs on the continuation tokens alone.
+        ids, mask, positions = _left_padded([seqs[i][0] + seqs[i][1] for i in batch], pad)
+        keep = max(len(seqs[i][1]) for i in batch) + 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                       logits_to_keep=keep, use_cache=False).logits
         # fp32 log-softmax: bf16 logits lose the small differences between choices.
         logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
         for row, i in enumerate(batch):
-            ctx, cont = seqs[i]
+            cont = seqs[i][1]
             if not cont:
                 results[i] = (0.0, 0)
                 continue
-            start = len(ctx)
-            positions = torch.arange(start - 1, start - 1 + len(cont))
-            targets = torch.tensor(cont)
-            results[i] = (float(logprobs[row, positions, targets].sum()), len(cont))
+            # kept index j is position width-keep+j; the logit at position t predicts token t+1.
+            first = keep - len(cont) - 1
+            picked = logprobs[row, torch.arange(first, first + len(cont)), torch.tensor(cont)]
+            results[i] = (float(picked.sum()), len(cont))
     return results
 
 
 @torch.inference_mode()
-def score_multiple_choice(model, tokenizer, examples, objective, device) -> Score:
+def score_multiple_choice(model, tokenizer, examples, objective, device, batch_size=None) -> Score:
     pairs, owner = [], []
     for idx, ex in enumerate(examples):
         for choice in ex.choices:
             pairs.append((_prepare(tokenizer, objective, ex.prompt), choice))
             owner.append(idx)
-    scored = _continuation_logprobs(model, tokenizer, pairs, objective.batch_size, device)
+    scored = _continuation_logprobs(model, tokenizer, pairs, batch_size or objective.batch_size, device)
     per_example: Dict[int, List[float]] = defaultdict(list)
     for idx, (logprob, count) in zip(owner, scored):
         # Length-normalised: longer choices are not penalised for their length.
@@ -246,9 +272,9 @@ def score_multiple_choice(model, tokenizer, examples, objective, device) -> Scor
 
 
 @torch.inference_mode()
-def score_loglik(model, tokenizer, examples, objective, device) -> Score:
+def score_loglik(model, tokenizer, examples, objective, device, batch_size=None) -> Score:
     pairs = [(_prepare(tokenizer, objective, ex.prompt), ex.answer) for ex in examples]
-    scored = _continuation_logprobs(model, tokenizer, pairs, objective.batch_size, device)
+    scored = _continuation_logprobs(model, tokenizer, pairs, batch_size or objective.batch_size, device)
     # Utility = minus mean NLL per token, pooled over tokens (and per group).
     values = [lp / n if n else 0.0 for lp, n in scored]
     weights = [float(n) for _, n in scored]
@@ -265,6 +291,10 @@ OBJECTIVES: Dict[str, Callable[..., Score]] = {
 }
 
 
-def score(model, tokenizer, examples: Sequence[Example], objective, device) -> Score:
-    """Score ``model`` on ``examples`` with the recipe's objective."""
-    return OBJECTIVES[objective.type](model, tokenizer, examples, objective, device)
+def score(model, tokenizer, examples: Sequence[Example], objective, device, *, batch_size: Optional[int] = None) -> Score:
+    """Score ``model`` on ``examples`` with the recipe's objective.
+
+    ``batch_size`` overrides ``objective.batch_size`` (streaming mode scores all
+    rows in one batch: each forward call rebuilds the weights).
+    """
+    return OBJECTIVES[objective.type](model, tokenizer, examples, objective, device, batch_size=batch_size)

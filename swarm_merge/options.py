@@ -21,3 +21,5 @@ class RunOptions:
     cache_dir: Optional[str] = None  # Hub download cache (default: the HF cache)
     push_to_hub: Optional[str] = None  # overrides output.push_to_hub
     progress: bool = True
+    eval_mode: str = "auto"  # auto | in-memory | streaming
+    max_memory: Optional[int] = None  # bytes the evaluation may hold (auto mode); None: 70% of available

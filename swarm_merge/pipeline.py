@@ -45,7 +45,9 @@ def run(recipe: Recipe, options: RunOptions = RunOptions(), *, out=sys.stdout) -
         _check_out_dir(out_dir, resume=options.resume, force=options.force)
 
     # 1. Pull the experts and check them from their headers.
-    experts = experts_mod.pull_experts(recipe.experts, cache_dir=options.cache_dir)
+    # A dry run resolves Hub experts (commit, sizes, headers) without downloading weights.
+    experts = experts_mod.pull_experts(recipe.experts, cache_dir=options.cache_dir,
+                                       allow_pickle=recipe.allow_pickle, download=not options.dry_run)
     k = len(experts)
     names = sorted(experts[0].tensors)
     groups, group_labels = evaluate.tensor_groups(
@@ -59,13 +61,15 @@ def run(recipe: Recipe, options: RunOptions = RunOptions(), *, out=sys.stdout) -
     )
     device = evaluate.resolve_device(options.device)
     if options.dry_run:
-        _print_plan(recipe, experts, group_labels, dev, test, device, out_dir, out)
+        _print_plan(recipe, experts, group_labels, dev, test, device, out_dir, out, options)
         return None
     _prepare_out_dir(out_dir, resume=options.resume, force=options.force)
 
     # 2. The swarm search over coefficient arrays (G, K).
-    evaluator = evaluate.InMemoryEvaluator(
-        experts, groups, dtype=recipe.dtype, device=device,
+    mode = _eval_mode(recipe, experts, device, options)
+    LOG.info("evaluation: %s on %s", mode, device)
+    evaluator = evaluate.make_evaluator(
+        mode, experts, groups, dtype=recipe.dtype, device=device,
         tokenizer_path=_tokenizer_source(recipe, experts),
     )
     result = search.run_search(
@@ -110,11 +114,19 @@ def run(recipe: Recipe, options: RunOptions = RunOptions(), *, out=sys.stdout) -
     if push_to:
         from swarm_merge import hub
 
-        hub.push(out_dir, push_to, private=recipe.output.private, report=report)
+        url = hub.push(out_dir, push_to, private=recipe.output.private, report=report)
+        print(f"pushed to {push_to}: {url}", file=out)
     return report
 
 
 # ------------------------------------------------------------------ stages
+
+
+def _eval_mode(recipe: Recipe, experts, device, options: RunOptions) -> str:
+    """in-memory when the experts plus one model fit the memory budget, else streaming."""
+    estimate = evaluate.memory_estimate(experts, recipe.dtype)
+    budget = evaluate.memory_budget(device, options.max_memory)
+    return evaluate.choose_mode(options.eval_mode, estimate, budget)
 
 
 def _tokenizer_source(recipe: Recipe, experts: Sequence[experts_mod.Expert]):
@@ -174,6 +186,7 @@ def _report(recipe, experts, result, scores, group_labels, device, started) -> D
                 "path": str(e.path),
                 "parameters": e.num_parameters,
                 "license": card.expert_license(e.path),
+                "pickled": e.pickled,
             }
             for e in experts
         ],
@@ -250,19 +263,22 @@ def _publish(stage: Path, out_dir: Path) -> None:
 # ----------------------------------------------------------------- printing
 
 
-def _print_plan(recipe, experts, group_labels, dev, test, device, out_dir, out) -> None:
+def _print_plan(recipe, experts, group_labels, dev, test, device, out_dir, out, options: RunOptions = RunOptions()) -> None:
     k = len(experts)
     model_bytes = max(e.nbytes for e in experts)
     params = experts[0].num_parameters
-    import torch
-
-    elem = torch.finfo(evaluate.torch_dtype(recipe.dtype)).bits // 8
-    skeleton = params * elem
-    in_memory = k * skeleton + skeleton
     print(f"recipe {recipe.name!r}: {k} experts, {params / 1e6:.1f}M parameters each", file=out)
+    hb = experts_mod.human_bytes
     for e in experts:
-        rev = f" @ {e.revision}" if e.revision else ""
-        print(f"  {e.describe():<50} {experts_mod.human_bytes(e.nbytes):>10}  {e.path}{rev}", file=out)
+        if e.ref.is_local:
+            print(f"  {e.ref.model}  weights {hb(e.nbytes)}" + ("  (pickled: converted on the run)" if e.pickled else ""),
+                  file=out)
+            continue
+        asked = f" (asked {e.ref.revision})" if e.ref.revision and e.ref.revision != e.revision else ""
+        size = f"weights {hb(e.nbytes)}, " if e.tensors else ""
+        print(f"  {e.ref.model} @ {e.revision}{asked}  {size}download {hb(e.download_bytes or 0)}", file=out)
+        if not e.tensors:
+            print("    pickled weights: tensor names and shapes are checked after the download", file=out)
     s = recipe.swarm
     print(f"swarm: size {s.size}, granularity {s.granularity} ({len(group_labels)} group(s), "
           f"{len(group_labels) * k} coefficients), at most {s.max_iterations} iterations", file=out)
@@ -270,9 +286,14 @@ def _print_plan(recipe, experts, group_labels, dev, test, device, out_dir, out) 
 
     print(f"evaluations: at most {budget(s)} on {len(dev)} dev rows ({recipe.objective.type})"
           + (f"; then {k + 2} on {len(test)} test rows" if test else ""), file=out)
-    print(f"device: {device}; dtype {recipe.dtype}; estimated peak memory (in-memory mode): "
-          f"{experts_mod.human_bytes(in_memory)} + activations (experts on disk: {experts_mod.human_bytes(k * model_bytes)})",
-          file=out)
+    estimate = evaluate.memory_estimate(experts, recipe.dtype)
+    budget_bytes = evaluate.memory_budget(device, options.max_memory)
+    mode = evaluate.choose_mode(options.eval_mode, estimate, budget_bytes)
+    hb = experts_mod.human_bytes
+    print(f"device: {device}; dtype {recipe.dtype}; experts on disk {hb(k * model_bytes)}", file=out)
+    print(f"estimated peak memory: in-memory {hb(estimate['in-memory'])}, streaming {hb(estimate['streaming'])} "
+          f"(+ activations); budget {hb(budget_bytes)} -> eval mode: {mode}"
+          + (" (auto)" if options.eval_mode == "auto" else ""), file=out)
     print(f"output: {out_dir}" + (f"; push to {recipe.output.push_to_hub}" if recipe.output.push_to_hub else ""), file=out)
     print("dry run: nothing was written", file=out)
 

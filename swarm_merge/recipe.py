@@ -160,6 +160,10 @@ class Recipe(_Frozen):
     experts: List[ExpertRef]
     base_model: Optional[ExpertRef] = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Pickled *.bin weights can run code when unpickled; they are refused unless
+    # the recipe opts in, and even then read with torch's weights_only loader
+    # and converted to safetensors before use.
+    allow_pickle: bool = False
     objective: Objective
     swarm: SwarmSettings = SwarmSettings()
     output: OutputSettings = OutputSettings()
