@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -189,6 +189,15 @@ def pull_experts(refs: Sequence[ExpertRef], *, cache_dir: Optional[str] = None, 
     known = [e for e in experts if e.tensors]
     if len(known) >= 2:
         check_compatible(known)
+    if len(known) < len(experts):
+        if not known:
+            raise ExpertError("--dry-run: no expert's tensors can be known without downloading its weights "
+                              "(pickled weights, or no safetensors headers from the Hub); run without --dry-run")
+        # Pickled weights have no header to read remotely: plan with the tensors
+        # of a compatible expert; the run checks the real ones after the download.
+        experts = [e if e.tensors else replace(e, tensors={
+            n: TensorInfo(str(e.path / "pytorch_model.bin"), t.dtype, t.shape) for n, t in known[0].tensors.items()
+        }) for e in experts]
     return experts
 
 
@@ -220,6 +229,9 @@ def _planned(ref: ExpertRef, snapshot, pickled: bool, size: int, *, cache_dir: O
     config = _read_config(path, f"{str(ref)!r}")
     tensors: Dict[str, TensorInfo] = {}
     headers = None if pickled else hub.safetensors_headers(ref, snapshot.commit)
+    if headers is None and not pickled:
+        LOG.warning("%s %s: the Hub did not serve its safetensors headers; its tensors are checked after the download",
+                    what, ref)
     for file_name, entries in (headers or {}).items():
         if file_name.rsplit("/", 1)[-1].startswith("adapter_"):
             continue

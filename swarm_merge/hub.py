@@ -29,8 +29,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 from swarm_merge.errors import ExpertError, HubError, OutputError
 from swarm_merge.recipe import ExpertRef
 
-__all__ = ["RepoSnapshot", "resolve", "download", "cached", "safetensors_headers", "push", "push_folder",
-           "commit_message"]
+__all__ = ["RepoSnapshot", "HubUnreachable", "resolve", "download", "cached", "unreachable_error",
+           "safetensors_headers", "push", "push_folder", "commit_message"]
 
 LOG = logging.getLogger(__name__)
 
@@ -242,7 +242,7 @@ def push(out_dir: Union[str, os.PathLike], repo_id: str, *, private: bool, repor
     except Exception as exc:  # any failure here has the same remedy: push the folder again
         raise HubError(f"push to {repo_id} failed ({_describe(exc)}); {retry}") from None
     url = str(getattr(info, "commit_url", "") or f"{repo_id}")
-    LOG.info("pushed %s to %s", out_dir, url)
+    LOG.debug("pushed %s to %s", out_dir, url)
     return url
 
 

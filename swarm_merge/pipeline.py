@@ -271,14 +271,14 @@ def _print_plan(recipe, experts, group_labels, dev, test, device, out_dir, out, 
     hb = experts_mod.human_bytes
     for e in experts:
         if e.ref.is_local:
-            print(f"  {e.ref.model}  weights {hb(e.nbytes)}" + ("  (pickled: converted on the run)" if e.pickled else ""),
-                  file=out)
+            print(f"  {e.ref.model}  " + ("pickled weights (allow_pickle): converted and checked on the run"
+                                          if e.pickled else f"weights {hb(e.nbytes)}"), file=out)
             continue
         asked = f" (asked {e.ref.revision})" if e.ref.revision and e.ref.revision != e.revision else ""
-        size = f"weights {hb(e.nbytes)}, " if e.tensors else ""
+        size = f"weights {hb(e.nbytes)}, " if not e.pickled else ""
         print(f"  {e.ref.model} @ {e.revision}{asked}  {size}download {hb(e.download_bytes or 0)}", file=out)
-        if not e.tensors:
-            print("    pickled weights: tensor names and shapes are checked after the download", file=out)
+        if e.pickled:
+            print("    pickled weights (allow_pickle): assumed to match the others; checked after the download", file=out)
     s = recipe.swarm
     print(f"swarm: size {s.size}, granularity {s.granularity} ({len(group_labels)} group(s), "
           f"{len(group_labels) * k} coefficients), at most {s.max_iterations} iterations", file=out)

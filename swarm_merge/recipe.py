@@ -152,6 +152,14 @@ class OutputSettings(_Frozen):
     push_to_hub: Optional[str] = None
     private: bool = True
 
+    @field_validator("push_to_hub")
+    @classmethod
+    def _repo_id(cls, value: Optional[str]) -> Optional[str]:
+        # Checked here, not after an hours-long search.
+        if value is not None and not re.fullmatch(r"[\w.\-]+/[\w.\-]+", value):
+            raise ValueError(f"{value!r} is not a Hub repo id; write org/name (no revision)")
+        return value
+
 
 class Recipe(_Frozen):
     """A whole swarm-merge recipe."""

@@ -1,0 +1,269 @@
+"""Benchmark: what one particle evaluation costs, in seconds and memory.
+
+Strategies, each in its own process so peak RSS is its own:
+  naive      write the merge to disk with mergekit, load it with transformers,
+             evaluate (what mergekit-evolve does per evaluation)
+  floor      one already-loaded model evaluated on the same dev set (no merging)
+  in-memory  swarm_merge: experts in memory, weights rebuilt in place
+  streaming  swarm_merge: meta skeleton, each module built from the experts'
+             files per forward through accelerate hooks
+Then peak RSS of a swarm's initial evaluation at two swarm sizes in both modes.
+
+Prints tables; asserts nothing. Usage (after `make setup demo-models`):
+
+    .venv/bin/python bench/bench_eval.py                       # the demo's experts
+    .venv/bin/python bench/bench_eval.py --objectives loglik --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_RECIPE = REPO / "recipes" / "demo" / "recipe.yml"
+
+
+# ------------------------------------------------------------------ worker side
+
+
+class AnonPeak:
+    """Samples RssAnon (heap, not file-backed pages) every 10 ms; keeps the max."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> int:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._read())
+            time.sleep(0.01)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, self._read())
+
+
+def _objective_data(recipe, kind: str, tmp: Path):
+    """The demo's dev rows as the asked objective (multiple choice: distractors from other rows)."""
+    from swarm_merge import objectives
+
+    rows = [json.loads(line) for line in Path(recipe.objective.dev).read_text().splitlines() if line.strip()]
+    if kind == "multiple_choice":
+        rng = random.Random(0)
+        mc = []
+        for i, r in enumerate(rows):
+            others = [o["answer"] for o in rows if o.get("task") == r.get("task") and o["answer"] != r["answer"]]
+            choices = [" " + r["answer"]] + [" " + a for a in rng.sample(others, 3)]
+            rng.shuffle(choices)
+            mc.append({"prompt": r["prompt"], "choices": choices, "answer": choices.index(" " + r["answer"]),
+                       "task": r.get("task")})
+        rows = mc
+    elif kind == "loglik":
+        rows = [{"prompt": r["prompt"], "answer": " " + r["answer"], "task": r.get("task")} for r in rows]
+    path = tmp / f"{kind}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    objective = recipe.objective.model_copy(update={"type": kind, "dev": str(path)})
+    return objectives.load_examples(str(path), kind), objective
+
+
+def _particles(k: int, n: int, seed: int = 0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        a = rng.normal(0.0, 0.4, size=k) + 1.0 / k
+        a[-1] = 1.0 - a[:-1].sum()  # affine, like a swarm particle
+        out.append(a[None, :])
+    return out
+
+
+def worker(args) -> dict:
+    import numpy as np
+    import torch
+
+    from swarm_merge import evaluate, experts as experts_mod, objectives
+    from swarm_merge.recipe import load_recipe
+
+    anon = AnonPeak()
+    torch.manual_seed(0)
+    recipe = load_recipe(args.recipe)
+    experts = experts_mod.pull_experts(recipe.experts)
+    k = len(experts)
+    groups, _ = evaluate.tensor_groups(sorted(experts[0].tensors), granularity="model")
+    cpu = torch.device(args.device)
+    tmp_dir = tempfile.TemporaryDirectory(prefix="swarm-bench-")  # removed when the worker exits
+    tmp = Path(tmp_dir.name)
+    rows, objective = _objective_data(recipe, args.objective, tmp)
+    if args.rows:
+        rows = rows[: args.rows]
+    times, utilities = [], []
+    particles = _particles(k, args.repeats + 1)
+
+    if args.strategy in ("in-memory", "streaming"):
+        ev = evaluate.make_evaluator(args.strategy, experts, groups, dtype=recipe.dtype, device=cpu)
+        if args.swarm_size:  # the initial swarm of a search: peak RSS vs swarm size
+            from swarm_merge import swarm
+
+            x0 = swarm.initial_positions(k, args.swarm_size, seed_soup=True, rng=np.random.default_rng(0))
+            start = time.perf_counter()
+            for x in x0:
+                utilities.append(ev.evaluate(x, rows, objective).utility)
+            times.append((time.perf_counter() - start) / len(x0))
+        else:
+            ev.evaluate(particles[0], rows, objective)  # warm-up
+            for c in particles[1:]:
+                start = time.perf_counter()
+                utilities.append(ev.evaluate(c, rows, objective).utility)
+                times.append(time.perf_counter() - start)
+    elif args.strategy == "floor":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(experts[0].path), dtype=evaluate.torch_dtype(recipe.dtype)).eval()
+        tok = evaluate.load_tokenizer(experts[0].path)
+        objectives.score(model, tok, rows, objective, cpu)  # warm-up
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            utilities.append(objectives.score(model, tok, rows, objective, cpu).utility)
+            times.append(time.perf_counter() - start)
+    elif args.strategy == "naive":
+        from transformers import AutoModelForCausalLM
+
+        from swarm_merge import merge
+
+        tok = evaluate.load_tokenizer(experts[0].path)
+        for c in particles[1:]:
+            start = time.perf_counter()
+            out = tmp / "merged"
+            merge.write_merge(merge.mergekit_config(experts, c, groups, dtype=recipe.dtype, portable=False), out)
+            model = AutoModelForCausalLM.from_pretrained(str(out), dtype=evaluate.torch_dtype(recipe.dtype)).eval()
+            utilities.append(objectives.score(model, tok, rows, objective, cpu).utility)
+            times.append(time.perf_counter() - start)
+            del model
+    else:
+        raise SystemExit(f"unknown strategy {args.strategy}")
+    result = {
+        "strategy": args.strategy,
+        "objective": args.objective,
+        "swarm_size": args.swarm_size,
+        "seconds": times,
+        "median_seconds": statistics.median(times),
+        "utility": float(np.nanmean(utilities)),
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_anon": anon.stop(),
+        "rows": len(rows),
+    }
+    tmp_dir.cleanup()
+    return result
+
+
+# ------------------------------------------------------------------ driver side
+
+
+def run_worker(args, **over) -> dict:
+    cmd = [sys.executable, __file__, "--worker", "--recipe", str(args.recipe), "--repeats", str(args.repeats),
+           "--device", args.device]
+    for key, value in over.items():
+        cmd += [f"--{key.replace('_', '-')}", str(value)]
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        sys.stderr.write(done.stderr[-3000:])
+        raise SystemExit(f"worker {over} failed")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:,.0f}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE)
+    p.add_argument("--objectives", default="exact_match,loglik,multiple_choice")
+    p.add_argument("--strategies", default="floor,in-memory,streaming,naive")
+    p.add_argument("--repeats", type=int, default=5, help="evaluations per strategy (median reported)")
+    p.add_argument("--sizes", default="10,40", help="swarm sizes for the peak-RSS runs ('' to skip)")
+    p.add_argument("--size-rows", type=int, default=24, help="dev rows in the swarm-size runs (RSS does not depend on it)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", type=Path, help="also write all figures here")
+    # worker options
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--strategy", help=argparse.SUPPRESS)
+    p.add_argument("--objective", default="exact_match", help=argparse.SUPPRESS)
+    p.add_argument("--swarm-size", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--rows", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    if not args.recipe.is_file():
+        raise SystemExit(f"{args.recipe} not found; build the demo first: make demo-models")
+
+    import platform
+    import torch
+
+    print(f"# bench_eval: {args.recipe.relative_to(REPO) if args.recipe.is_relative_to(REPO) else args.recipe}, "
+          f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, device {args.device}, "
+          f"{args.repeats} evaluations per strategy\n")
+    results = []
+    for objective in args.objectives.split(","):
+        rows = {}
+        for strategy in args.strategies.split(","):
+            rows[strategy] = run_worker(args, strategy=strategy, objective=objective)
+            results.append(rows[strategy])
+        floor = rows.get("floor", {}).get("median_seconds")
+        print(f"## {objective} ({rows[next(iter(rows))]['rows']} dev rows)\n")
+        print("| strategy | s / evaluation (median) | x floor | merge overhead s | peak RSS MiB | peak anon RSS MiB | dev utility |")
+        print("|---|---|---|---|---|---|---|")
+        for name, r in rows.items():
+            s = r["median_seconds"]
+            ratio = f"{s / floor:.2f}" if floor else "-"
+            over = f"{s - floor:.3f}" if floor else "-"
+            print(f"| {name} | {s:.3f} | {ratio} | {over} | {mib(r['peak_rss'])} | {mib(r['peak_anon'])} | {r['utility']:.4f} |")
+        if floor and "naive" in rows and "in-memory" in rows:
+            naive_over = rows["naive"]["median_seconds"] - floor
+            mem_over = rows["in-memory"]["median_seconds"] - floor
+            ratio = f"{naive_over / mem_over:.1f}" if mem_over > 0 else "inf (in-memory overhead within noise)"
+            print(f"\nmerge overhead naive / in-memory: {ratio}")
+        if "streaming" in rows and "in-memory" in rows:
+            print(f"streaming / in-memory peak RSS: {rows['streaming']['peak_rss'] / rows['in-memory']['peak_rss']:.2f}"
+                  f" (anon: {rows['streaming']['peak_anon'] / rows['in-memory']['peak_anon']:.2f})")
+        print()
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    if sizes:
+        print(f"## peak RSS vs swarm size (initial swarm evaluated, loglik on {args.size_rows} dev rows)\n")
+        print("| mode | " + " | ".join(f"size {s} MiB" for s in sizes) + f" | size {sizes[-1]} / size {sizes[0]} |")
+        print("|---|" + "---|" * (len(sizes) + 1))
+        for mode in ("in-memory", "streaming"):
+            got = [run_worker(args, strategy=mode, objective="loglik", swarm_size=s, rows=args.size_rows) for s in sizes]
+            results += got
+            print(f"| {mode} | " + " | ".join(mib(g["peak_rss"]) for g in got)
+                  + f" | {got[-1]['peak_rss'] / got[0]['peak_rss']:.3f} |")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
