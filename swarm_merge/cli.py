@@ -75,7 +75,7 @@ def _setup_logging(verbose: bool) -> None:
         stream=sys.stderr,
     )
     if not verbose:
-        for noisy in ("transformers", "mergekit", "huggingface_hub", "accelerate", "httpx", "filelock", "urllib3"):
+        for noisy in ("transformers", "mergekit", "huggingface_hub", "accelerate", "httpx", "httpx2", "filelock", "urllib3"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         import warnings

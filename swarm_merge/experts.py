@@ -294,7 +294,8 @@ def _convert_pickled(src: Path, shards: List[str], dest: Path, label: str) -> No
                 f"expert {label}: {shard} cannot be read with torch's weights-only loader ({type(exc).__name__}); "
                 "it may hold more than tensors: use a safetensors copy of the model"
             ) from None
-        out_name = "model.safetensors" if len(shards) == 1 else shard.replace("pytorch_model", "model")[:-4] + ".safetensors"
+        out_name = ("model.safetensors" if len(shards) == 1
+                    else shard.replace("pytorch_model", "model")[: -len(".bin")] + ".safetensors")
         tensors: Dict[str, "torch.Tensor"] = {}
         storages = set()
         for name, tensor in state.items():

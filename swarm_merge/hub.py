@@ -89,10 +89,14 @@ def download(
     """
     from huggingface_hub import snapshot_download
 
-    with _pull_errors(ref, what):
-        folder = snapshot_download(
-            ref.model, revision=revision or ref.revision, cache_dir=cache_dir, allow_patterns=allow_patterns
-        )
+    try:
+        with _pull_errors(ref, what):
+            folder = snapshot_download(
+                ref.model, revision=revision or ref.revision, cache_dir=cache_dir, allow_patterns=allow_patterns
+            )
+    except HubUnreachable as exc:  # the Hub answered a moment ago: the connection dropped
+        raise HubError(f"{what} {str(ref)!r}: the download stopped ({exc.reason}); "
+                       "run again: it resumes where it stopped") from None
     path = Path(folder)
     # snapshot_download returns <cache>/snapshots/<commit sha>, for a tag or a
     # branch too: the folder name is the commit that was downloaded.
@@ -156,6 +160,9 @@ def _pull_errors(ref: ExpertRef, what: str) -> Iterator[None]:
         raise HubUnreachable("HF_HUB_OFFLINE is set") from None
     except (httpx2.ConnectError, httpx2.TimeoutException) as exc:
         raise HubUnreachable(f"cannot connect to the Hub ({type(exc).__name__})") from None
+    except httpx2.TransportError as exc:  # a connection that broke midway, after the client's retries
+        raise HubError(f"{label}: the connection to the Hub broke ({type(exc).__name__}); "
+                       "run again: downloads resume where they stopped") from None
     except hf_errors.LocalEntryNotFoundError as exc:
         # snapshot_download turns every failure to reach the Hub into this one
         # once the cache cannot help; its cause says which failure it was.
@@ -299,7 +306,8 @@ def _describe(exc: BaseException) -> str:
     inner = exc.__cause__ if _code(exc) is None and exc.__cause__ is not None else exc
     code = _code(inner)
     if code in (401, 403):
-        return f"HTTP {code}: the token cannot write there; log in with `hf auth login` or set HF_TOKEN to a write token"
+        return (f"HTTP {code}: the token cannot write there; "
+                "log in with `hf auth login` or set HF_TOKEN to a write token")
     detail = getattr(inner, "server_message", None) or ""
     detail = " ".join(str(detail).split())[:160]
     text = f"HTTP {code}" if code else type(inner).__name__

@@ -320,6 +320,25 @@ def test_pull_errors_exit_with_one_clear_line(expert, env, code, message, hub, h
     assert_no_token(proc.stdout, proc.stderr)
 
 
+def test_download_cut_for_good_exits_1_and_the_next_run_pulls(hub, hub_experts, tmp_path):
+    home = tmp_path / "home"
+    recipe = write_recipe(tmp_path, "  - org/expert-a@v1\n  - org/expert-c\n")
+    # Every download from the repo is cut after 1000 bytes, past the client's retries.
+    fault = hub.fail_next("/org/expert-a/resolve/", method="GET", truncate_after=1000, times=100)
+    proc = cli(hub, home, recipe)
+    hub.clear_faults()
+    assert fault.hits > 1
+    assert proc.returncode == 1
+    assert "the connection to the Hub broke" in error_line(proc) and "run again" in error_line(proc)
+    assert not (tmp_path / "out").exists()
+    got = client(hub, home, """
+        from swarm_merge.experts import pull_expert
+        from swarm_merge.recipe import ExpertRef
+        report(pull_expert(ExpertRef(model="org/expert-a", revision="v1")).revision)
+    """)
+    assert got == hub_experts["a"]
+
+
 def test_offline_run_uses_the_cache_of_an_earlier_pull(hub, hub_experts, tmp_path):
     home = tmp_path / "home"
     recipe = write_recipe(tmp_path, EXPERTS.format(b=hub_experts["b"]))
@@ -436,3 +455,44 @@ def test_push_destination_is_checked_before_the_search(tmp_path):
     with pytest.raises(RecipeError, match="output.push_to_hub: 'not a repo' is not a Hub repo id; write org/name"):
         load_recipe(recipe)
     assert load_recipe(recipe, ["output.push_to_hub=org/merged"]).output.push_to_hub == "org/merged"
+
+
+def test_sharded_pickled_local_folder_with_tied_weights_converts(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+    from transformers import AutoModelForCausalLM
+
+    from swarm_merge.errors import ExpertError
+    from swarm_merge.experts import pull_expert
+    from swarm_merge.recipe import ExpertRef
+
+    monkeypatch.setattr(constants, "HF_HOME", str(tmp_path / "home"))
+    source = tiny.make_experts(tmp_path / "src", 1, tie=True)[0]
+    model = AutoModelForCausalLM.from_pretrained(source)
+    state = model.state_dict()  # lm_head.weight and embed_tokens.weight share storage
+    assert state["lm_head.weight"].data_ptr() == state["model.embed_tokens.weight"].data_ptr()
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(source / name, folder / name)
+    names = sorted(state)
+    shards = {"pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
+              "pytorch_model-00002-of-00002.bin": names[len(names) // 2:]}
+    for shard, keys in shards.items():
+        torch.save({k: state[k] for k in keys}, folder / shard)
+    (folder / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"weight_map": {k: s for s, keys in shards.items() for k in keys}}))
+
+    with pytest.raises(ExpertError, match="allow_pickle: true"):
+        pull_expert(ExpertRef(model=str(folder)))
+    expert = pull_expert(ExpertRef(model=str(folder)), allow_pickle=True)
+    assert expert.pickled and expert.path != folder and Path(constants.HF_HOME) in expert.path.parents
+    assert sorted(p.name for p in expert.path.glob("*.safetensors")) == [
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert set(expert.tensors) == set(state)
+    reloaded = AutoModelForCausalLM.from_pretrained(expert.path)
+    assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in state.items())
+    # A second pull reuses the conversion.
+    mtime = (expert.path / "model-00001-of-00002.safetensors").stat().st_mtime_ns
+    again = pull_expert(ExpertRef(model=str(folder)), allow_pickle=True)
+    assert again.path == expert.path
+    assert (again.path / "model-00001-of-00002.safetensors").stat().st_mtime_ns == mtime
