@@ -30,7 +30,7 @@ from swarm_merge.errors import ExpertError, HubError, OutputError
 from swarm_merge.recipe import ExpertRef
 
 __all__ = ["RepoSnapshot", "HubUnreachable", "resolve", "download", "cached", "unreachable_error",
-           "safetensors_headers", "push", "push_folder", "commit_message"]
+           "safetensors_headers", "push", "push_folder", "commit_message", "require_token"]
 
 LOG = logging.getLogger(__name__)
 
@@ -187,6 +187,17 @@ def unreachable_error(ref: ExpertRef, reason: str, *, what: str = "expert") -> E
 
 
 # ---------------------------------------------------------------------- push
+
+
+def require_token(repo_id: str) -> None:
+    """Refuse a push that cannot succeed for want of a token, before any work."""
+    from huggingface_hub import get_token
+
+    if not get_token():
+        raise OutputError(
+            f"pushing to {repo_id} needs a Hub token and none was found; log in with `hf auth login` "
+            "or set HF_TOKEN, or drop --push-to-hub / output.push_to_hub"
+        )
 
 
 def commit_message(report: Dict[str, Any]) -> Tuple[str, str]:

@@ -41,8 +41,13 @@ def run(recipe: Recipe, options: RunOptions = RunOptions(), *, out=sys.stdout) -
     """Run a recipe end to end; returns the report (``swarm.json``), or None for a dry run."""
     started = time.monotonic()
     out_dir = Path(options.out_dir or recipe.output_dir).expanduser()
+    push_to = options.push_to_hub or recipe.output.push_to_hub
     if not options.dry_run:
         _check_out_dir(out_dir, resume=options.resume, force=options.force)
+        if push_to:
+            from swarm_merge import hub
+
+            hub.require_token(push_to)  # fail now, not after the search
 
     # 1. Pull the experts and check them from their headers.
     # A dry run resolves Hub experts (commit, sizes, headers) without downloading weights.
@@ -53,6 +58,7 @@ def run(recipe: Recipe, options: RunOptions = RunOptions(), *, out=sys.stdout) -
     groups, group_labels = evaluate.tensor_groups(
         names, granularity=recipe.swarm.granularity, layer_groups=recipe.swarm.layer_groups
     )
+    base = _pull_base(recipe, options)
     dev = objectives.load_examples(recipe.objective.dev, recipe.objective.type, recipe.objective.group_by)
     test = (
         objectives.load_examples(recipe.objective.test, recipe.objective.type, recipe.objective.group_by)
@@ -70,7 +76,7 @@ def run(recipe: Recipe, options: RunOptions = RunOptions(), *, out=sys.stdout) -
     LOG.info("evaluation: %s on %s", mode, device)
     evaluator = evaluate.make_evaluator(
         mode, experts, groups, dtype=recipe.dtype, device=device,
-        tokenizer_path=_tokenizer_source(recipe, experts),
+        tokenizer_path=base.path if base else experts[0].path,
     )
     result = search.run_search(
         recipe.swarm,
@@ -99,9 +105,9 @@ def run(recipe: Recipe, options: RunOptions = RunOptions(), *, out=sys.stdout) -
     )
     (stage / MERGEKIT_FILE).write_text(mergekit_yaml, encoding="utf-8")
     report = _report(recipe, experts, result, scores, group_labels, device, started)
+    report["base_model"] = {"model": base.ref.model, "revision": base.revision} if base else None
     recipe_yaml = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
     plot = card.plot_history(result.history, stage / card.PLOT_NAME, title=recipe.name)
-    push_to = options.push_to_hub or recipe.output.push_to_hub
     model_card = card.render_card(report, recipe_yaml=recipe_yaml, mergekit_yaml=mergekit_yaml,
                                   repo_id=push_to, plot=card.PLOT_NAME if plot else None)
     model_card.save(stage / "README.md")
@@ -129,10 +135,21 @@ def _eval_mode(recipe: Recipe, experts, device, options: RunOptions) -> str:
     return evaluate.choose_mode(options.eval_mode, estimate, budget)
 
 
-def _tokenizer_source(recipe: Recipe, experts: Sequence[experts_mod.Expert]):
-    if recipe.base_model is not None and recipe.base_model.is_local:
-        return Path(recipe.base_model.model)
-    return experts[0].path
+def _pull_base(recipe: Recipe, options: RunOptions) -> Optional[experts_mod.Expert]:
+    """The base model's config and tokenizer (no weights: the swarm merges experts only)."""
+    ref = recipe.base_model
+    if ref is None:
+        return None
+    if ref.is_local:
+        path = Path(ref.model).expanduser()
+        if not (path / "config.json").is_file():
+            raise experts_mod.ExpertError(f"base_model {ref.model!r}: no config.json there; point at a model folder")
+        return experts_mod.Expert(ref=ref, path=path, revision=None, config={}, tensors={})
+    from swarm_merge import hub
+
+    path, commit = hub.download(ref, cache_dir=options.cache_dir, allow_patterns=experts_mod.SMALL_PATTERNS,
+                                what="base_model")
+    return experts_mod.Expert(ref=ref, path=path, revision=commit, config={}, tensors={})
 
 
 def _fingerprint(recipe: Recipe, experts) -> str:

@@ -259,3 +259,12 @@ def test_out_dir_with_other_files_is_refused(tiny_recipe, tmp_path, capsys):
 def test_bad_device_exits_nonzero(tiny_recipe, capsys):
     code = main([str(tiny_recipe()), "--device", "cuda:7"]) if not torch.cuda.is_available() else 1
     assert code != 0
+
+
+def test_push_without_token_fails_before_the_search(tiny_recipe, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    env.update(HF_HOME=str(tmp_path / "hf"), PYTHONUNBUFFERED="1")
+    r = subprocess.run([sys.executable, "-m", "swarm_merge.cli", str(tiny_recipe()), "--push-to-hub", "me/merged"],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and "needs a Hub token" in r.stderr
+    assert not (tmp_path / "out").exists()
