@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from typing import List, Optional
 
@@ -87,6 +88,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "-v" in argv or "--verbose" in argv
     _setup_logging(verbose)
+    # A CI cancel sends SIGTERM: stop like Ctrl-C (the checkpoint is already on disk).
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         if argv and argv[0] == "push":
             return _push(_push_parser().parse_args(argv[1:]))
@@ -105,6 +108,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not verbose:
             print("mergekit-swarm: run with -v for the traceback", file=sys.stderr)
         return 1
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _fail(exc: BaseException, verbose: bool, prefix: str = "") -> None:

@@ -359,6 +359,3 @@ def human_bytes(n: float) -> str:
         n /= 1024
     return f"{n:.1f} TiB"
 
-
-def token_files(path: Path) -> List[str]:
-    return [p for p in os.listdir(path) if p.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template"))]

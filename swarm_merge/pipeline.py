@@ -27,7 +27,7 @@ from swarm_merge.errors import OutputError
 from swarm_merge.options import RunOptions
 from swarm_merge.recipe import Recipe
 
-__all__ = ["run", "Plan"]
+__all__ = ["run"]
 
 LOG = logging.getLogger(__name__)
 
