@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_RECIPE = REPO / "recipes" / "demo" / "recipe.yml"
+DEFAULT_RECIPE = REPO / "recipes" / "demo.yml"
 
 
 # ------------------------------------------------------------------ worker side
@@ -138,12 +138,26 @@ def worker(args) -> dict:
                 utilities.append(ev.evaluate(c, rows, objective).utility)
                 times.append(time.perf_counter() - start)
     elif args.strategy == "floor":
+        from safetensors import safe_open
         from transformers import AutoModelForCausalLM
 
+        # The same particles as the other strategies, their weights put in place
+        # before the clock starts: what scoring alone costs for these models.
         model = AutoModelForCausalLM.from_pretrained(str(experts[0].path), dtype=evaluate.torch_dtype(recipe.dtype)).eval()
         tok = evaluate.load_tokenizer(experts[0].path)
+        files = [safe_open(str(e.path / "model.safetensors"), framework="pt") for e in experts]
+        state = model.state_dict()
+
+        def put(c):
+            with torch.no_grad():
+                for name, param in state.items():
+                    if name in experts[0].tensors:
+                        param.copy_(sum(float(a) * f.get_tensor(name) for a, f in zip(c[0], files)))
+
+        put(particles[0])
         objectives.score(model, tok, rows, objective, cpu)  # warm-up
-        for _ in range(args.repeats):
+        for c in particles[1:]:
+            put(c)
             start = time.perf_counter()
             utilities.append(objectives.score(model, tok, rows, objective, cpu).utility)
             times.append(time.perf_counter() - start)

@@ -139,16 +139,18 @@ class TensorReader:
             self._files[path] = (fd, 8 + size, header)
         return self._files[path]
 
-    def read_into(self, path: str, name: str, out: torch.Tensor) -> torch.Tensor:
-        """Fill ``out`` (a CPU tensor of the stored dtype and numel) with tensor ``name``."""
-        fd, start, header = self._open(path)
+    def read_into(self, path: str, name: str, out: torch.Tensor, *, start: int = 0) -> torch.Tensor:
+        """Fill ``out`` (a CPU tensor of the stored dtype) with tensor ``name``'s
+        flattened elements from ``start`` on (as many as ``out`` holds)."""
+        fd, data, header = self._open(path)
         begin, end = header[name]["data_offsets"]
         view = memoryview(out.view(torch.uint8).reshape(-1).numpy())
-        if len(view) != end - begin:
-            raise EvaluationError(f"{path}: tensor {name} is {end - begin} bytes, expected {len(view)}")
+        offset = begin + start * out.element_size()
+        if offset + len(view) > end:
+            raise EvaluationError(f"{path}: tensor {name} is {end - begin} bytes, shorter than asked; re-save the expert")
         done = 0
         while done < len(view):  # preadv may return short reads on large tensors
-            n = os.preadv(fd, [view[done:]], start + begin + done)
+            n = os.preadv(fd, [view[done:]], data + offset + done)
             if n <= 0:
                 raise EvaluationError(f"{path}: truncated while reading {name}; re-download the expert")
             done += n
@@ -163,26 +165,35 @@ class TensorReader:
         self._files.clear()
 
 
-def read_stacked(reader: TensorReader, experts: Sequence[Expert], name: str, dtype: torch.dtype) -> torch.Tensor:
-    """The K experts' tensor ``name`` as one ``(K, numel)`` tensor of ``dtype`` (CPU)."""
+def read_stacked(reader: TensorReader, experts: Sequence[Expert], name: str, dtype: torch.dtype,
+                 scratch: Optional[torch.Tensor] = None, span: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    """The K experts' tensor ``name`` as one ``(K, numel)`` tensor of ``dtype`` (CPU).
+
+    With ``scratch`` (a flat buffer of at least K * numel elements of ``dtype``)
+    the result is a view of it: no fresh allocation, hence no page faults.
+    """
     infos = [e.tensors[name] for e in experts]
     stored = {reader.stored_dtype(i.file, name) for i in infos}
-    numel = infos[0].numel
-    if stored == {dtype}:
+    start, stop = span or (0, infos[0].numel)
+    numel = stop - start
+    if scratch is not None:
+        stacked = scratch[: len(infos) * numel].view(len(infos), numel)
+    else:
         stacked = torch.empty((len(infos), numel), dtype=dtype)
+    if stored == {dtype}:
         for k, info in enumerate(infos):
-            reader.read_into(info.file, name, stacked[k])
+            reader.read_into(info.file, name, stacked[k], start=start)
         return stacked
-    stacked = torch.empty((len(infos), numel), dtype=dtype)
     for k, info in enumerate(infos):
         raw = torch.empty(numel, dtype=reader.stored_dtype(info.file, name))
-        stacked[k].copy_(reader.read_into(info.file, name, raw))
+        stacked[k].copy_(reader.read_into(info.file, name, raw, start=start))
     return stacked
 
 
 @torch.no_grad()
 def combine(stacked: torch.Tensor, c: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``sum_k c[k] * stacked[k]``, accumulated in float32.
+    """``sum_k c[k] * stacked[k]``, accumulated in float32, into ``out`` or a new tensor
+    (never into ``stacked``, which may be a reused scratch buffer).
 
     Both evaluation modes build every weight with this one function, so they
     give bit-identical weights. Coefficients are float32: in a 16-bit dtype a
@@ -295,8 +306,10 @@ class LazyMergedWeights(Mapping):
 
     accelerate's offload hooks read each module's tensors from it right before
     the module's forward and drop them right after, so at any time the process
-    holds one module's weights plus the K expert tensors being combined.
+    holds one module's weights plus K chunks of the tensor being combined.
     """
+
+    CHUNK = 4 * 1024 * 1024  # elements read per expert at a time (16 MiB in float32)
 
     def __init__(self, experts: Sequence[Expert], groups: Dict[str, int], aliases: Dict[str, str], *,
                  dtype: torch.dtype, device: torch.device):
@@ -310,9 +323,19 @@ class LazyMergedWeights(Mapping):
         self.rows: Optional[List[torch.Tensor]] = None
         self.bytes_read = 0  # expert bytes read so far (for tests and the benchmark)
         self.tensors_built = 0
+        # One reusable read buffer for K chunks of CHUNK elements: reading into
+        # fresh memory every time costs page faults worth more than the read, and
+        # chunking keeps it small next to the largest tensor (the embeddings).
+        self.chunk = min(self.CHUNK, max(t.numel for t in experts[0].tensors.values()))
+        self.scratch = torch.empty(len(self.experts) * self.chunk, dtype=dtype)
+        # Tied weights (embeddings = head) are asked for twice per forward; the
+        # second ask reuses the first build (until the coefficients change).
+        self.tied_sources = set(aliases.values())
+        self._tied: Dict[str, torch.Tensor] = {}
 
     def set_coefficients(self, coefficients: np.ndarray) -> None:
         self.rows = _coefficient_rows(coefficients, self.device)
+        self._tied.clear()
 
     def __getitem__(self, name: str) -> torch.Tensor:
         source = self.aliases.get(name, name)
@@ -320,13 +343,27 @@ class LazyMergedWeights(Mapping):
             raise KeyError(name)
         if self.rows is None:
             raise EvaluationError("no particle set: call set_coefficients first")
-        stacked = read_stacked(self.reader, self.experts, source, self.dtype)
-        self.bytes_read += stacked.numel() * stacked.element_size()
+        if source in self._tied:
+            return self._tied[source]
+        info = self.experts[0].tensors[source]
+        c = self.rows[self.groups[source]]
+        merged = torch.empty(info.numel, dtype=torch.float32 if self.dtype == torch.float32 else self.dtype,
+                             device=self.device)
+        # Chunk by chunk along the flattened tensor; each output element is the
+        # same K-term combination as in-memory mode computes, so weights match.
+        for start in range(0, info.numel, self.chunk):
+            stop = min(start + self.chunk, info.numel)
+            stacked = read_stacked(self.reader, self.experts, source, self.dtype, scratch=self.scratch,
+                                   span=(start, stop))
+            self.bytes_read += stacked.numel() * stacked.element_size()
+            if self.device.type != "cpu":
+                stacked = stacked.to(self.device)
+            combine(stacked, c, out=merged[start:stop])
         self.tensors_built += 1
-        if self.device.type != "cpu":
-            stacked = stacked.pin_memory().to(self.device, non_blocking=True)
-        merged = combine(stacked, self.rows[self.groups[source]])
-        return merged.reshape(self.experts[0].tensors[source].shape)
+        merged = merged.reshape(info.shape)
+        if source in self.tied_sources:
+            self._tied[source] = merged
+        return merged
 
     def __contains__(self, name: object) -> bool:  # cheap: never builds a tensor
         return name in self.groups or name in self.aliases

@@ -134,3 +134,16 @@ def test_cli_eval_mode_flags(tiny_recipe, capsys):
     assert info.value.code == 2
     assert main([str(tiny_recipe()), "--dry-run", "--max-memory", "1KiB"]) == 0
     assert "eval mode: streaming (auto)" in capsys.readouterr().out
+
+
+def test_chunked_reads_build_the_same_weights(tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluate.LazyMergedWeights, "CHUNK", 1000)  # several chunks a tensor
+    paths = tiny.make_experts(tmp_path / "e", 3, tie=True)
+    experts, groups, labels, mem, stream = build(paths)
+    assert stream.weights.chunk == 1000
+    for c in COEFFS:
+        mem.build(c)
+        stream.build(c)
+        state = mem.model.state_dict()
+        for name in experts[0].tensors:
+            assert torch.equal(stream.weights[name], state[name]), name

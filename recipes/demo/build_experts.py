@@ -258,6 +258,24 @@ def publish(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
+CARD = """---
+license: apache-2.0
+base_model: HuggingFaceTB/SmolLM2-135M-Instruct
+tags: [swarm_merge-demo]
+---
+# {name}
+
+A swarm_merge demo model built by recipes/demo/build_experts.py from
+SmolLM2-135M-Instruct (Apache-2.0){what}.
+"""
+
+
+def write_card(folder: Path, name: str) -> None:
+    """A model card carrying the license, so merges of these experts inherit it."""
+    what = "" if name == "base" else f", with a LoRA trained on the '{name}' skill merged in"
+    (folder / "README.md").write_text(CARD.format(name=name, what=what), encoding="utf-8")
+
+
 def save_folder(model, tok, final: Path, recipe: dict, extra: dict) -> None:
     out = final.parent
     out.mkdir(parents=True, exist_ok=True)
@@ -268,6 +286,7 @@ def save_folder(model, tok, final: Path, recipe: dict, extra: dict) -> None:
     tok.save_pretrained(tmp)
     info = {"recipe": recipe, **extra}
     (tmp / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    write_card(tmp, final.name)
     if not (tmp / "model.safetensors").is_file():
         raise RuntimeError(f"save_pretrained did not write {tmp / 'model.safetensors'}")
     umask = os.umask(0)
@@ -485,6 +504,9 @@ def main(argv=None) -> int:
             flush=True,
         )
 
+    for folder in [base_dir] + [out / skill for skill in args.skills]:
+        if folder.is_dir() and not (folder / "README.md").is_file():
+            write_card(folder, folder.name)  # folders built before cards were written
     print(f"[done] {out} in {time.time() - t_all:.1f}s", flush=True)
     return 0
 
