@@ -37,8 +37,12 @@ MERGEKIT_FILE = "mergekit_config.yml"
 STAGING = ".staging"
 
 
-def run(recipe: Recipe, options: RunOptions = RunOptions(), *, out=sys.stdout) -> Optional[Dict[str, Any]]:
-    """Run a recipe end to end; returns the report (``swarm.json``), or None for a dry run."""
+def run(recipe: Recipe, options: RunOptions = RunOptions(), *, out=None) -> Optional[Dict[str, Any]]:
+    """Run a recipe end to end; returns the report (``swarm.json``), or None for a dry run.
+
+    ``out`` receives the plan and the final table (default: the current sys.stdout).
+    """
+    out = out or sys.stdout
     started = time.monotonic()
     out_dir = Path(options.out_dir or recipe.output_dir).expanduser()
     push_to = options.push_to_hub or recipe.output.push_to_hub
