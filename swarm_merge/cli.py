@@ -139,7 +139,8 @@ def _run(args: argparse.Namespace) -> int:
         push_to_hub=args.push_to_hub,
         eval_mode=args.eval_mode,
         max_memory=args.max_memory,
-        progress=not args.no_progress and sys.stderr.isatty() or os.environ.get("SWARM_MERGE_PROGRESS") == "1",
+        # Bars on a terminal (or when asked); one log line per iteration otherwise.
+        progress=not args.no_progress and (sys.stderr.isatty() or os.environ.get("SWARM_MERGE_PROGRESS") == "1"),
     )
     from swarm_merge.pipeline import run
 

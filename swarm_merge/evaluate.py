@@ -15,6 +15,7 @@ Two modes, one arithmetic (:func:`combine`), so they score identically:
 
 from __future__ import annotations
 
+import abc
 import json
 import logging
 import math
@@ -48,7 +49,10 @@ __all__ = [
 
 LOG = logging.getLogger(__name__)
 
-_LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
+# A numbered decoder layer in a tensor name: group 1 the prefix up to the
+# number ("model.layers."), group 2 the number. Used for layer groups here and
+# for mergekit's per-layer filters in merge.py.
+LAYER = re.compile(r"^(.*?\.(?:layers|h|blocks|layer)\.)(\d+)\.")
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -77,7 +81,7 @@ def tensor_groups(
     """
     if granularity == "model":
         return {n: 0 for n in names}, ["all tensors"]
-    layer_of = {n: int(m.group(1)) for n in names if (m := _LAYER.search(n))}
+    layer_of = {n: int(m.group(2)) for n in names if (m := LAYER.search(n))}
     if not layer_of:
         raise EvaluationError("granularity 'layer' needs numbered layers (model.layers.N.*); use granularity: model")
     num_layers = max(layer_of.values()) + 1
@@ -222,7 +226,7 @@ def _coefficient_rows(coefficients: np.ndarray, device) -> List[torch.Tensor]:
 # ----------------------------------------------------------------- evaluators
 
 
-class Evaluator:
+class Evaluator(abc.ABC):
     """Shared by both modes: a model whose weights follow ``build(coefficients)``."""
 
     mode = "?"
@@ -232,8 +236,9 @@ class Evaluator:
     tokenizer: object
     device: torch.device
 
+    @abc.abstractmethod
     def build(self, coefficients: np.ndarray) -> None:
-        raise NotImplementedError
+        """Make ``self.model`` compute with the particle ``coefficients`` (G, K)."""
 
     def evaluate(self, coefficients: np.ndarray, examples: Sequence[Example], objective) -> Score:
         """Build the particle and score it; a failure or NaN gives a NaN utility."""

@@ -19,10 +19,9 @@ This module and the CLI wrapper are the only places that touch mergekit.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Sequence
 
 import numpy as np
 import torch
@@ -118,25 +117,20 @@ def mergekit_config(
 
 
 def _filtered_weights(column: np.ndarray, groups: Dict[str, int]) -> List[Dict[str, Any]]:
-    """Per-group weights as mergekit conditional parameters (first matching filter wins)."""
-    import re
+    """Per-group weights as mergekit conditional parameters (first matching filter wins):
+    one filter per decoder layer, one per tensor outside the layers."""
+    from swarm_merge.evaluate import LAYER
 
     entries: List[Dict[str, Any]] = []
-    layers: Dict[int, int] = {}
+    layers: Dict[str, int] = {}
     for name, g in groups.items():
-        m = re.search(r"\.(?:layers|h|blocks|layer)\.(\d+)\.", name)
+        m = LAYER.search(name)
         if m:
-            layers[int(m.group(1))] = g
+            # "model.layers.1." does not match "model.layers.11.": the dot closes it.
+            layers[f"{m.group(1)}{m.group(2)}."] = g
         else:
             entries.append({"filter": name, "value": float(column[g])})
-    prefix_of = {}
-    for name in groups:
-        m = re.search(r"^(.*?\.(?:layers|h|blocks|layer)\.)(\d+)\.", name)
-        if m:
-            prefix_of[int(m.group(2))] = m.group(1)
-    for layer in sorted(layers):
-        # "model.layers.1." does not match "model.layers.11.": the dot closes it.
-        entries.append({"filter": f"{prefix_of[layer]}{layer}.", "value": float(column[layers[layer]])})
+    entries += [{"filter": f, "value": float(column[g])} for f, g in sorted(layers.items())]
     return entries
 
 

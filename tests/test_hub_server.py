@@ -193,7 +193,7 @@ def test_client_raises_typed_errors(hub: HubServer, tmp_path: Path) -> None:
     hub.add_repo("org/private", {"config.json": b"{}"}, private=True)
     hub.add_repo("org/plain", {"config.json": b"{}"})
 
-    out = run_client(hub, f"""
+    out = run_client(hub, """
         from huggingface_hub import HfApi, hf_hub_download, snapshot_download
         api = HfApi()
         report(dict(

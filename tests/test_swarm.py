@@ -223,4 +223,5 @@ def test_settings_object_is_duck_typed():
     rng = np.random.default_rng(0)
     x0 = swarm.initial_positions(2, 3, seed_soup=True, rng=rng)
     state = swarm.init_state(x0, np.zeros(3), s, rng)
-    swarm.update(state, swarm.propose(state, s, rng), np.ones(3), s)
+    state = swarm.update(state, swarm.propose(state, s, rng), np.ones(3), s)
+    assert state.iteration == 1 and state.g_score == 1.0
