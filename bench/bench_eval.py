@@ -103,7 +103,7 @@ def worker(args) -> dict:
     import numpy as np
     import torch
 
-    from swarm_merge import evaluate, experts as experts_mod, objectives
+    from swarm_merge import evaluate, experts as experts_mod, objectives, space, weights
     from swarm_merge.recipe import load_recipe
 
     anon = AnonPeak()
@@ -111,7 +111,7 @@ def worker(args) -> dict:
     recipe = load_recipe(args.recipe)
     experts = experts_mod.pull_experts(recipe.experts)
     k = len(experts)
-    groups, _ = evaluate.tensor_groups(sorted(experts[0].tensors), granularity="model")
+    groups, _ = space.tensor_groups(sorted(experts[0].tensors), granularity="model")
     cpu = torch.device(args.device)
     tmp_dir = tempfile.TemporaryDirectory(prefix="swarm-bench-")  # removed when the worker exits
     tmp = Path(tmp_dir.name)
@@ -143,7 +143,7 @@ def worker(args) -> dict:
 
         # The same particles as the other strategies, their weights put in place
         # before the clock starts: what scoring alone costs for these models.
-        model = AutoModelForCausalLM.from_pretrained(str(experts[0].path), dtype=evaluate.torch_dtype(recipe.dtype)).eval()
+        model = AutoModelForCausalLM.from_pretrained(str(experts[0].path), dtype=weights.torch_dtype(recipe.dtype)).eval()
         tok = evaluate.load_tokenizer(experts[0].path)
         files = [safe_open(str(e.path / "model.safetensors"), framework="pt") for e in experts]
         state = model.state_dict()
@@ -171,7 +171,7 @@ def worker(args) -> dict:
             start = time.perf_counter()
             out = tmp / "merged"
             merge.write_merge(merge.mergekit_config(experts, c, groups, dtype=recipe.dtype, portable=False), out)
-            model = AutoModelForCausalLM.from_pretrained(str(out), dtype=evaluate.torch_dtype(recipe.dtype)).eval()
+            model = AutoModelForCausalLM.from_pretrained(str(out), dtype=weights.torch_dtype(recipe.dtype)).eval()
             utilities.append(objectives.score(model, tok, rows, objective, cpu).utility)
             times.append(time.perf_counter() - start)
             del model

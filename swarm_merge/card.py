@@ -3,16 +3,24 @@ from the run's report (the content of ``swarm.json``), plus the history plot."""
 
 from __future__ import annotations
 
+import html
 import logging
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
-__all__ = ["render_card", "plot_history", "expert_license", "set_repo_id"]
+from swarm_merge.output import PLOT_FILE
+from swarm_merge.report import HistoryEntry, Split
+
+if TYPE_CHECKING:
+    from swarm_merge.report import Report
+
+__all__ = ["render_card", "plot_history", "expert_license", "set_repo_id", "md", "fence", "fmt"]
 
 LOG = logging.getLogger(__name__)
-PLOT_NAME = "swarm_history.png"
+PLOT_NAME = PLOT_FILE  # the history plot beside the card
+_EMPTY = Split(utility=None, groups={}, n=0)
 TAGS = ["merge", "mergekit", "model-swarms", "swarm_merge"]
 
 
@@ -30,11 +38,11 @@ def expert_license(path: Path) -> Optional[str]:
         return None
 
 
-def _fmt(value: Optional[float]) -> str:
+def fmt(value: Optional[float]) -> str:
     return "-" if value is None or value != value else f"{value:.4f}"
 
 
-def plot_history(history: List[Dict[str, Any]], path: Path, *, title: str = "") -> Optional[Path]:
+def plot_history(history: List[HistoryEntry], path: Path, *, title: str = "") -> Optional[Path]:
     """Best / mean / worst dev utility of each iteration, and the global best."""
     try:
         import matplotlib
@@ -44,10 +52,10 @@ def plot_history(history: List[Dict[str, Any]], path: Path, *, title: str = "") 
     except ImportError:  # the plot is a nicety; the card says nothing of it then
         LOG.warning("matplotlib is not installed; the card has no plot")
         return None
-    its = [h["iteration"] for h in history]
+    its = [h.iteration for h in history]
 
     def series(key):
-        return [float("nan") if h.get(key) is None else h[key] for h in history]
+        return [float("nan") if getattr(h, key) is None else getattr(h, key) for h in history]
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
     ax.fill_between(its, series("worst"), series("best"), alpha=0.15, color="tab:blue", label="worst..best this iteration")
@@ -64,31 +72,47 @@ def plot_history(history: List[Dict[str, Any]], path: Path, *, title: str = "") 
     return path
 
 
-def render_card(report: Dict[str, Any], *, recipe_yaml: str, mergekit_yaml: str, repo_id: Optional[str] = None,
+def md(text: object) -> str:
+    """Text from a recipe or an expert, made inert in markdown: one line, no HTML,
+    no link/emphasis/table syntax. Nothing from a recipe reaches the card unescaped."""
+    text = html.escape(" ".join(str(text).split()), quote=False)
+    return re.sub(r"([\\`*_{}\[\]()#+!|~])", r"\\\1", text)
+
+
+def fence(content: str) -> str:
+    """A code fence longer than any backtick run in ``content``, so it cannot be closed early."""
+    longest = max((len(m) for m in re.findall(r"`+", content)), default=0)
+    return "`" * max(3, longest + 1)
+
+
+def render_card(report: "Report", *, recipe_yaml: str, mergekit_yaml: str, repo_id: Optional[str] = None,
                 plot: Optional[str] = PLOT_NAME):
-    """Build the ModelCard (metadata + body) of a finished run."""
+    """Build the ModelCard (metadata + body) of a finished run from its report."""
+    from urllib.parse import quote
+
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-    recipe = report["recipe"]
-    name = recipe["name"]
-    experts = report["experts"]
-    licenses = {e.get("license") for e in experts}
+    recipe = report.recipe
+    name = recipe.name
+    experts = report.experts
+    licenses = {e.license for e in experts}
     license_kw: Dict[str, Any] = {}
     if len(licenses) == 1 and None not in licenses:
         license_kw["license"] = licenses.pop()
     else:
         license_kw.update(license="other", license_name="mixed-or-unknown")
-    hub_ids = [e["model"] for e in experts if not e["local"]]
-    objective = recipe["objective"]
-    metric = f"{objective['type']} utility"
-    results = report["scores"]
+    hub_ids = [e.model for e in experts if not e.local]
+    objective = recipe.objective
+    metric = f"{objective.type} utility"
+    scores = report.scores
     eval_results = []
     for split in ("dev", "test"):
-        value = results["winner"].get(split)
-        if value is not None:
+        value = getattr(scores.winner, split)
+        if value is not None and value.utility is not None:
             eval_results.append(EvalResult(
                 task_type="text-generation", dataset_type=name + f"-{split}", dataset_name=f"{name} {split} set",
-                dataset_split=split, metric_type=objective["type"], metric_name=metric, metric_value=round(value["utility"], 6),
+                dataset_split=split, metric_type=objective.type, metric_name=metric,
+                metric_value=round(value.utility, 6),
             ))
     card_data = ModelCardData(
         model_name=name,
@@ -101,67 +125,80 @@ def render_card(report: Dict[str, Any], *, recipe_yaml: str, mergekit_yaml: str,
     )
 
     # Per-group columns on the held-out test set, or on dev when there is none.
-    group_split = "test" if any(row.get("test") for row in results["rows"]) else "dev"
-    groups = sorted({g for row in results["rows"] for g in (row.get(group_split) or {}).get("groups", {})})
+    group_split = "test" if scores.has_test else "dev"
+    groups = sorted({g for row in scores.rows for g in (getattr(row, group_split) or _EMPTY).groups})
     rows = []
-    for row in results["rows"]:
-        split = row.get(group_split) or {}
+    for row in scores.rows:
+        split = getattr(row, group_split) or _EMPTY
         rows.append({
-            "name": f"**{row['name']}**" if row.get("kind") == "winner" else row["name"],
-            "dev": _fmt((row.get("dev") or {}).get("utility")),
-            "test": _fmt((row.get("test") or {}).get("utility")),
-            "groups": [_fmt(split.get("groups", {}).get(g)) for g in groups],
+            "name": f"**{md(row.name)}**" if row.kind == "winner" else md(row.name),
+            "dev": fmt(row.dev.utility),
+            "test": fmt(row.test.utility if row.test else None),
+            "groups": [fmt(split.groups.get(g)) for g in groups],
         })
-    coefficients = report["coefficients"]
+    coefficients = report.coefficients
     expert_rows = []
     for k, e in enumerate(experts):
-        link = f"[{e['model']}](https://huggingface.co/{e['model']})" if not e["local"] else f"`{e['name']}` (local)"
+        link = (f"[{md(e.model)}](https://huggingface.co/{quote(e.model)})" if not e.local
+                else f"{md(e.name)} (local)")
         revision = "local"
-        if e.get("revision"):
+        if e.revision:
             # The short sha links to the exact commit's files; the full one is in swarm.json
             # and in mergekit_config.yml below.
-            revision = f"[`{e['revision'][:12]}`](https://huggingface.co/{e['model']}/tree/{e['revision']})"
-            if e.get("requested_revision") and e["requested_revision"] != e["revision"]:
-                revision += f" (`{e['requested_revision']}`)"
+            revision = f"[{md(e.revision[:12])}](https://huggingface.co/{quote(e.model)}/tree/{quote(e.revision)})"
+            if e.requested_revision and e.requested_revision != e.revision:
+                revision += f" ({md(e.requested_revision)})"
         expert_rows.append({
             "link": link,
-            "short": e["name"],
+            "short": md(e.name),
             "revision": revision,
-            "coefficient": f"{coefficients['model'][k]:+.4f}" if coefficients.get("model") else "",
+            "coefficient": f"{coefficients.model[k]:+.4f}" if coefficients.model is not None else "",
         })
-    layer_rows = [{"label": label, "cells": [f"{v:+.3f}" for v in vals]}
-                  for label, vals in zip(coefficients.get("groups", []), coefficients.get("per_group", []))]
+    layer_rows = [{"label": md(label), "cells": [f"{v:+.3f}" for v in vals]}
+                  for label, vals in zip(coefficients.groups or [], coefficients.per_group or [])]
     notes = []
-    moving = [e for e in experts if e.get("revision") and e.get("requested_revision") != e["revision"]]
+    moving = [e for e in experts if e.revision and e.requested_revision != e.revision]
     if "license_name" in license_kw:
         notes.append("License: the experts' licenses differ or are unknown; check each expert's license before use.")
-    search = report["search"]
+    data = report.data
+    if not scores.has_test:
+        held_out = ("There is no test set: every number above is on the dev set the search optimised, "
+                    "so it overstates how the merge does on new data.")
+    elif data.test_rows_in_dev:
+        held_out = (f"**{data.test_rows_in_dev} of the {data.test_rows} test rows also appear in the dev set**, "
+                    "which the search optimised: the test column is not a held-out measure.")
+    else:
+        held_out = "The dev set was used by the search; the test set never was."
+    search = report.search
     template = resources.files("swarm_merge").joinpath("templates/model_card.md").read_text(encoding="utf-8")
     card = ModelCard.from_template(
         card_data,
         template_str=template,
-        name=name,
+        name=md(name),
         experts=expert_rows,
-        dev_rows=results["winner"]["dev"]["n"],
-        objective=f"`{objective['type']}`",
-        objective_note=" ".join(notes + [f"Utility: `{objective['type']}` (higher is better)."]),
-        group_names=groups,
+        dev_rows=scores.winner.dev.n,
+        objective=f"`{objective.type}`",
+        objective_note=" ".join(notes + [f"Utility: `{objective.type}` (higher is better)."]),
+        held_out=held_out,
+        group_names=[md(g) for g in groups],
         group_split=group_split,
         pinned_note=bool(moving),
         results=rows,
-        granularity=recipe["swarm"]["granularity"],
-        group_labels=coefficients.get("groups", []),
+        granularity=recipe.swarm.granularity,
+        group_labels=coefficients.groups or [],
         layer_rows=layer_rows,
-        swarm=recipe["swarm"],
-        iterations=search["iterations"],
-        stop_reason=search["stop_reason"],
-        evaluations=search["evaluations"],
-        wall_time=f"{report['wall_seconds']:.0f} s",
-        hardware=report["hardware"],
+        swarm=recipe.swarm,
+        iterations=search.iterations,
+        stop_reason=md(search.stop_reason),
+        evaluations=search.evaluations,
+        wall_time=f"{report.wall_seconds:.0f} s",
+        hardware=md(report.hardware),
         plot=plot,
         repo_id=repo_id or name,
         recipe_yaml=recipe_yaml.rstrip(),
+        recipe_fence=fence(recipe_yaml),
         mergekit_yaml=mergekit_yaml.rstrip(),
+        mergekit_fence=fence(mergekit_yaml),
     )
     return card
 

@@ -7,6 +7,7 @@ before any weight is read: same architecture, same tensor names, same shapes.
 from __future__ import annotations
 
 import fnmatch
+import glob
 import hashlib
 import json
 import logging
@@ -18,7 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from safetensors import safe_open
 
-from swarm_merge.errors import ExpertError, ExpertMismatchError
+from swarm_merge.errors import ExpertError, ExpertMismatchError, HubError
 from swarm_merge.recipe import ExpertRef
 
 __all__ = ["TensorInfo", "Expert", "pull_expert", "pull_experts", "index_folder", "check_compatible"]
@@ -30,8 +31,13 @@ LOG = logging.getLogger(__name__)
 # when unpickled: fetched only for a recipe with `allow_pickle: true` and a repo
 # that has no safetensors. Never *.py: remote code is never run.
 SMALL_PATTERNS = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken", "README.md"]
+# Only for a cached snapshot of unknown content; a pull names its weight files
+# exactly (see weight_names): many repos hold stray *.safetensors beside the shards.
 ALLOW_PATTERNS = ["*.safetensors"] + SMALL_PATTERNS
 PICKLE_PATTERNS = ["pytorch_model*.bin"] + SMALL_PATTERNS
+# transformers' names: a sharded checkpoint's index, and an unsharded checkpoint.
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
@@ -86,50 +92,175 @@ class Expert:
 
 
 def _read_config(path: Path, label: str) -> dict:
+    """config.json as a dict, refused unless transformers can build the model without remote code."""
     if not path.is_dir():
         raise ExpertError(f"expert {label}: folder {str(path)!r} not found; check the path in the recipe")
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ExpertError(f"expert {label}: no config.json in {str(path)!r}; point at a saved transformers model folder")
+    config = _read_json(config_file, label)
+    if not isinstance(config, dict):
+        raise ExpertError(f"expert {label}: {config_file} holds a JSON {type(config).__name__}, not an object; "
+                          "re-save the model with save_pretrained")
+    _refuse_remote_code(config, label)
+    return config
+
+
+def _read_json(file: Path, label: str):
+    """A JSON file read as transformers reads it (UTF-8), or an ExpertError naming it."""
     try:
-        return json.loads(config_file.read_text(encoding="utf-8"))
+        # Decoded explicitly: json.loads(bytes) would also accept UTF-16/32,
+        # which transformers (open(..., encoding="utf-8")) then fails to read.
+        return json.loads(file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ExpertError(f"expert {label}: {file} is not UTF-8 text (byte {exc.start}); "
+                          "re-save it as UTF-8 JSON (save_pretrained does)") from None
     except json.JSONDecodeError as exc:
-        raise ExpertError(f"expert {label}: config.json is not valid JSON ({exc}); re-save the model") from None
+        raise ExpertError(f"expert {label}: {file} is not valid JSON ({exc}); re-download or re-save the model") from None
+    except OSError as exc:
+        raise ExpertError(f"expert {label}: cannot read {file} ({exc.strerror or type(exc).__name__}); "
+                          "check the file's permissions") from None
+
+
+def _refuse_remote_code(config: dict, label: str) -> None:
+    """Refuse an architecture transformers would only build with trust_remote_code.
+
+    Mirrors transformers' own choice: a model_type it has a causal-LM class for
+    is built from that class even when ``auto_map`` names remote code (code is
+    only run with trust_remote_code=True, which swarm_merge never passes), so
+    such an expert is fine; any other model_type would need the repo's code.
+    """
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = config.get("model_type")
+    if isinstance(model_type, str) and model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return
+    version = f"transformers {transformers.__version__}"
+    known = isinstance(model_type, str) and model_type in CONFIG_MAPPING
+    auto_map = config.get("auto_map")
+    if not model_type and not auto_map:
+        raise ExpertError(f"expert {label}: config.json has no model_type, so transformers cannot tell its "
+                          "architecture; re-save the model with save_pretrained")
+    if auto_map or not known:
+        if not model_type:
+            what = "config.json has no model_type"
+        elif not known:
+            what = f"model_type {model_type!r} is unknown to {version}"
+        else:
+            what = f"model_type {model_type!r} has no causal-LM class in {version}"
+        if auto_map:
+            what += " and its auto_map points at the repo's own code"
+        upgrade = f", or upgrade transformers if {model_type!r} is newer than it" if model_type and not known else ""
+        raise ExpertError(f"expert {label}: {what}, so it needs remote code (trust_remote_code), which swarm_merge "
+                          f"never runs; use an expert of an architecture transformers supports{upgrade}")
+    raise ExpertError(f"expert {label}: model_type {model_type!r} has no causal language model class in {version}; "
+                      "merge causal LMs (AutoModelForCausalLM)")
+
+
+def _read_index(path: Path, label: str) -> Dict[str, str]:
+    """The weight_map of ``path``'s model.safetensors.index.json: tensor name -> shard file name."""
+    index = _read_json(path / INDEX_FILE, label)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise ExpertError(f"expert {label}: {path / INDEX_FILE} has no weight_map of tensor names to shard files; "
+                          "re-download or re-save the model")
+    for shard in set(weight_map.values()):
+        # Shards sit beside the index (as transformers saves them); a path
+        # elsewhere would read, or download, files that are not this model's.
+        if shard != Path(shard).name or "\\" in shard or not shard.endswith(".safetensors") or shard.startswith("."):
+            raise ExpertError(f"expert {label}: {path / INDEX_FILE} names shard {shard!r}, which is not a "
+                              "*.safetensors file beside the index; fix the index or re-save the model")
+    return weight_map
+
+
+def _is_weight_name(name: str) -> bool:
+    """A top-level *.safetensors file that is not a PEFT adapter."""
+    return "/" not in name and name.endswith(".safetensors") and not name.startswith("adapter_")
+
+
+def weight_names(names, label: str, read_index) -> Tuple[List[str], Optional[Dict[str, str]]]:
+    """Which of a model's files hold its weights; (shard file names, weight_map or None).
+
+    The same rule for a folder and a Hub repo's listing, as mergekit (which
+    writes the merge) reads a folder: the shards ``model.safetensors.index.json``
+    names when there is one (``read_index()`` returns its weight_map), else
+    ``model.safetensors``, else every top-level non-adapter ``*.safetensors``.
+    Repos often ship a ``consolidated.safetensors`` holding the same tensors:
+    counting it too would double the download, the parameters and the memory.
+    """
+    names = set(names)
+    if INDEX_FILE in names:
+        weight_map = read_index()
+        return sorted(set(weight_map.values())), weight_map
+    if SINGLE_FILE in names:
+        return [SINGLE_FILE], None
+    return sorted(n for n in names if _is_weight_name(n)), None
 
 
 def _weight_files(path: Path) -> List[Path]:
-    return sorted(p for p in path.glob("*.safetensors") if not p.name.startswith("adapter_"))
+    """The weight files of a local folder that are there (see weight_names)."""
+    names, _ = weight_names((p.name for p in path.iterdir()), "", lambda: _read_index(path, repr(str(path))))
+    return [path / n for n in names if (path / n).is_file()]
 
 
 def index_folder(path: Path, label: str) -> Tuple[dict, Dict[str, TensorInfo]]:
-    """Read config.json and every safetensors header of a model folder."""
+    """Read config.json and the safetensors headers of a model folder's weight files (see weight_names)."""
     config = _read_config(path, label)
-    shards = _weight_files(path)
-    if not shards:
+    shard_names, weight_map = weight_names((p.name for p in path.iterdir()), label, lambda: _read_index(path, label))
+    if not shard_names:
         bins = sorted(p.name for p in path.glob("*.bin"))
         hint = (f" (found pickled {bins[0]}: set `allow_pickle: true` in the recipe to convert it, "
                 "or convert it to safetensors yourself)") if bins else ""
         raise ExpertError(f"expert {label}: no *.safetensors weights in {str(path)!r}{hint}; save the model with safe_serialization")
-    tensors: Dict[str, TensorInfo] = {}
-    for shard in shards:
+    missing = [n for n in shard_names if not (path / n).is_file()]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ExpertError(f"expert {label}: {INDEX_FILE} names shard {missing[0]!r}{more}, which is not in "
+                          f"{str(path)!r}; download every shard the index names, or re-save the model")
+    found: Dict[str, Dict[str, TensorInfo]] = {}
+    for name in shard_names:
+        shard = path / name
+        found[name] = {}
         try:
             with safe_open(str(shard), framework="pt") as f:
-                for name in f.keys():
-                    sl = f.get_slice(name)
-                    tensors[name] = TensorInfo(str(shard.resolve()), sl.get_dtype(), tuple(sl.get_shape()))
+                for key in f.keys():
+                    sl = f.get_slice(key)
+                    found[name][key] = TensorInfo(str(shard.resolve()), sl.get_dtype(), tuple(sl.get_shape()))
         except Exception as exc:  # safetensors raises its own SafetensorError
             raise ExpertError(f"expert {label}: cannot read {shard.name} ({exc}); re-download or re-save it") from None
-    return config, tensors
+    return config, _tensors(found, weight_map, label, where=str(path))
+
+
+def _tensors(found: Dict[str, Dict[str, TensorInfo]], weight_map: Optional[Dict[str, str]], label: str,
+             *, where: str) -> Dict[str, TensorInfo]:
+    """The model's tensors from its shards' headers: exactly the index's, when there is an index."""
+    if weight_map is None:
+        return {name: info for shard in found.values() for name, info in shard.items()}
+    tensors: Dict[str, TensorInfo] = {}
+    for name, shard in weight_map.items():
+        info = found[shard].get(name)
+        if info is None:
+            raise ExpertError(f"expert {label}: {INDEX_FILE} puts tensor {name!r} in {shard}, which does not hold it "
+                              f"(in {where}); re-download the model, or fix its index")
+        tensors[name] = info
+    # Tensors a shard holds beyond the index are left out: mergekit, which
+    # writes the merge, reads only the weight_map's.
+    return tensors
 
 
 def pull_expert(ref: ExpertRef, *, cache_dir: Optional[str] = None, what: str = "expert",
                 allow_pickle: bool = False, download: bool = True) -> Expert:
     """Make one expert available locally and index it.
 
-    A Hub repo is first resolved to a commit and its file list (no download), so
-    a repo without safetensors fails before any weight moves; then the snapshot
-    is downloaded (configs, tokenizer, card and weights only). When the Hub
-    cannot be reached, a snapshot already in the cache is used.
+    A Hub repo is first resolved to a commit and its file list, and its small
+    files (configs, tokenizer, card, shard index) are downloaded, so a repo
+    without safetensors or with a config swarm_merge refuses fails before any
+    weight moves; then only the weight files the expert is indexed from (see
+    :func:`weight_names`) are downloaded. When the Hub cannot be reached, a
+    complete snapshot already in the cache is used.
 
     Args:
         ref: a local folder or a Hub repo at an optional revision.
@@ -156,7 +287,7 @@ def pull_expert(ref: ExpertRef, *, cache_dir: Optional[str] = None, what: str = 
     try:
         snapshot = hub.resolve(ref, what=what)
     except hub.HubUnreachable as exc:
-        found = hub.cached(ref, cache_dir=cache_dir, allow_patterns=ALLOW_PATTERNS)
+        found = _cached(ref, label, cache_dir=cache_dir, allow_pickle=allow_pickle)
         if found is None:
             raise hub.unreachable_error(ref, exc.reason, what=what) from None
         path, revision = found
@@ -165,12 +296,30 @@ def pull_expert(ref: ExpertRef, *, cache_dir: Optional[str] = None, what: str = 
         config, tensors = index_folder(path, label)
         return Expert(ref=ref, path=path, revision=revision, config=config, tensors=tensors, pickled=pickled)
 
-    patterns, pickled = _patterns_for(snapshot.files, f"{what} {label}", allow_pickle=allow_pickle)
+    small: List[Path] = []
+
+    def small_files() -> Path:
+        """The repo's small files at the resolved commit (configs, tokenizer, card, shard index), once."""
+        if not small:
+            small.append(hub.download(ref, cache_dir=cache_dir, allow_patterns=SMALL_PATTERNS, what=what,
+                                      revision=snapshot.commit)[0])
+        return small[0]
+
+    shards, weight_map, pickled = _hub_weights(snapshot, f"{what} {label}", allow_pickle=allow_pickle,
+                                               read_index=lambda: _read_index(small_files(), label))
+    # The config is checked (remote code, JSON) before any weight moves.
+    config = _read_config(small_files(), label)
+    # Exact names, escaped: allow_patterns are fnmatch patterns, and a name may hold [ or *.
+    patterns = PICKLE_PATTERNS if pickled else SMALL_PATTERNS + [glob.escape(n) for n in shards]
     size = sum(n or 0 for f, n in snapshot.files.items() if any(fnmatch.fnmatch(f, p) for p in patterns))
     if not download:
-        return _planned(ref, snapshot, pickled, size, cache_dir=cache_dir, what=what)
+        return _planned(ref, snapshot, small_files(), config, shards, weight_map, pickled, size, what=what)
     LOG.info("pulling %s %s at %s (%s)", what, ref.model, snapshot.commit[:12], human_bytes(size))
+    # At the ref itself (not the commit), so the cache maps the ref to its commit for offline runs.
     path, revision = hub.download(ref, cache_dir=cache_dir, allow_patterns=patterns, what=what)
+    if revision != snapshot.commit:  # the shard list came from the resolved commit
+        raise HubError(f"{what} {label}: {ref.revision or 'main'} moved from {snapshot.commit[:12]} to "
+                       f"{revision[:12]} during the pull; run again")
     path, pickled = _as_safetensors(path, label, allow_pickle=allow_pickle, key=f"{ref.model}@{revision}")
     config, tensors = index_folder(path, label)
     return Expert(ref=ref, path=path, revision=revision, config=config, tensors=tensors,
@@ -201,15 +350,26 @@ def pull_experts(refs: Sequence[ExpertRef], *, cache_dir: Optional[str] = None, 
     return experts
 
 
-def _patterns_for(files: Dict[str, Optional[int]], label: str, *, allow_pickle: bool) -> Tuple[List[str], bool]:
-    """The allow-patterns to download from a repo holding ``files``; (patterns, pickled)."""
+def _hub_weights(snapshot, label: str, *, allow_pickle: bool, read_index
+                 ) -> Tuple[List[str], Optional[Dict[str, str]], bool]:
+    """The weight files to pull from a repo, from its listing: (shard names, weight_map or None, pickled).
+
+    ``read_index()`` returns the weight_map of the repo's shard index; it is
+    only called when the repo has one.
+    """
+    files = snapshot.files
+    shards, weight_map = weight_names(files, label, read_index)
+    if shards:
+        missing = [s for s in shards if s not in files]
+        if missing:
+            raise ExpertError(f"{label}: {INDEX_FILE} names shard {missing[0]!r}, which the repo does not have at "
+                              f"{snapshot.commit[:12]}; pin a revision whose shards are all there, or use a local folder")
+        return shards, weight_map, False
     names = list(files)
-    if any(n.endswith(".safetensors") and not n.rsplit("/", 1)[-1].startswith("adapter_") for n in names):
-        return ALLOW_PATTERNS, False
     bins = sorted(n for n in names if fnmatch.fnmatch(n, "pytorch_model*.bin"))
     if bins:
         if allow_pickle:
-            return PICKLE_PATTERNS, True
+            return [], None, True
         raise ExpertError(
             f"{label} has only pickled weights ({bins[0]}), which can run code when loaded; convert the repo "
             "to safetensors, or set `allow_pickle: true` in the recipe to accept them"
@@ -220,23 +380,46 @@ def _patterns_for(files: Dict[str, Optional[int]], label: str, *, allow_pickle: 
                       "point at a repo with a saved transformers model")
 
 
-def _planned(ref: ExpertRef, snapshot, pickled: bool, size: int, *, cache_dir: Optional[str], what: str) -> Expert:
-    """A Hub expert for the plan: its small files, and its tensors from the safetensors headers."""
+def _cached(ref: ExpertRef, label: str, *, cache_dir: Optional[str], allow_pickle: bool) -> Optional[Tuple[Path, str]]:
+    """A complete snapshot of ``ref`` in the local cache (small files and the weight files a pull takes), or None."""
     from swarm_merge import hub
 
-    # Pinned to the resolved commit, so the config and headers describe what a run would pull.
-    path, _ = hub.download(ref, cache_dir=cache_dir, allow_patterns=SMALL_PATTERNS, what=what, revision=snapshot.commit)
-    config = _read_config(path, f"{str(ref)!r}")
+    found = hub.cached(ref, cache_dir=cache_dir, allow_patterns=SMALL_PATTERNS)
+    if found is None:
+        return None
+    path = found[0]
+    names = {p.name for p in path.iterdir()}
+    shards, _ = weight_names(names, label, lambda: _read_index(path, label))
+    ignore = None
+    if INDEX_FILE in names or SINGLE_FILE in names:  # the weight files are known by name
+        if not all((path / s).is_file() for s in shards):
+            return None  # e.g. a dry run's cache: the index, not the shards
+        patterns = SMALL_PATTERNS + [glob.escape(s) for s in shards]
+    elif shards:  # every top-level non-adapter *.safetensors, as a pull takes them
+        patterns, ignore = ALLOW_PATTERNS, ["*/*.safetensors", "adapter_*.safetensors"]
+    elif allow_pickle and any(path.glob("pytorch_model*.bin")):
+        patterns = PICKLE_PATTERNS
+    else:
+        return None
+    # huggingface_hub checks these against the repo listing it cached at the pull.
+    return hub.cached(ref, cache_dir=cache_dir, allow_patterns=patterns, ignore_patterns=ignore)
+
+
+def _planned(ref: ExpertRef, snapshot, path: Path, config: dict, shards: List[str],
+             weight_map: Optional[Dict[str, str]], pickled: bool, size: int, *, what: str) -> Expert:
+    """A Hub expert for the plan: its small files (``path``, at the resolved commit, so the config
+    and headers describe what a run would pull), and its tensors from the shards' safetensors headers."""
+    from swarm_merge import hub
+
     tensors: Dict[str, TensorInfo] = {}
-    headers = None if pickled else hub.safetensors_headers(ref, snapshot.commit)
+    headers = None if pickled else hub.safetensors_headers(ref, snapshot.commit, files=shards)
     if headers is None and not pickled:
         LOG.warning("%s %s: the Hub did not serve its safetensors headers; its tensors are checked after the download",
                     what, ref)
-    for file_name, entries in (headers or {}).items():
-        if file_name.rsplit("/", 1)[-1].startswith("adapter_"):
-            continue
-        for name, (dtype, shape) in entries.items():
-            tensors[name] = TensorInfo(str(path / file_name), dtype, shape)
+    if headers is not None:
+        found = {name: {t: TensorInfo(str(path / name), dtype, shape) for t, (dtype, shape) in entries.items()}
+                 for name, entries in headers.items()}
+        tensors = _tensors(found, weight_map, f"{str(ref)!r}", where=f"{ref.model}@{snapshot.commit[:12]}")
     return Expert(ref=ref, path=path, revision=snapshot.commit, config=config, tensors=tensors,
                   download_bytes=size, pickled=pickled)
 

@@ -18,26 +18,25 @@ written to logs, errors, ``swarm.json`` or the card.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Tuple, Union
 
 from swarm_merge.errors import ExpertError, HubError, OutputError
+from swarm_merge.output import PUSH_IGNORE, REPORT_FILE
 from swarm_merge.recipe import ExpertRef
 
 __all__ = ["RepoSnapshot", "HubUnreachable", "resolve", "download", "cached", "unreachable_error",
            "safetensors_headers", "push", "push_folder", "commit_message", "require_token"]
 
+if TYPE_CHECKING:
+    from swarm_merge.report import Report
+
 LOG = logging.getLogger(__name__)
 
-REPORT_FILE = "swarm.json"
-# Never uploaded: the search checkpoint (large, only useful here) and the
-# staging folder of an interrupted write.
-PUSH_IGNORE = ["swarm-state.json", ".staging/*", ".cache/*"]
 
 
 class HubUnreachable(Exception):
@@ -103,33 +102,57 @@ def download(
     return path, path.name
 
 
-def cached(ref: ExpertRef, *, cache_dir: Optional[str], allow_patterns: List[str]) -> Optional[Tuple[Path, str]]:
-    """The snapshot of ``ref`` already in the local cache, or None."""
+def cached(ref: ExpertRef, *, cache_dir: Optional[str], allow_patterns: List[str],
+           ignore_patterns: Optional[List[str]] = None) -> Optional[Tuple[Path, str]]:
+    """The snapshot of ``ref`` already in the local cache, or None.
+
+    None too when the repo listing cached at the pull shows that a file matching
+    the patterns is missing (an interrupted or partial pull).
+    """
     from huggingface_hub import snapshot_download
     from huggingface_hub import errors as hf_errors
 
     try:
         folder = snapshot_download(ref.model, revision=ref.revision, cache_dir=cache_dir,
-                                   allow_patterns=allow_patterns, local_files_only=True)
+                                   allow_patterns=allow_patterns, ignore_patterns=ignore_patterns,
+                                   local_files_only=True)
     except (hf_errors.LocalEntryNotFoundError, hf_errors.IncompleteSnapshotError, FileNotFoundError):
         return None
     path = Path(folder)
     return path, path.name
 
 
-def safetensors_headers(ref: ExpertRef, commit: str) -> Optional[Dict[str, Dict[str, Tuple[str, Tuple[int, ...]]]]]:
+def safetensors_headers(ref: ExpertRef, commit: str, files: Optional[List[str]] = None
+                        ) -> Optional[Dict[str, Dict[str, Tuple[str, Tuple[int, ...]]]]]:
     """Tensor dtype and shape per safetensors file, read from the headers alone
-    (HTTP range requests, no weights downloaded); None if the Hub cannot serve them."""
+    (HTTP range requests, no weights downloaded); None if the Hub cannot serve them.
+
+    ``files``: exactly the files to read (the shards a pull would download);
+    default: what huggingface_hub picks (``model.safetensors``, else the index's shards).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     from huggingface_hub import HfApi
 
+    api = HfApi()
     try:
-        meta = HfApi().get_safetensors_metadata(ref.model, revision=commit)
+        if files is None:
+            metas = api.get_safetensors_metadata(ref.model, revision=commit).files_metadata
+        elif not files:
+            metas = {}
+        else:
+            def parse(name: str):
+                return name, api.parse_safetensors_file_metadata(ref.model, name, revision=commit)
+
+            # One small ranged read a shard; a few at a time, as get_safetensors_metadata does.
+            with ThreadPoolExecutor(max_workers=min(8, len(files))) as pool:
+                metas = dict(pool.map(parse, files))
     except Exception as exc:  # a server without range support, a malformed header: skip, say so
         LOG.debug("no safetensors headers for %s: %s", ref, type(exc).__name__)
         return None
     return {
         name: {t: (info.dtype, tuple(info.shape)) for t, info in file_meta.tensors.items()}
-        for name, file_meta in meta.files_metadata.items()
+        for name, file_meta in metas.items()
     }
 
 
@@ -200,40 +223,40 @@ def require_token(repo_id: str) -> None:
         )
 
 
-def commit_message(report: Dict[str, Any]) -> Tuple[str, str]:
+def commit_message(report: "Report") -> Tuple[str, str]:
     """(title, description) of the push commit: experts, coefficients, dev/test utility."""
-    experts = report["experts"]
-    winner = report["scores"]["winner"]
-    scores = [f"dev {winner['dev']['utility']:.4f}"]
-    if winner.get("test"):
-        scores.append(f"test {winner['test']['utility']:.4f}")
-    names = [e["model"] if not e["local"] else e["name"] for e in experts]
+    from swarm_merge.card import fmt
+
+    experts = report.experts
+    winner, uniform = report.scores.winner, report.scores.uniform
+    scores = [f"dev {fmt(winner.dev.utility)}"]
+    if winner.test:
+        scores.append(f"test {fmt(winner.test.utility)}")
+    names = [e.model if not e.local else e.name for e in experts]
     listed = ", ".join(names) if len(", ".join(names)) <= 80 else f"{len(names)} experts"
     title = f"Model Swarms merge of {listed} ({', '.join(scores)})"
-    coefficients = report["coefficients"].get("model")
+    coefficients = report.coefficients.model
     lines = []
     for k, (e, n) in enumerate(zip(experts, names)):
-        rev = f"@{e['revision']}" if e.get("revision") else " (local)"
+        rev = f"@{e.revision}" if e.revision else " (local)"
         coef = f": {coefficients[k]:+.4f}" if coefficients else ""
         lines.append(f"- {n}{rev}{coef}")
-    objective = report["recipe"]["objective"]["type"]
-    search = report["search"]
-    uniform = report["scores"]["uniform"]
+    search = report.search
     body = (
-        f"Winner's {objective} utility: {', '.join(scores)} "
-        f"(uniform average: dev {uniform['dev']['utility']:.4f}"
-        + (f", test {uniform['test']['utility']:.4f}" if uniform.get("test") else "") + ").\n"
+        f"Winner's {report.recipe.objective.type} utility: {', '.join(scores)} "
+        f"(uniform average: dev {fmt(uniform.dev.utility)}"
+        + (f", test {fmt(uniform.test.utility)}" if uniform.test else "") + ").\n"
         + "Experts and coefficients"
         + (" (per layer group: see README.md)" if not coefficients else "") + ":\n"
         + "\n".join(lines) + "\n"
-        + f"Search: swarm size {report['recipe']['swarm']['size']}, {search['iterations']} iterations, "
-        f"{search['evaluations']} evaluations, {search['stop_reason']}.\n"
-        + f"Made with swarm_merge {report.get('versions', {}).get('swarm_merge', '')}".rstrip() + "."
+        + f"Search: swarm size {report.recipe.swarm.size}, {search.iterations} iterations, "
+        f"{search.evaluations} evaluations, {search.stop_reason}.\n"
+        + f"Made with swarm_merge {report.versions.get('swarm_merge', '')}".rstrip() + "."
     )
     return title, body
 
 
-def push(out_dir: Union[str, os.PathLike], repo_id: str, *, private: bool, report: Dict[str, Any]) -> str:
+def push(out_dir: Union[str, os.PathLike], repo_id: str, *, private: bool, report: "Report") -> str:
     """Upload a finished output folder to ``repo_id`` in one commit; returns the commit URL.
 
     The repo is created if needed (``private`` applies only then). The search
@@ -274,29 +297,26 @@ def push_folder(out_dir: Union[str, os.PathLike], repo_id: str, *, private: Opti
         OutputError: the folder is not a finished run (no ``swarm.json``).
         HubError: the push failed.
     """
-    from swarm_merge import card
+    from swarm_merge import card, output, report as report_mod
 
     out_dir = Path(out_dir)
-    report_file = out_dir / REPORT_FILE
     if not out_dir.is_dir():
         raise OutputError(f"{out_dir} is not a folder; give the output folder of a finished mergekit-swarm run")
-    if not report_file.is_file():
-        raise OutputError(f"{out_dir} has no {REPORT_FILE}, so it is not a finished mergekit-swarm run "
-                          "(or the run died before the end); run the recipe (with --resume) first")
-    try:
-        report = json.loads(report_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise OutputError(f"{report_file} cannot be read ({type(exc).__name__}); re-run the recipe") from None
-    if not any(out_dir.glob("*.safetensors")):
-        raise OutputError(f"{out_dir} has {REPORT_FILE} but no *.safetensors weights; re-run the recipe")
+    if not (out_dir / REPORT_FILE).is_file() or not output.is_finished(out_dir):
+        raise OutputError(f"{out_dir} is not a finished mergekit-swarm run (no {REPORT_FILE}, or its publish did "
+                          "not complete); run the recipe again with --resume first")
+    report = report_mod.read(out_dir / REPORT_FILE)
+    if not (out_dir / "config.json").is_file() or not any(out_dir.glob("*.safetensors")):
+        raise OutputError(f"{out_dir} has {REPORT_FILE} but not the model's config.json and weights; "
+                          "run the recipe again with --resume")
     if private is None:
-        private = bool(report.get("recipe", {}).get("output", {}).get("private", True))
-    readme = out_dir / "README.md"
+        private = report.recipe.output.private
+    readme = out_dir / output.CARD_FILE
     if readme.is_file():
         text = readme.read_text(encoding="utf-8")
         patched = card.set_repo_id(text, repo_id)
         if patched != text:
-            tmp = readme.with_name(readme.name + ".tmp")
+            tmp = readme.with_name(f".{readme.name}.push.tmp")
             tmp.write_text(patched, encoding="utf-8")
             os.replace(tmp, readme)
     return push(out_dir, repo_id, private=private, report=report)

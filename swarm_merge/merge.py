@@ -19,9 +19,9 @@ This module and the CLI wrapper are the only places that touch mergekit.
 from __future__ import annotations
 
 import logging
-import shutil
+import os
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -74,11 +74,16 @@ def register() -> None:
         merge_methods.register(swarm_method)
 
 
-def _model_ref(expert: Expert, *, portable: bool) -> str:
+def _model_ref(expert: Expert, *, portable: bool, relative_to: Optional[Path] = None) -> str:
     if portable and not expert.ref.is_local:
         # Pin the exact commit that was searched.
         return f"{expert.ref.model}@{expert.revision}" if expert.revision else expert.ref.model
-    return str(Path(expert.path).resolve())
+    path = str(Path(expert.path).resolve())
+    if portable and relative_to is not None:
+        # A published file carries no absolute local path: relative to the recipe's folder.
+        relative = os.path.relpath(path, relative_to)
+        return relative if relative.startswith("..") else os.path.join(".", relative)
+    return path
 
 
 def mergekit_config(
@@ -88,14 +93,16 @@ def mergekit_config(
     *,
     dtype: str,
     portable: bool = True,
+    relative_to: Optional[Path] = None,
 ) -> Dict[str, Any]:
     """The mergekit config whose ``linear``/``normalize: false`` merge is the particle.
 
     Args:
         coefficients: ``(G, K)``; with G > 1 each expert's weight is given per
             layer group with mergekit's filter syntax.
-        portable: name Hub experts as ``repo@commit`` (for the written file)
-            rather than by their local snapshot folder (for running here).
+        portable: name Hub experts as ``repo@commit`` and local ones relative to
+            ``relative_to`` (for the written file) rather than by their absolute
+            local folder (for running here).
     """
     coefficients = np.asarray(coefficients, dtype=np.float64)
     models: List[Dict[str, Any]] = []
@@ -104,7 +111,8 @@ def mergekit_config(
             weight: Any = float(coefficients[0, k])
         else:
             weight = _filtered_weights(coefficients[:, k], groups)
-        models.append({"model": _model_ref(expert, portable=portable), "parameters": {"weight": weight}})
+        models.append({"model": _model_ref(expert, portable=portable, relative_to=relative_to),
+                       "parameters": {"weight": weight}})
     return {
         "merge_method": "linear",
         "parameters": {"normalize": False},
@@ -119,7 +127,7 @@ def mergekit_config(
 def _filtered_weights(column: np.ndarray, groups: Dict[str, int]) -> List[Dict[str, Any]]:
     """Per-group weights as mergekit conditional parameters (first matching filter wins):
     one filter per decoder layer, one per tensor outside the layers."""
-    from swarm_merge.evaluate import LAYER
+    from swarm_merge.space import LAYER
 
     entries: List[Dict[str, Any]] = []
     layers: Dict[str, int] = {}
@@ -151,9 +159,7 @@ def write_merge(config: Dict[str, Any], out_path: Path, *, device: str = "cpu", 
         quiet=quiet,
         allow_crimes=False,
     )
-    out_path = Path(out_path)
-    if out_path.exists():
-        shutil.rmtree(out_path)
+    out_path = Path(out_path)  # an empty (staging) folder, or none yet
     run_merge(merge_config, str(out_path), options=options, config_source=yaml.safe_dump(config, sort_keys=False))
     if not any(out_path.glob("*.safetensors")):
         raise RuntimeError(f"mergekit wrote no safetensors into {out_path}")

@@ -48,7 +48,19 @@ class Score:
     n: int = 0
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"utility": self.utility, "groups": dict(self.groups), "n": self.n}
+        """Strict-JSON form: a utility that is not finite is None."""
+        return {"utility": _finite(self.utility), "groups": {g: _finite(v) for g, v in self.groups.items()}, "n": self.n}
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "Score":
+        def num(v):
+            return float("nan") if v is None else float(v)
+
+        return cls(num(data["utility"]), {g: num(v) for g, v in data.get("groups", {}).items()}, int(data.get("n", 0)))
+
+
+def _finite(value: Optional[float]) -> Optional[float]:
+    return float(value) if value is not None and math.isfinite(value) else None
 
 
 # ----------------------------------------------------------------------- data
@@ -57,17 +69,26 @@ class Score:
 def load_examples(path: str, objective_type: str, group_by: Optional[str] = "task") -> List[Example]:
     """Read and check a JSONL data file; errors name the file and line."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise DataError(f"data file {path!r} not found; check objective.dev / objective.test in the recipe")
+    if not p.is_file():
+        # A FIFO or a device would block the run (or never end): regular files only.
+        raise DataError(f"data file {path!r} is not a regular file; point objective.dev / objective.test at a JSONL file")
     examples = []
-    with p.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with p.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {exc.start}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg}); write one JSON object per line") from None
+            except ValueError as exc:  # e.g. an integer too long to convert
+                raise DataError(f"{path}:{lineno}: unreadable JSON value ({str(exc)[:80]}); fix that row") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{lineno}: a row must be a JSON object, not {type(row).__name__}")
             examples.append(_example(row, objective_type, group_by, f"{path}:{lineno}"))

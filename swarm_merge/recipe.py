@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, List, Literal, Optional, Sequence, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from swarm_merge.errors import RecipeError
 
@@ -37,6 +37,23 @@ OBJECTIVE_TYPES = ("exact_match", "multiple_choice", "loglik")
 DTYPES = ("float32", "bfloat16", "float16")
 # A Hub repo id: "name" or "org/name", optionally "@revision".
 _REPO_ID = re.compile(r"^(?:[\w.\-]+/)?[\w.\-]+(?:@[\w.\-/]+)?$")
+# A recipe name names the default output folder (out/<name>) and titles the
+# card: one path component of plain characters, like a Hub repo name.
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+# A recipe travels (Hub, pull requests): YAML aliases are bounded, so a few
+# hundred bytes cannot expand into gigabytes when a message or a dump walks them.
+MAX_ALIASES = 100
+MAX_RECIPE_BYTES = 1_000_000
+
+
+def short_repr(value: Any, limit: int = 60) -> str:
+    """repr() bounded in depth and length (a recipe value may be a huge alias DAG)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxstring, r.maxother, r.maxlist, r.maxdict = 2, limit, limit, 4, 4
+    text = r.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class _Frozen(BaseModel):
@@ -102,7 +119,7 @@ class Objective(_Frozen):
     def _known_type(cls, value: Any) -> Any:
         if isinstance(value, dict) and "type" in value and value["type"] not in OBJECTIVE_TYPES:
             raise ValueError(
-                f"objective type {value['type']!r} does not exist; use one of: {', '.join(OBJECTIVE_TYPES)}"
+                f"objective type {short_repr(value['type'])} does not exist; use one of: {', '.join(OBJECTIVE_TYPES)}"
             )
         return value
 
@@ -132,7 +149,7 @@ class SwarmSettings(_Frozen):
     drop_n: float = Field(0.0, ge=0, le=1)
     init_velocity: Literal["random", "zero", "best"] = "random"
     seed_soup: bool = True
-    seed: int = 42
+    seed: int = Field(42, ge=0, lt=2**63)
 
     @model_validator(mode="after")
     def _check(self) -> "SwarmSettings":
@@ -175,6 +192,18 @@ class Recipe(_Frozen):
     objective: Objective
     swarm: SwarmSettings = SwarmSettings()
     output: OutputSettings = OutputSettings()
+    # The folder relative input paths were resolved against (None: as given).
+    _base_dir: Optional[Path] = PrivateAttr(default=None)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not _NAME.match(value) or value in (".", ".."):
+            raise ValueError(
+                f"name {short_repr(value)} is not a plain name; use letters, digits, '-', '_' and '.' "
+                "(at most 96, starting with a letter or digit): it names the output folder out/<name>"
+            )
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> "Recipe":
@@ -197,6 +226,42 @@ class Recipe(_Frozen):
     @property
     def output_dir(self) -> str:
         return self.output.dir or os.path.join("out", self.name)
+
+    @property
+    def base_dir(self) -> Optional[Path]:
+        """The recipe file's folder (input paths were resolved against it), if loaded from a file."""
+        return self._base_dir
+
+    def local_inputs(self) -> List[tuple]:
+        """``(label, path)`` of every local input: expert and base folders, data files."""
+        found = [(f"the expert {e.model!r}", e.model) for e in self.experts if e.is_local]
+        if self.base_model is not None and self.base_model.is_local:
+            found.append((f"the base model {self.base_model.model!r}", self.base_model.model))
+        found += [(f"the {k} data file", v) for k, v in (("dev", self.objective.dev), ("test", self.objective.test)) if v]
+        return found
+
+    def portable(self) -> "Recipe":
+        """This recipe with local paths relative to its folder (``./experts/add``), for
+        what a run publishes: the report and the card carry no absolute local path."""
+        base = self._base_dir
+        if base is None:
+            return self
+
+        def rel(path: str) -> str:
+            relative = os.path.relpath(os.path.expanduser(path), base)
+            # "./" keeps a relative folder from reading as a Hub repo id (org/name).
+            return relative if relative.startswith("..") else os.path.join(".", relative)
+
+        data = self.model_dump(mode="json")
+        for ref in data["experts"] + ([data["base_model"]] if data.get("base_model") else []):
+            if ExpertRef.model_validate(ref).is_local:
+                ref["model"] = rel(ref["model"])
+        for key in ("dev", "test"):
+            if data["objective"].get(key):
+                data["objective"][key] = rel(data["objective"][key])
+        if data["output"].get("dir") and os.path.isabs(os.path.expanduser(data["output"]["dir"])):
+            data["output"]["dir"] = None  # where it ran here; relative ones (to the cwd) stay as written
+        return Recipe.model_validate(data)
 
 
 # --------------------------------------------------------------------- loading
@@ -248,11 +313,18 @@ def load_recipe(path: Union[str, os.PathLike], overrides: Sequence[str] = ()) ->
         RecipeError: with a one-line message naming the problem and the fix.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise RecipeError(f"recipe file {str(path)!r} not found; check the path")
-    text = path.read_text(encoding="utf-8")
+    if not path.is_file():
+        raise RecipeError(f"recipe {str(path)!r} is not a regular file; give the recipe's YAML file")
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise RecipeError(f"recipe {str(path)!r} is over {MAX_RECIPE_BYTES} bytes; a recipe is a short YAML file")
     try:
-        data = yaml.safe_load(text)
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {exc.start}); save the recipe as UTF-8") from None
+    try:
+        data = yaml.load(text, Loader=_BoundedLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -266,14 +338,30 @@ def load_recipe(path: Union[str, os.PathLike], overrides: Sequence[str] = ()) ->
     return parse_recipe(data, base_dir=path.resolve().parent, source=str(path))
 
 
+class _BoundedLoader(yaml.SafeLoader):
+    """yaml's safe loader, refusing recipes with more than MAX_ALIASES alias uses."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self._aliases = getattr(self, "_aliases", 0) + 1
+            if self._aliases > MAX_ALIASES:
+                mark = self.peek_event().start_mark
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"more than {MAX_ALIASES} YAML aliases (*name); write the values out", mark)
+        return super().compose_node(parent, index)
+
+
 def parse_recipe(data: dict, *, base_dir: Union[str, os.PathLike, None] = None, source: str = "recipe") -> Recipe:
     """Validate raw recipe data; relative input paths resolve against ``base_dir``."""
     if base_dir is not None:
         data = _resolve_inputs(data, Path(base_dir))
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise RecipeError(f"{source}: {_describe(exc)}") from None
+    if base_dir is not None:
+        recipe._base_dir = Path(base_dir).resolve()
+    return recipe
 
 
 def _resolve_inputs(data: dict, base: Path) -> dict:
@@ -326,7 +414,7 @@ def _describe(exc: ValidationError) -> str:
     if not where:
         return msg
     value = err.get("input")
-    shown = "" if isinstance(value, (dict, list)) else f" (got {value!r})"
+    shown = "" if isinstance(value, (dict, list)) else f" (got {short_repr(value)})"
     return f"{where}: {msg}{shown}"
 
 

@@ -13,8 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,34 +22,19 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 
 from swarm_merge import swarm
-from swarm_merge.errors import OutputError
+from swarm_merge.errors import EvaluationError, OutputError
 from swarm_merge.objectives import Score
+from swarm_merge.output import write_json_atomic
 
-__all__ = ["SearchResult", "run_search", "position_key", "write_json_atomic"]
+__all__ = ["SearchResult", "run_search", "position_key"]
 
 LOG = logging.getLogger(__name__)
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: strict JSON (null for a failed utility), wall time
 
 
 def position_key(x: np.ndarray) -> str:
     """Identity of a position for memoisation (exact, up to float64 round-off)."""
     return hashlib.sha1(np.round(np.asarray(x, dtype=np.float64), 12).tobytes()).hexdigest()
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON so that a kill at any instant leaves the old file or the new one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 @dataclass
@@ -64,10 +48,11 @@ class SearchResult:
     seconds: float
     resumed: bool = False
     stop_reason: str = ""
+    wall_before: float = 0.0  # wall time of the earlier sessions of a resumed run
 
     def lookup(self, x: np.ndarray) -> Optional[Score]:
         hit = self.memo.get(position_key(x))
-        return Score(hit["utility"], hit.get("groups", {}), hit.get("n", 0)) if hit else None
+        return Score.from_dict(hit) if hit else None
 
 
 @dataclass
@@ -82,10 +67,16 @@ class _Run:
     rng_state: Optional[dict] = None
     seconds_before: float = 0.0
     started: float = field(default_factory=time.monotonic)
+    wall_before: float = 0.0
+    wall_started: float = field(default_factory=time.monotonic)
 
     @property
     def seconds(self) -> float:
         return self.seconds_before + time.monotonic() - self.started
+
+    @property
+    def wall(self) -> float:
+        return self.wall_before + time.monotonic() - self.wall_started
 
     def save(self) -> None:
         write_json_atomic(
@@ -94,37 +85,80 @@ class _Run:
                 "version": CHECKPOINT_VERSION,
                 "fingerprint": self.fingerprint,
                 "seconds": self.seconds,
+                "wall_seconds": self.wall,
                 "rng": self.rng_state,
-                "state": self.state.to_dict() if self.state is not None else None,
+                "state": _strict(self.state.to_dict()) if self.state is not None else None,
                 "history": self.history,
                 "memo": self.memo,
             },
         )
 
     @classmethod
-    def load(cls, path: Path, fingerprint: str) -> "_Run":
+    def load(cls, path: Path, fingerprint: str, wall_started: float) -> "_Run":
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise OutputError(f"cannot read checkpoint {path} ({exc}); pass --force to start over") from None
+        except (OSError, ValueError) as exc:
+            raise OutputError(f"cannot read checkpoint {path} ({type(exc).__name__}); pass --force to start over") from None
+        if not isinstance(data, dict):
+            raise OutputError(f"checkpoint {path} is not a swarm_merge checkpoint; pass --force to start over")
         if data.get("version") != CHECKPOINT_VERSION or data.get("fingerprint") != fingerprint:
             raise OutputError(
-                f"{path} was written by a different recipe or version; restore that recipe to resume, "
-                "or pass --force to start over"
+                f"{path} was written by a different recipe, different expert weights or another swarm_merge "
+                "version; restore them to resume, or pass --force to start over"
             )
-        run = cls(path=path, fingerprint=fingerprint, memo=data["memo"], history=data["history"])
-        run.seconds_before = float(data.get("seconds", 0.0))
-        if data.get("state") is not None:
-            run.state = swarm.SwarmState.from_dict(data["state"])
-            run.rng_state = data["rng"]
+        try:
+            run = cls(path=path, fingerprint=fingerprint, memo=dict(data["memo"]), history=list(data["history"]),
+                      wall_started=wall_started)
+            run.seconds_before = float(data.get("seconds", 0.0))
+            run.wall_before = float(data.get("wall_seconds", 0.0))
+            for hit in run.memo.values():
+                Score.from_dict(hit)
+            if data.get("state") is not None:
+                run.state = swarm.SwarmState.from_dict(_unstrict(data["state"]))
+                run.rng_state = data["rng"]
+                np.random.default_rng(0).bit_generator.state = run.rng_state  # validates it
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise OutputError(f"checkpoint {path} is damaged ({type(exc).__name__}: {str(exc)[:80]}); "
+                              "pass --force to start over") from None
         return run
 
 
-def _stats(values: np.ndarray) -> Dict[str, float]:
+# In the swarm state a failed evaluation scores -inf (ranked worst); strict
+# JSON has no infinities, so the checkpoint writes null and reads it back.
+_SCORE_FIELDS = ("score", "p_score", "g_score", "gw_score")
+
+
+def _strict(state: Dict[str, Any]) -> Dict[str, Any]:
+    def clean(v):
+        if isinstance(v, list):
+            return [clean(u) for u in v]
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+
+    for key, value in state.items():
+        if not math.isfinite(np.sum(np.asarray(value, dtype=float))) and key not in _SCORE_FIELDS:
+            raise EvaluationError(f"the swarm state {key} is not finite; lower swarm.step_length")
+    return {k: clean(v) if k in _SCORE_FIELDS else v for k, v in state.items()}
+
+
+def _unstrict(state: Dict[str, Any]) -> Dict[str, Any]:
+    def back(v):
+        if isinstance(v, list):
+            return [back(u) for u in v]
+        return -math.inf if v is None else v
+
+    return {k: back(v) if k in _SCORE_FIELDS else v for k, v in state.items()}
+
+
+def _stats(values: np.ndarray) -> Dict[str, Optional[float]]:
+    """Best / mean / worst of the finite utilities (None when there are none: strict JSON)."""
     finite = values[np.isfinite(values)]
     if not len(finite):
-        return {"best": float("nan"), "mean": float("nan"), "worst": float("nan")}
+        return {"best": None, "mean": None, "worst": None}
     return {"best": float(finite.max()), "mean": float(finite.mean()), "worst": float(finite.min())}
+
+
+def _finite(value: float) -> Optional[float]:
+    return float(value) if math.isfinite(value) else None
 
 
 def run_search(
@@ -137,6 +171,7 @@ def run_search(
     fingerprint: str,
     resume: bool = False,
     progress: bool = True,
+    started: Optional[float] = None,
 ) -> SearchResult:
     """Run Model Swarms over coefficient arrays of shape ``(num_groups, num_experts)``.
 
@@ -146,12 +181,19 @@ def run_search(
         checkpoint: the ``swarm-state.json`` path, written after every evaluation.
         fingerprint: identifies the recipe; a checkpoint of another recipe is refused.
         resume: continue from ``checkpoint`` when it exists.
+        started: ``time.monotonic()`` when the run began (its wall time is checkpointed).
+
+    Raises:
+        EvaluationError: no particle of the initial swarm scored a finite utility,
+            or an evaluation raised.
     """
     from tqdm.auto import tqdm
 
     checkpoint = Path(checkpoint)
     resumed = resume and checkpoint.exists()
-    run = _Run.load(checkpoint, fingerprint) if resumed else _Run(path=checkpoint, fingerprint=fingerprint)
+    started = time.monotonic() if started is None else started
+    run = (_Run.load(checkpoint, fingerprint, started) if resumed
+           else _Run(path=checkpoint, fingerprint=fingerprint, wall_started=started))
 
     def score_of(x: np.ndarray) -> float:
         key = position_key(x)
@@ -159,7 +201,7 @@ def run_search(
             s = evaluate(x)
             run.memo[key] = s.to_dict()
             run.save()
-        return float(run.memo[key]["utility"])
+        return Score.from_dict(run.memo[key]).utility
 
     # The initial swarm is drawn again from the seed on resume (same positions),
     # and its utilities come back from the memo.
@@ -172,9 +214,13 @@ def run_search(
             scores.append(score_of(x))
             bar.update()
         bar.close()
+        if not np.isfinite(scores).any():
+            raise EvaluationError(
+                "no particle of the initial swarm (the experts themselves included) scored a finite utility on "
+                "the dev set; check the objective and the data (run with -v), then start over with --force")
         state = swarm.init_state(x0, np.array(scores), settings, rng)
         run.state, run.rng_state = state, rng.bit_generator.state
-        run.history = [{"iteration": 0, **_stats(np.array(scores)), "global_best": state.g_score,
+        run.history = [{"iteration": 0, **_stats(np.array(scores)), "global_best": _finite(state.g_score),
                         "evaluations": state.evaluations, "seconds": round(run.seconds, 3)}]
         run.save()
     state = run.state
@@ -189,8 +235,8 @@ def run_search(
             scores[i] = score_of(proposal.x[i])
         state = swarm.update(state, proposal, scores, settings)
         evaluated = scores[proposal.evaluate]
-        stats = _stats(evaluated) if len(evaluated) else {"best": None, "mean": None, "worst": None}
-        run.history.append({"iteration": state.iteration, **stats, "global_best": state.g_score,
+        stats = _stats(evaluated)
+        run.history.append({"iteration": state.iteration, **stats, "global_best": _finite(state.g_score),
                             "evaluations": state.evaluations, "seconds": round(run.seconds, 3)})
         run.state, run.rng_state = state, rng.bit_generator.state
         run.save()
@@ -206,7 +252,7 @@ def run_search(
     best_hit = run.memo[position_key(state.g)]
     return SearchResult(
         best=state.g.copy(),
-        best_score=Score(best_hit["utility"], best_hit.get("groups", {}), best_hit.get("n", 0)),
+        best_score=Score.from_dict(best_hit),
         state=state,
         initial=x0,
         history=run.history,
@@ -214,4 +260,5 @@ def run_search(
         seconds=run.seconds,
         resumed=resumed,
         stop_reason=reason,
+        wall_before=run.wall_before,
     )

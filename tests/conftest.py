@@ -21,22 +21,9 @@ def tiny_experts(tmp_path_factory):
 @pytest.fixture
 def tiny_recipe(tmp_path, tiny_experts):
     """A runnable recipe over the tiny experts, with dev/test data; returns a writer."""
-    tiny.write_jsonl(tmp_path / "data" / "dev.jsonl", tiny.arithmetic_rows(12))
-    tiny.write_jsonl(tmp_path / "data" / "test.jsonl", tiny.arithmetic_rows(12, offset=5))
 
     def write(extra: str = "", *, objective: str = "loglik", experts=None) -> Path:
-        paths = experts or tiny_experts
-        lines = "\n".join(f"  - {p}" for p in paths)
-        text = (
-            f"name: tiny\nexperts:\n{lines}\n"
-            f"objective:\n  type: {objective}\n  dev: data/dev.jsonl\n  test: data/test.jsonl\n  batch_size: 64\n"
-            "  max_new_tokens: 3\n"
-            "swarm:\n  size: 5\n  max_iterations: 3\n  patience: 3\n"
-            f"output:\n  dir: {tmp_path / 'out'}\n" + extra
-        )
-        path = tmp_path / "recipe.yml"
-        path.write_text(text, encoding="utf-8")
-        return path
+        return tiny.write_recipe(tmp_path, experts or tiny_experts, extra, objective=objective)
 
     return write
 

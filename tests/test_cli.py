@@ -1,5 +1,6 @@
 """The CLI end to end on tiny real models: what a user runs and gets."""
 
+import io
 import json
 import os
 import re
@@ -15,8 +16,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import run_cli
+import swarm_merge
+from swarm_merge import RunOptions, load_recipe
 from swarm_merge.cli import main
+from swarm_merge.report import read as read_report
+from swarm_merge.space import tensor_groups
 
 import tiny
 
@@ -27,48 +31,57 @@ def expert_tensors(paths):
 
 def assert_is_affine_merge(out_dir: Path, expert_paths, atol=1e-5):
     """The written model equals sum_k a_k E_k per tensor, with swarm.json's coefficients."""
-    report = json.loads((out_dir / "swarm.json").read_text())
-    coeffs = report["coefficients"]
+    report = read_report(out_dir / "swarm.json")
     merged = load_file(str(out_dir / "model.safetensors"))
     experts = expert_tensors(expert_paths)
     assert set(merged) == set(experts[0])
+    groups, _ = tensor_groups(sorted(experts[0]), granularity=report.recipe.swarm.granularity,
+                              layer_groups=report.recipe.swarm.layer_groups)
+    matrix = report.coefficients.matrix()
     for name, tensor in merged.items():
-        if "model" in coeffs:
-            a = coeffs["model"]
-        else:
-            from swarm_merge.evaluate import tensor_groups
-
-            groups, _ = tensor_groups(sorted(experts[0]), granularity="layer",
-                                      layer_groups=report["recipe"]["swarm"]["layer_groups"])
-            a = coeffs["per_group"][groups[name]]
-        want = sum(float(c) * e[name].double() for c, e in zip(a, experts))
+        want = sum(float(c) * e[name].double() for c, e in zip(matrix[groups[name]], experts))
         assert torch.allclose(tensor.double(), want, atol=atol), name
     return report
 
 
-def test_run_writes_a_loadable_affine_merge_with_report_and_card(tiny_recipe, tiny_experts, tmp_path):
-    recipe = tiny_recipe()
-    result = run_cli(recipe)
-    assert result.returncode == 0, result.stderr
-    out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_experts):
+    """One finished run of the tiny recipe, in process; (folder, recipe path, stdout)."""
+    root = tmp_path_factory.mktemp("finished")
+    recipe = tiny.write_recipe(root, tiny_experts)
+    out = io.StringIO()
+    swarm_merge.run(load_recipe(recipe), RunOptions(progress=False), out=out)
+    return root / "out", recipe, out.getvalue()
+
+
+def test_run_writes_a_loadable_affine_merge_with_report_and_card(finished_run, tiny_experts):
+    out, recipe, stdout = finished_run
     for name in ("config.json", "model.safetensors", "tokenizer.json", "mergekit_config.yml", "swarm.json",
-                 "swarm-state.json", "README.md", "swarm_history.png"):
+                 "swarm-state.json", "README.md", "swarm_history.png", ".swarm-merge.json"):
         assert (out / name).is_file(), name
-    assert not (out / ".staging").exists()
+    assert not (out / ".swarm-staging").exists()
     report = assert_is_affine_merge(out, tiny_experts)
-    a = np.array(report["coefficients"]["model"])
+    a = np.array(report.coefficients.model)
     assert len(a) == 3 and abs(a.sum() - 1) < 1e-9
-    names = [r["name"] for r in report["scores"]["rows"]]
+    names = [r.name for r in report.scores.rows]
     assert names == ["expert0", "expert1", "expert2", "uniform average", "swarm winner"]
-    winner = report["scores"]["winner"]
-    assert winner["dev"]["utility"] >= max(r["dev"]["utility"] for r in report["scores"]["rows"][:4]) - 1e-12
-    assert set(winner["test"]["groups"]) == {"add", "sum"}
-    history = report["search"]["history"]
-    assert history[0]["iteration"] == 0 and len(history) == report["search"]["iterations"] + 1
-    assert all({"best", "mean", "worst", "evaluations", "seconds"} <= set(h) for h in history)
-    assert [e["path"] for e in report["experts"]] == [str(p) for p in tiny_experts]
+    winner = report.scores.winner
+    assert winner.dev.utility >= max(r.dev.utility for r in report.scores.rows[:4]) - 1e-12
+    assert set(winner.test.groups) == {"add", "sum"}
+    assert np.allclose(winner.coefficients, [report.coefficients.model])
+    history = report.search.history
+    assert history[0].iteration == 0 and len(history) == report.search.iterations + 1
+    assert report.data.dev_rows == 12 and report.data.test_rows == 12 and report.data.test_rows_in_dev == 0
+    # Published paths are relative to the recipe's folder: no absolute local path in the report.
+    assert [e.model for e in report.experts] == [os.path.relpath(p, recipe.parent) for p in tiny_experts]
+    assert str(recipe.parent) not in (out / "swarm.json").read_text()
+    assert str(recipe.parent) not in (out / "README.md").read_text()
+    assert str(recipe.parent) not in (out / "mergekit_config.yml").read_text()
+    # Strict JSON: no NaN / Infinity anywhere.
+    json.loads((out / "swarm.json").read_text(), parse_constant=_refuse)
+    json.loads((out / "swarm-state.json").read_text(), parse_constant=_refuse)
     # The final table on stdout.
-    assert "swarm winner" in result.stdout and "uniform average" in result.stdout
+    assert "swarm winner" in stdout and "uniform average" in stdout
     # It loads in transformers and generates.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -81,50 +94,95 @@ def test_run_writes_a_loadable_affine_merge_with_report_and_card(tiny_recipe, ti
 
     card = ModelCard.load(out / "README.md")
     assert "model-swarms" in card.data.tags and "swarm winner" in card.text
+    assert "the test set never was" in card.text
 
 
-def test_mergekit_config_reproduces_the_weights(tiny_recipe, tiny_experts, tmp_path):
-    assert run_cli(tiny_recipe()).returncode == 0
-    out = tmp_path / "out"
-    again = tmp_path / "again"
-    code = "import sys; from swarm_merge.cli import mergekit_yaml; sys.argv[0]='mergekit-swarm-yaml'; mergekit_yaml()"
-    r = subprocess.run([sys.executable, "-c", code, str(out / "mergekit_config.yml"), str(again)],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    a, b = load_file(str(out / "model.safetensors")), load_file(str(again / "model.safetensors"))
+def _refuse(constant):
+    raise AssertionError(f"{constant} in a report: not strict JSON")
+
+
+def test_the_cards_number_is_what_the_written_model_scores(finished_run):
+    """Reload the published model with plain transformers, score it on dev: the
+    winner's dev utility in swarm.json (and on the card) is what it gets."""
+    from transformers import AutoModelForCausalLM
+
+    from swarm_merge import objectives
+    from swarm_merge.evaluate import load_tokenizer
+
+    out, _, _ = finished_run
+    report = read_report(out / "swarm.json")
+    recipe = load_recipe(finished_run[1])
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    dev = objectives.load_examples(recipe.objective.dev, recipe.objective.type)
+    got = objectives.score(model, load_tokenizer(out), dev, recipe.objective, torch.device("cpu"))
+    assert got.utility == pytest.approx(report.scores.winner.dev.utility, abs=1e-5)
+    test = objectives.load_examples(recipe.objective.test, recipe.objective.type)
+    got = objectives.score(model, load_tokenizer(out), test, recipe.objective, torch.device("cpu"))
+    assert got.utility == pytest.approx(report.scores.winner.test.utility, abs=1e-5)
+    assert f"{report.scores.winner.dev.utility:.4f}" in (out / "README.md").read_text()
+
+
+def test_mergekit_config_reproduces_the_weights(finished_run, tmp_path, monkeypatch):
+    from mergekit.scripts.run_yaml import main as run_yaml
+
+    from swarm_merge.merge import register
+
+    register()
+    out, recipe, _ = finished_run
+    # Local experts are written relative to the recipe's folder: run from there.
+    monkeypatch.chdir(recipe.parent)
+
+    def mergekit_yaml(config_path, dest):
+        run_yaml([str(config_path), str(dest)], standalone_mode=False)
+        return load_file(str(dest / "model.safetensors"))
+
+    a = load_file(str(out / "model.safetensors"))
+    b = mergekit_yaml(out / "mergekit_config.yml", tmp_path / "again")
     assert all(torch.equal(a[n], b[n]) for n in a)
     # The registered `swarm` method gives the same weights, and refuses non-affine ones.
     config = yaml.safe_load((out / "mergekit_config.yml").read_text())
     config["merge_method"] = "swarm"
     config.pop("parameters")
     (tmp_path / "swarm.yml").write_text(yaml.safe_dump(config))
-    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "swarm.yml"), str(tmp_path / "via-swarm")],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    c = load_file(str(tmp_path / "via-swarm" / "model.safetensors"))
+    c = mergekit_yaml(tmp_path / "swarm.yml", tmp_path / "via-swarm")
     assert all(torch.allclose(a[n], c[n], atol=1e-6) for n in a)
     config["models"][0]["parameters"]["weight"] += 0.5
     (tmp_path / "bad.yml").write_text(yaml.safe_dump(config))
-    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "bad.yml"), str(tmp_path / "bad")],
-                       capture_output=True, text=True)
-    assert r.returncode != 0 and "sum to 1" in r.stderr
+    with pytest.raises(Exception, match="sum to 1"):
+        mergekit_yaml(tmp_path / "bad.yml", tmp_path / "bad")
 
 
 def test_layer_granularity_writes_per_group_weights(tiny_recipe, tiny_experts, tmp_path):
     recipe = tiny_recipe("", objective="loglik")
-    r = run_cli(recipe, "--set", "swarm.granularity=layer", "--set", "swarm.layer_groups=2")
-    assert r.returncode == 0, r.stderr
+    assert main([str(recipe), "--set", "swarm.granularity=layer", "--set", "swarm.layer_groups=2", "--no-progress"]) == 0
     report = assert_is_affine_merge(tmp_path / "out", tiny_experts)
-    per_group = np.array(report["coefficients"]["per_group"])
+    per_group = np.array(report.coefficients.per_group)
     assert per_group.shape == (2, 3) and np.allclose(per_group.sum(1), 1)
-    assert report["coefficients"]["groups"] == ["embeddings + layer 0", "layer 1 + head"]
+    assert report.coefficients.groups == ["embeddings + layer 0", "layer 1 + head"]
+
+
+def test_layer_granularity_without_numbered_layers_is_bad_input(tiny_recipe, tiny_experts, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    renamed = []
+    for p in tiny_experts[:2]:
+        dest = tmp_path / "flat" / p.name
+        shutil.copytree(p, dest)
+        tensors = load_file(str(dest / "model.safetensors"))
+        save_file({n.replace("layers.", "block"): t for n, t in tensors.items()}, str(dest / "model.safetensors"))
+        renamed.append(dest)
+    recipe = tiny_recipe("", experts=renamed)
+    assert main([str(recipe), "--set", "swarm.granularity=layer", "--set", "swarm.size=4"]) == 2
+    assert "numbered decoder layers" in one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
 
 
 def test_tied_embeddings_and_exact_match(tmp_path, tiny_recipe):
     experts = tiny.make_experts(tmp_path / "tied", 2, tie=True)
     recipe = tiny_recipe(objective="exact_match", experts=experts)
-    r = run_cli(recipe, "--set", "swarm.size=4")
-    assert r.returncode == 0, r.stderr
+    assert main([str(recipe), "--set", "swarm.size=4", "--no-progress"]) == 0
     assert_is_affine_merge(tmp_path / "out", experts)
     from transformers import AutoModelForCausalLM
 
@@ -132,10 +190,10 @@ def test_tied_embeddings_and_exact_match(tmp_path, tiny_recipe):
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
 
-def test_same_seed_same_result_and_resume_after_kill_9(tiny_recipe, tmp_path):
+def test_same_seed_same_result_and_resume_after_kill_9(tiny_recipe, tmp_path, capsys):
     recipe = tiny_recipe()
     settings = ["--set", "swarm.max_iterations=8", "--set", "swarm.patience=8", "--set", "swarm.size=6"]
-    assert run_cli(recipe, *settings, "--out", tmp_path / "a").returncode == 0
+    assert main([str(recipe), *settings, "--out", str(tmp_path / "a"), "--no-progress"]) == 0
     # Kill -9 a second run midway, then resume it.
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "swarm_merge.cli", str(recipe), *settings, "--out", str(tmp_path / "b")],
@@ -151,23 +209,25 @@ def test_same_seed_same_result_and_resume_after_kill_9(tiny_recipe, tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    killed_at = time.time()
     assert not (tmp_path / "b" / "swarm.json").exists(), "killed before the end"
-    again = run_cli(recipe, *settings, "--out", tmp_path / "b")
-    assert again.returncode == 2 and "--resume" in again.stderr  # refuses to overwrite silently
-    resumed = run_cli(recipe, *settings, "--out", tmp_path / "b", "--resume")
-    assert resumed.returncode == 0, resumed.stderr
-    a = json.loads((tmp_path / "a" / "swarm.json").read_text())
-    b = json.loads((tmp_path / "b" / "swarm.json").read_text())
-    assert b["search"]["resumed"]
-    assert a["coefficients"] == b["coefficients"]
-    assert a["scores"]["winner"] == b["scores"]["winner"]
-    assert [h["best"] for h in a["search"]["history"]] == [h["best"] for h in b["search"]["history"]]
-    assert load_file(str(tmp_path / "a" / "model.safetensors")).keys() == load_file(str(tmp_path / "b" / "model.safetensors")).keys()
+    assert main([str(recipe), *settings, "--out", str(tmp_path / "b")]) == 2
+    assert "--resume" in one_error_line(capsys)  # refuses to overwrite silently
+    assert main([str(recipe), *settings, "--out", str(tmp_path / "b"), "--resume", "--no-progress"]) == 0
+    a = read_report(tmp_path / "a" / "swarm.json")
+    b = read_report(tmp_path / "b" / "swarm.json")
+    assert b.search.resumed and not a.search.resumed
+    assert a.coefficients == b.coefficients
+    assert a.scores.winner == b.scores.winner
+    assert [h.best for h in a.search.history] == [h.best for h in b.search.history]
+    wa, wb = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[n], wb[n]) for n in wa)
+    # The resumed run's wall time counts each session once: not more than the two sessions' wall clock.
+    assert b.search.seconds <= b.wall_seconds <= time.time() - killed_at + b.search.seconds + 1
     # A different seed searches differently.
-    other = run_cli(recipe, *settings, "--out", tmp_path / "c", "--seed", "7")
-    assert other.returncode == 0
-    c = json.loads((tmp_path / "c" / "swarm.json").read_text())
-    assert c["recipe"]["swarm"]["seed"] == 7 and c["coefficients"] != a["coefficients"]
+    assert main([str(recipe), *settings, "--out", str(tmp_path / "c"), "--seed", "7", "--no-progress"]) == 0
+    c = read_report(tmp_path / "c" / "swarm.json")
+    assert c.recipe.swarm.seed == 7 and c.coefficients != a.coefficients
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tiny_recipe, tmp_path, capsys):
@@ -249,12 +309,6 @@ def test_bad_dev_data_exits_2_and_writes_nothing(content, message, tiny_recipe, 
     assert not (tmp_path / "out").exists()
 
 
-def test_out_dir_with_other_files_is_refused(tiny_recipe, tmp_path, capsys):
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "precious.txt").write_text("keep me")
-    assert main([str(tiny_recipe())]) == 2
-    assert "--force" in one_error_line(capsys)
-    assert (tmp_path / "out" / "precious.txt").read_text() == "keep me"
 
 
 def test_cuda_without_a_gpu_is_a_clear_error(tiny_recipe, tmp_path, capsys):
@@ -265,10 +319,13 @@ def test_cuda_without_a_gpu_is_a_clear_error(tiny_recipe, tmp_path, capsys):
     assert not (tmp_path / "out" / "swarm.json").exists()
 
 
-def test_push_without_token_fails_before_the_search(tiny_recipe, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
-    env.update(HF_HOME=str(tmp_path / "hf"), PYTHONUNBUFFERED="1")
-    r = subprocess.run([sys.executable, "-m", "swarm_merge.cli", str(tiny_recipe()), "--push-to-hub", "me/merged"],
-                       env=env, capture_output=True, text=True)
-    assert r.returncode == 2 and "needs a Hub token" in r.stderr
+def test_push_without_token_fails_before_the_search(tiny_recipe, tmp_path, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-tokens"))
+    assert main([str(tiny_recipe()), "--push-to-hub", "me/merged"]) == 2
+    assert "needs a Hub token" in one_error_line(capsys)
     assert not (tmp_path / "out").exists()

@@ -1,7 +1,6 @@
 """The demo's real experts (SmolLM2-135M + LoRA skills, built by
 recipes/demo/build_experts.py): the CLI end to end, and streaming parity."""
 
-import json
 import os
 from pathlib import Path
 
@@ -10,9 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli
-from swarm_merge import evaluate, experts as experts_mod, objectives
+from swarm_merge import evaluate, experts as experts_mod, objectives, space
+from swarm_merge.cli import main
 from swarm_merge.recipe import load_recipe
+from swarm_merge.report import read as read_report
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "demo.yml"
@@ -34,15 +34,14 @@ def demo():
 def test_demo_recipe_end_to_end(demo, tmp_path):
     """A short search on the real experts: the written model is sum_k a_k E_k and loads."""
     out = tmp_path / "out"
-    r = run_cli(RECIPE, "--out", out, "--set", "swarm.size=6", "--set", "swarm.max_iterations=1",
-                "--set", "objective.test=null")
-    assert r.returncode == 0, r.stderr[-2000:]
-    report = json.loads((out / "swarm.json").read_text())
-    a = report["coefficients"]["model"]
+    assert main([str(RECIPE), "--out", str(out), "--set", "swarm.size=6", "--set", "swarm.max_iterations=1",
+                 "--set", "objective.test=null", "--no-progress"]) == 0
+    report = read_report(out / "swarm.json")
+    a = report.coefficients.model
     assert abs(sum(a) - 1) < 1e-9
-    rows = {row["name"]: row for row in report["scores"]["rows"]}
-    assert set(report["scores"]["winner"]["dev"]["groups"]) == {"add", "words", "capitalize", "repeat"}
-    assert rows["swarm winner"]["dev"]["utility"] >= max(r["dev"]["utility"] for r in report["scores"]["rows"][:-1])
+    winner = report.scores.winner
+    assert set(winner.dev.groups) == {"add", "words", "capitalize", "repeat"}
+    assert winner.dev.utility >= max(r.dev.utility for r in report.scores.rows if r.kind != "winner")
     merged = load_file(str(out / "model.safetensors"))
     experts = [load_file(str(Path(e.model) / "model.safetensors")) for e in demo.experts]
     for name in list(merged)[:: max(1, len(merged) // 12)]:  # a spread of tensors, all shapes
@@ -50,15 +49,21 @@ def test_demo_recipe_end_to_end(demo, tmp_path):
         assert torch.allclose(merged[name].double(), want, atol=1e-5), name
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16 if demo.dtype == "bfloat16" else None)
     tok = AutoTokenizer.from_pretrained(out)
     ids = tok("Add: 12+35=", return_tensors="pt")
     assert model.generate(**ids, max_new_tokens=3, do_sample=False).shape[1] > ids["input_ids"].shape[1]
+    # The number on the card is what the written model scores: reloaded by
+    # transformers from the output folder, scored on the dev set.
+    dev = objectives.load_examples(demo.objective.dev, demo.objective.type)
+    got = objectives.score(model.eval(), evaluate.load_tokenizer(out), dev, demo.objective, torch.device("cpu"))
+    assert got.utility == pytest.approx(winner.dev.utility, abs=1e-6)
+    assert got.groups == pytest.approx(winner.dev.groups, abs=1e-6)
 
 
 def test_demo_streaming_matches_in_memory(demo):
     experts = experts_mod.pull_experts(demo.experts)
-    groups, _ = evaluate.tensor_groups(sorted(experts[0].tensors), granularity="model")
+    groups, _ = space.tensor_groups(sorted(experts[0].tensors), granularity="model")
     rows = objectives.load_examples(demo.objective.dev, demo.objective.type)[:24]
     cpu = torch.device("cpu")
     c = np.array([[0.4, 0.3, 0.5, -0.2]])[:, : len(experts)]

@@ -9,6 +9,7 @@ pushes its winner, and the pushed repo is read back as a Hub user would.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
@@ -197,7 +198,7 @@ def test_pushed_repo_reads_back_as_a_hub_user_would(pushed, hub, tmp_path):
             "mergekit_config.yml", "swarm_history.png"} <= set(files)
     assert "swarm-state.json" not in files and not any(f.startswith(".staging") for f in files)
     message = hub.commit_message(REPO)
-    winner = report["scores"]["winner"]
+    winner = next(r for r in report["scores"]["rows"] if r["kind"] == "winner")
     assert "org/expert-a" in message and f"dev {winner['dev']['utility']:.4f}" in message
     assert f"test {winner['test']['utility']:.4f}" in message
     assert f"pushed to {REPO}" in proc.stdout
@@ -496,3 +497,109 @@ def test_sharded_pickled_local_folder_with_tied_weights_converts(tmp_path, monke
     again = pull_expert(ExpertRef(model=str(folder)), allow_pickle=True)
     assert again.path == expert.path
     assert (again.path / "model-00001-of-00002.safetensors").stat().st_mtime_ns == mtime
+
+
+# ------------------------------------------- sharded repos, stray weight files
+
+
+@pytest.fixture(scope="module")
+def sharded_repos(hub, hub_experts, tiny_experts, tmp_path_factory):
+    """org/sharded: two shards, their index and a consolidated.safetensors holding the same
+    tensors again (as many Mistral-style repos); plus repos a pull must refuse before any
+    weight moves. Returns (local copy of org/sharded, its weight_map)."""
+    from test_experts import REMOTE_MAP, make_sharded
+
+    folder = tmp_path_factory.mktemp("sharded") / "repo"
+    weight_map = make_sharded(tiny_experts[0], folder)
+    hub.add_repo("org/sharded", folder_files(folder, **{"README.md": card_readme()}))
+    config = json.loads((folder / "config.json").read_text())
+    hub.add_repo("org/remote-code", folder_files(folder, **{
+        "config.json": json.dumps({**config, "model_type": "swarmy", "auto_map": REMOTE_MAP}),
+        "modeling_swarmy.py": "raise SystemExit('remote code ran')\n"}))
+    files = folder_files(folder)
+    del files["model-00002-of-00002.safetensors"]
+    hub.add_repo("org/missing-shard", files)
+    return folder, weight_map
+
+
+def weight_requests(hub: HubServer, repo: str) -> list:
+    return [r for r in hub.request_log if r.path.startswith(f"/{repo}/resolve/") and r.path.endswith(".safetensors")]
+
+
+def pulled_bytes(hub: HubServer, repo: str) -> int:
+    """Bytes of the files a pull of a sharded repo takes: the small files and the two shards."""
+    from swarm_merge.experts import SMALL_PATTERNS
+    from test_experts import SHARDS
+
+    return sum(len(data) for name, data in hub.files(repo).items()
+               if name in SHARDS or any(fnmatch.fnmatch(name, p) for p in SMALL_PATTERNS))
+
+
+def test_a_sharded_repo_pulls_only_the_indexed_shards(hub, sharded_repos, tiny_experts, tmp_path):
+    from test_experts import SHARDS, one_copy
+
+    folder, weight_map = sharded_repos
+    hub.clear_log()
+    code = """
+        from pathlib import Path
+        from swarm_merge.experts import pull_expert
+        from swarm_merge.recipe import ExpertRef
+        e = pull_expert(ExpertRef(model="org/sharded"))
+        # TensorInfo.file is the resolved path: a blob of the cache, which the snapshot links to.
+        names = {str(p.resolve()): p.name for p in e.path.iterdir()}
+        report(dict(params=e.num_parameters, nbytes=e.nbytes, download=e.download_bytes, revision=e.revision,
+                    shards={n: names[t.file] for n, t in e.tensors.items()},
+                    listing=sorted(p.name for p in e.path.iterdir())))
+    """
+    got = client(hub, tmp_path / "home", code)
+    params, nbytes = one_copy(tiny_experts[0])
+    assert got["params"] == params and got["nbytes"] == nbytes  # one copy of the weights, not two
+    assert got["shards"] == weight_map
+    assert "consolidated.safetensors" not in got["listing"] and set(SHARDS) <= set(got["listing"])
+    # The stray copy was never asked for; each shard was downloaded whole, once.
+    assert not [r for r in hub.request_log if "consolidated" in r.path]
+    gets = [r.path.rsplit("/", 1)[-1] for r in weight_requests(hub, "org/sharded") if r.method == "GET"]
+    assert sorted(gets) == sorted(SHARDS)
+    assert got["download"] == pulled_bytes(hub, "org/sharded")
+
+    # Offline, the cache of that pull is complete without the stray copy.
+    hub.clear_log()
+    offline = client(hub, tmp_path / "home", "import os\nos.environ['HF_HUB_OFFLINE'] = '1'\n" + textwrap.dedent(code))
+    assert offline["revision"] == got["revision"] and offline["shards"] == weight_map
+    assert not hub.request_log
+
+
+def test_a_dry_run_of_a_sharded_repo_reads_only_the_indexed_headers(hub, sharded_repos, hub_experts, tiny_experts,
+                                                                    tmp_path):
+    from swarm_merge.experts import human_bytes
+    from test_experts import SHARDS, one_copy
+
+    recipe = write_recipe(tmp_path, "  - org/sharded\n  - org/expert-a@v1\n")
+    hub.clear_log()
+    proc = cli(hub, tmp_path / "home", recipe, "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    params, nbytes = one_copy(tiny_experts[0])
+    line = next(line for line in proc.stdout.splitlines() if "org/sharded @" in line)
+    assert f"weights {human_bytes(nbytes)}," in line, proc.stdout
+    assert f"download {human_bytes(pulled_bytes(hub, 'org/sharded'))}" in line, proc.stdout
+    assert f"{params / 1e6:.1f}M parameters each" in proc.stdout
+    assert not [r for r in hub.request_log if "consolidated" in r.path]
+    reads = weight_requests(hub, "org/sharded")
+    assert {r.path.rsplit("/", 1)[-1] for r in reads if r.method == "GET"} == set(SHARDS)
+    assert all(r.header("range") for r in reads if r.method == "GET")  # headers only
+    assert not list((tmp_path / "home").rglob("*.safetensors"))
+
+
+@pytest.mark.parametrize("repo, message", [
+    ("org/remote-code", "needs remote code (trust_remote_code), which swarm_merge never runs; "),
+    ("org/missing-shard", "names shard 'model-00002-of-00002.safetensors', which the repo does not have at "),
+], ids=["remote-code", "missing-shard"])
+def test_a_repo_refused_from_its_small_files_downloads_no_weights(repo, message, hub, sharded_repos, tmp_path):
+    recipe = write_recipe(tmp_path, f"  - {repo}\n  - org/expert-c\n")
+    hub.clear_log()
+    proc = cli(hub, tmp_path / "home", recipe)
+    assert proc.returncode == 2, proc.stderr
+    assert message in error_line(proc)
+    assert not weight_requests(hub, repo)
+    assert not [r for r in hub.request_log if r.path.endswith(".py")]
+    assert not (tmp_path / "out").exists()

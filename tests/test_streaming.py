@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tiny
-from swarm_merge import evaluate, experts as experts_mod, objectives
+from swarm_merge import evaluate, experts as experts_mod, objectives, space, weights
 from swarm_merge.recipe import Objective
 
 COEFFS = [np.array([[0.2, 0.5, 0.3]]), np.array([[1.4, -0.6, 0.2]]), np.array([[1 / 3, 1 / 3, 1 / 3]])]
@@ -15,7 +15,7 @@ COEFFS = [np.array([[0.2, 0.5, 0.3]]), np.array([[1.4, -0.6, 0.2]]), np.array([[
 def build(paths, dtype="float32", granularity="model"):
     experts = [experts_mod.pull_expert(experts_mod.ExpertRef(model=str(p))) for p in paths]
     experts_mod.check_compatible(experts)
-    groups, labels = evaluate.tensor_groups(sorted(experts[0].tensors), granularity=granularity)
+    groups, labels = space.tensor_groups(sorted(experts[0].tensors), granularity=granularity)
     cpu = torch.device("cpu")
     return (
         experts, groups, labels,
@@ -137,7 +137,7 @@ def test_cli_eval_mode_flags(tiny_recipe, capsys):
 
 
 def test_chunked_reads_build_the_same_weights(tmp_path, monkeypatch):
-    monkeypatch.setattr(evaluate.LazyMergedWeights, "CHUNK", 1000)  # several chunks a tensor
+    monkeypatch.setattr(weights.LazyMergedWeights, "CHUNK", 1000)  # several chunks a tensor
     paths = tiny.make_experts(tmp_path / "e", 3, tie=True)
     experts, groups, labels, mem, stream = build(paths)
     assert stream.weights.chunk == 1000

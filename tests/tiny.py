@@ -70,3 +70,22 @@ def arithmetic_rows(n: int, *, offset: int = 0) -> List[Dict]:
         a, b = (7 * i + offset) % 23, (5 * i + 3 + offset) % 19
         rows.append({"prompt": f"{a}+{b}=", "answer": str(a + b), "task": "add" if i % 2 else "sum"})
     return rows
+
+
+def write_recipe(root: Path, experts, extra: str = "", *, objective: str = "loglik") -> Path:
+    """A runnable recipe over ``experts`` at ``root/recipe.yml``, with dev/test data
+    under ``root/data`` and its output at ``root/out``."""
+    root = Path(root)
+    write_jsonl(root / "data" / "dev.jsonl", arithmetic_rows(12))
+    write_jsonl(root / "data" / "test.jsonl", arithmetic_rows(12, offset=5))
+    lines = "\n".join(f"  - {p}" for p in experts)
+    text = (
+        f"name: tiny\nexperts:\n{lines}\n"
+        f"objective:\n  type: {objective}\n  dev: data/dev.jsonl\n  test: data/test.jsonl\n  batch_size: 64\n"
+        "  max_new_tokens: 3\n"
+        "swarm:\n  size: 5\n  max_iterations: 3\n  patience: 3\n"
+        f"output:\n  dir: {root / 'out'}\n" + extra
+    )
+    path = root / "recipe.yml"
+    path.write_text(text, encoding="utf-8")
+    return path

@@ -1,0 +1,414 @@
+"""The output folder: its file names, and the rules that keep a run from
+destroying anything that is not its own.
+
+A finished run's folder::
+
+    config.json, model*.safetensors, tokenizer files   the merged model (mergekit)
+    mergekit_config.yml                                 the merge, for stock mergekit
+    README.md, swarm_history.png                        the model card
+    swarm.json                                          the report (:mod:`swarm_merge.report`)
+    swarm-state.json                                    the search checkpoint (never pushed)
+    .swarm-merge.json                                   the manifest: what this tool wrote here
+    .swarm-merge.lock                                   one run at a time (never pushed)
+
+The rules:
+
+- The output folder may not be, hold or lie inside an input (an expert, the
+  base model, a data file, the Hub cache), the recipe's folder, the working
+  directory or one of its parents, the home folder, or a system folder; no flag
+  overrides this. (It may lie inside the recipe's folder or the working
+  directory: ``out/<name>`` beside a recipe is the usual layout.)
+- The tool deletes only files that the manifest of an earlier run lists, its
+  own temporary files, and its own (marked) staging folder; never a folder
+  wholesale. A folder holding anything else is refused, ``--force`` or not.
+- One run per folder at a time: an advisory lock (``flock``) that the kernel
+  drops when its process dies, so a crashed run never leaves it stuck.
+- Publishing is atomic as a user sees it: files move in from the staging
+  folder with ``swarm.json`` next to last and ``config.json`` last, so until
+  the report is in place nothing in the folder loads as a model; the manifest
+  says ``complete`` only after that. ``--resume`` repairs an interrupted publish.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Iterable, List, Optional, Sequence
+
+from swarm_merge.errors import OutputError
+
+__all__ = [
+    "REPORT_FILE", "STATE_FILE", "MERGEKIT_FILE", "CARD_FILE", "PLOT_FILE", "MANIFEST_FILE", "LOCK_FILE", "STAGING",
+    "PUSH_IGNORE", "check_path", "check_contents", "OutputFolder", "write_json_atomic", "is_finished",
+]
+
+REPORT_FILE = "swarm.json"
+STATE_FILE = "swarm-state.json"
+MERGEKIT_FILE = "mergekit_config.yml"
+CARD_FILE = "README.md"
+PLOT_FILE = "swarm_history.png"
+MANIFEST_FILE = ".swarm-merge.json"
+LOCK_FILE = ".swarm-merge.lock"
+STAGING = ".swarm-staging"
+STAGING_MARK = ".swarm-merge-staging"  # inside the staging folder: it is ours
+GATE_FILE = "config.json"  # published last: without it nothing loads as a model
+# Never uploaded: the checkpoint (only useful here), the bookkeeping, a staging folder.
+PUSH_IGNORE = [STATE_FILE, MANIFEST_FILE, LOCK_FILE, f"{STAGING}/*", ".cache/*", ".*.tmp"]
+
+# Temporary files of write_json_atomic for our own files (left by a kill).
+_OUR_TMP = re.compile(r"^\.(swarm-state\.json|swarm\.json|\.swarm-merge\.json|README\.md)\..+\.tmp$")
+# Where a run's output never goes: system folders and everything under them.
+_SYSTEM = ("/proc", "/sys", "/dev", "/etc", "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/boot", "/run")
+_MANIFEST_VERSION = 1
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """Strict JSON (NaN refused) so that a kill at any instant leaves the old file or the new one."""
+    import tempfile
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=1, allow_nan=False)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# ------------------------------------------------------------------ the path
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_path(out_dir, *, inputs: Sequence[tuple] = (), recipe_dir: Optional[Path] = None) -> Path:
+    """Refuse an output folder that a run could not write or must not touch.
+
+    Args:
+        out_dir: the folder asked for (``--out`` or the recipe's).
+        inputs: ``(label, path)`` of every input: expert and base folders, data
+            files, the Hub cache. The output may not be, hold or lie inside one.
+        recipe_dir: the recipe's folder: the output may not be it or hold it.
+
+    Returns:
+        The resolved folder.
+
+    Raises:
+        OutputError: with the reason and the fix; no flag overrides it.
+    """
+    text = os.fspath(out_dir)
+    fix = "choose a new folder of its own with --out (e.g. out/<name>)"
+    if "\x00" in text:
+        raise OutputError(f"output folder {text!r} holds a NUL byte; {fix}")
+    if not text.strip():
+        raise OutputError(f"the output folder is empty; {fix}")
+    if len(os.fsencode(text)) > 4000 or any(len(os.fsencode(p)) > 255 for p in Path(text).parts):
+        raise OutputError(f"output folder {text[:60]!r}... is too long for the file system; {fix}")
+    path = Path(text).expanduser()
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop
+        raise OutputError(f"output folder {text!r} cannot be resolved ({type(exc).__name__}); {fix}") from None
+    for parent in [resolved, *resolved.parents]:
+        if parent.exists() and not parent.is_dir():
+            where = "is a file" if parent == resolved else f"lies under the file {str(parent)!r}"
+            raise OutputError(f"output folder {text!r} {where}; {fix}")
+        if parent.exists():
+            break
+    if len(resolved.parts) <= 2 or any(_inside(resolved, Path(s)) for s in _SYSTEM):
+        raise OutputError(f"output folder {str(resolved)!r} is a system folder or lies in one; {fix}")
+    protected = [("the home folder", Path.home().resolve()), ("the working directory", Path.cwd().resolve())]
+    for label, folder in protected:
+        if _inside(folder, resolved):
+            what = "is" if folder == resolved else "holds"
+            raise OutputError(f"output folder {str(resolved)!r} {what} {label}; {fix}")
+    if recipe_dir is not None and _inside(Path(recipe_dir).resolve(), resolved):
+        what = "is" if Path(recipe_dir).resolve() == resolved else "holds"
+        raise OutputError(f"output folder {str(resolved)!r} {what} the recipe's folder; {fix}")
+    for label, value in inputs:
+        other = Path(value).expanduser().resolve()
+        if _inside(other, resolved):
+            what = "is" if other == resolved else "holds"
+            raise OutputError(f"output folder {str(resolved)!r} {what} {label} ({str(other)!r}); {fix}")
+        if _inside(resolved, other):
+            raise OutputError(f"output folder {str(resolved)!r} lies inside {label} ({str(other)!r}); {fix}")
+    return resolved
+
+
+# -------------------------------------------------------------- the contents
+
+
+def _read_manifest(out_dir: Path) -> Optional[dict]:
+    path = out_dir / MANIFEST_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise OutputError(f"{path} is unreadable; this folder's bookkeeping is damaged: choose a new --out folder") from None
+    if not isinstance(data, dict) or data.get("tool") != "swarm_merge" or not isinstance(data.get("files"), list):
+        raise OutputError(f"{path} is not a swarm_merge manifest; choose a new --out folder")
+    return data
+
+
+def _ours(out_dir: Path, manifest: Optional[dict]) -> set:
+    names = {MANIFEST_FILE, LOCK_FILE}
+    if manifest is not None:
+        names |= {str(n) for n in manifest["files"] if isinstance(n, str) and "/" not in n and n not in ("", ".", "..")}
+    staging = out_dir / STAGING
+    if (staging / STAGING_MARK).is_file():
+        names.add(STAGING)
+    return names
+
+
+def _foreign(out_dir: Path, manifest: Optional[dict]) -> List[str]:
+    ours = _ours(out_dir, manifest)
+    return sorted(p.name for p in out_dir.iterdir() if p.name not in ours and not _OUR_TMP.match(p.name))
+
+
+def is_finished(out_dir: Path) -> bool:
+    """Whether ``out_dir`` holds a run whose publish completed."""
+    try:
+        manifest = _read_manifest(Path(out_dir))
+    except OutputError:
+        return False
+    return bool(manifest) and manifest.get("status") == "complete"
+
+
+def check_contents(out_dir: Path, *, resume: bool, force: bool, probe_lock: bool = True) -> None:
+    """What the folder holds allows this run (read-only; repeated under the lock).
+
+    Raises:
+        OutputError: another run holds the lock; foreign files; an earlier run
+            without ``--resume``/``--force``; ``--resume`` with nothing to resume.
+    """
+    if resume and force:
+        raise OutputError("--resume and --force contradict each other: --resume continues the run in the "
+                          "folder, --force starts it over; pass one of them")
+    if not out_dir.exists():
+        if resume:
+            raise OutputError(f"--resume: {out_dir} does not exist, so there is nothing to resume; drop --resume")
+        return
+    if not out_dir.is_dir():
+        raise OutputError(f"output folder {out_dir} is a file; choose a folder with --out")
+    holder = _lock_holder(out_dir) if probe_lock else None
+    if holder:
+        raise OutputError(f"{out_dir} is in use by another mergekit-swarm run ({holder}); wait for it to finish "
+                          "or choose another --out folder")
+    manifest = _read_manifest(out_dir)
+    foreign = _foreign(out_dir, manifest)
+    if foreign:
+        shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+        raise OutputError(f"{out_dir} holds files this tool did not write ({shown}); it never deletes them: "
+                          "choose an empty or new folder with --out")
+    if resume:
+        if manifest is None or not (out_dir / STATE_FILE).is_file():
+            raise OutputError(f"--resume: {out_dir} has no {STATE_FILE} to resume; drop --resume to start a new run")
+        return
+    if manifest is not None and not force:
+        raise OutputError(f"{out_dir} holds an earlier run; pass --resume to continue it or --force to start over")
+
+
+# ---------------------------------------------------------------- the lock
+
+
+def _lock_holder(out_dir: Path) -> Optional[str]:
+    """Who holds the folder's lock now, or None (a crashed holder holds nothing)."""
+    path = out_dir / LOCK_FILE
+    if not path.is_file():
+        return None
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no locking
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _describe_holder(path)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def _describe_holder(path: Path) -> str:
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+        return f"pid {info['pid']} on {info['host']}, since {info['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a process that is still running"
+
+
+# ------------------------------------------------------------ the folder
+
+
+def _rmdir_if_empty(path: Path) -> None:
+    try:
+        path.rmdir()  # never rmtree: only an empty folder goes
+    except OSError:
+        pass
+
+
+class OutputFolder:
+    """A claimed output folder: locked, its manifest kept, its publishing atomic.
+
+    Use as a context manager after every input has been checked::
+
+        with OutputFolder(out_dir, resume=..., force=...) as folder:
+            ... search with folder.state_path ...
+            stage = folder.new_stage()
+            ... write into stage ...
+            folder.publish(stage)
+
+    If the run fails before its search wrote a checkpoint, a folder this run
+    created is removed again: bad input leaves nothing behind.
+    """
+
+    def __init__(self, out_dir: Path, *, resume: bool, force: bool):
+        self.path = Path(out_dir)
+        self.resume, self.force = resume, force
+        self._fd: Optional[int] = None
+        self._created = False
+
+    @property
+    def state_path(self) -> Path:
+        return self.path / STATE_FILE
+
+    def __enter__(self) -> "OutputFolder":
+        check_contents(self.path, resume=self.resume, force=self.force)
+        if not self.path.exists():
+            self.path.mkdir(parents=True)
+            self._created = True
+        self._lock()
+        try:
+            # Again under the lock: another run may have written in between.
+            check_contents(self.path, resume=self.resume, force=self.force, probe_lock=False)
+            manifest = _read_manifest(self.path)
+            if manifest is not None and self.force:
+                self._remove(manifest["files"])
+                manifest = None
+            self._clear_leftovers()
+            if manifest is None:
+                self._write_manifest("searching", [STATE_FILE])
+        except BaseException:
+            self._unlock(remove=self._created)
+            if self._created:
+                _rmdir_if_empty(self.path)
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None and not self.state_path.exists():
+            # Nothing worth keeping was written: leave the folder as we found it.
+            self._clear_leftovers()
+            manifest = _read_manifest(self.path)
+            if manifest is not None and manifest.get("status") == "searching":
+                (self.path / MANIFEST_FILE).unlink()
+            if self._created:
+                self._unlock(remove=True)
+                _rmdir_if_empty(self.path)
+                return False
+        self._unlock()
+        return False
+
+    # -- lock
+
+    def _lock(self) -> None:
+        try:
+            import fcntl
+        except ImportError:
+            return
+        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputError(f"{self.path} is in use by another mergekit-swarm run "
+                              f"({_describe_holder(self.path / LOCK_FILE)}); wait for it to finish "
+                              "or choose another --out folder") from None
+        info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                           "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info, 0)
+        self._fd = fd
+
+    def _unlock(self, remove: bool = False) -> None:
+        if self._fd is None:
+            return
+        if remove:  # only a folder this run created and is about to remove
+            try:
+                (self.path / LOCK_FILE).unlink()
+            except OSError:
+                pass
+        os.close(self._fd)  # closing the descriptor releases the flock
+        self._fd = None
+
+    # -- bookkeeping
+
+    def _write_manifest(self, status: str, files: Iterable[str]) -> None:
+        write_json_atomic(self.path / MANIFEST_FILE, {
+            "tool": "swarm_merge", "version": _MANIFEST_VERSION, "status": status, "files": sorted(set(files)),
+        })
+
+    def _remove(self, names: Iterable[str]) -> None:
+        """Delete files this tool wrote (names from a manifest); never a folder."""
+        for name in names:
+            if not isinstance(name, str) or "/" in name or name in ("", ".", ".."):
+                continue
+            path = self.path / name
+            if path.is_file() or path.is_symlink():
+                path.unlink()
+
+    def _clear_leftovers(self) -> None:
+        """Our temporary files and our marked staging folder, from a run that was killed."""
+        for p in self.path.iterdir():
+            if _OUR_TMP.match(p.name):
+                p.unlink()
+        staging = self.path / STAGING
+        if (staging / STAGING_MARK).is_file():
+            shutil.rmtree(staging)
+
+    # -- publishing
+
+    def new_stage(self) -> Path:
+        """An empty, marked staging folder inside the output folder."""
+        stage = self.path / STAGING
+        if stage.exists():
+            if not (stage / STAGING_MARK).is_file():
+                raise OutputError(f"{stage} exists and is not this tool's; remove it or choose another --out")
+            shutil.rmtree(stage)
+        stage.mkdir()
+        (stage / STAGING_MARK).write_text("written by swarm_merge; deleted when the run publishes\n")
+        return stage
+
+    def publish(self, stage: Path) -> None:
+        """Move the staged files in: the report next to last, ``config.json`` last."""
+        new = sorted(p.name for p in stage.iterdir() if p.name != STAGING_MARK)
+        if any((stage / n).is_dir() for n in new):
+            raise OutputError(f"{stage} holds a folder; the merge should write files only")
+        old = (_read_manifest(self.path) or {"files": []})["files"]
+        # Recorded first, so that a kill anywhere below leaves every file recognisable.
+        self._write_manifest("publishing", set(old) | set(new) | {STATE_FILE})
+        # Take the gate and the old report away first: from here until the end
+        # the folder does not load as a model, old or new.
+        self._remove([GATE_FILE, REPORT_FILE])
+        self._remove([n for n in old if n not in new and n != STATE_FILE])  # e.g. shards of an earlier write
+        order = [n for n in new if n not in (REPORT_FILE, GATE_FILE)] + [n for n in (REPORT_FILE, GATE_FILE) if n in new]
+        for name in order:
+            os.replace(stage / name, self.path / name)
+        self._write_manifest("complete", set(new) | {STATE_FILE})
+        (stage / STAGING_MARK).unlink()
+        stage.rmdir()

@@ -1,0 +1,217 @@
+"""``swarm.json``: the report of a finished run, as typed, versioned models.
+
+This module owns the report. The pipeline builds a :class:`Report` and writes
+it with :func:`write`; everything else that reads a run (the final table, the
+model card, the Hub commit message, ``mergekit-swarm push``) takes a
+:class:`Report`, from the pipeline or from :func:`read`, never raw JSON.
+
+The file is strict JSON (no NaN or Infinity): a utility that is not a finite
+number (a failed or diverged evaluation) is ``null``. Local paths are written
+relative to the recipe's folder (``./experts/add``), Hub experts as repo ids
+with their resolved commit: a pushed report carries no local path.
+
+``SCHEMA_VERSION`` changes whenever a field changes meaning or goes away; a
+report of another version is refused by :func:`read` with a clear message.
+The JSON schema is ``docs/swarm.schema.json`` (``python -m swarm_merge.report``
+prints it; a test keeps the file in step).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Union
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from swarm_merge.errors import OutputError
+from swarm_merge.recipe import Recipe
+
+__all__ = [
+    "SCHEMA_VERSION", "Split", "ScoreRow", "Scores", "ExpertRecord", "BaseModelRecord", "Coefficients",
+    "HistoryEntry", "SearchRecord", "DataRecord", "Report", "ReportError", "read", "write", "json_schema", "finite",
+]
+
+SCHEMA_VERSION = 2  # 1: swarm_merge 0.1.0 (no schema_version field)
+
+
+class ReportError(OutputError):
+    """A swarm.json that cannot be read as this version's report."""
+
+
+def finite(value: Any) -> Optional[float]:
+    """A float, or None for NaN, infinities and None (strict JSON has no NaN)."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Split(_Model):
+    """A model's score on one data split."""
+
+    utility: Optional[float] = Field(description="the objective's utility (higher is better); null if not finite")
+    groups: Dict[str, Optional[float]] = Field(default_factory=dict, description="utility per row group")
+    n: int = Field(description="rows scored")
+
+    @classmethod
+    def of(cls, score) -> "Split":
+        """From an :class:`swarm_merge.objectives.Score`."""
+        return cls(utility=finite(score.utility), groups={g: finite(v) for g, v in score.groups.items()}, n=score.n)
+
+
+class ScoreRow(_Model):
+    name: str
+    kind: Literal["expert", "uniform", "winner"]
+    coefficients: List[List[float]] = Field(description="(groups, experts) coefficients of this model")
+    dev: Split
+    test: Optional[Split] = None
+
+
+class Scores(_Model):
+    """The experts, the uniform average and the winner, on dev (searched) and test (held out)."""
+
+    rows: List[ScoreRow]
+
+    def _kind(self, kind: str) -> ScoreRow:
+        return next(r for r in self.rows if r.kind == kind)
+
+    @property
+    def winner(self) -> ScoreRow:
+        return self._kind("winner")
+
+    @property
+    def uniform(self) -> ScoreRow:
+        return self._kind("uniform")
+
+    @property
+    def has_test(self) -> bool:
+        return any(r.test is not None for r in self.rows)
+
+
+class ExpertRecord(_Model):
+    name: str
+    model: str = Field(description="Hub repo id, or the folder relative to the recipe's folder")
+    local: bool
+    requested_revision: Optional[str] = None
+    revision: Optional[str] = Field(None, description="the commit that was pulled (Hub experts)")
+    parameters: int
+    license: Optional[str] = None
+    pickled: bool = False
+    digest: str = Field(description="digest of the weights' bytes as searched")
+
+
+class BaseModelRecord(_Model):
+    model: str
+    revision: Optional[str] = None
+
+
+class Coefficients(_Model):
+    """The winner: ``sum_k a_k E_k`` per tensor (per layer group with granularity layer)."""
+
+    sums: List[float] = Field(description="each group's coefficient sum (1: an affine merge)")
+    model: Optional[List[float]] = Field(None, description="one coefficient per expert (granularity model)")
+    groups: Optional[List[str]] = Field(None, description="layer group labels (granularity layer)")
+    per_group: Optional[List[List[float]]] = Field(None, description="(groups, experts) (granularity layer)")
+
+    @classmethod
+    def of(cls, best: np.ndarray, labels: List[str]) -> "Coefficients":
+        best = np.asarray(best, dtype=np.float64)
+        if best.shape[0] == 1:
+            return cls(sums=best.sum(axis=1).tolist(), model=best[0].tolist())
+        return cls(sums=best.sum(axis=1).tolist(), groups=list(labels), per_group=best.tolist())
+
+    def matrix(self) -> np.ndarray:
+        return np.array([self.model] if self.model is not None else self.per_group, dtype=np.float64)
+
+
+class HistoryEntry(_Model):
+    iteration: int = Field(description="0: the initial swarm")
+    best: Optional[float] = None
+    mean: Optional[float] = None
+    worst: Optional[float] = None
+    global_best: Optional[float] = None
+    evaluations: int
+    seconds: float
+
+
+class SearchRecord(_Model):
+    iterations: int
+    evaluations: int
+    distinct_positions_scored: int
+    stop_reason: str
+    resumed: bool
+    seconds: float = Field(description="search time, resumed parts included")
+    history: List[HistoryEntry]
+
+
+class DataRecord(_Model):
+    dev_rows: int
+    test_rows: Optional[int] = None
+    test_rows_in_dev: int = Field(0, description="test rows that also appear in the dev set (0: held out)")
+
+
+class Report(_Model):
+    """The whole of ``swarm.json``."""
+
+    schema_version: Literal[2] = SCHEMA_VERSION
+    tool: Literal["swarm_merge"] = "swarm_merge"
+    recipe: Recipe = Field(description="the recipe as run; local paths relative to its folder")
+    experts: List[ExpertRecord]
+    base_model: Optional[BaseModelRecord] = None
+    coefficients: Coefficients
+    scores: Scores
+    data: DataRecord
+    search: SearchRecord
+    wall_seconds: float = Field(description="the whole run, resumed parts included")
+    hardware: str
+    versions: Dict[str, str]
+
+
+def write(path: Union[str, Path], report: Report) -> None:
+    from swarm_merge.output import write_json_atomic
+
+    write_json_atomic(Path(path), report.model_dump(mode="json"))
+
+
+def read(path: Union[str, Path]) -> Report:
+    """Read a ``swarm.json``.
+
+    Raises:
+        ReportError: missing, not JSON, another schema version, or invalid.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ReportError(f"{path} not found; give the output folder of a finished mergekit-swarm run") from None
+    except (OSError, ValueError) as exc:
+        raise ReportError(f"{path} cannot be read ({type(exc).__name__}); re-run the recipe") from None
+    if not isinstance(data, dict):
+        raise ReportError(f"{path} is not a swarm_merge report; re-run the recipe")
+    version = data.get("schema_version", 1)
+    if version != SCHEMA_VERSION:
+        raise ReportError(
+            f"{path} has report schema {version} but this swarm_merge reads schema {SCHEMA_VERSION}; re-run the "
+            "recipe with this version (--resume reuses its checkpoint), or use the swarm_merge that wrote it"
+        )
+    try:
+        return Report.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise ReportError(f"{path} is not a valid report ({where}: {err['msg']}); re-run the recipe") from None
+
+
+def json_schema() -> Dict[str, Any]:
+    return Report.model_json_schema()
+
+
+if __name__ == "__main__":  # python -m swarm_merge.report > docs/swarm.schema.json
+    print(json.dumps(json_schema(), indent=2))

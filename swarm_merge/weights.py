@@ -1,0 +1,249 @@
+"""Build a particle's weights from the experts' tensors: ``sum_k a[g, k] E_k[t]``.
+
+One arithmetic (:func:`combine`) for every evaluation mode, so they build
+bit-identical weights: in-memory mode combines experts held in memory;
+streaming mode reads them chunk by chunk from their safetensors files
+(:class:`TensorReader`) into a reused buffer, through
+:class:`LazyMergedWeights`, the weights map accelerate's offload hooks read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Mapping
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from swarm_merge.errors import EvaluationError
+from swarm_merge.experts import Expert
+
+__all__ = ["torch_dtype", "TensorReader", "read_stacked", "combine", "coefficient_rows", "LazyMergedWeights"]
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+class TensorReader:
+    """Reads single tensors out of safetensors files with ``os.preadv``.
+
+    Written by hand because safetensors' ``safe_open`` memory-maps each file:
+    every page it touches stays mapped into the process and counts in its RSS,
+    so streaming K experts through it would end with all K resident. pread
+    copies only the bytes of the tensor asked for (one copy, straight into the
+    caller's buffer) and leaves caching to the OS page cache.
+    """
+
+    def __init__(self) -> None:
+        self._files: Dict[str, Tuple[int, int, dict]] = {}  # path -> (fd, data start, header)
+
+    def _open(self, path: str):
+        if path not in self._files:
+            fd = os.open(path, os.O_RDONLY)
+            (size,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+            header = json.loads(os.pread(fd, size, 8))
+            self._files[path] = (fd, 8 + size, header)
+        return self._files[path]
+
+    def read_into(self, path: str, name: str, out: torch.Tensor, *, start: int = 0) -> torch.Tensor:
+        """Fill ``out`` (a CPU tensor of the stored dtype) with tensor ``name``'s
+        flattened elements from ``start`` on (as many as ``out`` holds)."""
+        fd, data, header = self._open(path)
+        begin, end = header[name]["data_offsets"]
+        view = memoryview(out.view(torch.uint8).reshape(-1).numpy())
+        offset = begin + start * out.element_size()
+        if offset + len(view) > end:
+            raise EvaluationError(f"{path}: tensor {name} is {end - begin} bytes, shorter than asked; re-save the expert")
+        done = 0
+        while done < len(view):  # preadv may return short reads on large tensors
+            n = os.preadv(fd, [view[done:]], data + offset + done)
+            if n <= 0:
+                raise EvaluationError(f"{path}: truncated while reading {name}; re-download the expert")
+            done += n
+        return out
+
+    def stored_dtype(self, path: str, name: str) -> torch.dtype:
+        return _ST_DTYPES[self._open(path)[2][name]["dtype"]]
+
+    def close(self) -> None:
+        for fd, _, _ in self._files.values():
+            os.close(fd)
+        self._files.clear()
+
+
+def read_stacked(reader: TensorReader, experts: Sequence[Expert], name: str, dtype: torch.dtype,
+                 scratch: Optional[torch.Tensor] = None, span: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    """The K experts' tensor ``name`` as one ``(K, numel)`` tensor of ``dtype`` (CPU).
+
+    With ``scratch`` (a flat buffer of at least K * numel elements of ``dtype``)
+    the result is a view of it: no fresh allocation, hence no page faults.
+    """
+    infos = [e.tensors[name] for e in experts]
+    stored = {reader.stored_dtype(i.file, name) for i in infos}
+    start, stop = span or (0, infos[0].numel)
+    numel = stop - start
+    if scratch is not None:
+        stacked = scratch[: len(infos) * numel].view(len(infos), numel)
+    else:
+        stacked = torch.empty((len(infos), numel), dtype=dtype)
+    if stored == {dtype}:
+        for k, info in enumerate(infos):
+            reader.read_into(info.file, name, stacked[k], start=start)
+        return stacked
+    for k, info in enumerate(infos):
+        raw = torch.empty(numel, dtype=reader.stored_dtype(info.file, name))
+        stacked[k].copy_(reader.read_into(info.file, name, raw, start=start))
+    return stacked
+
+
+@torch.no_grad()
+def combine(stacked: torch.Tensor, c: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``sum_k c[k] * stacked[k]``, accumulated in float32, into ``out`` or a new tensor
+    (never into ``stacked``, which may be a reused scratch buffer).
+
+    Both evaluation modes build every weight with this one function, so they
+    give bit-identical weights. Coefficients are float32: in a 16-bit dtype a
+    coefficient like 0.3456 would round to 3 significant digits.
+    """
+    if stacked.dtype == torch.float32:
+        # One (1, K) x (K, N) product: a single pass over the experts' memory.
+        if out is not None and out.dtype == torch.float32:
+            torch.matmul(c.unsqueeze(0), stacked, out=out.view(1, -1))
+            return out
+        result = torch.matmul(c.unsqueeze(0), stacked).view(-1)
+    else:
+        result = torch.zeros(stacked.shape[1], dtype=torch.float32, device=stacked.device)
+        for k in range(stacked.shape[0]):
+            result.add_(stacked[k], alpha=float(c[k]))
+    if out is not None:
+        return out.copy_(result)
+    return result
+
+
+def coefficient_rows(coefficients: np.ndarray, device) -> List[torch.Tensor]:
+    coefficients = np.asarray(coefficients, dtype=np.float64)
+    return [torch.tensor(row, dtype=torch.float32, device=device) for row in coefficients]
+
+class LazyMergedWeights(Mapping):
+    """A weights map whose values are built on access: ``sum_k a[g, k] E_k[name]``.
+
+    accelerate's offload hooks read each module's tensors from it right before
+    the module's forward and drop them right after, so at any time the process
+    holds one module's weights plus K chunks of the tensor being combined.
+    """
+
+    CHUNK = 4 * 1024 * 1024  # elements read per expert at a time (16 MiB in float32)
+
+    def __init__(self, experts: Sequence[Expert], groups: Dict[str, int], aliases: Dict[str, str], *,
+                 dtype: torch.dtype, device: torch.device):
+        self.experts = list(experts)
+        self.groups = groups
+        self.aliases = aliases  # tied names the files do not store -> the stored name
+        self.names = [n for n in experts[0].tensors] + [a for a in aliases if a not in experts[0].tensors]
+        self.dtype = dtype
+        self.device = device
+        self.reader = TensorReader()
+        self.rows: Optional[List[torch.Tensor]] = None
+        self.bytes_read = 0  # expert bytes read so far (for tests and the benchmark)
+        self.tensors_built = 0
+        # One reusable read buffer for K chunks of CHUNK elements: reading into
+        # fresh memory every time costs page faults worth more than the read, and
+        # chunking keeps it small next to the largest tensor (the embeddings).
+        self.chunk = min(self.CHUNK, max(t.numel for t in experts[0].tensors.values()))
+        self.scratch = torch.empty(len(self.experts) * self.chunk, dtype=dtype)
+        # Tied weights (embeddings = head) are asked for twice per forward; the
+        # second ask reuses the first build (until the coefficients change).
+        self.tied_sources = set(aliases.values())
+        self._tied: Dict[str, torch.Tensor] = {}
+
+    def set_coefficients(self, coefficients: np.ndarray) -> None:
+        self.rows = coefficient_rows(coefficients, self.device)
+        self._tied.clear()
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        source = self.aliases.get(name, name)
+        if source not in self.groups:
+            raise KeyError(name)
+        if self.rows is None:
+            raise EvaluationError("no particle set: call set_coefficients first")
+        if source in self._tied:
+            return self._tied[source]
+        info = self.experts[0].tensors[source]
+        c = self.rows[self.groups[source]]
+        merged = torch.empty(info.numel, dtype=torch.float32 if self.dtype == torch.float32 else self.dtype,
+                             device=self.device)
+        # Chunk by chunk along the flattened tensor; each output element is the
+        # same K-term combination as in-memory mode computes, so weights match.
+        for start in range(0, info.numel, self.chunk):
+            stop = min(start + self.chunk, info.numel)
+            stacked = read_stacked(self.reader, self.experts, source, self.dtype, scratch=self.scratch,
+                                   span=(start, stop))
+            self.bytes_read += stacked.numel() * stacked.element_size()
+            if self.device.type != "cpu":
+                stacked = stacked.to(self.device)
+            combine(stacked, c, out=merged[start:stop])
+        self.tensors_built += 1
+        merged = merged.reshape(info.shape)
+        if source in self.tied_sources:
+            self._tied[source] = merged
+        return merged
+
+    def __contains__(self, name: object) -> bool:  # cheap: never builds a tensor
+        return name in self.groups or name in self.aliases
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def scan_experts(experts: Sequence[Expert], *, chunk_bytes: int = 64 * 1024 * 1024) -> List[str]:
+    """Read every expert's weights once: refuse non-finite values, and return a
+    digest of each expert's bytes (the checkpoint's fingerprint covers content,
+    so a resume after an expert changed in place is refused).
+
+    A NaN or inf anywhere in an expert poisons every merge (0 * NaN is NaN), so
+    it is bad input, found here before the search rather than as a swarm of
+    NaN utilities. Reads with :class:`TensorReader` (no mmap: RSS stays flat).
+
+    Raises:
+        ExpertError: a tensor holds NaN or inf.
+    """
+    import hashlib
+
+    from swarm_merge.errors import ExpertError
+
+    reader = TensorReader()
+    digests = []
+    try:
+        for expert in experts:
+            h = hashlib.blake2b(digest_size=20)
+            for name in sorted(expert.tensors):
+                info = expert.tensors[name]
+                dtype = reader.stored_dtype(info.file, name)
+                h.update(f"{name}:{info.dtype}:{list(info.shape)};".encode())
+                step = max(1, chunk_bytes // torch.tensor([], dtype=dtype).element_size())
+                buf = torch.empty(min(step, max(info.numel, 1)), dtype=dtype)
+                for start in range(0, info.numel, step):
+                    part = reader.read_into(info.file, name, buf[: min(step, info.numel - start)], start=start)
+                    h.update(memoryview(part.view(torch.uint8).numpy()))
+                    if part.is_floating_point() and not bool(torch.isfinite(part).all()):
+                        raise ExpertError(
+                            f"expert {expert.describe()}: tensor {name!r} holds NaN or inf values, which make every "
+                            "merge NaN (even at coefficient 0); repair or re-save that expert"
+                        )
+            digests.append(h.hexdigest())
+    finally:
+        reader.close()
+    return digests
