@@ -44,7 +44,7 @@ from swarm_merge.errors import OutputError
 
 __all__ = [
     "REPORT_FILE", "STATE_FILE", "MERGEKIT_FILE", "CARD_FILE", "PLOT_FILE", "MANIFEST_FILE", "LOCK_FILE", "STAGING",
-    "PUSH_IGNORE", "check_path", "check_contents", "OutputFolder", "write_json_atomic", "is_finished",
+    "PUSH_IGNORE", "check_flags", "check_path", "check_contents", "OutputFolder", "write_json_atomic", "is_finished",
 ]
 
 REPORT_FILE = "swarm.json"
@@ -186,6 +186,12 @@ def is_finished(out_dir: Path) -> bool:
     return bool(manifest) and manifest.get("status") == "complete"
 
 
+def check_flags(*, resume: bool, force: bool) -> None:
+    if resume and force:
+        raise OutputError("--resume and --force contradict each other: --resume continues the run in the "
+                          "folder, --force starts it over; pass one of them")
+
+
 def check_contents(out_dir: Path, *, resume: bool, force: bool, probe_lock: bool = True) -> None:
     """What the folder holds allows this run (read-only; repeated under the lock).
 
@@ -193,9 +199,7 @@ def check_contents(out_dir: Path, *, resume: bool, force: bool, probe_lock: bool
         OutputError: another run holds the lock; foreign files; an earlier run
             without ``--resume``/``--force``; ``--resume`` with nothing to resume.
     """
-    if resume and force:
-        raise OutputError("--resume and --force contradict each other: --resume continues the run in the "
-                          "folder, --force starts it over; pass one of them")
+    check_flags(resume=resume, force=force)
     if not out_dir.exists():
         if resume:
             raise OutputError(f"--resume: {out_dir} does not exist, so there is nothing to resume; drop --resume")

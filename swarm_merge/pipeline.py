@@ -45,6 +45,7 @@ def run(recipe: Recipe, options: RunOptions = RunOptions(), *, out=None) -> Opti
     out = out or sys.stdout
     started = time.monotonic()
     evaluate.check_device(options.device)
+    output.check_flags(resume=options.resume, force=options.force)
     push_to = options.push_to_hub or recipe.output.push_to_hub
     out_dir = output.check_path(options.out_dir or recipe.output_dir, inputs=_inputs(recipe, options),
                                 recipe_dir=recipe.base_dir)

@@ -1,5 +1,3 @@
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,12 +24,3 @@ def tiny_recipe(tmp_path, tiny_experts):
         return tiny.write_recipe(tmp_path, experts or tiny_experts, extra, objective=objective)
 
     return write
-
-
-def run_cli(*args, cwd=None, env=None, timeout=600):
-    """Run the real console entry point in a subprocess; returns CompletedProcess."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "swarm_merge.cli", *map(str, args)],
-        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
-    )
