@@ -97,10 +97,13 @@ def load_examples(path: str, objective_type: str, group_by: Optional[str] = "tas
     return examples
 
 
-def _need_str(row: dict, key: str, where: str, shape: str) -> str:
+def _need_str(row: dict, key: str, where: str, shape: str, *, nonempty: bool = False) -> str:
     value = row.get(key)
     if not isinstance(value, str):
         raise DataError(f"{where}: {key!r} must be a string (rows look like {shape})")
+    if nonempty and not value.strip():
+        # An empty prompt has nothing to generate from or to condition the choices on.
+        raise DataError(f"{where}: {key!r} is empty; give every row a prompt (rows look like {shape})")
     return value
 
 
@@ -109,7 +112,7 @@ def _example(row: dict, kind: str, group_by: Optional[str], where: str) -> Examp
     group = None if group is None else str(group)
     if kind == "exact_match":
         shape = '{"prompt": ..., "answer": ...}'
-        prompt = _need_str(row, "prompt", where, shape)
+        prompt = _need_str(row, "prompt", where, shape, nonempty=True)
         answer = row.get("answer")
         if isinstance(answer, (int, float)) and not isinstance(answer, bool):
             answer = str(answer)
@@ -118,7 +121,7 @@ def _example(row: dict, kind: str, group_by: Optional[str], where: str) -> Examp
         return Example(prompt=prompt, answer=answer, group=group)
     if kind == "multiple_choice":
         shape = '{"prompt": ..., "choices": [...], "answer": index}'
-        prompt = _need_str(row, "prompt", where, shape)
+        prompt = _need_str(row, "prompt", where, shape, nonempty=True)
         choices = row.get("choices")
         if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
             raise DataError(f"{where}: 'choices' must be a list of two or more non-empty strings (rows look like {shape})")

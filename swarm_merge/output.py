@@ -321,10 +321,10 @@ class OutputFolder:
             manifest = _read_manifest(self.path)
             if manifest is not None and manifest.get("status") == "searching":
                 (self.path / MANIFEST_FILE).unlink()
+            self._unlock(remove=True)
             if self._created:
-                self._unlock(remove=True)
                 _rmdir_if_empty(self.path)
-                return False
+            return False
         self._unlock()
         return False
 
@@ -352,7 +352,7 @@ class OutputFolder:
     def _unlock(self, remove: bool = False) -> None:
         if self._fd is None:
             return
-        if remove:  # only a folder this run created and is about to remove
+        if remove:  # a run that leaves nothing else behind
             try:
                 (self.path / LOCK_FILE).unlink()
             except OSError:

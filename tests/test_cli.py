@@ -296,9 +296,10 @@ def test_bad_experts_exit_2_and_write_nothing(problem, tmp_path, tiny_recipe, ti
     ("", "is empty"),
     ('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2=", "answer": \n', ":2: not valid JSON"),
     ('{"prompt": "1+1="}\n', "'answer' must be"),
+    ('{"prompt": " ", "answer": "2"}\n', "'prompt' is empty"),
 ])
 def test_bad_dev_data_exits_2_and_writes_nothing(content, message, tiny_recipe, tmp_path, capsys):
-    recipe = tiny_recipe()
+    recipe = tiny_recipe(objective="exact_match")
     dev = tmp_path / "data" / "dev.jsonl"
     if content is None:
         dev.unlink()

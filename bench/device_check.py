@@ -1,0 +1,156 @@
+"""The CUDA paths, checked and timed on a lent GPU machine (or any machine with one).
+
+    python bench/device_check.py [--device cuda] [--small]
+
+1. The CLI end to end on tiny experts with ``--device cuda``, in both eval
+   modes: exit 0, a model that loads, and the same winner in both modes.
+2. Seconds per evaluation on four SmolLM2-135M-shaped experts (random
+   weights; 30 layers, hidden 576, vocab 49152, tied embeddings): the floor
+   (scoring with the weights already in place), in-memory (rebuild in place)
+   and streaming (accelerate hooks), for loglik and exact_match; median of 5.
+
+Needs only torch, transformers, accelerate, mergekit and this repo (tests/tiny.py
+builds the models): no Hub, no demo build. Prints plain tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+import tiny  # noqa: E402
+
+from swarm_merge import evaluate, experts as experts_mod, objectives, space  # noqa: E402
+from swarm_merge.cli import main  # noqa: E402
+from swarm_merge.recipe import Objective  # noqa: E402
+from swarm_merge.report import read as read_report  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def end_to_end(root: Path, device: str) -> None:
+    experts = tiny.make_experts(root / "experts", 3)
+    print(f"== 1. the CLI on tiny experts, --device {device}")
+    results = {}
+    for objective in ("loglik", "exact_match"):
+        for mode in ("in-memory", "streaming"):
+            work = root / f"{objective}-{mode}"
+            recipe = tiny.write_recipe(work, experts, objective=objective)
+            start = time.perf_counter()
+            code = main([str(recipe), "--device", device, "--eval-mode", mode, "--no-progress"])
+            took = time.perf_counter() - start
+            report = read_report(work / "out" / "swarm.json")
+            from transformers import AutoModelForCausalLM
+
+            AutoModelForCausalLM.from_pretrained(work / "out")
+            results[objective, mode] = report
+            w = report.scores.winner
+            print(f"{objective:12s} {mode:10s} exit {code}  {took:6.1f} s  winner dev {w.dev.utility:.6f} "
+                  f"test {w.test.utility:.6f}  coefficients {np.round(report.coefficients.model, 6).tolist()}  "
+                  f"hardware {report.hardware}")
+            assert code == 0
+        a, b = results[objective, "in-memory"], results[objective, "streaming"]
+        same = np.allclose(a.coefficients.model, b.coefficients.model, atol=1e-9)
+        print(f"{objective}: in-memory and streaming pick the same winner: {same}; dev utilities differ by "
+              f"{abs(a.scores.winner.dev.utility - b.scores.winner.dev.utility):.2e}")
+
+
+def timings(root: Path, device: torch.device, small: bool) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    print(f"\n== 2. seconds per evaluation, 4 SmolLM2-shaped experts, {device}")
+    tok = tiny.make_tokenizer()
+    if small:
+        config = LlamaConfig(vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    else:
+        config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                             num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
+                             max_position_embeddings=2048)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config)
+    paths = []
+    for i in range(4):
+        torch.manual_seed(10 + i)
+        with torch.no_grad():
+            for p in base.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        path = root / f"big{i}"
+        base.save_pretrained(path)
+        tok.save_pretrained(path)
+        paths.append(path)
+    del base
+    from swarm_merge.recipe import ExpertRef
+
+    experts = experts_mod.pull_experts([ExpertRef(model=str(p)) for p in paths])
+    groups, _ = space.tensor_groups(sorted(experts[0].tensors), granularity="model")
+    rows = [objectives.Example(prompt=r["prompt"], answer=r["answer"]) for r in tiny.arithmetic_rows(72)]
+    rng = np.random.default_rng(0)
+    particles = []
+    for _ in range(5):
+        c = rng.normal(0.25, 0.3, size=4)
+        c[-1] = 1 - c[:-1].sum()
+        particles.append(c[None])
+    print(f"{'objective':12s} {'strategy':10s} {'s/eval':>8s} {'x floor':>8s} {'peak GPU MiB':>13s}")
+    for kind in ("loglik", "exact_match"):
+        objective = Objective(type=kind, dev="-", batch_size=36, max_new_tokens=8)
+        floor = None
+        for strategy in ("floor", "in-memory", "streaming"):
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            ev = evaluate.make_evaluator("in-memory" if strategy == "floor" else strategy, experts, groups,
+                                         dtype="float32", device=device)
+            ev.evaluate(particles[0], rows, objective)  # warm-up: kernels, allocator, caches
+            times = []
+            for c in particles:
+                if strategy == "floor":
+                    ev.build(c)  # weights in place before the clock starts
+                    sync(device)
+                    start = time.perf_counter()
+                    objectives.score(ev.model, ev.tokenizer, rows, objective, device, batch_size=36)
+                else:
+                    sync(device)
+                    start = time.perf_counter()
+                    ev.evaluate(c, rows, objective)
+                sync(device)
+                times.append(time.perf_counter() - start)
+            med = statistics.median(times)
+            floor = floor or med
+            peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+            print(f"{kind:12s} {strategy:10s} {med:8.3f} {med / floor:8.2f} {peak:13.0f}")
+            del ev
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+def run(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--small", action="store_true", help="a small model for part 2 (a smoke test on CPU)")
+    args = parser.parse_args(argv)
+    print(f"torch {torch.__version__}, device {args.device}"
+          + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""))
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        end_to_end(root, args.device)
+        timings(root, torch.device(args.device), args.small)
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    run()
