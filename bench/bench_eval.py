@@ -72,7 +72,7 @@ def _objective_data(recipe, kind: str, tmp: Path):
     if kind == "multiple_choice":
         rng = random.Random(0)
         mc = []
-        for i, r in enumerate(rows):
+        for r in rows:
             others = [o["answer"] for o in rows if o.get("task") == r.get("task") and o["answer"] != r["answer"]]
             choices = [" " + r["answer"]] + [" " + a for a in rng.sample(others, 3)]
             rng.shuffle(choices)

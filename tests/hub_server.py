@@ -809,7 +809,9 @@ class HubServer:
             return self._paths_info(repo, unquote(rest), headers, body)
         if head == "refs" and method == "GET":
             repo = self._get_repo_for_read(repo_type, repo_id, token)
-            ref = lambda kind, name, oid: {"name": name, "ref": f"refs/{kind}/{name}", "targetCommit": oid}
+            def ref(kind, name, oid):
+                return {"name": name, "ref": f"refs/{kind}/{name}", "targetCommit": oid}
+
             return _json({
                 "branches": [ref("heads", n, o) for n, o in repo.branches.items() if not n.startswith("refs/pr/")],
                 "converts": [],
@@ -1026,7 +1028,7 @@ class HubServer:
         try:
             cursor = int(params.get("cursor", "0") or 0)
         except ValueError:
-            raise _HttpError(400, "Invalid cursor")
+            raise _HttpError(400, "Invalid cursor") from None
         page_size = max(1, self.tree_page_size if not expand else min(self.tree_page_size, 50))
         page = listing[cursor:cursor + page_size]
         headers = {"X-Repo-Commit": oid}
@@ -1300,7 +1302,7 @@ def _load_json(body: bytes) -> dict:
     try:
         data = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _HttpError(400, f"Invalid JSON body: {e}")
+        raise _HttpError(400, f"Invalid JSON body: {e}") from e
     if not isinstance(data, dict):
         raise _HttpError(400, "JSON body must be an object")
     return data

@@ -292,7 +292,7 @@ def test_a_kill_during_publish_never_leaves_a_loadable_model_without_its_report(
     monkeypatch.setattr(output.os, "replace", real_replace)
     # Until swarm.json is in place the folder does not load as a model.
     assert not (world.out / "config.json").exists()
-    with pytest.raises(Exception):
+    with pytest.raises((OSError, ValueError)):  # transformers: no config.json there
         AutoModelForCausalLM.from_pretrained(world.out)
     assert not output.is_finished(world.out)
     # A plain rerun refuses; --resume repairs it.

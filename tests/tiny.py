@@ -49,7 +49,7 @@ def make_experts(root: Path, n: int = 3, *, tie: bool = False, layers: int = 2, 
         torch.manual_seed(100 + i)
         expert = LlamaForCausalLM(config).to(dtype)
         with torch.no_grad():
-            for (name, p), q in zip(expert.named_parameters(), base.parameters()):
+            for p, q in zip(expert.parameters(), base.parameters()):
                 p.copy_(q + scale * torch.randn_like(q) * q.float().std().clamp(min=1e-3).to(dtype))
         path = root / (names[i] if names else f"expert{i}")
         expert.save_pretrained(path)
