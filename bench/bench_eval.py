@@ -167,9 +167,9 @@ def worker(args) -> dict:
         from swarm_merge import merge
 
         tok = evaluate.load_tokenizer(experts[0].path)
-        for c in particles[1:]:
+        for i, c in enumerate(particles[1:]):
             start = time.perf_counter()
-            out = tmp / "merged"
+            out = tmp / f"merged{i}"  # write_merge writes into a new (or empty) folder
             merge.write_merge(merge.mergekit_config(experts, c, groups, dtype=recipe.dtype, portable=False), out)
             model = AutoModelForCausalLM.from_pretrained(str(out), dtype=weights.torch_dtype(recipe.dtype)).eval()
             utilities.append(objectives.score(model, tok, rows, objective, cpu).utility)

@@ -231,9 +231,10 @@ def test_same_seed_same_result_and_resume_after_kill_9(tiny_recipe, tmp_path, ca
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tiny_recipe, tmp_path, capsys):
-    assert main([str(tiny_recipe()), "--dry-run"]) == 0
+    assert main([str(tiny_recipe()), "--dry-run", "--push-to-hub", "me/override"]) == 0
     out = capsys.readouterr().out
     assert "3 experts" in out and "evaluations: at most 20" in out and "estimated peak memory" in out
+    assert "push to me/override" in out  # the flag, not only the recipe's target
     assert not (tmp_path / "out").exists()
 
 
