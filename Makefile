@@ -36,7 +36,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo-models: $(DEMO_MODELS)
 
-$(DEMO_MODELS): $(VENV)/.installed recipes/demo/build_experts.py
+$(DEMO_MODELS): $(VENV)/.installed recipes/demo/build_experts.py $(wildcard recipes/demo/builder/*.py)
 	$(PY) recipes/demo/build_experts.py
 	touch $@
 
