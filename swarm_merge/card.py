@@ -19,7 +19,6 @@ if TYPE_CHECKING:
 __all__ = ["render_card", "plot_history", "expert_license", "set_repo_id", "md", "fence", "fmt"]
 
 LOG = logging.getLogger(__name__)
-PLOT_NAME = PLOT_FILE  # the history plot beside the card
 _EMPTY = Split(utility=None, groups={}, n=0)
 TAGS = ["merge", "mergekit", "model-swarms", "swarm_merge"]
 
@@ -32,10 +31,13 @@ def expert_license(path: Path) -> Optional[str]:
     try:
         from huggingface_hub import ModelCard
 
-        return ModelCard.load(readme).data.to_dict().get("license")
+        value = ModelCard.load(readme).data.to_dict().get("license")
     except Exception:  # a malformed card only costs the license field
         LOG.debug("cannot read the card of %s", path, exc_info=True)
         return None
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return " OR ".join(value) or None  # a card may list several licenses
+    return value if isinstance(value, str) and value else None
 
 
 def fmt(value: Optional[float]) -> str:
@@ -86,7 +88,7 @@ def fence(content: str) -> str:
 
 
 def render_card(report: "Report", *, recipe_yaml: str, mergekit_yaml: str, repo_id: Optional[str] = None,
-                plot: Optional[str] = PLOT_NAME):
+                plot: Optional[str] = PLOT_FILE):
     """Build the ModelCard (metadata + body) of a finished run from its report."""
     from urllib.parse import quote
 

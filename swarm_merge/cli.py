@@ -33,7 +33,8 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override a recipe value before validation, e.g. --set swarm.max_iterations=5 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint in the out dir")
-    p.add_argument("--force", action="store_true", help="start over in an out dir that holds an earlier run or other files")
+    p.add_argument("--force", action="store_true",
+                   help="start over in an out dir that holds an earlier run (deletes only the files that run wrote)")
     p.add_argument("--dry-run", action="store_true", help="validate everything and print the plan; write nothing")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--seed", type=int, help="override swarm.seed")

@@ -62,7 +62,7 @@ def check_device(device: str) -> None:
 
     if not isinstance(device, str) or not DEVICE.match(device):
         raise InputError(f"--device {short_repr(device)} is not a device this tool evaluates on; "
-                         "use auto, cpu, cuda or cuda:N")
+                         "use auto, cpu, cuda, cuda:N or mps")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -71,7 +71,13 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise EvaluationError("--device cuda asked for but torch sees no CUDA GPU; use --device cpu or auto")
-    return torch.device(device)
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise EvaluationError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA GPU(s); "
+                              "use cuda:0 .. cuda:N-1")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise EvaluationError("--device mps asked for but torch sees no MPS device; use --device cpu or auto")
+    return resolved
 
 
 def check_tokenizer(path, objective) -> None:
@@ -129,7 +135,7 @@ class Evaluator(abc.ABC):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 result = score(self.model, self.tokenizer, examples, objective, self.device, batch_size=self.batch_size)
-        except (KeyboardInterrupt, EvaluationError):
+        except EvaluationError:
             raise
         except Exception as exc:
             LOG.debug("evaluation traceback", exc_info=True)

@@ -231,6 +231,11 @@ def index_folder(path: Path, label: str) -> Tuple[dict, Dict[str, TensorInfo]]:
                     found[name][key] = TensorInfo(str(shard.resolve()), sl.get_dtype(), tuple(sl.get_shape()))
         except Exception as exc:  # safetensors raises its own SafetensorError
             raise ExpertError(f"expert {label}: cannot read {shard.name} ({exc}); re-download or re-save it") from None
+    for shard_tensors in found.values():
+        for key, info in shard_tensors.items():
+            if info.dtype not in _DTYPE_BYTES:
+                raise ExpertError(f"expert {label}: tensor {key!r} is stored as {info.dtype}, which swarm_merge "
+                                  f"cannot merge; use experts saved in {', '.join(_DTYPE_BYTES)}")
     return config, _tensors(found, weight_map, label, where=str(path))
 
 

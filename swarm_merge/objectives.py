@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from swarm_merge.errors import DataError
+from swarm_merge.report import finite
 
 __all__ = ["Example", "Score", "load_examples", "score", "OBJECTIVES"]
 
@@ -49,7 +50,7 @@ class Score:
 
     def to_dict(self) -> Dict[str, Any]:
         """Strict-JSON form: a utility that is not finite is None."""
-        return {"utility": _finite(self.utility), "groups": {g: _finite(v) for g, v in self.groups.items()}, "n": self.n}
+        return {"utility": finite(self.utility), "groups": {g: finite(v) for g, v in self.groups.items()}, "n": self.n}
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "Score":
@@ -59,8 +60,6 @@ class Score:
         return cls(num(data["utility"]), {g: num(v) for g, v in data.get("groups", {}).items()}, int(data.get("n", 0)))
 
 
-def _finite(value: Optional[float]) -> Optional[float]:
-    return float(value) if value is not None and math.isfinite(value) else None
 
 
 # ----------------------------------------------------------------------- data
@@ -75,7 +74,12 @@ def load_examples(path: str, objective_type: str, group_by: Optional[str] = "tas
         # A FIFO or a device would block the run (or never end): regular files only.
         raise DataError(f"data file {path!r} is not a regular file; point objective.dev / objective.test at a JSONL file")
     examples = []
-    with p.open("rb") as fh:
+    try:
+        fh = p.open("rb")
+    except OSError as exc:
+        raise DataError(f"data file {path!r} cannot be read ({exc.strerror or type(exc).__name__}); "
+                        "check its permissions") from None
+    with fh:
         for lineno, raw in enumerate(fh, 1):
             try:
                 line = raw.decode("utf-8")
@@ -87,7 +91,7 @@ def load_examples(path: str, objective_type: str, group_by: Optional[str] = "tas
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg}); write one JSON object per line") from None
-            except ValueError as exc:  # e.g. an integer too long to convert
+            except (ValueError, RecursionError) as exc:  # an integer too long to convert, nesting too deep
                 raise DataError(f"{path}:{lineno}: unreadable JSON value ({str(exc)[:80]}); fix that row") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{lineno}: a row must be a JSON object, not {type(row).__name__}")

@@ -179,11 +179,21 @@ def _foreign(out_dir: Path, manifest: Optional[dict]) -> List[str]:
 
 def is_finished(out_dir: Path) -> bool:
     """Whether ``out_dir`` holds a run whose publish completed."""
+    out_dir = Path(out_dir)
     try:
-        manifest = _read_manifest(Path(out_dir))
+        manifest = _read_manifest(out_dir)
     except OutputError:
         return False
-    return bool(manifest) and manifest.get("status") == "complete"
+    return (bool(manifest) and manifest.get("status") == "complete"
+            and (out_dir / REPORT_FILE).is_file() and (out_dir / GATE_FILE).is_file())
+
+
+def _earlier_run(out_dir: Path, manifest: Optional[dict]) -> bool:
+    """A manifest of a run that got somewhere. A run killed before its first
+    checkpoint (status 'searching', no state file) left nothing to keep."""
+    if manifest is None:
+        return False
+    return manifest.get("status") != "searching" or (out_dir / STATE_FILE).exists()
 
 
 def check_flags(*, resume: bool, force: bool) -> None:
@@ -220,7 +230,7 @@ def check_contents(out_dir: Path, *, resume: bool, force: bool, probe_lock: bool
         if manifest is None or not (out_dir / STATE_FILE).is_file():
             raise OutputError(f"--resume: {out_dir} has no {STATE_FILE} to resume; drop --resume to start a new run")
         return
-    if manifest is not None and not force:
+    if _earlier_run(out_dir, manifest) and not force:
         raise OutputError(f"{out_dir} holds an earlier run; pass --resume to continue it or --force to start over")
 
 
@@ -236,7 +246,10 @@ def _lock_holder(out_dir: Path) -> Optional[str]:
         import fcntl
     except ImportError:  # not POSIX: no locking
         return None
-    fd = os.open(path, os.O_RDONLY)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None  # not a lock file we can hold: _lock says why
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -293,15 +306,21 @@ class OutputFolder:
 
     def __enter__(self) -> "OutputFolder":
         check_contents(self.path, resume=self.resume, force=self.force)
-        if not self.path.exists():
+        try:
             self.path.mkdir(parents=True)
             self._created = True
+        except FileExistsError:  # it was there, or another run made it a moment ago: the lock decides
+            pass
         self._lock()
         try:
             # Again under the lock: another run may have written in between.
             check_contents(self.path, resume=self.resume, force=self.force, probe_lock=False)
             manifest = _read_manifest(self.path)
-            if manifest is not None and self.force:
+            if manifest is not None and (self.force or not _earlier_run(self.path, manifest)):
+                # Starting over. The gate and the report go first, so a kill
+                # midway never leaves the old model looking finished.
+                self._write_manifest("searching", manifest["files"])
+                self._remove([GATE_FILE, REPORT_FILE])
                 self._remove(manifest["files"])
                 manifest = None
             self._clear_leftovers()
@@ -335,14 +354,25 @@ class OutputFolder:
             import fcntl
         except ImportError:
             return
-        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        path = self.path / LOCK_FILE
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise OutputError(f"{self.path} is in use by another mergekit-swarm run "
-                              f"({_describe_holder(self.path / LOCK_FILE)}); wait for it to finish "
-                              "or choose another --out folder") from None
+            # O_NOFOLLOW: a symlink planted under our lock file's name must not
+            # make us truncate the file it points to.
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            raise OutputError(f"{path} cannot be opened as a lock file ({exc.strerror}); "
+                              "remove it if it is not a file, or choose another --out folder") from None
+        for attempt in range(20):  # another run's probe holds a shared lock for an instant
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt == 19:
+                    os.close(fd)
+                    raise OutputError(f"{self.path} is in use by another mergekit-swarm run "
+                                      f"({_describe_holder(path)}); wait for it to finish "
+                                      "or choose another --out folder") from None
+                time.sleep(0.05)
         info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                            "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode()
         os.ftruncate(fd, 0)
@@ -402,7 +432,7 @@ class OutputFolder:
         """Move the staged files in: the report next to last, ``config.json`` last."""
         new = sorted(p.name for p in stage.iterdir() if p.name != STAGING_MARK)
         if any((stage / n).is_dir() for n in new):
-            raise OutputError(f"{stage} holds a folder; the merge should write files only")
+            raise RuntimeError(f"{stage} holds a folder; the merge should write files only")
         old = (_read_manifest(self.path) or {"files": []})["files"]
         # Recorded first, so that a kill anywhere below leaves every file recognisable.
         self._write_manifest("publishing", set(old) | set(new) | {STATE_FILE})

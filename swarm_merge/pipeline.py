@@ -49,12 +49,12 @@ def run(recipe: Recipe, options: RunOptions = RunOptions(), *, out=None) -> Opti
     push_to = options.push_to_hub or recipe.output.push_to_hub
     out_dir = output.check_path(options.out_dir or recipe.output_dir, inputs=_inputs(recipe, options),
                                 recipe_dir=recipe.base_dir)
-    if not options.dry_run:
-        output.check_contents(out_dir, resume=options.resume, force=options.force)
-        if push_to:
-            from swarm_merge import hub
+    # Read-only checks, a dry run's too: it validates everything it can without the weights.
+    output.check_contents(out_dir, resume=options.resume, force=options.force)
+    if push_to:
+        from swarm_merge import hub
 
-            hub.require_token(push_to)  # fail now, not after the search
+        hub.require_token(push_to)  # fail now, not after the search
 
     # 1. Pull the experts and check them from their headers.
     # A dry run resolves Hub experts (commit, sizes, headers) without downloading weights.
@@ -73,11 +73,11 @@ def run(recipe: Recipe, options: RunOptions = RunOptions(), *, out=None) -> Opti
     )
     test_in_dev = _overlap(dev, test)
     device = evaluate.resolve_device(options.device)
+    tokenizer_path = base.path if base else experts[0].path
+    evaluate.check_tokenizer(tokenizer_path, recipe.objective)
     if options.dry_run:
         _print_plan(recipe, experts, group_labels, dev, test, device, out_dir, push_to, out, options)
         return None
-    tokenizer_path = base.path if base else experts[0].path
-    evaluate.check_tokenizer(tokenizer_path, recipe.objective)
     digests = weights.scan_experts(experts)  # non-finite weights are bad input; content for the fingerprint
 
     with output.OutputFolder(out_dir, resume=options.resume, force=options.force) as folder:
@@ -302,7 +302,7 @@ def _print_plan(recipe, experts, group_labels, dev, test, device, out_dir, push_
           f"(+ activations); budget {hb(budget_bytes)} -> eval mode: {mode}"
           + (" (auto)" if options.eval_mode == "auto" else ""), file=out)
     print(f"output: {out_dir}" + (f"; push to {push_to}" if push_to else ""), file=out)
-    print("dry run: nothing was written", file=out)
+    print("dry run: nothing was written (the run also reads every weight once, refusing NaN or inf)", file=out)
 
 
 def _print_table(report: Report, out) -> None:

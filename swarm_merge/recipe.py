@@ -40,8 +40,10 @@ _REPO_ID = re.compile(r"^(?:[\w.\-]+/)?[\w.\-]+(?:@[\w.\-/]+)?$")
 # A recipe name names the default output folder (out/<name>) and titles the
 # card: one path component of plain characters, like a Hub repo name.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-# A recipe travels (Hub, pull requests): YAML aliases are bounded, so a few
-# hundred bytes cannot expand into gigabytes when a message or a dump walks them.
+# A recipe travels (Hub, pull requests). PyYAML builds aliases as shared
+# objects (a DAG), so a few hundred bytes can stand for billions of leaves:
+# nothing here may walk a recipe value unbounded (messages use short_repr),
+# and recipes with more than MAX_ALIASES alias uses are refused outright.
 MAX_ALIASES = 100
 MAX_RECIPE_BYTES = 1_000_000
 
@@ -198,7 +200,7 @@ class Recipe(_Frozen):
     @field_validator("name")
     @classmethod
     def _plain_name(cls, value: str) -> str:
-        if not _NAME.match(value) or value in (".", ".."):
+        if not _NAME.match(value):
             raise ValueError(
                 f"name {short_repr(value)} is not a plain name; use letters, digits, '-', '_' and '.' "
                 "(at most 96, starting with a letter or digit): it names the output folder out/<name>"

@@ -25,6 +25,7 @@ from swarm_merge import swarm
 from swarm_merge.errors import EvaluationError, OutputError
 from swarm_merge.objectives import Score
 from swarm_merge.output import write_json_atomic
+from swarm_merge.report import finite
 
 __all__ = ["SearchResult", "run_search", "position_key"]
 
@@ -157,10 +158,6 @@ def _stats(values: np.ndarray) -> Dict[str, Optional[float]]:
     return {"best": float(finite.max()), "mean": float(finite.mean()), "worst": float(finite.min())}
 
 
-def _finite(value: float) -> Optional[float]:
-    return float(value) if math.isfinite(value) else None
-
-
 def run_search(
     settings: Any,
     *,
@@ -220,7 +217,7 @@ def run_search(
                 "the dev set; check the objective and the data (run with -v), then start over with --force")
         state = swarm.init_state(x0, np.array(scores), settings, rng)
         run.state, run.rng_state = state, rng.bit_generator.state
-        run.history = [{"iteration": 0, **_stats(np.array(scores)), "global_best": _finite(state.g_score),
+        run.history = [{"iteration": 0, **_stats(np.array(scores)), "global_best": finite(state.g_score),
                         "evaluations": state.evaluations, "seconds": round(run.seconds, 3)}]
         run.save()
     state = run.state
@@ -236,7 +233,7 @@ def run_search(
         state = swarm.update(state, proposal, scores, settings)
         evaluated = scores[proposal.evaluate]
         stats = _stats(evaluated)
-        run.history.append({"iteration": state.iteration, **stats, "global_best": _finite(state.g_score),
+        run.history.append({"iteration": state.iteration, **stats, "global_best": finite(state.g_score),
                             "evaluations": state.evaluations, "seconds": round(run.seconds, 3)})
         run.state, run.rng_state = state, rng.bit_generator.state
         run.save()

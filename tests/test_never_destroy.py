@@ -82,7 +82,8 @@ def cli(w, *args) -> int:
 @pytest.mark.parametrize("target", ["recipe folder", "expert", "parent of cwd", "cwd", "data folder", "home",
                                     "experts folder", "inside an expert"])
 @pytest.mark.parametrize("flags", [(), ("--force",), ("--resume",)])
-def test_out_folder_that_is_or_holds_an_input_is_refused(world, capsys, target, flags):
+def test_out_folder_that_is_or_holds_an_input_is_refused(world, capsys, monkeypatch, target, flags):
+    monkeypatch.setenv("HOME", str(world.root / "home" / "me"))  # deep enough not to be a "system folder"
     out = {
         "recipe folder": world.dir,
         "expert": world.expert_paths[0],
@@ -96,6 +97,8 @@ def test_out_folder_that_is_or_holds_an_input_is_refused(world, capsys, target, 
     assert cli(world, "--out", out, *flags) == 2
     line = error_line(capsys)
     assert "--force" not in line or "--resume and --force" in line, line  # never suggests --force here
+    if target == "home":
+        assert "the home folder" in line
     world.untouched()
     assert not (world.expert_paths[1] / "sub").exists()
 
@@ -153,6 +156,33 @@ def test_force_deletes_only_what_the_earlier_run_wrote(world, capsys):
     assert cli(world, "--force", "--seed", "3") == 0
     assert read_report(world.out / "swarm.json").recipe.swarm.seed == 3
     world.untouched()
+
+
+def test_a_run_killed_before_its_first_checkpoint_does_not_block_the_next(world, capsys):
+    world.out.mkdir()  # what a kill -9 during the model load leaves
+    (world.out / output.MANIFEST_FILE).write_text(json.dumps(
+        {"tool": "swarm_merge", "version": 1, "status": "searching", "files": ["swarm-state.json"]}))
+    (world.out / output.LOCK_FILE).write_text("{}")
+    assert cli(world, "--set", "swarm.max_iterations=1") == 0
+    assert output.is_finished(world.out)
+
+
+def test_a_symlink_under_the_lock_files_name_is_never_followed(world, capsys):
+    world.out.mkdir()
+    (world.out / output.MANIFEST_FILE).write_text(json.dumps(
+        {"tool": "swarm_merge", "version": 1, "status": "searching", "files": ["swarm-state.json"]}))
+    os.symlink(world.dir / "canary.txt", world.out / output.LOCK_FILE)
+    assert cli(world) == 2
+    assert "lock file" in error_line(capsys)
+    world.untouched()
+
+
+def test_an_expert_cards_license_list_or_oddity_never_breaks_a_run(tmp_path):
+    from swarm_merge.card import expert_license
+
+    for value, want in (("mit", "mit"), ("[mit, apache-2.0]", "mit OR apache-2.0"), ("{a: 1}", None), ("3", None)):
+        (tmp_path / "README.md").write_text(f"---\nlicense: {value}\n---\n# x\n")
+        assert expert_license(tmp_path) == want, value
 
 
 # ---------------------------------------------------- 4. failed runs fail
@@ -393,6 +423,13 @@ def _write(path: Path, data: bytes) -> None:
     path.write_bytes(data)
 
 
+def _float8(folder: Path) -> None:
+    tensors = load_file(str(folder / "model.safetensors"))
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name].to(torch.float8_e4m3fn)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
 def _bad_config(kind):
     def apply(w):
         cfg = w.expert_paths[1] / "config.json"
@@ -419,6 +456,8 @@ BAD_INPUTS = {
                                              b'{"prompt": "1", "answer": ' + b"9" * 5000 + b"}\n"), (), ":1:"),
     "dev a FIFO": (lambda w: ((w.dir / "data" / "dev.jsonl").unlink(), os.mkfifo(w.dir / "data" / "dev.jsonl")), (),
                    "not a regular file"),
+    "dev nested too deep": (lambda w: _write(w.dir / "data" / "dev.jsonl", b"[" * 200000 + b"\n"), (), ":1:"),
+    "an unsupported dtype": (lambda w: _float8(w.expert_paths[2]), (), "cannot merge"),
     "seed -1": (None, ("--seed", "-1"), "swarm.seed"),
     "out under a file": (None, ("--out", "{dir}/data/dev.jsonl/out"), "lies under the file"),
     "out is a file": (None, ("--out", "{dir}/data/dev.jsonl"), "is a file"),
