@@ -234,7 +234,8 @@ def test_same_seed_same_result_and_resume_after_kill_9(tiny_recipe, tmp_path, ca
     assert c.recipe.swarm.seed == 7 and c.coefficients != a.coefficients
 
 
-def test_dry_run_prints_the_plan_and_writes_nothing(tiny_recipe, tmp_path, capsys):
+def test_dry_run_prints_the_plan_and_writes_nothing(tiny_recipe, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_dry_run_only_checks_that_one_exists")
     assert main([str(tiny_recipe()), "--dry-run", "--push-to-hub", "me/override"]) == 0
     out = capsys.readouterr().out
     assert "3 experts" in out and "evaluations: at most 20" in out and "estimated peak memory" in out
