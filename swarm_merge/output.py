@@ -311,8 +311,8 @@ class OutputFolder:
             self._created = True
         except FileExistsError:  # it was there, or another run made it a moment ago: the lock decides
             pass
-        self._lock()
         try:
+            self._lock()
             # Again under the lock: another run may have written in between.
             check_contents(self.path, resume=self.resume, force=self.force, probe_lock=False)
             manifest = _read_manifest(self.path)

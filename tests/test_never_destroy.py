@@ -84,6 +84,9 @@ def cli(w, *args) -> int:
 @pytest.mark.parametrize("flags", [(), ("--force",), ("--resume",)])
 def test_out_folder_that_is_or_holds_an_input_is_refused(world, capsys, monkeypatch, target, flags):
     monkeypatch.setenv("HOME", str(world.root / "home" / "me"))  # deep enough not to be a "system folder"
+    if target == "recipe folder":  # run from elsewhere, so that the recipe's own rule is what refuses
+        (world.root / "elsewhere").mkdir()
+        monkeypatch.chdir(world.root / "elsewhere")
     out = {
         "recipe folder": world.dir,
         "expert": world.expert_paths[0],
@@ -97,8 +100,10 @@ def test_out_folder_that_is_or_holds_an_input_is_refused(world, capsys, monkeypa
     assert cli(world, "--out", out, *flags) == 2
     line = error_line(capsys)
     assert "--force" not in line or "--resume and --force" in line, line  # never suggests --force here
-    if target == "home":
-        assert "the home folder" in line
+    reason = {"recipe folder": "the recipe's folder", "expert": "is the expert", "parent of cwd": "the working directory",
+              "cwd": "is the working directory", "data folder": "holds the dev data file", "home": "is the home folder",
+              "experts folder": "holds the expert", "inside an expert": "lies inside the expert"}[target]
+    assert reason in line, line
     world.untouched()
     assert not (world.expert_paths[1] / "sub").exists()
 
