@@ -5,6 +5,8 @@ Strategies, each in its own process so peak RSS is its own:
              evaluate (what mergekit-evolve does per evaluation)
   floor      one already-loaded model evaluated on the same dev set (no merging)
   in-memory  swarm_merge: experts in memory, weights rebuilt in place
+  one-model  swarm_merge: one model held; each expert tensor read from its
+             file once per evaluation and combined into it
   streaming  swarm_merge: meta skeleton, each module built from the experts'
              files per forward through accelerate hooks
 Then peak RSS of a swarm's initial evaluation at two swarm sizes in both modes.
@@ -121,7 +123,7 @@ def worker(args) -> dict:
     times, utilities = [], []
     particles = _particles(k, args.repeats + 1)
 
-    if args.strategy in ("in-memory", "streaming"):
+    if args.strategy in ("in-memory", "one-model", "streaming"):
         ev = evaluate.make_evaluator(args.strategy, experts, groups, dtype=recipe.dtype, device=cpu)
         if args.swarm_size:  # the initial swarm of a search: peak RSS vs swarm size
             from swarm_merge import swarm
@@ -216,7 +218,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE)
     p.add_argument("--objectives", default="exact_match,loglik,multiple_choice")
-    p.add_argument("--strategies", default="floor,in-memory,streaming,naive")
+    p.add_argument("--strategies", default="floor,in-memory,one-model,streaming,naive")
     p.add_argument("--repeats", type=int, default=5, help="evaluations per strategy (median reported)")
     p.add_argument("--sizes", default="10,40", help="swarm sizes for the peak-RSS runs ('' to skip)")
     p.add_argument("--size-rows", type=int, default=24, help="dev rows in the swarm-size runs (RSS does not depend on it)")
@@ -270,7 +272,7 @@ def main() -> None:
         print(f"## peak RSS vs swarm size (initial swarm evaluated, loglik on {args.size_rows} dev rows)\n")
         print("| mode | " + " | ".join(f"size {s} MiB" for s in sizes) + f" | size {sizes[-1]} / size {sizes[0]} |")
         print("|---|" + "---|" * (len(sizes) + 1))
-        for mode in ("in-memory", "streaming"):
+        for mode in ("in-memory", "one-model", "streaming"):
             got = [run_worker(args, strategy=mode, objective="loglik", swarm_size=s, rows=args.size_rows) for s in sizes]
             results += got
             print(f"| {mode} | " + " | ".join(mib(g["peak_rss"]) for g in got)

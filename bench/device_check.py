@@ -6,8 +6,9 @@
    modes: exit 0, a model that loads, and the same winner in both modes.
 2. Seconds per evaluation on four SmolLM2-135M-shaped experts (random
    weights; 30 layers, hidden 576, vocab 49152, tied embeddings): the floor
-   (scoring with the weights already in place), in-memory (rebuild in place)
-   and streaming (accelerate hooks), for loglik and exact_match; median of 5.
+   (scoring with the weights already in place), in-memory (rebuild in place),
+   one-model (experts read from their files once per evaluation) and streaming
+   (accelerate hooks), for loglik and exact_match; median of 5.
 
 Needs only torch, transformers, accelerate, mergekit and this repo (tests/tiny.py
 builds the models): no Hub, no demo build. Prints plain tables.
@@ -47,7 +48,7 @@ def end_to_end(root: Path, device: str) -> None:
     print(f"== 1. the CLI on tiny experts, --device {device}")
     results = {}
     for objective in ("loglik", "exact_match"):
-        for mode in ("in-memory", "streaming"):
+        for mode in ("in-memory", "one-model", "streaming"):
             work = root / f"{objective}-{mode}"
             recipe = tiny.write_recipe(work, experts, objective=objective)
             start = time.perf_counter()
@@ -63,10 +64,12 @@ def end_to_end(root: Path, device: str) -> None:
                   f"test {w.test.utility:.6f}  coefficients {np.round(report.coefficients.model, 6).tolist()}  "
                   f"hardware {report.hardware}")
             assert code == 0
-        a, b = results[objective, "in-memory"], results[objective, "streaming"]
-        same = np.allclose(a.coefficients.model, b.coefficients.model, atol=1e-9)
-        print(f"{objective}: in-memory and streaming pick the same winner: {same}; dev utilities differ by "
-              f"{abs(a.scores.winner.dev.utility - b.scores.winner.dev.utility):.2e}")
+        a = results[objective, "in-memory"]
+        for other in ("one-model", "streaming"):
+            b = results[objective, other]
+            same = np.allclose(a.coefficients.model, b.coefficients.model, atol=1e-9)
+            print(f"{objective}: in-memory and {other} pick the same winner: {same}; dev utilities differ by "
+                  f"{abs(a.scores.winner.dev.utility - b.scores.winner.dev.utility):.2e}")
 
 
 def timings(root: Path, device: torch.device, small: bool) -> None:
@@ -109,7 +112,7 @@ def timings(root: Path, device: torch.device, small: bool) -> None:
     for kind in ("loglik", "exact_match"):
         objective = Objective(type=kind, dev="-", batch_size=36, max_new_tokens=8)
         floor = None
-        for strategy in ("floor", "in-memory", "streaming"):
+        for strategy in ("floor", "in-memory", "one-model", "streaming"):
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)

@@ -40,10 +40,11 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="override swarm.seed")
     p.add_argument("--push-to-hub", metavar="ORG/NAME", help="push the result to this Hub repo (overrides output.push_to_hub)")
     p.add_argument("--cache-dir", help="Hub download cache (default: the Hugging Face cache)")
-    p.add_argument("--eval-mode", default="auto", choices=["auto", "in-memory", "streaming"],
-                   help="in-memory: experts held in memory, weights rebuilt in place per evaluation; streaming: "
+    p.add_argument("--eval-mode", default="auto", choices=["auto", "in-memory", "one-model", "streaming"],
+                   help="in-memory: experts held in memory, weights rebuilt in place per evaluation; one-model: "
+                   "one model held, each expert tensor read from its file once per evaluation into it; streaming: "
                    "each module's weights built from the experts' files per forward (memory of about one layer); "
-                   "auto (default): in-memory when it fits --max-memory")
+                   "auto (default): the first of these that fits --max-memory")
     p.add_argument("--max-memory", metavar="SIZE", type=_size,
                    help="memory the evaluation may use, e.g. 16GiB (default: 70%% of available RAM, 80%% of free GPU memory)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")

@@ -32,11 +32,20 @@ from swarm_merge.errors import EvaluationError
 from swarm_merge.experts import Expert
 from swarm_merge.objectives import Example, Score, score
 from swarm_merge.recipe import short_repr
-from swarm_merge.weights import LazyMergedWeights, TensorReader, coefficient_rows, combine, read_stacked, torch_dtype
+from swarm_merge.weights import (
+    ChunkedCombiner,
+    LazyMergedWeights,
+    TensorReader,
+    coefficient_rows,
+    combine,
+    read_stacked,
+    torch_dtype,
+)
 
 __all__ = [
     "Evaluator",
     "InMemoryEvaluator",
+    "OneModelEvaluator",
     "StreamingEvaluator",
     "memory_estimate",
     "memory_budget",
@@ -164,24 +173,11 @@ class InMemoryEvaluator(Evaluator):
     mode = "in-memory"
 
     def __init__(self, experts: Sequence[Expert], groups: Dict[str, int], *, dtype: str, device: torch.device, tokenizer_path=None):
-        from transformers import AutoModelForCausalLM
-
         self.device = device
         self.groups = groups
         self.dtype = torch_dtype(dtype)
         self.tokenizer = load_tokenizer(tokenizer_path or experts[0].path)
-        # The skeleton: expert 0 loaded once; its weights are overwritten per particle.
-        model = AutoModelForCausalLM.from_pretrained(str(experts[0].path), dtype=self.dtype)
-        self.model = model.to(device).eval()
-        self.targets: Dict[str, torch.Tensor] = {}
-        seen = set()
-        for name, tensor in self.model.state_dict(keep_vars=True).items():
-            if name not in experts[0].tensors:
-                continue  # a tied copy the files do not store, or a buffer
-            if tensor.data_ptr() in seen:
-                continue  # tied weights share storage: write them once
-            seen.add(tensor.data_ptr())
-            self.targets[name] = tensor
+        self.model, self.targets = _skeleton(experts, self.dtype, device)
         reader = TensorReader()
         try:
             self.stacked = {n: read_stacked(reader, experts, n, self.dtype).to(device) for n in self.targets}
@@ -195,6 +191,52 @@ class InMemoryEvaluator(Evaluator):
         rows = coefficient_rows(coefficients, self.device)
         for name, target in self.targets.items():
             combine(self.stacked[name], rows[self.groups[name]], out=target.data.view(-1))
+
+
+def _skeleton(experts: Sequence[Expert], dtype: torch.dtype, device: torch.device):
+    """One model on ``device`` (expert 0, loaded once; its weights are overwritten
+    per particle) and the parameters to write: (model, stored name -> tensor)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(experts[0].path), dtype=dtype).to(device).eval()
+    targets: Dict[str, torch.Tensor] = {}
+    seen = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if name not in experts[0].tensors:
+            continue  # a tied copy the files do not store, or a buffer
+        if tensor.data_ptr() in seen:
+            continue  # tied weights share storage: write them once
+        seen.add(tensor.data_ptr())
+        targets[name] = tensor
+    return model, targets
+
+
+class OneModelEvaluator(Evaluator):
+    """One model held on the device; per evaluation each expert tensor is read
+    once from its file (chunked, into a reused buffer) and combined straight
+    into the model's parameter. Scoring then runs at full speed, generation
+    included.
+
+    Memory: one model plus K chunks of buffer. I/O: K x the model per
+    evaluation (from the OS page cache when the experts fit in it).
+    """
+
+    mode = "one-model"
+
+    def __init__(self, experts: Sequence[Expert], groups: Dict[str, int], *, dtype: str, device: torch.device,
+                 tokenizer_path=None):
+        self.device = device
+        self.groups = groups
+        self.dtype = torch_dtype(dtype)
+        self.tokenizer = load_tokenizer(tokenizer_path or experts[0].path)
+        self.model, self.targets = _skeleton(experts, self.dtype, device)
+        self.combiner = ChunkedCombiner(experts, dtype=self.dtype, device=device)
+
+    @torch.no_grad()
+    def build(self, coefficients: np.ndarray) -> None:
+        rows = coefficient_rows(coefficients, self.device)
+        for name, target in self.targets.items():
+            self.combiner.combine_into(name, rows[self.groups[name]], target.data.view(-1))
 
 
 class StreamingEvaluator(Evaluator):
@@ -272,7 +314,9 @@ class _no_per_tensor_cache_clearing:
 
 # ------------------------------------------------------------- choosing a mode
 
-EVAL_MODES = ("auto", "in-memory", "streaming")
+EVAL_MODES = ("auto", "in-memory", "one-model", "streaming")
+# auto tries them fastest first: the first whose estimate fits the budget.
+_AUTO_ORDER = ("in-memory", "one-model", "streaming")
 
 
 def memory_estimate(experts: Sequence[Expert], dtype: str) -> Dict[str, int]:
@@ -281,11 +325,14 @@ def memory_estimate(experts: Sequence[Expert], dtype: str) -> Dict[str, int]:
     k = len(experts)
     params = experts[0].num_parameters
     largest = max(t.numel for t in experts[0].tensors.values())
+    chunk = min(ChunkedCombiner.CHUNK, largest)
     return {
         "model": params * elem,
         "in-memory": (k + 1) * params * elem,
-        # the K expert rows being combined, the float32 accumulator, the module's weights
-        "streaming": (k + 1) * largest * elem + largest * 4,
+        # the model, K chunks of read buffer, a float32 chunk accumulator (16-bit dtypes)
+        "one-model": params * elem + k * chunk * elem + chunk * 4,
+        # the K expert chunks being combined, the float32 accumulator, the module's weights
+        "streaming": k * chunk * elem + largest * 4 + largest * elem,
     }
 
 
@@ -306,11 +353,11 @@ def choose_mode(mode: str, estimate: Dict[str, int], budget: int) -> str:
         raise EvaluationError(f"--eval-mode {mode!r} is not one of {', '.join(EVAL_MODES)}")
     if mode != "auto":
         return mode
-    return "in-memory" if estimate["in-memory"] <= budget else "streaming"
+    return next((m for m in _AUTO_ORDER if estimate[m] <= budget), "streaming")
 
 
 def make_evaluator(mode: str, experts, groups, *, dtype: str, device: torch.device, tokenizer_path=None) -> Evaluator:
-    cls = {"in-memory": InMemoryEvaluator, "streaming": StreamingEvaluator}[mode]
+    cls = {"in-memory": InMemoryEvaluator, "one-model": OneModelEvaluator, "streaming": StreamingEvaluator}[mode]
     return cls(experts, groups, dtype=dtype, device=device, tokenizer_path=tokenizer_path)
 
 

@@ -298,8 +298,8 @@ def _print_plan(recipe, experts, group_labels, dev, test, device, out_dir, push_
     budget_bytes = evaluate.memory_budget(device, options.max_memory)
     mode = evaluate.choose_mode(options.eval_mode, estimate, budget_bytes)
     print(f"device: {device}; dtype {recipe.dtype}; experts on disk {hb(k * model_bytes)}", file=out)
-    print(f"estimated peak memory: in-memory {hb(estimate['in-memory'])}, streaming {hb(estimate['streaming'])} "
-          f"(+ activations); budget {hb(budget_bytes)} -> eval mode: {mode}"
+    print(f"estimated weight memory: in-memory {hb(estimate['in-memory'])}, one-model {hb(estimate['one-model'])}, "
+          f"streaming {hb(estimate['streaming'])} (+ activations); budget {hb(budget_bytes)} -> eval mode: {mode}"
           + (" (auto)" if options.eval_mode == "auto" else ""), file=out)
     print(f"output: {out_dir}" + (f"; push to {push_to}" if push_to else ""), file=out)
     print("dry run: nothing was written (the run also reads every weight once, refusing NaN or inf)", file=out)

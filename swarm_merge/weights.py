@@ -21,7 +21,8 @@ import torch
 from swarm_merge.errors import EvaluationError
 from swarm_merge.experts import Expert
 
-__all__ = ["torch_dtype", "TensorReader", "read_stacked", "combine", "coefficient_rows", "LazyMergedWeights"]
+__all__ = ["torch_dtype", "TensorReader", "read_stacked", "combine", "coefficient_rows", "ChunkedCombiner",
+           "LazyMergedWeights", "scan_experts"]
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -134,6 +135,48 @@ def coefficient_rows(coefficients: np.ndarray, device) -> List[torch.Tensor]:
     coefficients = np.asarray(coefficients, dtype=np.float64)
     return [torch.tensor(row, dtype=torch.float32, device=device) for row in coefficients]
 
+
+class ChunkedCombiner:
+    """Builds one tensor at a time from the experts' files: K chunks read into
+    one reused buffer, combined straight into the destination.
+
+    Memory: ``K * CHUNK`` elements of buffer, whatever the model size. Reading
+    into fresh memory every time would cost page faults worth more than the
+    read; chunking keeps the buffer small next to the largest tensor (the
+    embeddings). Each output element is the same K-term combination
+    :func:`combine` computes on whole tensors, so every mode builds the same
+    weights. On CUDA the buffer is pinned, so the copy to the GPU is one DMA.
+    """
+
+    CHUNK = 4 * 1024 * 1024  # elements read per expert at a time (16 MiB in float32)
+
+    def __init__(self, experts: Sequence[Expert], *, dtype: torch.dtype, device: torch.device):
+        self.experts = list(experts)
+        self.dtype = dtype
+        self.device = device
+        self.reader = TensorReader()
+        self.bytes_read = 0  # expert bytes read so far (for tests and the benchmark)
+        self.chunk = min(self.CHUNK, max(t.numel for t in experts[0].tensors.values()))
+        self.scratch = torch.empty(len(self.experts) * self.chunk, dtype=dtype,
+                                   pin_memory=device.type == "cuda")
+
+    def combine_into(self, name: str, c: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out`` (flat, on the device) = ``sum_k c[k] * E_k[name]``."""
+        numel = self.experts[0].tensors[name].numel
+        for start in range(0, numel, self.chunk):
+            stop = min(start + self.chunk, numel)
+            stacked = read_stacked(self.reader, self.experts, name, self.dtype, scratch=self.scratch,
+                                   span=(start, stop))
+            self.bytes_read += stacked.numel() * stacked.element_size()
+            if self.device.type != "cpu":
+                stacked = stacked.to(self.device, non_blocking=True)
+            combine(stacked, c, out=out[start:stop])
+        return out
+
+    def close(self) -> None:
+        self.reader.close()
+
+
 class LazyMergedWeights(Mapping):
     """A weights map whose values are built on access: ``sum_k a[g, k] E_k[name]``.
 
@@ -141,8 +184,6 @@ class LazyMergedWeights(Mapping):
     the module's forward and drop them right after, so at any time the process
     holds one module's weights plus K chunks of the tensor being combined.
     """
-
-    CHUNK = 4 * 1024 * 1024  # elements read per expert at a time (16 MiB in float32)
 
     def __init__(self, experts: Sequence[Expert], groups: Dict[str, int], aliases: Dict[str, str], *,
                  dtype: torch.dtype, device: torch.device):
@@ -152,19 +193,17 @@ class LazyMergedWeights(Mapping):
         self.names = [n for n in experts[0].tensors] + [a for a in aliases if a not in experts[0].tensors]
         self.dtype = dtype
         self.device = device
-        self.reader = TensorReader()
+        self.combiner = ChunkedCombiner(experts, dtype=dtype, device=device)
         self.rows: Optional[List[torch.Tensor]] = None
-        self.bytes_read = 0  # expert bytes read so far (for tests and the benchmark)
         self.tensors_built = 0
-        # One reusable read buffer for K chunks of CHUNK elements: reading into
-        # fresh memory every time costs page faults worth more than the read, and
-        # chunking keeps it small next to the largest tensor (the embeddings).
-        self.chunk = min(self.CHUNK, max(t.numel for t in experts[0].tensors.values()))
-        self.scratch = torch.empty(len(self.experts) * self.chunk, dtype=dtype)
         # Tied weights (embeddings = head) are asked for twice per forward; the
         # second ask reuses the first build (until the coefficients change).
         self.tied_sources = set(aliases.values())
         self._tied: Dict[str, torch.Tensor] = {}
+
+    @property
+    def bytes_read(self) -> int:
+        return self.combiner.bytes_read
 
     def set_coefficients(self, coefficients: np.ndarray) -> None:
         self.rows = coefficient_rows(coefficients, self.device)
@@ -179,19 +218,9 @@ class LazyMergedWeights(Mapping):
         if source in self._tied:
             return self._tied[source]
         info = self.experts[0].tensors[source]
-        c = self.rows[self.groups[source]]
         merged = torch.empty(info.numel, dtype=torch.float32 if self.dtype == torch.float32 else self.dtype,
                              device=self.device)
-        # Chunk by chunk along the flattened tensor; each output element is the
-        # same K-term combination as in-memory mode computes, so weights match.
-        for start in range(0, info.numel, self.chunk):
-            stop = min(start + self.chunk, info.numel)
-            stacked = read_stacked(self.reader, self.experts, source, self.dtype, scratch=self.scratch,
-                                   span=(start, stop))
-            self.bytes_read += stacked.numel() * stacked.element_size()
-            if self.device.type != "cpu":
-                stacked = stacked.to(self.device)
-            combine(stacked, c, out=merged[start:stop])
+        self.combiner.combine_into(source, self.rows[self.groups[source]], merged)
         self.tensors_built += 1
         merged = merged.reshape(info.shape)
         if source in self.tied_sources:

@@ -238,7 +238,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tiny_recipe, tmp_path, capsy
     monkeypatch.setenv("HF_TOKEN", "hf_dry_run_only_checks_that_one_exists")
     assert main([str(tiny_recipe()), "--dry-run", "--push-to-hub", "me/override"]) == 0
     out = capsys.readouterr().out
-    assert "3 experts" in out and "evaluations: at most 20" in out and "estimated peak memory" in out
+    assert "3 experts" in out and "evaluations: at most 20" in out and "estimated weight memory" in out and "one-model" in out
     assert "push to me/override" in out  # the flag, not only the recipe's target
     assert not (tmp_path / "out").exists()
 

@@ -115,8 +115,12 @@ def test_auto_mode_picks_by_budget(tmp_path):
     experts = [experts_mod.pull_expert(experts_mod.ExpertRef(model=str(p))) for p in paths]
     est = evaluate.memory_estimate(experts, "float32")
     assert est["streaming"] < est["in-memory"]
+    assert est["streaming"] < est["one-model"] < est["in-memory"]
     assert evaluate.choose_mode("auto", est, est["in-memory"]) == "in-memory"
-    assert evaluate.choose_mode("auto", est, est["in-memory"] - 1) == "streaming"
+    assert evaluate.choose_mode("auto", est, est["in-memory"] - 1) == "one-model"
+    assert evaluate.choose_mode("auto", est, est["one-model"]) == "one-model"
+    assert evaluate.choose_mode("auto", est, est["one-model"] - 1) == "streaming"
+    assert evaluate.choose_mode("auto", est, 1) == "streaming"  # the last resort
     assert evaluate.choose_mode("streaming", est, 10**12) == "streaming"
     with pytest.raises(Exception, match="not one of"):
         evaluate.choose_mode("fast", est, 1)
@@ -137,13 +141,66 @@ def test_cli_eval_mode_flags(tiny_recipe, capsys):
 
 
 def test_chunked_reads_build_the_same_weights(tmp_path, monkeypatch):
-    monkeypatch.setattr(weights.LazyMergedWeights, "CHUNK", 1000)  # several chunks a tensor
+    monkeypatch.setattr(weights.ChunkedCombiner, "CHUNK", 1000)  # several chunks a tensor
     paths = tiny.make_experts(tmp_path / "e", 3, tie=True)
     experts, groups, labels, mem, stream = build(paths)
-    assert stream.weights.chunk == 1000
+    assert stream.weights.combiner.chunk == 1000
     for c in COEFFS:
         mem.build(c)
         stream.build(c)
         state = mem.model.state_dict()
         for name in experts[0].tensors:
             assert torch.equal(stream.weights[name], state[name]), name
+
+
+# ------------------------------------------------------------------ one-model
+
+
+@pytest.mark.parametrize("tie, dtype", [(False, "float32"), (True, "float32"), (False, "bfloat16")])
+def test_one_model_builds_the_same_weights_and_scores_as_in_memory(tmp_path, tie, dtype, monkeypatch):
+    monkeypatch.setattr(weights.ChunkedCombiner, "CHUNK", 1000)  # several chunks a tensor
+    paths = tiny.make_experts(tmp_path / "e", 3, tie=tie)
+    experts, groups, labels, mem, _ = build(paths, dtype=dtype)
+    one = evaluate.OneModelEvaluator(experts, groups, dtype=dtype, device=torch.device("cpu"))
+    for c in COEFFS:
+        mem.build(c)
+        one.build(c)
+        a, b = mem.model.state_dict(), one.model.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a), c
+    if tie:
+        assert one.model.lm_head.weight.data_ptr() == one.model.model.embed_tokens.weight.data_ptr()
+    for kind in ("loglik", "exact_match", "multiple_choice"):
+        rows, objective = data(tmp_path, kind)
+        for c in COEFFS[:2]:
+            x, y = mem.evaluate(c, rows, objective), one.evaluate(c, rows, objective)
+            assert x.utility == y.utility and x.groups == y.groups, (kind, c)
+
+
+def test_one_model_reads_each_expert_tensor_once_per_evaluation(tmp_path):
+    paths = tiny.make_experts(tmp_path / "e", 3)
+    experts, groups, labels, _, _ = build(paths)
+    one = evaluate.OneModelEvaluator(experts, groups, dtype="float32", device=torch.device("cpu"))
+    per_model = sum(e.nbytes for e in experts)
+    for kind in ("loglik", "exact_match"):  # generation too: the weights are built once, not per token
+        rows, objective = data(tmp_path, kind)
+        before = one.combiner.bytes_read
+        one.evaluate(COEFFS[1], rows, objective)
+        assert one.combiner.bytes_read - before == per_model
+    # What it holds besides the model: K chunks of buffer, never a second copy of a tensor.
+    assert one.combiner.scratch.numel() == len(experts) * one.combiner.chunk
+
+
+def test_one_model_from_the_cli_writes_the_same_merge(tiny_recipe, tmp_path):
+    from safetensors.torch import load_file
+
+    from swarm_merge.cli import main
+
+    recipe = tiny_recipe()
+    assert main([str(recipe), "--eval-mode", "one-model", "--out", str(tmp_path / "one"), "--no-progress"]) == 0
+    assert main([str(recipe), "--eval-mode", "in-memory", "--out", str(tmp_path / "mem"), "--no-progress"]) == 0
+    from swarm_merge.report import read
+
+    a, b = read(tmp_path / "one" / "swarm.json"), read(tmp_path / "mem" / "swarm.json")
+    assert a.coefficients == b.coefficients and a.scores.rows == b.scores.rows
+    wa, wb = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "mem" / "model.safetensors"))
+    assert all(torch.equal(wa[n], wb[n]) for n in wa)
