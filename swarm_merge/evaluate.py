@@ -122,6 +122,8 @@ class Evaluator(abc.ABC):
     mode = "?"
     # Rows per forward call; None keeps the recipe's objective.batch_size.
     batch_size: Optional[int] = None
+    # Compute a prompt prefix common to a batch once (off where a forward costs a weight rebuild).
+    share_prefix: bool = True
     model: torch.nn.Module
     tokenizer: object
     device: torch.device
@@ -143,7 +145,8 @@ class Evaluator(abc.ABC):
             self.build(coefficients)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                result = score(self.model, self.tokenizer, examples, objective, self.device, batch_size=self.batch_size)
+                result = score(self.model, self.tokenizer, examples, objective, self.device, batch_size=self.batch_size,
+                               share_prefix=self.share_prefix)
         except EvaluationError:
             raise
         except Exception as exc:
@@ -249,6 +252,7 @@ class StreamingEvaluator(Evaluator):
     """
 
     mode = "streaming"
+    share_prefix = False  # one more forward would rebuild every weight once more
 
     def __init__(self, experts: Sequence[Expert], groups: Dict[str, int], *, dtype: str, device: torch.device, tokenizer_path=None):
         from accelerate import cpu_offload, init_empty_weights

@@ -249,8 +249,52 @@ def _matches(completion: str, answer: str, how: str) -> bool:
     return got.startswith(want)
 
 
-def _continuation_logprobs(model, tokenizer, pairs: Sequence[Tuple[str, str]], batch_size: int, device) -> List[Tuple[float, int]]:
-    """Sum of log-probabilities of each continuation given its context, and its token count."""
+# A batch whose rows share at least this many leading tokens (few-shot
+# examples, a system prompt) runs them once and reuses their keys and values.
+MIN_SHARED_PREFIX = 16
+
+
+def _common_prefix(rows: Sequence[Sequence[int]], limit: int) -> int:
+    n = 0
+    first = rows[0]
+    while n < limit and all(len(r) > n and r[n] == first[n] for r in rows):
+        n += 1
+    return n
+
+
+def _forward_with_shared_prefix(model, rows: List[List[int]], shared: int, pad: int, keep: int, device):
+    """Logits of the last ``keep`` positions of every row, the ``shared`` leading
+    tokens (the same in every row) computed once.
+
+    The prefix runs as one row; its key/value cache is repeated for the batch;
+    the rest of each row follows, left-padded, so the mask has a hole between
+    prefix and suffix and positions continue from the prefix. Exact: the same
+    attention over the same keys and values, to float rounding.
+    """
+    import inspect
+
+    prefix = torch.tensor([rows[0][:shared]], device=device)
+    out = model(input_ids=prefix, use_cache=True, logits_to_keep=1)
+    cache = getattr(out, "cache", None) or out.past_key_values
+    cache.batch_repeat_interleave(len(rows))
+    ids, mask, positions = _left_padded([r[shared:] for r in rows], pad)
+    mask = torch.cat([torch.ones((len(rows), shared), dtype=mask.dtype), mask], dim=1)
+    # transformers 5.x renames the forward's `past_key_values` to `cache` (the old name warns, then goes).
+    forward = getattr(model, "forward", model)
+    name = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+    return model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=(positions + shared).to(device),
+                 logits_to_keep=keep, use_cache=True, **{name: cache}).logits
+
+
+@torch.inference_mode()
+def _continuation_logprobs(model, tokenizer, pairs: Sequence[Tuple[str, str]], batch_size: int, device,
+                           share_prefix: bool = True) -> List[Tuple[float, int]]:
+    """Sum of log-probabilities of each continuation given its context, and its token count.
+
+    ``share_prefix``: compute a prefix common to a batch's rows once (see
+    :data:`MIN_SHARED_PREFIX`); off in streaming mode, where the extra forward
+    would rebuild every weight once more.
+    """
     seqs = []
     for context, continuation in pairs:
         ctx = tokenizer(context)["input_ids"] if context else []
@@ -265,10 +309,17 @@ def _continuation_logprobs(model, tokenizer, pairs: Sequence[Tuple[str, str]], b
         # Left padding puts every continuation at the end of its row, so only the
         # last `keep` positions need logits: the (large) vocabulary projection
         # runs on the continuation tokens alone.
-        ids, mask, positions = _left_padded([seqs[i][0] + seqs[i][1] for i in batch], pad)
+        rows = [seqs[i][0] + seqs[i][1] for i in batch]
         keep = max(len(seqs[i][1]) for i in batch) + 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                       logits_to_keep=keep, use_cache=False).logits
+        # Every logit that is read sits after the shared part: stop it one token
+        # before the shortest context ends.
+        shared = _common_prefix(rows, min(len(seqs[i][0]) for i in batch) - 1) if share_prefix and len(rows) > 1 else 0
+        if shared >= MIN_SHARED_PREFIX:
+            logits = _forward_with_shared_prefix(model, rows, shared, pad, keep, device)
+        else:
+            ids, mask, positions = _left_padded(rows, pad)
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                           logits_to_keep=keep, use_cache=False).logits
         # fp32 log-softmax: bf16 logits lose the small differences between choices.
         logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
         for row, i in enumerate(batch):
@@ -284,13 +335,14 @@ def _continuation_logprobs(model, tokenizer, pairs: Sequence[Tuple[str, str]], b
 
 
 @torch.inference_mode()
-def score_multiple_choice(model, tokenizer, examples, objective, device, batch_size=None) -> Score:
+def score_multiple_choice(model, tokenizer, examples, objective, device, batch_size=None, share_prefix=True) -> Score:
     pairs, owner = [], []
     for idx, ex in enumerate(examples):
         for choice in ex.choices:
             pairs.append((_prepare(tokenizer, objective, ex.prompt), choice))
             owner.append(idx)
-    scored = _continuation_logprobs(model, tokenizer, pairs, batch_size or objective.batch_size, device)
+    scored = _continuation_logprobs(model, tokenizer, pairs, batch_size or objective.batch_size, device,
+                                    share_prefix=share_prefix)
     per_example: Dict[int, List[float]] = defaultdict(list)
     for idx, (logprob, count) in zip(owner, scored):
         # Length-normalised: longer choices are not penalised for their length.
@@ -300,9 +352,10 @@ def score_multiple_choice(model, tokenizer, examples, objective, device, batch_s
 
 
 @torch.inference_mode()
-def score_loglik(model, tokenizer, examples, objective, device, batch_size=None) -> Score:
+def score_loglik(model, tokenizer, examples, objective, device, batch_size=None, share_prefix=True) -> Score:
     pairs = [(_prepare(tokenizer, objective, ex.prompt), ex.answer) for ex in examples]
-    scored = _continuation_logprobs(model, tokenizer, pairs, batch_size or objective.batch_size, device)
+    scored = _continuation_logprobs(model, tokenizer, pairs, batch_size or objective.batch_size, device,
+                                    share_prefix=share_prefix)
     # Utility = minus mean NLL per token, pooled over tokens (and per group).
     values = [lp / n if n else 0.0 for lp, n in scored]
     weights = [float(n) for _, n in scored]
@@ -319,10 +372,13 @@ OBJECTIVES: Dict[str, Callable[..., Score]] = {
 }
 
 
-def score(model, tokenizer, examples: Sequence[Example], objective, device, *, batch_size: Optional[int] = None) -> Score:
+def score(model, tokenizer, examples: Sequence[Example], objective, device, *, batch_size: Optional[int] = None,
+          share_prefix: bool = True) -> Score:
     """Score ``model`` on ``examples`` with the recipe's objective.
 
     ``batch_size`` overrides ``objective.batch_size`` (streaming mode scores all
-    rows in one batch: each forward call rebuilds the weights).
+    rows in one batch: each forward call rebuilds the weights). ``share_prefix``
+    computes a prefix common to a batch once (log-likelihood objectives).
     """
-    return OBJECTIVES[objective.type](model, tokenizer, examples, objective, device, batch_size=batch_size)
+    kwargs = {"share_prefix": share_prefix} if objective.type in ("loglik", "multiple_choice") else {}
+    return OBJECTIVES[objective.type](model, tokenizer, examples, objective, device, batch_size=batch_size, **kwargs)

@@ -493,3 +493,40 @@ def test_aggregate_zero_mass_is_nan():
     assert math.isnan(result.utility)
     assert result.groups == {}
     assert result.n == 2
+
+
+# ------------------------------------------------------- shared prompt prefixes
+
+FEW_SHOT = "".join(f"{a}+{b}={a + b}\n" for a, b in [(3, 4), (12, 7), (20, 5), (8, 8), (14, 9)])  # a 5-shot prefix
+FEW_SHOT_ROWS = [(FEW_SHOT + q, a) for q, a in [("1+2=", "3"), ("17+11=", "28"), ("9+9=", "18"),
+                                                 ("25+4=", "29 and more"), ("6+", "0=6")]]
+
+
+@pytest.mark.parametrize("batch_size", [2, len(FEW_SHOT_ROWS)])
+def test_a_shared_prefix_is_computed_once_and_scores_the_same(lm, batch_size, monkeypatch):
+    """Few-shot rows: the common prefix runs once per batch (its keys and values
+    reused), and every row's log-likelihood still equals the unpadded reference."""
+    calls = []
+    real = objectives._forward_with_shared_prefix
+
+    def counted(model, rows, shared, *args, **kwargs):
+        calls.append(shared)
+        return real(model, rows, shared, *args, **kwargs)
+
+    monkeypatch.setattr(objectives, "_forward_with_shared_prefix", counted)
+    got = objectives._continuation_logprobs(lm.model, lm.tok, FEW_SHOT_ROWS, batch_size, DEVICE)
+    assert calls and min(calls) >= objectives.MIN_SHARED_PREFIX  # the prefix path ran
+    plain = objectives._continuation_logprobs(lm.model, lm.tok, FEW_SHOT_ROWS, batch_size, DEVICE, share_prefix=False)
+    for (context, continuation), (lp, n), (lp0, n0) in zip(FEW_SHOT_ROWS, got, plain):
+        want, count = ref_logprob(lm, context, continuation)
+        assert n == n0 == count
+        assert lp == pytest.approx(want, abs=1e-5 * count) and lp == pytest.approx(lp0, abs=1e-5 * count)
+
+
+def test_multiple_choice_with_a_shared_prefix_picks_the_same(lm):
+    rows = [Example(prompt=FEW_SHOT + q, choices=(" 3", " 4", " 30"), answer=i % 3) for i, q in
+            enumerate(["1+2=", "2+2=", "10+20="])]
+    mc = objective("multiple_choice", batch_size=9)
+    shared = objectives.score(lm.model, lm.tok, rows, mc, DEVICE)
+    plain = objectives.score(lm.model, lm.tok, rows, mc, DEVICE, share_prefix=False)
+    assert shared == plain
