@@ -38,7 +38,8 @@ def main() -> None:
 
     recipe = load_recipe(REPO / "recipes" / "demo.yml")
     data = REPO / "recipes" / "demo" / "data"
-    shots = [json.loads(line) for line in (data / "test.jsonl").read_text().splitlines()[:: 50][: args.shots]]
+    test = (data / "test.jsonl").read_text().splitlines()
+    shots = [json.loads(test[i * len(test) // args.shots]) for i in range(args.shots)]  # spread over the skills
     prefix = "".join(f"{r['prompt']}{r['answer']}\n" for r in shots)
     dev = [json.loads(line) for line in (data / "dev.jsonl").read_text().splitlines()]
     rows = [objectives.Example(prompt=prefix + r["prompt"], answer=r["answer"], group=r.get("task")) for r in dev]
