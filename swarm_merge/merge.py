@@ -142,8 +142,14 @@ def _filtered_weights(column: np.ndarray, groups: Dict[str, int]) -> List[Dict[s
     return entries
 
 
-def write_merge(config: Dict[str, Any], out_path: Path, *, device: str = "cpu", quiet: bool = True) -> None:
-    """Run mergekit on ``config`` into ``out_path`` (config, safetensors, tokenizer)."""
+def write_merge(config: Dict[str, Any], out_path: Path, *, device: str = "cpu", quiet: bool = True,
+                shard_bytes: Optional[int] = None) -> None:
+    """Run mergekit on ``config`` into ``out_path`` (config, safetensors, tokenizer).
+
+    ``shard_bytes``: mergekit holds a whole output shard in memory before it
+    writes it (5 GB by default); a smaller size bounds the write's memory,
+    at the price of a sharded folder (which transformers loads the same).
+    """
     import yaml
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
@@ -158,6 +164,7 @@ def write_merge(config: Dict[str, Any], out_path: Path, *, device: str = "cpu", 
         device=device,
         quiet=quiet,
         allow_crimes=False,
+        **({"out_shard_size": int(shard_bytes)} if shard_bytes else {}),
     )
     out_path = Path(out_path)  # an empty (staging) folder, or none yet
     run_merge(merge_config, str(out_path), options=options, config_source=yaml.safe_dump(config, sort_keys=False))

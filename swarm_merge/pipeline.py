@@ -13,6 +13,7 @@ claimed, so bad input writes nothing.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -90,7 +91,7 @@ def run(recipe: Recipe, options: RunOptions = RunOptions(), *, out=None) -> Opti
             recipe.swarm,
             num_experts=k,
             num_groups=len(group_labels),
-            evaluate=lambda x: evaluator.evaluate(x, dev, recipe.objective),
+            evaluate=functools.partial(evaluator.evaluate, examples=dev, objective=recipe.objective),
             checkpoint=folder.state_path,
             fingerprint=_fingerprint(recipe, digests),
             resume=options.resume,
@@ -99,14 +100,21 @@ def run(recipe: Recipe, options: RunOptions = RunOptions(), *, out=None) -> Opti
         )
 
         # 3. Score the experts, the uniform soup and the winner (dev from the memo).
+        LOG.info("scoring the experts, the uniform average and the winner%s", " on the test set" if test else "")
         scores = _scores(recipe, experts, result, evaluator, dev, test, len(group_labels))
 
         # 4. Write the winner with mergekit, the report and the card into a
         #    staging folder, then publish them (output.py: atomic as seen by a user).
+        # The evaluator's memory (K experts in memory mode, one model in
+        # one-model mode) is not needed to write: free it first.
+        del evaluator
+        _free(device)
         stage = folder.new_stage()
+        LOG.info("writing the merge with mergekit")
         merge.write_merge(
             merge.mergekit_config(experts, result.best, groups, dtype=recipe.dtype, portable=False),
             stage, device=str(device) if device.type == "cuda" else "cpu",
+            shard_bytes=_shard_bytes(mode, experts, recipe),
         )
         mergekit_yaml = yaml.safe_dump(
             merge.mergekit_config(experts, result.best, groups, dtype=recipe.dtype, portable=True,
@@ -169,6 +177,26 @@ def _pull_base(recipe: Recipe, options: RunOptions) -> Optional[experts_mod.Expe
     path, commit = hub.download(ref, cache_dir=options.cache_dir, allow_patterns=experts_mod.SMALL_PATTERNS,
                                 what="base_model")
     return experts_mod.Expert(ref=ref, path=path, revision=commit, config={}, tensors={})
+
+
+def _free(device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def _shard_bytes(mode: str, experts, recipe: Recipe) -> Optional[int]:
+    """Output shard size for mergekit, so the final write stays near the mode's
+    memory: mergekit's default (one shard up to 5 GB) in memory mode, shards of
+    about the one-model / streaming estimate otherwise (at least 256 MiB)."""
+    if mode == "in-memory":
+        return None
+    estimate = evaluate.memory_estimate(experts, recipe.dtype)
+    return max(estimate[mode], 256 * 2**20)
 
 
 def _overlap(dev, test) -> int:
