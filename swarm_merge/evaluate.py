@@ -4,10 +4,12 @@ A particle is a coefficient array ``a`` of shape ``(groups, K)``; the weights
 are built by :mod:`swarm_merge.weights`. No merged model is ever written to
 disk, and the model skeleton is built once and reused.
 
-Two modes, one arithmetic (:func:`swarm_merge.weights.combine`), so they score
-identically:
+Three modes, one arithmetic (:func:`swarm_merge.weights.combine`), so they
+score identically:
 - in-memory (:class:`InMemoryEvaluator`) holds the K experts' tensors and
   rebuilds every weight of one skeleton in place before each evaluation;
+- one-model (:class:`OneModelEvaluator`) holds one model and, before each
+  evaluation, reads every expert tensor once from its file into it;
 - streaming (:class:`StreamingEvaluator`) keeps the skeleton on the meta
   device; accelerate's offload hooks build each module's weights from the
   experts' files right before its forward and free them right after, so memory

@@ -2,9 +2,11 @@
 
 One arithmetic (:func:`combine`) for every evaluation mode, so they build
 bit-identical weights: in-memory mode combines experts held in memory;
-streaming mode reads them chunk by chunk from their safetensors files
-(:class:`TensorReader`) into a reused buffer, through
-:class:`LazyMergedWeights`, the weights map accelerate's offload hooks read.
+one-model and streaming modes read them chunk by chunk from their safetensors
+files (:class:`TensorReader`) into a reused buffer (:class:`ChunkedCombiner`),
+straight into the model's parameters (one-model) or through
+:class:`LazyMergedWeights`, the weights map accelerate's offload hooks read
+(streaming). :func:`scan_experts` reads every weight once before a search.
 """
 
 from __future__ import annotations

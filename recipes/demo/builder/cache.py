@@ -42,12 +42,19 @@ def write_build_info(folder: Path, spec: BuildSpec, extra: dict) -> None:
     (folder / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
 
 
+def refuse_foreign(final: Path) -> None:
+    if final.exists() and not (final / BUILD_INFO).is_file():
+        raise RuntimeError(f"{final} exists and was not written by this builder (no {BUILD_INFO}); "
+                           "move it away or choose another --out")
+
+
 @contextmanager
 def staged(final: Path):
     """Yield an empty temp folder beside ``final``; on success it replaces ``final``.
 
     On an error the temp folder is removed and nothing is published.
     """
+    refuse_foreign(final)  # before any work
     parent = final.parent
     parent.mkdir(parents=True, exist_ok=True)
     clean_stale_tmp(parent, final.name)
@@ -73,7 +80,12 @@ def _make_readable(folder: Path) -> None:
 
 
 def publish(tmp: Path, final: Path) -> None:
-    """Rename a finished temp folder into place (replacing an old one)."""
+    """Rename a finished temp folder into place, replacing an old build of ours.
+
+    A folder at ``final`` without our build_info.json is not ours (``--out``
+    pointed somewhere else): it is refused, never replaced.
+    """
+    refuse_foreign(final)
     if final.exists():
         trash = final.with_name(f".{final.name}.old-{os.getpid()}")
         os.replace(final, trash)

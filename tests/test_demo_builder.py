@@ -1,0 +1,33 @@
+"""The demo builder replaces only folders it built itself (recipes/demo/builder/cache.py)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes" / "demo"))
+
+from builder import cache  # noqa: E402
+
+
+def test_a_folder_the_builder_did_not_write_is_never_replaced(tmp_path):
+    final = tmp_path / "add"
+    final.mkdir()
+    (final / "canary.txt").write_text("mine")
+    with pytest.raises(RuntimeError, match="not written by this builder"):
+        with cache.staged(final) as tmp:
+            (tmp / "model.safetensors").write_text("built")
+    assert (final / "canary.txt").read_text() == "mine"
+    assert [p.name for p in tmp_path.iterdir()] == ["add"]  # no temp folder left either
+
+
+def test_its_own_build_is_replaced(tmp_path):
+    final = tmp_path / "add"
+    final.mkdir()
+    (final / cache.BUILD_INFO).write_text("{}")
+    (final / "old.txt").write_text("old build")
+    with cache.staged(final) as tmp:
+        (tmp / cache.BUILD_INFO).write_text("{}")
+        (tmp / "new.txt").write_text("new build")
+    assert sorted(p.name for p in final.iterdir()) == [cache.BUILD_INFO, "new.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["add"]
