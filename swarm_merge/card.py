@@ -16,7 +16,7 @@ from swarm_merge.report import HistoryEntry, Split
 if TYPE_CHECKING:
     from swarm_merge.report import Report
 
-__all__ = ["render_card", "plot_history", "expert_license", "set_repo_id", "md", "fence", "fmt"]
+__all__ = ["render_card", "render_merged_card", "plot_history", "expert_license", "set_repo_id", "md", "fence", "fmt"]
 
 LOG = logging.getLogger(__name__)
 _EMPTY = Split(utility=None, groups={}, n=0)
@@ -104,6 +104,9 @@ def render_card(report: "Report", *, recipe_yaml: str, mergekit_yaml: str, repo_
     else:
         license_kw.update(license="other", license_name="mixed-or-unknown")
     hub_ids = [e.model for e in experts if not e.local]
+    adapter = report.lora
+    base = report.base_model
+    base_hub = base is not None and not base.model.startswith((".", "/", "~"))
     objective = recipe.objective
     metric = f"{objective.type} utility"
     scores = report.scores
@@ -116,12 +119,15 @@ def render_card(report: "Report", *, recipe_yaml: str, mergekit_yaml: str, repo_
                 dataset_split=split, metric_type=objective.type, metric_name=metric,
                 metric_value=round(value.utility, 6),
             ))
+    if adapter is not None:  # a LoRA adapter for the base; the adapters it came from are listed in the body
+        relation = dict(base_model=base.model if base_hub else None, base_model_relation="adapter" if base_hub else None,
+                        tags=TAGS + ["lora", "peft"], library_name="peft")
+    else:
+        relation = dict(base_model=hub_ids or None, base_model_relation="merge" if hub_ids else None, tags=TAGS,
+                        library_name="transformers")
     card_data = ModelCardData(
         model_name=name,
-        base_model=hub_ids or None,
-        base_model_relation="merge" if hub_ids else None,
-        tags=TAGS,
-        library_name="transformers",
+        **relation,
         eval_results=eval_results or None,
         **{k: v for k, v in license_kw.items() if v is not None},
     )
@@ -199,12 +205,34 @@ def render_card(report: "Report", *, recipe_yaml: str, mergekit_yaml: str, repo_
         repo_id=repo_id or name,
         recipe_yaml=recipe_yaml.rstrip(),
         recipe_fence=fence(recipe_yaml),
-        mergekit_yaml=mergekit_yaml.rstrip(),
-        mergekit_fence=fence(mergekit_yaml),
+        mergekit_yaml=(mergekit_yaml or "").rstrip(),
+        mergekit_fence=fence(mergekit_yaml or ""),
+        lora=adapter,
+        base_id=(base.model if base is not None else "").replace('"', ""),
+        base_link=(f"[{md(base.model)}](https://huggingface.co/{quote(base.model)})" if base_hub
+                   else md(base.model) if base is not None else ""),
     )
     return card
 
 
+def render_merged_card(report: "Report", *, repo_id: Optional[str] = None):
+    """The card of ``merged/`` (``output.merge_adapter``): the base with the winning adapter merged in."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    base = report.base_model
+    hub = not base.model.startswith((".", "/", "~"))
+    data = ModelCardData(model_name=f"{report.recipe.name} (merged)", base_model=base.model if hub else None,
+                         base_model_relation="merge" if hub else None, tags=TAGS, library_name="transformers")
+    repo = repo_id or report.recipe.name
+    body = (f"# {md(report.recipe.name)}, merged\n\nThe base model {md(base.model)} with the Model Swarms LoRA "
+            f"adapter of the parent folder merged in (PEFT `merge_and_unload`). The search, the scores and the "
+            f"coefficients are in the parent folder's README.md and swarm.json.\n\n"
+            f"```python\nfrom transformers import AutoModelForCausalLM\n\n"
+            f'model = AutoModelForCausalLM.from_pretrained("{repo}", subfolder="merged")\n```\n')
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+
+
 def set_repo_id(card_text: str, repo_id: str) -> str:
     """Point the card's usage snippet at ``repo_id`` (for a push to another repo than the run named)."""
-    return re.sub(r'(\.from_pretrained\(")[^"\n]*("\))', lambda m: m.group(1) + repo_id + m.group(2), card_text)
+    return re.sub(r'(\.from_pretrained\((?:base, )?")[^"\n]*(")', lambda m: m.group(1) + repo_id + m.group(2),
+                  card_text)

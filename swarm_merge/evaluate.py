@@ -25,7 +25,9 @@ import logging
 import math
 import re
 import warnings
-from typing import Dict, Optional, Sequence
+from collections import Counter
+from collections.abc import Mapping
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -53,6 +55,7 @@ __all__ = [
     "memory_budget",
     "choose_mode",
     "make_evaluator",
+    "offload",
     "check_device",
     "resolve_device",
     "load_tokenizer",
@@ -257,7 +260,7 @@ class StreamingEvaluator(Evaluator):
     share_prefix = False  # one more forward would rebuild every weight once more
 
     def __init__(self, experts: Sequence[Expert], groups: Dict[str, int], *, dtype: str, device: torch.device, tokenizer_path=None):
-        from accelerate import cpu_offload, init_empty_weights
+        from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.device = device
@@ -268,23 +271,7 @@ class StreamingEvaluator(Evaluator):
             model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
         model.tie_weights()  # from_config on meta leaves tied parameters as separate objects
         model.eval()
-        # Tied parameters (lm_head = embed_tokens) appear under a name the files
-        # may not store: serve them from the stored one.
-        stored = experts[0].tensors
-        by_param: Dict[int, str] = {}
-        for name, param in model.named_parameters(remove_duplicate=False):
-            if name in stored:
-                by_param.setdefault(id(param), name)
-        aliases = {}
-        for name, param in model.named_parameters(remove_duplicate=False):
-            if name not in stored:
-                if id(param) not in by_param:
-                    raise EvaluationError(f"the experts' files lack tensor {name!r} that the model needs; re-save them")
-                aliases[name] = by_param[id(param)]
-        self.weights = LazyMergedWeights(experts, groups, aliases, dtype=self.dtype, device=device)
-        # accelerate's AlignDevicesHook loads every module's parameters from the
-        # map at pre-forward and puts them back on `meta` at post-forward.
-        self.model = cpu_offload(model, execution_device=device, state_dict=self.weights)
+        self.model, self.weights = offload(model, experts, groups, dtype=self.dtype, device=device)
 
     def build(self, coefficients: np.ndarray) -> None:
         self.weights.set_coefficients(coefficients)
@@ -296,6 +283,73 @@ class StreamingEvaluator(Evaluator):
         # costs more than the combine itself; keep the cache for the evaluation.
         with _no_per_tensor_cache_clearing(self.device):
             return super().evaluate(coefficients, examples, objective)
+
+
+def offload(model: torch.nn.Module, experts: Sequence[Expert], groups: Optional[Dict[str, int]], *,
+            dtype: torch.dtype, device: torch.device, rename: Optional[Callable[[str], Optional[str]]] = None,
+            extra: Optional[Dict[str, torch.Tensor]] = None):
+    """Hook a meta-device ``model`` so each module builds its weights from the experts' files
+    right before its forward (accelerate's ``cpu_offload`` over a :class:`LazyMergedWeights`).
+
+    Args:
+        groups: stored tensor name -> coefficient group (None: one group).
+        rename: a model parameter's name -> the stored tensor name (None: the
+            parameter is served from ``extra``); default: the same name.
+        extra: tensors served as they are, by parameter name (the LoRA factors);
+            the caller replaces them between evaluations.
+
+    Returns:
+        (the hooked model, the weights map; set its coefficients before a forward)
+    """
+    from accelerate import cpu_offload
+
+    stored = experts[0].tensors
+    rename = rename or (lambda name: name)
+    # Tied parameters (lm_head = embed_tokens) appear under a name the files
+    # may not store: serve them from the stored one.
+    sources: Dict[str, str] = {}  # parameter name -> stored name
+    by_param: Dict[int, str] = {}
+    params = list(model.named_parameters(remove_duplicate=False))
+    for name, param in params:
+        source = rename(name)
+        if source is not None and source in stored:
+            sources[name] = source
+            by_param.setdefault(id(param), source)
+    for name, param in params:
+        if name in sources or rename(name) is None:
+            continue
+        if id(param) not in by_param:
+            raise EvaluationError(f"the experts' files lack tensor {name!r} that the model needs; re-save them")
+        sources[name] = by_param[id(param)]
+    counts = Counter(sources.values())
+    tied = {s for s, n in counts.items() if n > 1}
+    weights = LazyMergedWeights(experts, groups if groups is not None else {n: 0 for n in stored},
+                                {n: s for n, s in sources.items() if n != s}, tied=tied, dtype=dtype, device=device)
+    served = weights if extra is None else _WithExtra(weights, extra)
+    # accelerate's AlignDevicesHook loads every module's parameters from the
+    # map at pre-forward and puts them back on `meta` at post-forward.
+    return cpu_offload(model, execution_device=device, state_dict=served), weights
+
+
+class _WithExtra(Mapping):
+    """A weights map that serves some names from a dict the caller updates."""
+
+    def __init__(self, weights: Mapping, extra: Dict[str, torch.Tensor]):
+        self.weights, self.extra = weights, extra
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        found = self.extra.get(name)
+        return found if found is not None else self.weights[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.extra or name in self.weights
+
+    def __iter__(self):
+        yield from self.weights
+        yield from (n for n in self.extra if n not in self.weights)
+
+    def __len__(self) -> int:
+        return len(self.weights) + sum(n not in self.weights for n in self.extra)
 
 
 class _no_per_tensor_cache_clearing:

@@ -15,12 +15,15 @@ import os
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 from safetensors import safe_open
 
 from swarm_merge.errors import ExpertError, ExpertMismatchError, HubError
 from swarm_merge.recipe import ExpertRef
+
+if TYPE_CHECKING:
+    from swarm_merge.lora import AdapterInfo
 
 __all__ = ["TensorInfo", "Expert", "pull_expert", "pull_experts", "index_folder", "check_compatible"]
 
@@ -73,6 +76,8 @@ class Expert:
     download_bytes: Optional[int] = None
     # The weights were pickled *.bin, converted to safetensors (allow_pickle).
     pickled: bool = False
+    # A PEFT LoRA adapter (tensors: its A and B factors; config: adapter_config.json).
+    adapter: Optional["AdapterInfo"] = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
@@ -278,9 +283,13 @@ def pull_expert(ref: ExpertRef, *, cache_dir: Optional[str] = None, what: str = 
             (``--dry-run``): the tensors then come from the safetensors headers,
             read remotely, and ``path`` holds only the small files.
     """
+    from swarm_merge import lora
+
     if ref.is_local:
         path = Path(ref.model).expanduser()
         label = f"{ref.model!r}"
+        if lora.is_adapter_folder(path):
+            return _adapter(ref, path, label, revision=None)
         path, pickled = _as_safetensors(path, label, allow_pickle=allow_pickle, convert=download)
         if pickled and not download:
             return Expert(ref=ref, path=path, revision=None, config=_read_config(path, label), tensors={}, pickled=True)
@@ -297,9 +306,19 @@ def pull_expert(ref: ExpertRef, *, cache_dir: Optional[str] = None, what: str = 
             raise hub.unreachable_error(ref, exc.reason, what=what) from None
         path, revision = found
         LOG.warning("%s %s: %s; using the cached snapshot %s", what, ref, exc.reason, revision)
+        if lora.is_adapter_folder(path):
+            return _adapter(ref, path, label, revision=revision)
         path, pickled = _as_safetensors(path, label, allow_pickle=allow_pickle, key=f"{ref.model}@{revision}")
         config, tensors = index_folder(path, label)
         return Expert(ref=ref, path=path, revision=revision, config=config, tensors=tensors, pickled=pickled)
+
+    if lora.is_adapter_listing(snapshot.files):
+        # An adapter is a few MB: its small files and its factors, dry run or not.
+        patterns = SMALL_PATTERNS + [lora.ADAPTER_WEIGHTS]
+        size = sum(n or 0 for f, n in snapshot.files.items() if any(fnmatch.fnmatch(f, p) for p in patterns))
+        LOG.info("pulling %s %s (LoRA adapter) at %s (%s)", what, ref.model, snapshot.commit[:12], human_bytes(size))
+        path, revision = hub.download(ref, cache_dir=cache_dir, allow_patterns=patterns, what=what)
+        return replace(_adapter(ref, path, label, revision=revision), download_bytes=size)
 
     small: List[Path] = []
 
@@ -340,6 +359,14 @@ def pull_experts(refs: Sequence[ExpertRef], *, cache_dir: Optional[str] = None, 
     out of the compatibility check, which the real run repeats.
     """
     experts = [pull_expert(r, cache_dir=cache_dir, allow_pickle=allow_pickle, download=download) for r in refs]
+    adapters = [e for e in experts if e.adapter is not None]
+    if adapters:
+        full = next((e for e in experts if e.adapter is None), None)
+        if full is not None:
+            raise ExpertMismatchError(
+                f"expert {full.describe()} is a full model but {adapters[0].describe()} is a LoRA adapter; list "
+                "only adapters (their base is base_model) or only full models")
+        return experts  # checked against their base by lora.AdapterBank
     known = [e for e in experts if e.tensors]
     if len(known) >= 2:
         check_compatible(known)
@@ -353,6 +380,14 @@ def pull_experts(refs: Sequence[ExpertRef], *, cache_dir: Optional[str] = None, 
             n: TensorInfo(str(e.path / "pytorch_model.bin"), t.dtype, t.shape) for n, t in known[0].tensors.items()
         }) for e in experts]
     return experts
+
+
+def _adapter(ref: ExpertRef, path: Path, label: str, *, revision: Optional[str]) -> Expert:
+    from swarm_merge import lora
+
+    config = lora.read_adapter_config(path, label)
+    tensors, info = lora.index_adapter(path, config, label)
+    return Expert(ref=ref, path=path, revision=revision, config=config, tensors=tensors, adapter=info)
 
 
 def _hub_weights(snapshot, label: str, *, allow_pickle: bool, read_index
@@ -379,8 +414,6 @@ def _hub_weights(snapshot, label: str, *, allow_pickle: bool, read_index
             f"{label} has only pickled weights ({bins[0]}), which can run code when loaded; convert the repo "
             "to safetensors, or set `allow_pickle: true` in the recipe to accept them"
         )
-    if "adapter_config.json" in names:
-        raise ExpertError(f"{label} is a PEFT adapter, not a full model; merge it into its base model and upload that")
     raise ExpertError(f"{label} has no *.safetensors weights (files: {', '.join(sorted(names)[:6]) or 'none'}); "
                       "point at a repo with a saved transformers model")
 
@@ -394,6 +427,12 @@ def _cached(ref: ExpertRef, label: str, *, cache_dir: Optional[str], allow_pickl
         return None
     path = found[0]
     names = {p.name for p in path.iterdir()}
+    from swarm_merge import lora
+
+    if lora.is_adapter_listing(names):
+        if lora.ADAPTER_WEIGHTS not in names:
+            return None
+        return hub.cached(ref, cache_dir=cache_dir, allow_patterns=SMALL_PATTERNS + [lora.ADAPTER_WEIGHTS])
     shards, _ = weight_names(names, label, lambda: _read_index(path, label))
     ignore = None
     if INDEX_FILE in names or SINGLE_FILE in names:  # the weight files are known by name

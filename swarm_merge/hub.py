@@ -306,8 +306,10 @@ def push_folder(out_dir: Union[str, os.PathLike], repo_id: str, *, private: Opti
         raise OutputError(f"{out_dir} is not a finished mergekit-swarm run (no {REPORT_FILE}, or its publish did "
                           "not complete); run the recipe again with --resume first")
     report = report_mod.read(out_dir / REPORT_FILE)
-    if not (out_dir / "config.json").is_file() or not any(out_dir.glob("*.safetensors")):
-        raise OutputError(f"{out_dir} has {REPORT_FILE} but not the model's config.json and weights; "
+    model = (out_dir / "config.json").is_file() and any(out_dir.glob("*.safetensors"))
+    adapter = (out_dir / "adapter_config.json").is_file() and (out_dir / "adapter_model.safetensors").is_file()
+    if not (model or adapter):
+        raise OutputError(f"{out_dir} has {REPORT_FILE} but not the model's (or adapter's) config and weights; "
                           "run the recipe again with --resume")
     if private is None:
         private = report.recipe.output.private

@@ -56,7 +56,8 @@ MANIFEST_FILE = ".swarm-merge.json"
 LOCK_FILE = ".swarm-merge.lock"
 STAGING = ".swarm-staging"
 STAGING_MARK = ".swarm-merge-staging"  # inside the staging folder: it is ours
-GATE_FILE = "config.json"  # published last: without it nothing loads as a model
+# Published last: without them nothing loads as a model (a full model, or a PEFT adapter).
+GATE_FILES = ("config.json", "adapter_config.json")
 # Never uploaded: the checkpoint (only useful here), the bookkeeping, a staging folder.
 PUSH_IGNORE = [STATE_FILE, MANIFEST_FILE, LOCK_FILE, f"{STAGING}/*", ".cache/*", ".*.tmp"]
 
@@ -162,10 +163,21 @@ def _read_manifest(out_dir: Path) -> Optional[dict]:
     return data
 
 
+def _entry_ok(name: object) -> bool:
+    """A manifest entry: a file name, or ``folder/file`` one level down (e.g. ``merged/config.json``)."""
+    if not isinstance(name, str):
+        return False
+    parts = name.split("/")
+    return len(parts) <= 2 and all(p not in ("", ".", "..") and "\\" not in p for p in parts)
+
+
+def _entries(manifest: Optional[dict]) -> List[str]:
+    return [n for n in (manifest or {"files": []})["files"] if _entry_ok(n)]
+
+
 def _ours(out_dir: Path, manifest: Optional[dict]) -> set:
     names = {MANIFEST_FILE, LOCK_FILE}
-    if manifest is not None:
-        names |= {str(n) for n in manifest["files"] if isinstance(n, str) and "/" not in n and n not in ("", ".", "..")}
+    names |= {n.split("/")[0] for n in _entries(manifest)}
     staging = out_dir / STAGING
     if (staging / STAGING_MARK).is_file():
         names.add(STAGING)
@@ -174,7 +186,15 @@ def _ours(out_dir: Path, manifest: Optional[dict]) -> set:
 
 def _foreign(out_dir: Path, manifest: Optional[dict]) -> List[str]:
     ours = _ours(out_dir, manifest)
-    return sorted(p.name for p in out_dir.iterdir() if p.name not in ours and not _OUR_TMP.match(p.name))
+    found = [p.name for p in out_dir.iterdir() if p.name not in ours and not _OUR_TMP.match(p.name)]
+    listed = set(_entries(manifest))
+    for folder in {n.split("/")[0] for n in listed if "/" in n}:  # our subfolders hold only our files
+        path = out_dir / folder
+        if path.is_dir() and not path.is_symlink():
+            found += [f"{folder}/{p.name}" for p in path.iterdir() if f"{folder}/{p.name}" not in listed]
+        elif path.exists() or path.is_symlink():
+            found.append(folder)
+    return sorted(found)
 
 
 def is_finished(out_dir: Path) -> bool:
@@ -185,7 +205,7 @@ def is_finished(out_dir: Path) -> bool:
     except OutputError:
         return False
     return (bool(manifest) and manifest.get("status") == "complete"
-            and (out_dir / REPORT_FILE).is_file() and (out_dir / GATE_FILE).is_file())
+            and (out_dir / REPORT_FILE).is_file() and any((out_dir / g).is_file() for g in GATE_FILES))
 
 
 def _earlier_run(out_dir: Path, manifest: Optional[dict]) -> bool:
@@ -320,7 +340,7 @@ class OutputFolder:
                 # Starting over. The gate and the report go first, so a kill
                 # midway never leaves the old model looking finished.
                 self._write_manifest("searching", manifest["files"])
-                self._remove([GATE_FILE, REPORT_FILE])
+                self._remove([*GATE_FILES, REPORT_FILE])
                 self._remove(manifest["files"])
                 manifest = None
             self._clear_leftovers()
@@ -398,13 +418,21 @@ class OutputFolder:
         })
 
     def _remove(self, names: Iterable[str]) -> None:
-        """Delete files this tool wrote (names from a manifest); never a folder."""
+        """Delete files this tool wrote (names from a manifest); a subfolder only once
+        it is empty (a file someone else put there keeps it)."""
+        folders = set()
         for name in names:
-            if not isinstance(name, str) or "/" in name or name in ("", ".", ".."):
+            if not _entry_ok(name):
                 continue
             path = self.path / name
+            if "/" in name:
+                if path.parent.is_symlink() or not path.parent.is_dir():
+                    continue
+                folders.add(path.parent)
             if path.is_file() or path.is_symlink():
                 path.unlink()
+        for folder in folders:
+            _rmdir_if_empty(folder)
 
     def _clear_leftovers(self) -> None:
         """Our temporary files and our marked staging folder, from a run that was killed."""
@@ -429,20 +457,35 @@ class OutputFolder:
         return stage
 
     def publish(self, stage: Path) -> None:
-        """Move the staged files in: the report next to last, ``config.json`` last."""
-        new = sorted(p.name for p in stage.iterdir() if p.name != STAGING_MARK)
-        if any((stage / n).is_dir() for n in new):
-            raise RuntimeError(f"{stage} holds a folder; the merge should write files only")
-        old = (_read_manifest(self.path) or {"files": []})["files"]
+        """Move the staged files in: the report next to last, the gate (``config.json``
+        or ``adapter_config.json``) last. A staged subfolder (``merged/``) moves file by file."""
+        new = []
+        for p in sorted(stage.iterdir()):
+            if p.name == STAGING_MARK:
+                continue
+            if p.is_dir():
+                if any(q.is_dir() for q in p.iterdir()):
+                    raise RuntimeError(f"{p} holds a folder; outputs go at most one folder deep")
+                new += [f"{p.name}/{q.name}" for q in sorted(p.iterdir())]
+            else:
+                new.append(p.name)
+        old = _entries(_read_manifest(self.path))
         # Recorded first, so that a kill anywhere below leaves every file recognisable.
         self._write_manifest("publishing", set(old) | set(new) | {STATE_FILE})
         # Take the gate and the old report away first: from here until the end
         # the folder does not load as a model, old or new.
-        self._remove([GATE_FILE, REPORT_FILE])
+        self._remove([*GATE_FILES, REPORT_FILE])
         self._remove([n for n in old if n not in new and n != STATE_FILE])  # e.g. shards of an earlier write
-        order = [n for n in new if n not in (REPORT_FILE, GATE_FILE)] + [n for n in (REPORT_FILE, GATE_FILE) if n in new]
+        last = [n for n in (REPORT_FILE, *GATE_FILES) if n in new]
+        nested_gates = [n for n in new if "/" in n and n.rsplit("/", 1)[1] in GATE_FILES]
+        order = [n for n in new if n not in last and n not in nested_gates] + nested_gates + last
         for name in order:
+            if "/" in name:
+                (self.path / name).parent.mkdir(exist_ok=True)
             os.replace(stage / name, self.path / name)
         self._write_manifest("complete", set(new) | {STATE_FILE})
+        for p in stage.iterdir():
+            if p.is_dir():
+                p.rmdir()
         (stage / STAGING_MARK).unlink()
         stage.rmdir()

@@ -28,7 +28,8 @@ import numpy as np
 import yaml
 
 from swarm_merge import card, evaluate, experts as experts_mod, merge, objectives, output, report as report_mod
-from swarm_merge import search, space, weights
+from swarm_merge import lora, search, space, weights
+from swarm_merge.errors import RecipeError
 from swarm_merge.options import RunOptions
 from swarm_merge.recipe import Recipe
 from swarm_merge.report import Report
@@ -62,10 +63,22 @@ def run(recipe: Recipe, options: RunOptions = RunOptions(), *, out=None) -> Opti
     experts = experts_mod.pull_experts(recipe.experts, cache_dir=options.cache_dir,
                                        allow_pickle=recipe.allow_pickle, download=not options.dry_run)
     k = len(experts)
+    bank = None
+    if experts[0].adapter is not None:
+        # LoRA experts: the base is pulled whole (it is what every particle runs on),
+        # and the adapters are checked against it and held in memory (a few MB each).
+        base = _pull_lora_base(recipe, experts, options, out_dir)
+        bank = lora.AdapterBank(experts, base, space=recipe.swarm.lora_space)
+        names = bank.modules
+    else:
+        if recipe.output.merge_adapter:
+            raise RecipeError("output.merge_adapter applies to LoRA adapter experts, and these are full models; "
+                              "drop it from the recipe")
+        base = _pull_base(recipe, options)
+        names = sorted(experts[0].tensors)
     groups, group_labels = space.tensor_groups(
-        sorted(experts[0].tensors), granularity=recipe.swarm.granularity, layer_groups=recipe.swarm.layer_groups
+        names, granularity=recipe.swarm.granularity, layer_groups=recipe.swarm.layer_groups
     )
-    base = _pull_base(recipe, options)
     dev = objectives.load_examples(recipe.objective.dev, recipe.objective.type, recipe.objective.group_by)
     test = (
         objectives.load_examples(recipe.objective.test, recipe.objective.type, recipe.objective.group_by)
@@ -77,23 +90,30 @@ def run(recipe: Recipe, options: RunOptions = RunOptions(), *, out=None) -> Opti
     tokenizer_path = base.path if base else experts[0].path
     evaluate.check_tokenizer(tokenizer_path, recipe.objective)
     if options.dry_run:
-        _print_plan(recipe, experts, group_labels, dev, test, device, out_dir, push_to, out, options)
+        _print_plan(recipe, experts, group_labels, dev, test, device, out_dir, push_to, out, options, bank=bank,
+                    base=base)
         return None
-    digests = weights.scan_experts(experts)  # non-finite weights are bad input; content for the fingerprint
+    # Non-finite weights are bad input; the content goes into the fingerprint.
+    digests = weights.scan_experts(experts + ([base] if bank else []))
+    base_digest = digests.pop() if bank else None
 
     with output.OutputFolder(out_dir, resume=options.resume, force=options.force) as folder:
         # 2. The swarm search over coefficient arrays (G, K).
-        mode = _eval_mode(recipe, experts, device, options)
+        mode = _eval_mode(recipe, experts, device, options, bank=bank, base=base)
         LOG.info("evaluation: %s on %s", mode, device)
-        evaluator = evaluate.make_evaluator(mode, experts, groups, dtype=recipe.dtype, device=device,
-                                            tokenizer_path=tokenizer_path)
+        if bank is not None:
+            evaluator = lora.LoraEvaluator(bank, base, groups, dtype=recipe.dtype, device=device,
+                                           streaming=mode == "streaming", tokenizer_path=tokenizer_path)
+        else:
+            evaluator = evaluate.make_evaluator(mode, experts, groups, dtype=recipe.dtype, device=device,
+                                                tokenizer_path=tokenizer_path)
         result = search.run_search(
             recipe.swarm,
             num_experts=k,
             num_groups=len(group_labels),
             evaluate=functools.partial(evaluator.evaluate, examples=dev, objective=recipe.objective),
             checkpoint=folder.state_path,
-            fingerprint=_fingerprint(recipe, digests),
+            fingerprint=_fingerprint(recipe, digests + ([base_digest] if base_digest else [])),
             resume=options.resume,
             progress=options.progress,
             started=started,
@@ -110,25 +130,36 @@ def run(recipe: Recipe, options: RunOptions = RunOptions(), *, out=None) -> Opti
         del evaluator
         _free(device)
         stage = folder.new_stage()
-        LOG.info("writing the merge with mergekit")
-        merge.write_merge(
-            merge.mergekit_config(experts, result.best, groups, dtype=recipe.dtype, portable=False),
-            stage, device=str(device) if device.type == "cuda" else "cpu",
-            shard_bytes=_shard_bytes(mode, experts, recipe),
-        )
-        mergekit_yaml = yaml.safe_dump(
-            merge.mergekit_config(experts, result.best, groups, dtype=recipe.dtype, portable=True,
-                                  relative_to=recipe.base_dir),
-            sort_keys=False,
-        )
-        (stage / output.MERGEKIT_FILE).write_text(mergekit_yaml, encoding="utf-8")
+        if bank is not None:
+            LOG.info("writing the winning adapter")
+            base_id = _portable_ref(recipe, base)
+            lora.write_adapter(stage, bank, result.best, groups, base, base_model=base_id, revision=base.revision)
+            if recipe.output.merge_adapter:
+                LOG.info("merging the adapter into the base (%s/)", lora.MERGED_DIR)
+                lora.merge_adapter(stage, base, stage / lora.MERGED_DIR, dtype=recipe.dtype)
+            mergekit_yaml = None
+        else:
+            LOG.info("writing the merge with mergekit")
+            merge.write_merge(
+                merge.mergekit_config(experts, result.best, groups, dtype=recipe.dtype, portable=False),
+                stage, device=str(device) if device.type == "cuda" else "cpu",
+                shard_bytes=_shard_bytes(mode, experts, recipe),
+            )
+            mergekit_yaml = yaml.safe_dump(
+                merge.mergekit_config(experts, result.best, groups, dtype=recipe.dtype, portable=True,
+                                      relative_to=recipe.base_dir),
+                sort_keys=False,
+            )
+            (stage / output.MERGEKIT_FILE).write_text(mergekit_yaml, encoding="utf-8")
         report = _report(recipe, experts, digests, base, result, scores, group_labels, device, started,
-                         dev=dev, test=test, test_in_dev=test_in_dev)
+                         dev=dev, test=test, test_in_dev=test_in_dev, bank=bank, base_digest=base_digest)
         recipe_yaml = yaml.safe_dump(report.recipe.model_dump(mode="json"), sort_keys=False)
         plot = card.plot_history(report.search.history, stage / output.PLOT_FILE, title=recipe.name)
         model_card = card.render_card(report, recipe_yaml=recipe_yaml, mergekit_yaml=mergekit_yaml,
                                       repo_id=push_to, plot=output.PLOT_FILE if plot else None)
         model_card.save(stage / output.CARD_FILE)
+        if bank is not None and recipe.output.merge_adapter:
+            card.render_merged_card(report, repo_id=push_to).save(stage / lora.MERGED_DIR / output.CARD_FILE)
         report_mod.write(stage / output.REPORT_FILE, report)
         folder.publish(stage)
     _print_table(report, out)
@@ -155,9 +186,15 @@ def _inputs(recipe: Recipe, options: RunOptions) -> List[tuple]:
     return found
 
 
-def _eval_mode(recipe: Recipe, experts, device, options: RunOptions) -> str:
-    """in-memory when the experts plus one model fit the memory budget, else streaming."""
-    estimate = evaluate.memory_estimate(experts, recipe.dtype)
+def _estimate(recipe: Recipe, experts, *, bank=None, base=None):
+    if bank is not None:
+        return lora.memory_estimate(base, bank.nbytes, recipe.dtype)
+    return evaluate.memory_estimate(experts, recipe.dtype)
+
+
+def _eval_mode(recipe: Recipe, experts, device, options: RunOptions, *, bank=None, base=None) -> str:
+    """The fastest mode whose weight memory fits the budget (see evaluate.choose_mode)."""
+    estimate = _estimate(recipe, experts, bank=bank, base=base)
     budget = evaluate.memory_budget(device, options.max_memory)
     return evaluate.choose_mode(options.eval_mode, estimate, budget)
 
@@ -177,6 +214,31 @@ def _pull_base(recipe: Recipe, options: RunOptions) -> Optional[experts_mod.Expe
     path, commit = hub.download(ref, cache_dir=options.cache_dir, allow_patterns=experts_mod.SMALL_PATTERNS,
                                 what="base_model")
     return experts_mod.Expert(ref=ref, path=path, revision=commit, config={}, tensors={})
+
+
+def _pull_lora_base(recipe: Recipe, experts, options: RunOptions, out_dir: Path) -> experts_mod.Expert:
+    """The adapters' base with its weights: the recipe's base_model, or the one the adapters name."""
+    ref, _ = lora.base_of(experts, recipe.base_model)
+    base = experts_mod.pull_expert(ref, cache_dir=options.cache_dir, what="base_model", download=not options.dry_run)
+    if base.adapter is not None:
+        raise experts_mod.ExpertError(f"base_model {ref.model!r} is itself a LoRA adapter; point at the full base model")
+    if base.pickled and options.dry_run:
+        raise experts_mod.ExpertError(f"--dry-run: base_model {ref.model!r} has pickled weights, whose tensors are "
+                                      "not known without downloading them; run without --dry-run")
+    if base.ref.is_local:  # the output folder stays clear of it, as of every input
+        output.check_path(out_dir, inputs=[(f"the base model {ref.model!r}", str(base.path))],
+                          recipe_dir=recipe.base_dir)
+    return base
+
+
+def _portable_ref(recipe: Recipe, base) -> str:
+    """How the written adapter names its base: the Hub id, or the folder relative to the recipe's."""
+    if not base.ref.is_local:
+        return base.ref.model
+    if recipe.base_dir is None:
+        return str(base.path)
+    relative = os.path.relpath(Path(base.path).resolve(), recipe.base_dir)
+    return relative if relative.startswith("..") else os.path.join(".", relative)
 
 
 def _free(device) -> None:
@@ -239,7 +301,7 @@ def _scores(recipe, experts, result, evaluator, dev, test, num_groups) -> report
 
 
 def _report(recipe, experts, digests, base, result, scores, group_labels, device, started, *, dev, test,
-            test_in_dev) -> Report:
+            test_in_dev, bank=None, base_digest=None) -> Report:
     import mergekit
     import torch
     import transformers
@@ -261,11 +323,19 @@ def _report(recipe, experts, digests, base, result, scores, group_labels, device
                 license=card.expert_license(e.path),
                 pickled=e.pickled,
                 digest=digest,
+                adapter=(report_mod.AdapterRecord(r=e.adapter.r, alpha=e.adapter.alpha, rslora=e.adapter.rslora,
+                                                  target_modules=e.adapter.target_names, base_model=e.adapter.base)
+                         if e.adapter else None),
             )
             for e, ref, digest in zip(experts, portable.experts, digests)
         ],
-        base_model=(report_mod.BaseModelRecord(model=portable.base_model.model, revision=base.revision)
-                    if base else None),
+        base_model=(report_mod.BaseModelRecord(
+            model=_portable_ref(recipe, base) if bank else portable.base_model.model, revision=base.revision,
+            digest=base_digest) if base else None),
+        lora=(report_mod.LoraRecord(
+            space=bank.space, rank=bank.rank, alpha=bank.alpha, rslora=bank.rslora,
+            target_modules=bank.target_modules(base.tensors),
+            merged=lora.MERGED_DIR if recipe.output.merge_adapter else None) if bank else None),
         coefficients=report_mod.Coefficients.of(result.best, group_labels),
         scores=scores,
         data=report_mod.DataRecord(dev_rows=len(dev), test_rows=len(test) if test is not None else None,
@@ -299,20 +369,27 @@ def _hardware(device) -> str:
 
 
 def _print_plan(recipe, experts, group_labels, dev, test, device, out_dir, push_to, out,
-                options: RunOptions = RunOptions()) -> None:
+                options: RunOptions = RunOptions(), *, bank=None, base=None) -> None:
     k = len(experts)
     model_bytes = max(e.nbytes for e in experts)
     params = experts[0].num_parameters
-    print(f"recipe {recipe.name!r}: {k} experts, {params / 1e6:.1f}M parameters each", file=out)
     hb = experts_mod.human_bytes
+    if bank is not None:
+        print(f"recipe {recipe.name!r}: {k} LoRA adapters on {base.describe()} ({base.num_parameters / 1e6:.1f}M "
+              f"parameters, {hb(base.nbytes)}); lora_space {bank.space}: the winner is a rank-{bank.rank} adapter",
+              file=out)
+    else:
+        print(f"recipe {recipe.name!r}: {k} experts, {params / 1e6:.1f}M parameters each", file=out)
     for e in experts:
         if e.ref.is_local:
+            shape = f"LoRA r={e.adapter.r} alpha={e.adapter.alpha:g}, " if e.adapter else ""
             print(f"  {e.ref.model}  " + ("pickled weights (allow_pickle): converted and checked on the run"
-                                          if e.pickled else f"weights {hb(e.nbytes)}"), file=out)
+                                          if e.pickled else f"{shape}weights {hb(e.nbytes)}"), file=out)
             continue
         asked = f" (asked {e.ref.revision})" if e.ref.revision and e.ref.revision != e.revision else ""
         size = f"weights {hb(e.nbytes)}, " if not e.pickled else ""
-        print(f"  {e.ref.model} @ {e.revision}{asked}  {size}download {hb(e.download_bytes or 0)}", file=out)
+        shape = f"LoRA r={e.adapter.r} alpha={e.adapter.alpha:g}, " if e.adapter else ""
+        print(f"  {e.ref.model} @ {e.revision}{asked}  {shape}{size}download {hb(e.download_bytes or 0)}", file=out)
         if e.pickled:
             print("    pickled weights (allow_pickle): assumed to match the others; checked after the download", file=out)
     s = recipe.swarm
@@ -322,7 +399,7 @@ def _print_plan(recipe, experts, group_labels, dev, test, device, out_dir, push_
 
     print(f"evaluations: at most {budget(s)} on {len(dev)} dev rows ({recipe.objective.type})"
           + (f"; then {k + 2} on {len(test)} test rows" if test else ""), file=out)
-    estimate = evaluate.memory_estimate(experts, recipe.dtype)
+    estimate = _estimate(recipe, experts, bank=bank, base=base)
     budget_bytes = evaluate.memory_budget(device, options.max_memory)
     mode = evaluate.choose_mode(options.eval_mode, estimate, budget_bytes)
     print(f"device: {device}; dtype {recipe.dtype}; experts on disk {hb(k * model_bytes)}", file=out)

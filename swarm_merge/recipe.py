@@ -150,6 +150,8 @@ class SwarmSettings(_Frozen):
     drop_k: float = Field(0.0, ge=0, le=1)
     drop_n: float = Field(0.0, ge=0, le=1)
     init_velocity: Literal["random", "zero", "best"] = "random"
+    # LoRA experts: combine the A and B factors (the paper's code) or the deltas s*B*A (task vectors).
+    lora_space: Literal["factors", "delta"] = "factors"
     seed_soup: bool = True
     seed: int = Field(42, ge=0, lt=2**63)
 
@@ -170,6 +172,8 @@ class OutputSettings(_Frozen):
     dir: Optional[str] = None
     push_to_hub: Optional[str] = None
     private: bool = True
+    # LoRA experts: also write the base with the winning adapter merged in, to <out>/merged.
+    merge_adapter: bool = False
 
     @field_validator("push_to_hub")
     @classmethod

@@ -30,7 +30,7 @@ from swarm_merge.errors import OutputError
 from swarm_merge.recipe import Recipe
 
 __all__ = [
-    "SCHEMA_VERSION", "Split", "ScoreRow", "Scores", "ExpertRecord", "BaseModelRecord", "Coefficients",
+    "SCHEMA_VERSION", "Split", "ScoreRow", "Scores", "AdapterRecord", "ExpertRecord", "BaseModelRecord", "LoraRecord", "Coefficients",
     "HistoryEntry", "SearchRecord", "DataRecord", "Report", "ReportError", "read", "write", "json_schema", "finite",
 ]
 
@@ -95,6 +95,16 @@ class Scores(_Model):
         return any(r.test is not None for r in self.rows)
 
 
+class AdapterRecord(_Model):
+    """A LoRA adapter expert's shape (absent for a full-model expert)."""
+
+    r: int
+    alpha: float
+    rslora: bool = False
+    target_modules: List[str] = Field(description="the module names it adapts (leaf names)")
+    base_model: Optional[str] = Field(None, description="base_model_name_or_path in its adapter_config.json")
+
+
 class ExpertRecord(_Model):
     name: str
     model: str = Field(description="Hub repo id, or the folder relative to the recipe's folder")
@@ -105,11 +115,24 @@ class ExpertRecord(_Model):
     license: Optional[str] = None
     pickled: bool = False
     digest: str = Field(description="digest of the weights' bytes as searched")
+    adapter: Optional[AdapterRecord] = Field(None, description="set when the expert is a LoRA adapter")
 
 
 class BaseModelRecord(_Model):
     model: str
     revision: Optional[str] = None
+    digest: Optional[str] = Field(None, description="digest of its weights (LoRA runs, where they were searched)")
+
+
+class LoraRecord(_Model):
+    """The written adapter of a LoRA run: ``adapter_config.json`` + ``adapter_model.safetensors``."""
+
+    space: Literal["factors", "delta"] = Field(description="factors: A and B combined (the paper); delta: s*B*A")
+    rank: int = Field(description="the written adapter's rank (delta space: the sum of the experts' ranks)")
+    alpha: float
+    rslora: bool = False
+    target_modules: List[str]
+    merged: Optional[str] = Field(None, description="subfolder holding the base with the adapter merged in")
 
 
 class Coefficients(_Model):
@@ -165,6 +188,7 @@ class Report(_Model):
     recipe: Recipe = Field(description="the recipe as run; local paths relative to its folder")
     experts: List[ExpertRecord]
     base_model: Optional[BaseModelRecord] = None
+    lora: Optional[LoraRecord] = Field(None, description="set when the experts are LoRA adapters")
     coefficients: Coefficients
     scores: Scores
     data: DataRecord

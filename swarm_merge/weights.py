@@ -188,10 +188,10 @@ class LazyMergedWeights(Mapping):
     """
 
     def __init__(self, experts: Sequence[Expert], groups: Dict[str, int], aliases: Dict[str, str], *,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, tied: Optional[set] = None):
         self.experts = list(experts)
         self.groups = groups
-        self.aliases = aliases  # tied names the files do not store -> the stored name
+        self.aliases = aliases  # a parameter name the files do not store -> the stored name
         self.names = [n for n in experts[0].tensors] + [a for a in aliases if a not in experts[0].tensors]
         self.dtype = dtype
         self.device = device
@@ -200,7 +200,7 @@ class LazyMergedWeights(Mapping):
         self.tensors_built = 0
         # Tied weights (embeddings = head) are asked for twice per forward; the
         # second ask reuses the first build (until the coefficients change).
-        self.tied_sources = set(aliases.values())
+        self.tied_sources = set(aliases.values()) if tied is None else set(tied)
         self._tied: Dict[str, torch.Tensor] = {}
 
     @property

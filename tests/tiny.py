@@ -89,3 +89,47 @@ def write_recipe(root: Path, experts, extra: str = "", *, objective: str = "logl
     path = root / "recipe.yml"
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def make_base(root: Path, *, tie: bool = False, layers: int = 2, dtype=torch.float32, name: str = "base") -> Path:
+    """The tiny base model (the one make_experts perturbs), saved with its tokenizer."""
+    from transformers import LlamaForCausalLM
+
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(make_config(len(tok), tie=tie, layers=layers)).to(dtype)
+    path = Path(root) / name
+    base.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def make_adapters(root: Path, base: Path, n: int = 3, *, ranks=None, alphas=None, targets=("q_proj", "v_proj"),
+                  base_name: Optional[str] = None, scale: float = 1.0, names: Optional[List[str]] = None,
+                  **config) -> List[Path]:
+    """``n`` PEFT LoRA adapters on ``base`` with seeded random (non-zero) A and B;
+    ``base_name`` is written as their base_model_name_or_path (default: the base's folder)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    paths = []
+    for i in range(n):
+        torch.manual_seed(200 + i)
+        model = AutoModelForCausalLM.from_pretrained(str(base))
+        r = (ranks or [4] * n)[i]
+        alpha = (alphas or [2 * r] * n)[i] if alphas or not ranks else 2 * r
+        lcfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False,
+                          lora_dropout=0.0, **config)
+        peft_model = get_peft_model(model, lcfg)
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_" in name:
+                    p.mul_(scale)
+        path = Path(root) / (names[i] if names else f"adapter{i}")
+        peft_model.save_pretrained(str(path))
+        cfg_file = path / "adapter_config.json"
+        data = json.loads(cfg_file.read_text())
+        data["base_model_name_or_path"] = base_name if base_name is not None else str(base)
+        cfg_file.write_text(json.dumps(data, indent=2))
+        paths.append(path)
+    return paths
