@@ -9,6 +9,9 @@ Strategies, each in its own process so peak RSS is its own:
              file once per evaluation and combined into it
   streaming  swarm_merge: meta skeleton, each module built from the experts'
              files per forward through accelerate hooks
+  lora       swarm_merge on the same skills as LoRA adapters (--lora-recipe):
+             the base held once, per particle only the A and B factors change
+  lora-streaming  the same with the base streamed from its files
 Then peak RSS of a swarm's initial evaluation at two swarm sizes in both modes.
 
 Prints tables; asserts nothing. Usage (after `make setup demo-models`):
@@ -34,6 +37,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPE = REPO / "recipes" / "demo.yml"
+DEFAULT_LORA_RECIPE = REPO / "recipes" / "demo-lora.yml"
 
 
 # ------------------------------------------------------------------ worker side
@@ -110,6 +114,8 @@ def worker(args) -> dict:
 
     anon = AnonPeak()
     torch.manual_seed(0)
+    if args.strategy.startswith("lora"):
+        return lora_worker(args, anon)
     recipe = load_recipe(args.recipe)
     experts = experts_mod.pull_experts(recipe.experts)
     k = len(experts)
@@ -194,12 +200,45 @@ def worker(args) -> dict:
     return result
 
 
+def lora_worker(args, anon: AnonPeak) -> dict:
+    """The same evaluation over the skills' LoRA adapters on their base."""
+    import numpy as np
+    import torch
+
+    from swarm_merge import experts as experts_mod, lora
+    from swarm_merge.recipe import load_recipe
+
+    recipe = load_recipe(args.lora_recipe)
+    experts = experts_mod.pull_experts(recipe.experts)
+    base = experts_mod.pull_expert(recipe.base_model, what="base_model")
+    bank = lora.AdapterBank(experts, base, space=recipe.swarm.lora_space)
+    groups = {m: 0 for m in bank.modules}
+    tmp_dir = tempfile.TemporaryDirectory(prefix="swarm-bench-")
+    rows, objective = _objective_data(recipe, args.objective, Path(tmp_dir.name))
+    if args.rows:
+        rows = rows[: args.rows]
+    ev = lora.LoraEvaluator(bank, base, groups, dtype=recipe.dtype, device=torch.device(args.device),
+                            streaming=args.strategy == "lora-streaming")
+    particles = _particles(len(experts), args.repeats + 1)
+    times, utilities = [], []
+    ev.evaluate(particles[0], rows, objective)  # warm-up
+    for c in particles[1:]:
+        start = time.perf_counter()
+        utilities.append(ev.evaluate(c, rows, objective).utility)
+        times.append(time.perf_counter() - start)
+    tmp_dir.cleanup()
+    return {"strategy": args.strategy, "objective": args.objective, "swarm_size": 0, "seconds": times,
+            "median_seconds": statistics.median(times), "utility": float(np.nanmean(utilities)),
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak_anon": anon.stop(),
+            "rows": len(rows)}
+
+
 # ------------------------------------------------------------------ driver side
 
 
 def run_worker(args, **over) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--recipe", str(args.recipe), "--repeats", str(args.repeats),
-           "--device", args.device]
+           "--device", args.device, "--lora-recipe", str(args.lora_recipe)]
     for key, value in over.items():
         cmd += [f"--{key.replace('_', '-')}", str(value)]
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
@@ -218,7 +257,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE)
     p.add_argument("--objectives", default="exact_match,loglik,multiple_choice")
-    p.add_argument("--strategies", default="floor,in-memory,one-model,streaming,naive")
+    p.add_argument("--strategies", default="floor,in-memory,one-model,streaming,naive,lora,lora-streaming")
+    p.add_argument("--lora-recipe", type=Path, default=DEFAULT_LORA_RECIPE,
+                   help="the same skills as LoRA adapters (strategies lora, lora-streaming)")
     p.add_argument("--repeats", type=int, default=5, help="evaluations per strategy (median reported)")
     p.add_argument("--sizes", default="10,40", help="swarm sizes for the peak-RSS runs ('' to skip)")
     p.add_argument("--size-rows", type=int, default=24, help="dev rows in the swarm-size runs (RSS does not depend on it)")
@@ -263,6 +304,10 @@ def main() -> None:
             mem_over = rows["in-memory"]["median_seconds"] - floor
             ratio = f"{naive_over / mem_over:.1f}" if mem_over > 0 else "inf (in-memory overhead within noise)"
             print(f"\nmerge overhead naive / in-memory: {ratio}")
+        if "lora" in rows and "in-memory" in rows:
+            print(f"adapters / full models (in-memory): s per evaluation "
+                  f"{rows['lora']['median_seconds'] / rows['in-memory']['median_seconds']:.2f}, peak RSS "
+                  f"{rows['lora']['peak_rss'] / rows['in-memory']['peak_rss']:.2f}")
         if "streaming" in rows and "in-memory" in rows:
             print(f"streaming / in-memory peak RSS: {rows['streaming']['peak_rss'] / rows['in-memory']['peak_rss']:.2f}"
                   f" (anon: {rows['streaming']['peak_anon'] / rows['in-memory']['peak_anon']:.2f})")

@@ -227,12 +227,13 @@ def render_merged_card(report: "Report", *, repo_id: Optional[str] = None):
     body = (f"# {md(report.recipe.name)}, merged\n\nThe base model {md(base.model)} with the Model Swarms LoRA "
             f"adapter of the parent folder merged in (PEFT `merge_and_unload`). The search, the scores and the "
             f"coefficients are in the parent folder's README.md and swarm.json.\n\n"
-            f"```python\nfrom transformers import AutoModelForCausalLM\n\n"
-            f'model = AutoModelForCausalLM.from_pretrained("{repo}", subfolder="merged")\n```\n')
+            f"```python\nfrom huggingface_hub import snapshot_download\nfrom transformers import AutoModelForCausalLM\n\n"
+            f'path = snapshot_download("{repo}", allow_patterns="merged/*")\n'
+            f'model = AutoModelForCausalLM.from_pretrained(f"{{path}}/merged")\n```\n')
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
 
 
 def set_repo_id(card_text: str, repo_id: str) -> str:
     """Point the card's usage snippet at ``repo_id`` (for a push to another repo than the run named)."""
-    return re.sub(r'(\.from_pretrained\((?:base, )?")[^"\n]*(")', lambda m: m.group(1) + repo_id + m.group(2),
-                  card_text)
+    return re.sub(r'((?:\.from_pretrained\((?:base, )?|snapshot_download\()")[^"\n]*(")',
+                  lambda m: m.group(1) + repo_id + m.group(2), card_text)

@@ -78,3 +78,26 @@ def test_demo_streaming_matches_in_memory(demo):
     b_ll = stream.evaluate(c, rows, b_loglik_obj)
     assert a.utility == b.utility and a.groups == b.groups
     assert a_ll.utility == pytest.approx(b_ll.utility, abs=1e-5)
+
+
+def test_demo_lora_recipe_end_to_end(demo, tmp_path):
+    """The adapter twin on the real adapters: a short search whose written adapter, loaded
+    by PEFT on the real base, scores on the dev set what the report says."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    lora_recipe = REPO / "recipes" / "demo-lora.yml"
+    recipe = load_recipe(lora_recipe)
+    out = tmp_path / "out"
+    assert main([str(lora_recipe), "--out", str(out), "--set", "swarm.size=6", "--set", "swarm.max_iterations=1",
+                 "--set", "objective.test=null", "--set", "output.merge_adapter=false", "--no-progress"]) == 0
+    report = read_report(out / "swarm.json")
+    assert report.lora.space == "factors" and report.lora.rank == 8
+    assert [e.adapter.r for e in report.experts] == [8, 8, 8, 8]
+    base = AutoModelForCausalLM.from_pretrained(recipe.base_model.model)
+    model = PeftModel.from_pretrained(base, str(out)).eval()
+    dev = objectives.load_examples(recipe.objective.dev, recipe.objective.type)
+    got = objectives.score(model, evaluate.load_tokenizer(recipe.base_model.model), dev, recipe.objective,
+                           torch.device("cpu"))
+    assert got.utility == pytest.approx(report.scores.winner.dev.utility, abs=1e-6)
+    assert got.groups == pytest.approx(report.scores.winner.dev.groups, abs=1e-6)

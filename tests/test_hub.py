@@ -603,3 +603,49 @@ def test_a_repo_refused_from_its_small_files_downloads_no_weights(repo, message,
     assert not weight_requests(hub, repo)
     assert not [r for r in hub.request_log if r.path.endswith(".py")]
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------- LoRA adapters
+
+
+def test_adapters_from_the_hub_pinned_with_their_base_resolved_and_pushed(hub, tmp_path):
+    """Adapters on the server (one pinned by tag to its older commit); the base comes from
+    their adapter_config.json, is pulled from the server, and the pushed repo holds the
+    adapter and the merged model, which a Hub user loads."""
+    base = tiny.make_base(tmp_path / "models")
+    old, new, other = tiny.make_adapters(tmp_path / "models", base, 3, base_name="org/tiny-base")
+    base_sha = hub.add_repo("org/tiny-base", folder_files(base, **{"README.md": card_readme()}))
+    pinned = hub.add_repo("org/adapter-x", folder_files(old), revision_tag="v1")
+    hub.add_repo("org/adapter-x", folder_files(new), message="newer adapter")
+    hub.add_repo("org/adapter-y", folder_files(other))
+    repo = "swarm/tiny-lora"
+    recipe = write_recipe(tmp_path, "  - org/adapter-x@v1\n  - org/adapter-y\n",
+                          f"  push_to_hub: {repo}\n  private: false\n  merge_adapter: true\n")
+    proc = cli(hub, tmp_path / "home", recipe)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "out" / "swarm.json").read_text())
+    assert report["base_model"]["model"] == "org/tiny-base" and report["base_model"]["revision"] == base_sha
+    assert report["experts"][0]["revision"] == pinned and report["experts"][0]["adapter"]["r"] == 4
+    written = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    assert written and all(k.startswith("base_model.model.") for k in written)
+    files = set(hub.list_files(repo))
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "swarm.json",
+            "merged/config.json", "merged/model.safetensors", "merged/README.md"} <= files
+    assert "swarm-state.json" not in files and "config.json" not in files
+    got = client(hub, tmp_path / "home2", f"""
+        import torch
+        from huggingface_hub import ModelCard, snapshot_download
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+        base = AutoModelForCausalLM.from_pretrained("org/tiny-base")
+        model = PeftModel.from_pretrained(base, {repo!r})
+        path = snapshot_download({repo!r}, allow_patterns="merged/*")
+        merged = AutoModelForCausalLM.from_pretrained(f"{{path}}/merged")
+        ids = torch.tensor([[5, 17, 42, 9]])
+        with torch.no_grad():
+            diff = (model(input_ids=ids).logits - merged(input_ids=ids).logits).abs().max().item()
+        card = ModelCard.load({repo!r})
+        report(dict(diff=diff, data=card.data.to_dict()))
+    """)
+    assert got["diff"] < 1e-5
+    assert got["data"]["base_model"] == "org/tiny-base" and got["data"]["base_model_relation"] == "adapter"

@@ -258,7 +258,7 @@ def test_the_card_names_the_base_and_shows_peft_usage(factors_run):
     card = ModelCard.load(out / "README.md")
     assert card.data.library_name == "peft" and "lora" in card.data.tags
     text = card.text
-    assert "PeftModel.from_pretrained(base, " in text and 'subfolder="merged"' in text
+    assert "PeftModel.from_pretrained(base, " in text and 'allow_patterns="merged/*"' in text
     assert "| adapter | revision | coefficient |" in text and "mergekit-yaml" not in text
     merged_card = ModelCard.load(out / "merged" / "README.md")
     assert "merge_and_unload" in merged_card.text
