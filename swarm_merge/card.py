@@ -208,11 +208,60 @@ def render_card(report: "Report", *, recipe_yaml: str, mergekit_yaml: str, repo_
         mergekit_yaml=(mergekit_yaml or "").rstrip(),
         mergekit_fence=fence(mergekit_yaml or ""),
         lora=adapter,
+        analysis=_analysis_lines(report),
+        comparison=_comparison_rows(report),
+        comparison_note=_comparison_note(report),
         base_id=(base.model if base is not None else "").replace('"', ""),
         base_link=(f"[{md(base.model)}](https://huggingface.co/{quote(base.model)})" if base_hub
                    else md(base.model) if base is not None else ""),
     )
     return card
+
+
+def _analysis_lines(report: "Report") -> List[str]:
+    a = report.analysis
+    if a is None:
+        return []
+    lines = []
+    w = a.weak_to_strong
+    if w.start_rank is not None:
+        lines.append(f"Weak to strong: the particle that found the winner started as {md(w.started_as)}, ranked "
+                     f"{w.start_rank} of {w.size} by dev utility in the initial swarm (the paper: only 10.4% of "
+                     "winners started as the best expert).")
+    if a.emergence is not None:
+        e = a.emergence
+        per = "; ".join(f"{md(g)}: +{v['gained']} / -{v['lost']}" for g, v in sorted(e.groups.items()))
+        lines.append(f"Correctness emergence on the test set: the winner solves {e.gained} of {e.items} items that "
+                     f"no expert solves, and misses {e.lost} that some expert solves" + (f" ({per})" if per else "")
+                     + ".")
+    if a.winner_gap is not None:
+        lines.append(f"Dev minus test utility: the winner {a.winner_gap:+.4f}" + (
+            f"; the best other model by dev ({md(a.best_baseline)}) {a.best_baseline_gap:+.4f}"
+            if a.best_baseline_gap is not None else "") + ".")
+    return lines
+
+
+def _comparison_rows(report: "Report") -> List[Dict[str, str]]:
+    c = report.comparison
+    if c is None:
+        return []
+
+    def ms(mean, std):
+        return "-" if mean is None else f"{mean:.4f} ± {std:.4f}" if len(c.seeds) > 1 else f"{mean:.4f}"
+
+    return [{"method": md(m.method), "dev": ms(m.dev_mean, m.dev_std), "test": ms(m.test_mean, m.test_std),
+             "evaluations": str(m.evaluations), "seconds": f"{m.seconds_mean:.0f}"} for m in c.summary]
+
+
+def _comparison_note(report: "Report") -> str:
+    c = report.comparison
+    if c is None:
+        return ""
+    seeds = (f"mean ± standard deviation over seeds {', '.join(map(str, c.seeds))}" if len(c.seeds) > 1
+             else f"seed {c.seeds[0]}")
+    return (f"Every method searched the same coefficients and was given the swarm's budget: {c.budget} distinct "
+            f"positions scored on dev; each picked its winner by dev utility ({seeds}). Random search draws "
+            "positions the way the swarm draws its initial particles; CMA-ES starts at the uniform average.")
 
 
 def render_merged_card(report: "Report", *, repo_id: Optional[str] = None):

@@ -1,6 +1,7 @@
 """Command line: parse, validate, call one library function.
 
-``mergekit-swarm RECIPE.yml [flags]`` runs a search; ``mergekit-swarm push
+``mergekit-swarm RECIPE.yml [flags]`` runs a search; ``mergekit-swarm compare
+RECIPE.yml [flags]`` runs it with the baselines (``--baselines``); ``mergekit-swarm push
 OUT_DIR --repo org/name`` pushes a finished run again; ``mergekit-swarm-yaml``
 is mergekit's own ``mergekit-yaml`` with the ``swarm`` method registered.
 
@@ -47,6 +48,11 @@ def _run_parser() -> argparse.ArgumentParser:
                    "auto (default): the first of these that fits --max-memory")
     p.add_argument("--max-memory", metavar="SIZE", type=_size,
                    help="memory the evaluation may use, e.g. 16GiB (default: 70%% of available RAM, 80%% of free GPU memory)")
+    p.add_argument("--baselines", action="store_true",
+                   help="also run random search and CMA-ES over the same coefficients at the swarm's budget "
+                   "(what `mergekit-swarm compare` does)")
+    p.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="with --baselines: run the swarm and every baseline with N seeds (swarm.seed, +1, ...)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logs and tracebacks")
     return p
@@ -95,6 +101,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if argv and argv[0] == "push":
             return _push(_push_parser().parse_args(argv[1:]))
+        if argv and argv[0] == "compare":  # a run with the baselines at the swarm's budget
+            args = _run_parser().parse_args(argv[1:])
+            args.baselines = True
+            return _run(args)
         return _run(_run_parser().parse_args(argv))
     except InputError as exc:
         _fail(exc, verbose)
@@ -127,6 +137,11 @@ def _run(args: argparse.Namespace) -> int:
     from swarm_merge.options import RunOptions
     from swarm_merge.recipe import load_recipe
 
+    if args.seeds < 1:
+        raise InputError(f"--seeds {args.seeds}: give 1 or more")
+    if args.seeds > 1 and not args.baselines:
+        raise InputError("--seeds runs every method at several seeds, which needs --baselines "
+                         "(or `mergekit-swarm compare RECIPE`)")
     overrides = list(args.overrides)
     if args.seed is not None:
         overrides.append(f"swarm.seed={args.seed}")
@@ -141,6 +156,8 @@ def _run(args: argparse.Namespace) -> int:
         push_to_hub=args.push_to_hub,
         eval_mode=args.eval_mode,
         max_memory=args.max_memory,
+        baselines=args.baselines,
+        seeds=args.seeds,
         # Bars on a terminal (or when asked); one log line per iteration otherwise.
         progress=not args.no_progress and (sys.stderr.isatty() or os.environ.get("SWARM_MERGE_PROGRESS") == "1"),
     )

@@ -47,6 +47,8 @@ class Score:
     utility: float
     groups: Dict[str, float] = field(default_factory=dict)
     n: int = 0
+    # Each row's value (accuracy objectives: 0 or 1), in the data's order; not memoised.
+    rows: Optional[List[float]] = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> Dict[str, Any]:
         """Strict-JSON form: a utility that is not finite is None."""
@@ -171,6 +173,7 @@ def _aggregate(values: Sequence[float], weights: Sequence[float], examples: Sequ
         utility=total / mass if mass else float("nan"),
         groups={g: s / m for g, (s, m) in sorted(groups.items()) if m},
         n=len(examples),
+        rows=[float(v) for v in values],
     )
 
 

@@ -23,3 +23,5 @@ class RunOptions:
     progress: bool = True
     eval_mode: str = "auto"  # auto | in-memory | streaming
     max_memory: Optional[int] = None  # bytes the evaluation may hold (auto mode); None: 70% of available
+    baselines: bool = False  # also run random search and CMA-ES at the swarm's budget (`compare`)
+    seeds: int = 1  # with baselines: every stochastic method at this many seeds

@@ -121,7 +121,11 @@ def run(recipe: Recipe, options: RunOptions = RunOptions(), *, out=None) -> Opti
 
         # 3. Score the experts, the uniform soup and the winner (dev from the memo).
         LOG.info("scoring the experts, the uniform average and the winner%s", " on the test set" if test else "")
-        scores = _scores(recipe, experts, result, evaluator, dev, test, len(group_labels))
+        scores, test_rows = _scores(recipe, experts, result, evaluator, dev, test, len(group_labels))
+        comparison = None
+        if options.baselines:
+            comparison = _compare(recipe, result, evaluator, dev, test, k, len(group_labels), options)
+        analysis = _analysis(recipe, experts, result, scores, test_rows, test, comparison)
 
         # 4. Write the winner with mergekit, the report and the card into a
         #    staging folder, then publish them (output.py: atomic as seen by a user).
@@ -152,7 +156,8 @@ def run(recipe: Recipe, options: RunOptions = RunOptions(), *, out=None) -> Opti
             )
             (stage / output.MERGEKIT_FILE).write_text(mergekit_yaml, encoding="utf-8")
         report = _report(recipe, experts, digests, base, result, scores, group_labels, device, started,
-                         dev=dev, test=test, test_in_dev=test_in_dev, bank=bank, base_digest=base_digest)
+                         dev=dev, test=test, test_in_dev=test_in_dev, bank=bank, base_digest=base_digest,
+                         analysis=analysis, comparison=comparison)
         recipe_yaml = yaml.safe_dump(report.recipe.model_dump(mode="json"), sort_keys=False)
         plot = card.plot_history(report.search.history, stage / output.PLOT_FILE, title=recipe.name)
         model_card = card.render_card(report, recipe_yaml=recipe_yaml, mergekit_yaml=mergekit_yaml,
@@ -289,19 +294,102 @@ def _scores(recipe, experts, result, evaluator, dev, test, num_groups) -> report
     candidates = [(e.name, "expert", np.tile(np.eye(k)[i], (num_groups, 1))) for i, e in enumerate(experts)]
     candidates.append(("uniform average", "uniform", np.full((num_groups, k), 1.0 / k)))
     candidates.append(("swarm winner", "winner", result.best))
-    rows = []
-    for name, kind, x in candidates:
+    rows, test_rows = [], {}
+    for i, (name, kind, x) in enumerate(candidates):
         dev_score = result.lookup(x) or evaluator.evaluate(x, dev, recipe.objective)
         test_score = evaluator.evaluate(x, test, recipe.objective) if test is not None else None
         rows.append(report_mod.ScoreRow(
             name=name, kind=kind, coefficients=np.asarray(x, dtype=float).tolist(), dev=report_mod.Split.of(dev_score),
             test=report_mod.Split.of(test_score) if test_score else None,
         ))
-    return report_mod.Scores(rows=rows)
+        if test_score is not None:
+            test_rows[(kind, i if kind == "expert" else 0)] = test_score.rows
+    return report_mod.Scores(rows=rows), test_rows
+
+
+def _compare(recipe, result, evaluator, dev, test, k: int, g: int, options: RunOptions) -> report_mod.Comparison:
+    """Random search and CMA-ES (and the swarm at other seeds) at the swarm's budget, through
+    the run's evaluator and one memo shared with the swarm's (baselines.py)."""
+    import tempfile
+
+    from swarm_merge import baselines
+
+    budget = len(result.memo)  # distinct positions the swarm scored on dev
+    memo = dict(result.memo)
+    seeds = [recipe.swarm.seed + i for i in range(options.seeds)]
+
+    def score_dev(x):
+        return evaluator.evaluate(x, dev, recipe.objective)
+
+    runs = [baselines.MethodRun("swarm", seeds[0], result.best, result.best_score, budget, result.seconds)]
+    with tempfile.TemporaryDirectory(prefix="swarm-merge-seeds-") as tmp:
+        for seed in seeds[1:]:
+            LOG.info("comparison: the swarm at seed %d", seed)
+            counted = baselines.Budgeted(score_dev, memo)
+            start = time.monotonic()
+            other = search.run_search(recipe.swarm.model_copy(update={"seed": seed}), num_experts=k, num_groups=g,
+                                      evaluate=counted, checkpoint=Path(tmp) / f"seed-{seed}.json",
+                                      fingerprint="comparison", progress=options.progress)
+            runs.append(baselines.MethodRun("swarm", seed, other.best, other.best_score, counted.used,
+                                            time.monotonic() - start))
+    for seed in seeds:
+        LOG.info("comparison: random search and CMA-ES at seed %d (%d dev evaluations each)", seed, budget)
+        runs.append(baselines.random_search(baselines.Budgeted(score_dev, memo), num_experts=k, num_groups=g,
+                                            budget=budget, seed=seed, seed_soup=recipe.swarm.seed_soup))
+        runs.append(baselines.cmaes_search(baselines.Budgeted(score_dev, memo), num_experts=k, num_groups=g,
+                                           budget=budget, seed=seed))
+    tests = {}
+    records = []
+    for r in runs:
+        key = search.position_key(r.best)
+        if test is not None and key not in tests:
+            tests[key] = evaluator.evaluate(r.best, test, recipe.objective)
+        records.append(report_mod.MethodResult(
+            method=r.method, seed=r.seed, coefficients=np.asarray(r.best, dtype=float).tolist(),
+            dev=report_mod.Split.of(r.dev), test=report_mod.Split.of(tests[key]) if test is not None else None,
+            evaluations=r.evaluations, seconds=round(r.seconds, 3)))
+    summary = []
+    for method in ("swarm", "random search", "CMA-ES"):
+        mine = [r for r in records if r.method == method]
+        dev_s = baselines.summarize([r.dev.utility for r in mine])
+        test_s = baselines.summarize([r.test.utility if r.test else None for r in mine])
+        summary.append(report_mod.MethodSummary(
+            method=method, seeds=len(mine), dev_mean=dev_s["mean"], dev_std=dev_s["std"], test_mean=test_s["mean"],
+            test_std=test_s["std"], evaluations=max(r.evaluations for r in mine),
+            seconds_mean=round(float(np.mean([r.seconds for r in mine])), 3)))
+    return report_mod.Comparison(budget=budget, seeds=seeds, runs=records, summary=summary)
+
+
+def _analysis(recipe, experts, result, scores, test_rows, test, comparison) -> report_mod.Analysis:
+    """The paper's analyses of this run: weak-to-strong, correctness emergence, dev/test gaps."""
+    from swarm_merge import baselines
+
+    initial = [(result.lookup(x).utility if result.lookup(x) else float("nan")) for x in result.initial]
+    w2s = baselines.weak_to_strong(result.state, initial, [e.name for e in experts], seed_soup=recipe.swarm.seed_soup)
+    emergence = None
+    if test is not None and recipe.objective.type in ("exact_match", "multiple_choice"):
+        found = baselines.emergence([test_rows.get(("expert", i)) for i in range(len(experts))],
+                                    test_rows.get(("winner", 0)), [ex.group for ex in test])
+        emergence = report_mod.Emergence(**found) if found else None
+
+    def gap(dev, tst):
+        return None if dev is None or tst is None else dev - tst
+
+    winner = scores.winner
+    others = [(r.name, r.dev.utility, r.test.utility if r.test else None) for r in scores.rows if r.kind != "winner"]
+    if comparison is not None:
+        others += [(f"{r.method} (seed {r.seed})", r.dev.utility, r.test.utility if r.test else None)
+                   for r in comparison.runs if r.method != "swarm"]
+    others = [o for o in others if o[1] is not None]
+    best = max(others, key=lambda o: o[1]) if others else None
+    return report_mod.Analysis(
+        weak_to_strong=report_mod.WeakToStrong(**w2s), emergence=emergence,
+        winner_gap=gap(winner.dev.utility, winner.test.utility if winner.test else None),
+        best_baseline=best[0] if best else None, best_baseline_gap=gap(best[1], best[2]) if best else None)
 
 
 def _report(recipe, experts, digests, base, result, scores, group_labels, device, started, *, dev, test,
-            test_in_dev, bank=None, base_digest=None) -> Report:
+            test_in_dev, bank=None, base_digest=None, analysis=None, comparison=None) -> Report:
     import mergekit
     import torch
     import transformers
@@ -349,6 +437,8 @@ def _report(recipe, experts, digests, base, result, scores, group_labels, device
             seconds=round(result.seconds, 3),
             history=result.history,
         ),
+        analysis=analysis,
+        comparison=comparison,
         # This session's wall time plus the earlier sessions' (from the checkpoint).
         wall_seconds=round(result.wall_before + time.monotonic() - started, 3),
         hardware=_hardware(device),
@@ -429,3 +519,30 @@ def _print_table(report: Report, out) -> None:
     s = report.search
     print(f"search: {s.iterations} iterations, {s.evaluations} evaluations, {s.stop_reason}, "
           f"{report.wall_seconds:.0f} s", file=out)
+    a = report.analysis
+    if a is not None:
+        w = a.weak_to_strong
+        if w.start_rank is not None:
+            print(f"weak-to-strong: the winning particle started as {w.started_as}, ranked {w.start_rank} of "
+                  f"{w.size} in the initial swarm", file=out)
+        if a.emergence is not None:
+            e = a.emergence
+            print(f"emergence (test): {e.gained} of {e.items} items solved by the winner and by no expert; "
+                  f"{e.lost} solved by some expert but lost by the winner", file=out)
+        if a.winner_gap is not None:
+            print(f"dev - test gap: winner {a.winner_gap:+.4f}" + (
+                f", best other by dev ({a.best_baseline}) {a.best_baseline_gap:+.4f}"
+                if a.best_baseline_gap is not None else ""), file=out)
+    c = report.comparison
+    if c is not None:
+        seeds = f"{len(c.seeds)} seeds" if len(c.seeds) > 1 else f"seed {c.seeds[0]}"
+        print(f"\nat equal budget ({c.budget} distinct dev evaluations per method and seed, {seeds}; "
+              "mean +- std over seeds):", file=out)
+        print(f"{'method':<16}{'dev':>18}{'test':>18}{'evals':>8}{'s':>8}", file=out)
+
+        def ms(mean, std):
+            return "-" if mean is None else f"{mean:.4f} +- {std:.4f}"
+
+        for m in c.summary:
+            print(f"{m.method:<16}{ms(m.dev_mean, m.dev_std):>18}{ms(m.test_mean, m.test_std):>18}"
+                  f"{m.evaluations:>8}{m.seconds_mean:>8.0f}", file=out)

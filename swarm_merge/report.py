@@ -31,7 +31,8 @@ from swarm_merge.recipe import Recipe
 
 __all__ = [
     "SCHEMA_VERSION", "Split", "ScoreRow", "Scores", "AdapterRecord", "ExpertRecord", "BaseModelRecord", "LoraRecord", "Coefficients",
-    "HistoryEntry", "SearchRecord", "DataRecord", "Report", "ReportError", "read", "write", "json_schema", "finite",
+    "HistoryEntry", "SearchRecord", "DataRecord", "MethodResult", "MethodSummary", "Comparison", "WeakToStrong",
+    "Emergence", "Analysis", "Report", "ReportError", "read", "write", "json_schema", "finite",
 ]
 
 SCHEMA_VERSION = 2  # 1: swarm_merge 0.1.0 (no schema_version field)
@@ -180,6 +181,68 @@ class DataRecord(_Model):
     test_rows_in_dev: int = Field(0, description="test rows that also appear in the dev set (0: held out)")
 
 
+class MethodResult(_Model):
+    """One search method at one seed (``--baselines``): its winner, chosen on dev."""
+
+    method: Literal["swarm", "random search", "CMA-ES"]
+    seed: int
+    coefficients: List[List[float]]
+    dev: Split
+    test: Optional[Split] = None
+    evaluations: int = Field(description="distinct positions scored on dev (the shared budget)")
+    seconds: float = Field(description="wall time of the method (positions another method scored first cost nothing)")
+
+
+class MethodSummary(_Model):
+    """A method over its seeds: mean and spread (sample standard deviation) of its winners' utilities."""
+
+    method: str
+    seeds: int
+    dev_mean: Optional[float] = None
+    dev_std: Optional[float] = None
+    test_mean: Optional[float] = None
+    test_std: Optional[float] = None
+    evaluations: int
+    seconds_mean: float
+
+
+class Comparison(_Model):
+    """Other searches over the same coefficients at the swarm's budget (``--baselines`` / ``compare``)."""
+
+    budget: int = Field(description="distinct dev evaluations each method and seed was given: the swarm's")
+    seeds: List[int]
+    runs: List[MethodResult]
+    summary: List[MethodSummary]
+
+
+class WeakToStrong(_Model):
+    """Where the particle that found the winner started (the paper's weak-to-strong analysis)."""
+
+    particle: Optional[int] = Field(None, description="its index in the initial swarm (null: not traceable)")
+    start_rank: Optional[int] = Field(None, description="its initial dev utility's rank in the initial swarm (1: best)")
+    started_as: Optional[str] = Field(None, description="an expert's name, 'uniform soup' or 'child'")
+    size: int
+
+
+class Emergence(_Model):
+    """Test items only the winner solves, and items it lost (accuracy objectives, with a test set)."""
+
+    items: int
+    gained: int = Field(description="solved by the winner and by no expert")
+    lost: int = Field(description="solved by some expert but not by the winner")
+    solved_by_some_expert: int
+    solved_by_winner: int
+    groups: Dict[str, Dict[str, int]] = Field(default_factory=dict, description="gained / lost per row group")
+
+
+class Analysis(_Model):
+    weak_to_strong: WeakToStrong
+    emergence: Optional[Emergence] = None
+    winner_gap: Optional[float] = Field(None, description="the winner's dev minus test utility")
+    best_baseline: Optional[str] = Field(None, description="the non-swarm row with the best dev utility")
+    best_baseline_gap: Optional[float] = Field(None, description="its dev minus test utility")
+
+
 class Report(_Model):
     """The whole of ``swarm.json``."""
 
@@ -193,6 +256,8 @@ class Report(_Model):
     scores: Scores
     data: DataRecord
     search: SearchRecord
+    analysis: Optional[Analysis] = None
+    comparison: Optional[Comparison] = None
     wall_seconds: float = Field(description="the whole run, resumed parts included")
     hardware: str
     versions: Dict[str, str]

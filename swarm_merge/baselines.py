@@ -1,0 +1,183 @@
+"""Was the swarm worth it? Other searches over the same coefficients, at the
+same budget, scored by the same evaluator, and the paper's analyses of a run.
+
+Every method searches the swarm's space (affine coefficient arrays ``(G, K)``,
+the recipe's granularity) and gets **the swarm's budget**: as many distinct
+positions scored on dev as the swarm scored. Scores come through one shared
+memo (:class:`Budgeted`), so a position two methods both ask for (the experts,
+the uniform soup) is computed once; each method still counts it against its own
+budget, once.
+
+- ``random search``: the best of ``budget`` positions drawn the way the swarm
+  draws its initial particles (the experts, the soup, then children
+  ``w P1 + (1 - w) P2`` with ``w ~ U[0, 2)``): the swarm without its moves.
+- ``CMA-ES`` (the ``cmaes`` package): over the free coefficients (each group's
+  last one is ``1 - sum`` of the others), started at the soup with step 0.3,
+  default population; the last generation is cut at the budget.
+- ``swarm`` with other seeds (``--seeds N``).
+
+Analyses (:func:`weak_to_strong`, :func:`emergence`) follow the paper's:
+where the winning particle started, and which test items only the winner gets.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from swarm_merge import swarm
+from swarm_merge.objectives import Score
+from swarm_merge.search import position_key
+
+__all__ = ["Budgeted", "MethodRun", "random_search", "cmaes_search", "weak_to_strong", "emergence", "summarize",
+           "CMAES_SIGMA"]
+
+LOG = logging.getLogger(__name__)
+CMAES_SIGMA = 0.3  # initial step of CMA-ES around the soup, in coefficient units
+
+
+class Budgeted:
+    """Scores positions through a memo shared by every method, and counts the
+    distinct positions each method asked for (its budget use)."""
+
+    def __init__(self, evaluate: Callable[[np.ndarray], Score], memo: Dict[str, dict]):
+        self.evaluate = evaluate
+        self.memo = memo  # position key -> Score.to_dict(), shared (the swarm's memo seeds it)
+        self.asked: set = set()
+        self.fresh = 0  # positions this method had to compute (not in the memo)
+
+    def __call__(self, x: np.ndarray) -> Score:
+        key = position_key(x)
+        self.asked.add(key)
+        if key not in self.memo:
+            self.memo[key] = self.evaluate(x).to_dict()
+            self.fresh += 1
+        return Score.from_dict(self.memo[key])
+
+    @property
+    def used(self) -> int:
+        return len(self.asked)
+
+
+@dataclass
+class MethodRun:
+    """One method at one seed: its winner (best dev utility among what it scored)."""
+
+    method: str
+    seed: Optional[int]
+    best: np.ndarray
+    dev: Score
+    evaluations: int  # distinct positions scored on dev
+    seconds: float  # wall time this method spent (memo hits cost nothing)
+
+
+def _utility(score: Score) -> float:
+    u = score.utility
+    return u if u is not None and math.isfinite(u) else -math.inf
+
+
+def random_search(score: Budgeted, *, num_experts: int, num_groups: int, budget: int, seed: int,
+                  seed_soup: bool = True) -> MethodRun:
+    """The best of ``budget`` distinct positions from the swarm's initial-particle distribution."""
+    start = time.monotonic()
+    rng = np.random.default_rng(seed)
+    # Drawn in one go, as the swarm draws its initial swarm; extra draws cover duplicates.
+    pool = swarm.initial_positions(num_experts, budget + 8 + num_experts, groups=num_groups, seed_soup=seed_soup,
+                                   rng=rng)
+    best, best_score, seen = None, None, set()
+    i = 0
+    while score.used < budget:
+        if i >= len(pool):  # (almost never) more duplicates than spare draws
+            pool = np.concatenate([pool, swarm.initial_positions(num_experts, len(pool) + budget, groups=num_groups,
+                                                                 seed_soup=seed_soup, rng=rng)[len(pool):]])
+        x = pool[i]
+        i += 1
+        key = position_key(x)
+        if key in seen:
+            continue
+        seen.add(key)
+        s = score(x)
+        if best is None or _utility(s) > _utility(best_score):
+            best, best_score = x.copy(), s
+    return MethodRun("random search", seed, best, best_score, score.used, time.monotonic() - start)
+
+
+def cmaes_search(score: Budgeted, *, num_experts: int, num_groups: int, budget: int, seed: int) -> MethodRun:
+    """CMA-ES over the free coefficients, from the soup, for exactly ``budget`` distinct positions."""
+    from cmaes import CMA
+
+    start = time.monotonic()
+    k, g = num_experts, num_groups
+
+    def position(z: np.ndarray) -> np.ndarray:
+        free = z.reshape(g, k - 1)
+        return np.concatenate([free, 1.0 - free.sum(axis=1, keepdims=True)], axis=1)
+
+    optimizer = CMA(mean=np.full(g * (k - 1), 1.0 / k), sigma=CMAES_SIGMA, seed=seed)
+    best, best_score = None, None
+    while score.used < budget:
+        told = []
+        for _ in range(optimizer.population_size):
+            if score.used >= budget:
+                break
+            z = optimizer.ask()
+            s = score(position(z))
+            told.append((z, -_utility(s) if math.isfinite(_utility(s)) else 1e9))
+            if best is None or _utility(s) > _utility(best_score):
+                best, best_score = position(z), s
+        if len(told) < optimizer.population_size:
+            break  # the budget ends inside a generation: its last members are not told
+        optimizer.tell(told)
+    return MethodRun("CMA-ES", seed, best, best_score, score.used, time.monotonic() - start)
+
+
+def weak_to_strong(state: swarm.SwarmState, initial_scores: Sequence[float], names: Sequence[str], *,
+                   seed_soup: bool) -> dict:
+    """Where the particle that found the global best started: its rank among the
+    initial swarm's dev utilities (1 = best), and what it started as."""
+    match = [i for i in range(len(state.p_score))
+             if state.p_score[i] == state.g_score and np.array_equal(state.p[i], state.g)]
+    if not match:  # the global best came from a particle that later restarted elsewhere: unknown
+        return {"particle": None, "start_rank": None, "started_as": None, "size": len(initial_scores)}
+    i = match[0]
+    scores = np.where(np.isfinite(initial_scores), initial_scores, -np.inf)
+    rank = int(1 + np.sum(scores > scores[i]))
+    k = len(names)
+    started = names[i] if i < k else ("uniform soup" if i == k and seed_soup else "child")
+    return {"particle": int(i), "start_rank": rank, "started_as": started, "size": len(initial_scores)}
+
+
+def emergence(expert_rows: Sequence[Optional[Sequence[float]]], winner_rows: Optional[Sequence[float]],
+              groups: Sequence[Optional[str]]) -> Optional[dict]:
+    """Test items the winner solves that no expert does (gained) and items some
+    expert solves that the winner does not (lost), overall and per group.
+
+    For accuracy utilities only (per-row values 0 or 1); None otherwise."""
+    if winner_rows is None or any(r is None for r in expert_rows):
+        return None
+    n = len(winner_rows)
+    any_expert = [max(r[j] for r in expert_rows) for j in range(n)]
+    gained = [j for j in range(n) if winner_rows[j] >= 1 and any_expert[j] < 1]
+    lost = [j for j in range(n) if winner_rows[j] < 1 and any_expert[j] >= 1]
+    per_group: Dict[str, Dict[str, int]] = {}
+    for label, items in (("gained", gained), ("lost", lost)):
+        for j in items:
+            if groups[j] is not None:
+                per_group.setdefault(groups[j], {"gained": 0, "lost": 0})[label] += 1
+    return {"items": n, "gained": len(gained), "lost": len(lost),
+            "solved_by_some_expert": int(sum(a >= 1 for a in any_expert)),
+            "solved_by_winner": int(sum(w >= 1 for w in winner_rows)), "groups": per_group}
+
+
+def summarize(values: List[Optional[float]]) -> Dict[str, Optional[float]]:
+    """Mean and spread (sample standard deviation; 0 for one seed) of the finite values."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return {"mean": None, "std": None}
+    return {"mean": statistics.fmean(finite), "std": statistics.stdev(finite) if len(finite) > 1 else 0.0}

@@ -1,0 +1,129 @@
+"""Was the swarm worth it? Baselines at the swarm's budget, and the paper's analyses.
+
+The searches run on a synthetic utility over coefficients (no model) where
+exactness and budgets are checked; the CLI runs ``compare`` on tiny experts.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from swarm_merge import baselines, cli, report as report_mod, search, swarm
+from swarm_merge.objectives import Score
+from swarm_merge.recipe import SwarmSettings
+
+TARGET = np.array([[0.6, 0.5, -0.1]])
+
+
+class Counting:
+    """A smooth utility peaking at TARGET; counts the calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, x) -> Score:
+        self.calls += 1
+        return Score(-float(np.sum((np.asarray(x) - TARGET) ** 2)))
+
+
+def test_a_position_is_scored_once_and_counted_once_per_method():
+    ev = Counting()
+    memo = {}
+    first = baselines.Budgeted(ev, memo)
+    x = np.array([[1.0, 0.0, 0.0]])
+    first(x)
+    first(x.copy())
+    assert first.used == 1 and ev.calls == 1
+    second = baselines.Budgeted(ev, memo)  # another method asking for the same position
+    second(x)
+    assert second.used == 1 and second.fresh == 0 and ev.calls == 1
+
+
+@pytest.mark.parametrize("method", [baselines.random_search, baselines.cmaes_search])
+def test_searches_use_exactly_the_budget_and_are_reproducible(method):
+    def go(seed, memo=None):
+        ev = Counting()
+        counted = baselines.Budgeted(ev, {} if memo is None else memo)
+        run = method(counted, num_experts=3, num_groups=1, budget=23, seed=seed)
+        return run, counted, ev
+
+    a, counted, ev = go(1)
+    assert a.evaluations == counted.used == 23 and ev.calls == 23
+    b, _, _ = go(1)
+    assert np.array_equal(a.best, b.best) and a.dev.utility == b.dev.utility
+    c, _, _ = go(2)
+    assert not np.array_equal(a.best, c.best)
+    assert np.allclose(a.best.sum(axis=1), 1.0)  # affine, like the swarm's positions
+    # With the swarm's memo already holding positions, they still count against the budget, once.
+    memo = {}
+    pre = baselines.Budgeted(Counting(), memo)
+    for row in np.eye(3):
+        pre(row[None, :])
+    run, counted, ev = go(1, memo)
+    assert counted.used == 23 and ev.calls <= 23
+
+
+def test_cmaes_finds_the_optimum_of_a_smooth_utility():
+    run = baselines.cmaes_search(baselines.Budgeted(Counting(), {}), num_experts=3, num_groups=1, budget=200, seed=0)
+    assert np.abs(run.best - TARGET).max() < 0.05
+
+
+def test_weak_to_strong_names_the_particle_that_found_the_winner(tmp_path):
+    settings = SwarmSettings(size=6, max_iterations=6, patience=6)
+    result = search.run_search(settings, num_experts=3, num_groups=1, evaluate=Counting(),
+                               checkpoint=tmp_path / "s.json", fingerprint="t", progress=False)
+    initial = [result.lookup(x).utility for x in result.initial]
+    found = baselines.weak_to_strong(result.state, initial, ["a", "b", "c"], seed_soup=True)
+    i = found["particle"]
+    assert np.array_equal(result.state.p[i], result.best)
+    assert found["start_rank"] == 1 + sum(u > initial[i] for u in initial)
+    assert found["started_as"] == (["a", "b", "c", "uniform soup"] + ["child"] * 2)[i]
+
+
+def test_emergence_counts_on_a_hand_built_case():
+    experts = [[1, 0, 0, 0, 1], [0, 1, 0, 0, 1]]
+    winner = [1, 0, 1, 1, 0]
+    groups = ["x", "x", "y", "y", None]
+    got = baselines.emergence(experts, winner, groups)
+    assert got["gained"] == 2 and got["lost"] == 2  # items 2, 3 gained; items 1, 4 lost
+    assert got["groups"] == {"y": {"gained": 2, "lost": 0}, "x": {"gained": 0, "lost": 1}}
+    assert got["solved_by_some_expert"] == 3 and got["solved_by_winner"] == 3
+    assert baselines.emergence([None, experts[1]], winner, groups) is None
+
+
+def test_compare_reports_every_method_at_the_swarms_budget(tiny_recipe, capsys):
+    recipe = tiny_recipe(objective="exact_match")
+    assert cli.main(["compare", str(recipe), "--seeds", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "at equal budget" in out and "CMA-ES" in out and "random search" in out
+    data = json.loads((recipe.parent / "out" / "swarm.json").read_text())
+    report = report_mod.read(recipe.parent / "out" / "swarm.json")
+    c = report.comparison
+    assert c.budget == report.search.distinct_positions_scored and c.seeds == [42, 43]
+    assert sorted((r.method, r.seed) for r in c.runs) == sorted(
+        (m, s) for m in ("swarm", "random search", "CMA-ES") for s in (42, 43))
+    assert all(r.evaluations == c.budget for r in c.runs if r.method != "swarm" or r.seed == 42)
+    assert all(r.test is not None for r in c.runs)
+    first = next(r for r in c.runs if r.method == "swarm" and r.seed == 42)
+    assert first.coefficients == report.scores.winner.coefficients
+    assert report.analysis.emergence is not None and report.analysis.weak_to_strong.size == 5
+    assert {m.method for m in c.summary} == {"swarm", "random search", "CMA-ES"}
+    assert data["comparison"]["summary"][0]["seeds"] == 2
+    card = (recipe.parent / "out" / "README.md").read_text()
+    assert "### Was the swarm worth it?" in card and "Weak to strong" in card
+
+
+def test_seeds_without_baselines_is_refused(tiny_recipe, capsys):
+    assert cli.main([str(tiny_recipe()), "--seeds", "3"]) == 2
+    assert "needs --baselines" in capsys.readouterr().err
+
+
+def test_initial_swarm_distribution_is_what_random_search_draws():
+    rng = np.random.default_rng(5)
+    x = swarm.initial_positions(3, 9, seed_soup=True, rng=rng)
+    run = baselines.random_search(baselines.Budgeted(Counting(), {}), num_experts=3, num_groups=1, budget=9, seed=5)
+    pool = {search.position_key(p) for p in x}
+    assert search.position_key(run.best) in pool
