@@ -181,3 +181,44 @@ def summarize(values: List[Optional[float]]) -> Dict[str, Optional[float]]:
     if not finite:
         return {"mean": None, "std": None}
     return {"mean": statistics.fmean(finite), "std": statistics.stdev(finite) if len(finite) > 1 else 0.0}
+
+
+# ------------------------------------------------- mergekit's methods (needs a base)
+
+# The small grid each mergekit baseline is tried at; the best point on dev is its winner.
+# task arithmetic: base + w * sum_k (E_k - base), the same w for every expert;
+# TIES: trim to `density`, elect signs, disjoint mean (weights 1, mergekit's normalize);
+# DARE (dare_ties): drop to `density` at random and rescale, elect signs, weight 0.5 each.
+MERGEKIT_GRID = {
+    "task arithmetic": ("task_arithmetic", [{"weight": w} for w in (0.25, 0.5, 0.75, 1.0)]),
+    "TIES": ("ties", [{"weight": 1.0, "density": d} for d in (0.2, 0.5, 0.8)]),
+    "DARE": ("dare_ties", [{"weight": 0.5, "density": d} for d in (0.3, 0.5, 0.7)]),
+}
+
+
+def mergekit_tensor(method_name: str, point: dict, base, experts):
+    """One output tensor of mergekit's ``method_name`` at a grid point, computed by
+    mergekit's own kernel (``merge_group``) on tensors in memory: the same arithmetic
+    ``mergekit-yaml`` runs on a config with ``base_model`` and these parameters."""
+    import torch
+    from mergekit.merge_methods import registry
+    from mergekit.merge_methods.base import TensorGroup
+
+    method = registry.get(method_name)
+    tensors = [base] + list(experts)
+    group = TensorGroup.from_tensors([t.to(torch.float32) for t in tensors], base_index=0)
+    defaults = {p.name: p.default for p in method.spec.parameters if not p.required}
+    shared = {k: v for k, v in defaults.items() if k not in ("weight", "density", "gamma", "epsilon")}
+    per_input = {}
+    for key in ("weight", "density", "gamma", "epsilon"):
+        if key in defaults or key in point or key == "weight":
+            value = point.get(key, defaults.get(key))
+            per_input[key] = {i: value for i in range(1, len(tensors))}
+    return method.merge_group(group, **shared, **per_input)
+
+
+def mergekit_config(method_name: str, point: dict, base_path: str, expert_paths, dtype: str = "float32") -> dict:
+    """The mergekit config of a grid point (for the record, and to rebuild the weights with mergekit-yaml)."""
+    return {"merge_method": method_name, "base_model": str(base_path),
+            "models": [{"model": str(p), "parameters": dict(point)} for p in expert_paths],
+            "dtype": "float32", "out_dtype": dtype}

@@ -259,9 +259,14 @@ def _comparison_note(report: "Report") -> str:
         return ""
     seeds = (f"mean ± standard deviation over seeds {', '.join(map(str, c.seeds))}" if len(c.seeds) > 1
              else f"seed {c.seeds[0]}")
-    return (f"Every method searched the same coefficients and was given the swarm's budget: {c.budget} distinct "
-            f"positions scored on dev; each picked its winner by dev utility ({seeds}). Random search draws "
-            "positions the way the swarm draws its initial particles; CMA-ES starts at the uniform average.")
+    text = (f"Random search and CMA-ES searched the swarm's coefficients with the swarm's budget: {c.budget} "
+            f"distinct positions scored on dev ({seeds}). Random search draws positions the way the swarm draws its "
+            "initial particles; CMA-ES starts at the uniform average. Every method picked its winner by dev utility.")
+    if any(r.config for r in c.runs):
+        text += (" Task arithmetic, TIES and DARE are mergekit's own methods against the base model, each tried at a "
+                 "small grid of its hyperparameters (the evaluations column) and chosen on dev; swarm.json holds "
+                 "the mergekit config of each chosen point.")
+    return text
 
 
 def render_merged_card(report: "Report", *, repo_id: Optional[str] = None):

@@ -146,8 +146,21 @@ class Evaluator(abc.ABC):
                 would recur on every particle: the run stops instead of scoring
                 NaN a hundred times. The checkpoint is kept for --resume.
         """
+        return self._score(lambda: self.build(coefficients), examples, objective)
+
+    def evaluate_weights(self, tensor_of: Callable[[str], torch.Tensor], examples: Sequence[Example],
+                         objective) -> Score:
+        """Score the model with weights ``tensor_of(stored name)`` (a merge this tool did not
+        search, e.g. a mergekit baseline); in-memory and one-model modes."""
+        return self._score(lambda: self.load(tensor_of), examples, objective)
+
+    def load(self, tensor_of) -> None:
+        raise EvaluationError(f"the {self.mode} evaluator cannot take weights from outside the search; "
+                              "use --eval-mode in-memory or one-model")
+
+    def _score(self, build: Callable[[], None], examples: Sequence[Example], objective) -> Score:
         try:
-            self.build(coefficients)
+            build()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 result = score(self.model, self.tokenizer, examples, objective, self.device, batch_size=self.batch_size,
@@ -200,6 +213,15 @@ class InMemoryEvaluator(Evaluator):
         for name, target in self.targets.items():
             combine(self.stacked[name], rows[self.groups[name]], out=target.data.view(-1))
 
+    def expert_rows(self, name: str) -> torch.Tensor:
+        """The K experts' tensor ``name``, ``(K, numel)``."""
+        return self.stacked[name]
+
+    @torch.no_grad()
+    def load(self, tensor_of) -> None:
+        for name, target in self.targets.items():
+            target.data.copy_(tensor_of(name).reshape(target.shape))
+
 
 def _skeleton(experts: Sequence[Expert], dtype: torch.dtype, device: torch.device):
     """One model on ``device`` (expert 0, loaded once; its weights are overwritten
@@ -245,6 +267,11 @@ class OneModelEvaluator(Evaluator):
         rows = coefficient_rows(coefficients, self.device)
         for name, target in self.targets.items():
             self.combiner.combine_into(name, rows[self.groups[name]], target.data.view(-1))
+
+    def expert_rows(self, name: str) -> torch.Tensor:
+        return read_stacked(self.combiner.reader, self.combiner.experts, name, self.dtype)
+
+    load = InMemoryEvaluator.load
 
 
 class StreamingEvaluator(Evaluator):

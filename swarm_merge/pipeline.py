@@ -21,6 +21,7 @@ import os
 import platform
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import List, Optional
 
@@ -124,7 +125,8 @@ def run(recipe: Recipe, options: RunOptions = RunOptions(), *, out=None) -> Opti
         scores, test_rows = _scores(recipe, experts, result, evaluator, dev, test, len(group_labels))
         comparison = None
         if options.baselines:
-            comparison = _compare(recipe, result, evaluator, dev, test, k, len(group_labels), options)
+            comparison = _compare(recipe, result, evaluator, dev, test, k, len(group_labels), options,
+                                  experts=experts, adapters=bank is not None)
         analysis = _analysis(recipe, experts, result, scores, test_rows, test, comparison)
 
         # 4. Write the winner with mergekit, the report and the card into a
@@ -307,7 +309,8 @@ def _scores(recipe, experts, result, evaluator, dev, test, num_groups) -> report
     return report_mod.Scores(rows=rows), test_rows
 
 
-def _compare(recipe, result, evaluator, dev, test, k: int, g: int, options: RunOptions) -> report_mod.Comparison:
+def _compare(recipe, result, evaluator, dev, test, k: int, g: int, options: RunOptions, *, experts,
+             adapters: bool) -> report_mod.Comparison:
     """Random search and CMA-ES (and the swarm at other seeds) at the swarm's budget, through
     the run's evaluator and one memo shared with the swarm's (baselines.py)."""
     import tempfile
@@ -338,6 +341,7 @@ def _compare(recipe, result, evaluator, dev, test, k: int, g: int, options: RunO
                                             budget=budget, seed=seed, seed_soup=recipe.swarm.seed_soup))
         runs.append(baselines.cmaes_search(baselines.Budgeted(score_dev, memo), num_experts=k, num_groups=g,
                                            budget=budget, seed=seed))
+    mergekit_runs = _mergekit_baselines(recipe, evaluator, dev, experts, seeds, options) if not adapters else []
     tests = {}
     records = []
     for r in runs:
@@ -348,9 +352,17 @@ def _compare(recipe, result, evaluator, dev, test, k: int, g: int, options: RunO
             method=r.method, seed=r.seed, coefficients=np.asarray(r.best, dtype=float).tolist(),
             dev=report_mod.Split.of(r.dev), test=report_mod.Split.of(tests[key]) if test is not None else None,
             evaluations=r.evaluations, seconds=round(r.seconds, 3)))
+    for name, seed, _point, config, dev_score, tensor_of, seconds in mergekit_runs:
+        test_score = evaluator.evaluate_weights(tensor_of, test, recipe.objective) if test is not None else None
+        records.append(report_mod.MethodResult(
+            method=name, seed=seed, config=config, dev=report_mod.Split.of(dev_score),
+            test=report_mod.Split.of(test_score) if test_score else None,
+            evaluations=len(baselines.MERGEKIT_GRID[name][1]), seconds=round(seconds, 3)))
     summary = []
-    for method in ("swarm", "random search", "CMA-ES"):
+    for method in ("swarm", "random search", "CMA-ES", "task arithmetic", "TIES", "DARE"):
         mine = [r for r in records if r.method == method]
+        if not mine:
+            continue
         dev_s = baselines.summarize([r.dev.utility for r in mine])
         test_s = baselines.summarize([r.test.utility if r.test else None for r in mine])
         summary.append(report_mod.MethodSummary(
@@ -358,6 +370,60 @@ def _compare(recipe, result, evaluator, dev, test, k: int, g: int, options: RunO
             test_std=test_s["std"], evaluations=max(r.evaluations for r in mine),
             seconds_mean=round(float(np.mean([r.seconds for r in mine])), 3)))
     return report_mod.Comparison(budget=budget, seeds=seeds, runs=records, summary=summary)
+
+
+def _mergekit_baselines(recipe, evaluator, dev, experts, seeds, options: RunOptions) -> list:
+    """Task arithmetic, TIES and DARE against the recipe's base_model, each at the small grid of
+    baselines.MERGEKIT_GRID, through mergekit's own kernels on tensors in memory, put into the
+    run's model and scored on dev; the best grid point is the method's winner.
+
+    Returns (method, seed, point, mergekit config, dev score, tensor_of, seconds) per method and seed.
+    """
+    import torch
+
+    from swarm_merge import baselines
+
+    if recipe.base_model is None:
+        LOG.info("comparison: no base_model in the recipe, so no task arithmetic / TIES / DARE baselines")
+        return []
+    if not hasattr(evaluator, "expert_rows"):
+        LOG.warning("comparison: the mergekit baselines need --eval-mode in-memory or one-model; skipped")
+        return []
+    base = experts_mod.pull_expert(recipe.base_model, cache_dir=options.cache_dir, what="base_model")
+    try:
+        experts_mod.check_compatible([base] + list(experts))
+    except experts_mod.ExpertError as exc:
+        LOG.warning("comparison: the base model does not match the experts (%s); no mergekit baselines", exc)
+        return []
+    reader = weights.TensorReader()
+    dtype = evaluate.torch_dtype(recipe.dtype)
+    paths = [str(e.path) for e in experts]
+    found = []
+    for name, (method, grid) in baselines.MERGEKIT_GRID.items():
+        for seed in (seeds if method.startswith("dare") else [None]):
+            start = time.monotonic()
+            best = None
+            for point in grid:
+                def tensor_of(tensor, method=method, point=point, seed=seed):
+                    if seed is not None:  # DARE drops at random: the same draw for every tensor of a seed
+                        torch.manual_seed(seed + zlib.crc32(tensor.encode()))
+                    info = base.tensors[tensor]
+                    b = weights.read_stacked(reader, [base], tensor, dtype)[0].view(info.shape)
+                    rows = evaluator.expert_rows(tensor).to("cpu")
+                    return baselines.mergekit_tensor(method, point, b, [r.view(info.shape) for r in rows])
+
+                LOG.info("comparison: %s %s%s", name, point, f" seed {seed}" if seed is not None else "")
+                got = evaluator.evaluate_weights(tensor_of, dev, recipe.objective)
+                if best is None or (got.utility == got.utility and not best[1].utility >= got.utility):
+                    best = (point, got, tensor_of)
+            config = baselines.mergekit_config(method, best[0], _portable_base(recipe), paths, recipe.dtype)
+            found.append((name, seed, best[0], config, best[1], best[2], time.monotonic() - start))
+    return found
+
+
+def _portable_base(recipe: Recipe) -> str:
+    ref = recipe.portable().base_model
+    return str(ref) if ref is not None else ""
 
 
 def _analysis(recipe, experts, result, scores, test_rows, test, comparison) -> report_mod.Analysis:

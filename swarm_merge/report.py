@@ -184,9 +184,12 @@ class DataRecord(_Model):
 class MethodResult(_Model):
     """One search method at one seed (``--baselines``): its winner, chosen on dev."""
 
-    method: Literal["swarm", "random search", "CMA-ES"]
-    seed: int
-    coefficients: List[List[float]]
+    method: Literal["swarm", "random search", "CMA-ES", "task arithmetic", "TIES", "DARE"]
+    seed: Optional[int] = Field(None, description="null for a deterministic method")
+    coefficients: Optional[List[List[float]]] = Field(None, description="the winner's (G, K) coefficients "
+                                                      "(the coefficient searches)")
+    config: Optional[Dict[str, Any]] = Field(None, description="the mergekit config of the chosen grid point "
+                                             "(the mergekit baselines)")
     dev: Split
     test: Optional[Split] = None
     evaluations: int = Field(description="distinct positions scored on dev (the shared budget)")

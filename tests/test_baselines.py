@@ -10,6 +10,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from swarm_merge import baselines, cli, report as report_mod, search, swarm
 from swarm_merge.objectives import Score
@@ -127,3 +128,73 @@ def test_initial_swarm_distribution_is_what_random_search_draws():
     run = baselines.random_search(baselines.Budgeted(Counting(), {}), num_experts=3, num_groups=1, budget=9, seed=5)
     pool = {search.position_key(p) for p in x}
     assert search.position_key(run.best) in pool
+
+
+# ------------------------------------------------------------ mergekit's methods
+
+
+@pytest.fixture(scope="module")
+def based(tmp_path_factory):
+    """A tiny base and three experts perturbed from it (tiny.make_experts uses the same base)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import tiny
+
+    root = tmp_path_factory.mktemp("based")
+    base = tiny.make_base(root)
+    return base, tiny.make_experts(root, 3, scale=0.3)
+
+
+@pytest.mark.parametrize("name, point", [("task_arithmetic", {"weight": 0.5}),
+                                         ("ties", {"weight": 1.0, "density": 0.5})])
+def test_mergekit_baselines_equal_mergekit_yaml_on_the_same_config(name, point, based, tmp_path):
+    from safetensors.torch import load_file
+
+    from swarm_merge import merge
+
+    base, experts = based
+    out = tmp_path / "merged"
+    merge.write_merge(baselines.mergekit_config(name, point, base, experts), out)
+    written = load_file(str(out / "model.safetensors"))
+    b = load_file(str(base / "model.safetensors"))
+    e = [load_file(str(p / "model.safetensors")) for p in experts]
+    for tensor, want in written.items():
+        got = baselines.mergekit_tensor(name, point, b[tensor], [x[tensor] for x in e])
+        assert torch.allclose(got, want, atol=1e-6), tensor
+
+
+def test_dare_is_seeded(based):
+    from safetensors.torch import load_file
+
+    base, experts = based
+    b = load_file(str(base / "model.safetensors"))
+    e = [load_file(str(p / "model.safetensors")) for p in experts]
+    name = "model.layers.0.mlp.up_proj.weight"
+
+    def draw(seed):
+        torch.manual_seed(seed)
+        return baselines.mergekit_tensor("dare_ties", {"weight": 0.5, "density": 0.5}, b[name], [x[name] for x in e])
+
+    assert torch.equal(draw(1), draw(1)) and not torch.equal(draw(1), draw(2))
+
+
+def test_compare_with_a_base_adds_task_arithmetic_ties_and_dare(based, tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import tiny
+
+    base, experts = based
+    recipe = tiny.write_recipe(tmp_path, experts, objective="exact_match")
+    recipe.write_text(f"base_model: {base}\n" + recipe.read_text())
+    assert cli.main(["compare", str(recipe), "--set", "swarm.max_iterations=1"]) == 0
+    report = report_mod.read(tmp_path / "out" / "swarm.json")
+    got = {r.method: r for r in report.comparison.runs}
+    assert {"task arithmetic", "TIES", "DARE"} <= set(got)
+    assert got["TIES"].config["merge_method"] == "ties" and got["TIES"].evaluations == 3
+    assert got["TIES"].seed is None and got["DARE"].seed == 42
+    assert got["task arithmetic"].test is not None
+    assert "Task arithmetic, TIES and DARE" in (tmp_path / "out" / "README.md").read_text()
