@@ -389,11 +389,13 @@ def _mergekit_baselines(recipe, evaluator, dev, experts, seeds, options: RunOpti
     if not hasattr(evaluator, "expert_rows"):
         LOG.warning("comparison: the mergekit baselines need --eval-mode in-memory or one-model; skipped")
         return []
-    base = experts_mod.pull_expert(recipe.base_model, cache_dir=options.cache_dir, what="base_model")
-    try:
+    from swarm_merge.errors import SwarmMergeError
+
+    try:  # after the search, a base that cannot be pulled or merged costs these rows, not the run
+        base = experts_mod.pull_expert(recipe.base_model, cache_dir=options.cache_dir, what="base_model")
         experts_mod.check_compatible([base] + list(experts))
-    except experts_mod.ExpertError as exc:
-        LOG.warning("comparison: the base model does not match the experts (%s); no mergekit baselines", exc)
+    except SwarmMergeError as exc:
+        LOG.warning("comparison: no task arithmetic / TIES / DARE baselines (%s)", exc)
         return []
     reader = weights.TensorReader()
     dtype = evaluate.torch_dtype(recipe.dtype)
