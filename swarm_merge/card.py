@@ -107,8 +107,9 @@ def render_card(report: "Report", *, recipe_yaml: str, mergekit_yaml: str, repo_
     adapter = report.lora
     base = report.base_model
     base_hub = base is not None and not base.model.startswith((".", "/", "~"))
-    objective = recipe.objective
-    metric = f"{objective.type} utility"
+    utility = recipe.utility_name
+    kind = recipe.objective.type if recipe.objective is not None else recipe.combine
+    metric = f"{utility} utility"
     scores = report.scores
     eval_results = []
     for split in ("dev", "test"):
@@ -116,7 +117,7 @@ def render_card(report: "Report", *, recipe_yaml: str, mergekit_yaml: str, repo_
         if value is not None and value.utility is not None:
             eval_results.append(EvalResult(
                 task_type="text-generation", dataset_type=name + f"-{split}", dataset_name=f"{name} {split} set",
-                dataset_split=split, metric_type=objective.type, metric_name=metric,
+                dataset_split=split, metric_type=kind, metric_name=metric,
                 metric_value=round(value.utility, 6),
             ))
     if adapter is not None:  # a LoRA adapter for the base; the adapters it came from are listed in the body
@@ -185,8 +186,8 @@ def render_card(report: "Report", *, recipe_yaml: str, mergekit_yaml: str, repo_
         name=md(name),
         experts=expert_rows,
         dev_rows=scores.winner.dev.n,
-        objective=f"`{objective.type}`",
-        objective_note=" ".join(notes + [f"Utility: `{objective.type}` (higher is better)."]),
+        objective=f"`{utility}`",
+        objective_note=" ".join(notes + [f"Utility: `{utility}` (higher is better)."]),
         held_out=held_out,
         group_names=[md(g) for g in groups],
         group_split=group_split,

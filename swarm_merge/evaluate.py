@@ -34,7 +34,7 @@ import torch
 
 from swarm_merge.errors import EvaluationError
 from swarm_merge.experts import Expert
-from swarm_merge.objectives import Example, Score, score
+from swarm_merge.objectives import Example, Score, row_count, score
 from swarm_merge.recipe import short_repr
 from swarm_merge.weights import (
     ChunkedCombiner,
@@ -305,7 +305,7 @@ class StreamingEvaluator(Evaluator):
 
     def evaluate(self, coefficients, examples, objective) -> Score:
         # One batch for the whole set: every forward rebuilds every weight.
-        self.batch_size = len(examples)
+        self.batch_size = row_count(examples)
         # accelerate empties the CUDA cache after placing each tensor, which
         # costs more than the combine itself; keep the cache for the evaluation.
         with _no_per_tensor_cache_clearing(self.device):

@@ -243,7 +243,7 @@ def commit_message(report: "Report") -> Tuple[str, str]:
         lines.append(f"- {n}{rev}{coef}")
     search = report.search
     body = (
-        f"Winner's {report.recipe.objective.type} utility: {', '.join(scores)} "
+        f"Winner's {report.recipe.utility_name} utility: {', '.join(scores)} "
         f"(uniform average: dev {fmt(uniform.dev.utility)}"
         + (f", test {fmt(uniform.test.utility)}" if uniform.test else "") + ").\n"
         + "Experts and coefficients"

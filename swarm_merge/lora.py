@@ -38,6 +38,7 @@ import torch
 
 from swarm_merge.errors import ExpertError, ExpertMismatchError
 from swarm_merge.evaluate import Evaluator, load_tokenizer, offload
+from swarm_merge.objectives import row_count
 from swarm_merge.weights import coefficient_rows, combine, torch_dtype
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "MERGED_DIR", "LORA_SPACES", "AdapterInfo", "is_adapter_folder", "is_adapter_listing",
@@ -443,7 +444,7 @@ class LoraEvaluator(Evaluator):
 
     def evaluate(self, coefficients, examples, objective):
         if self.factors is not None:
-            self.batch_size = len(examples)  # every forward rebuilds the base's weights
+            self.batch_size = row_count(examples)  # every forward rebuilds the base's weights
         return super().evaluate(coefficients, examples, objective)
 
 

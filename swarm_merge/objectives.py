@@ -20,6 +20,7 @@ Other fields are kept; the one named by ``objective.group_by`` (default
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -31,7 +32,9 @@ import torch
 from swarm_merge.errors import DataError
 from swarm_merge.report import finite
 
-__all__ = ["Example", "Score", "load_examples", "score", "OBJECTIVES"]
+__all__ = ["Example", "Score", "Suite", "load_examples", "score", "task_of", "row_count", "OBJECTIVES"]
+
+LOG = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -375,13 +378,76 @@ OBJECTIVES: Dict[str, Callable[..., Score]] = {
 }
 
 
+@dataclass(frozen=True)
+class Suite:
+    """Several objectives scored together (``objectives:`` in a recipe), combined by
+    their weights: ``mean`` (weighted arithmetic) or ``harmonic`` (weighted harmonic
+    mean, the paper's multi-task utility: 0 as soon as one component is 0)."""
+
+    parts: Tuple[Any, ...]  # the recipe's Objective components, named
+    combine: str = "mean"
+
+    @property
+    def type(self) -> str:  # a label; never one of the single objectives' types
+        return f"{self.combine} of " + ", ".join(f"{o.name} ({o.type})" for o in self.parts)
+
+    def load(self, split: str) -> Optional[List[List[Example]]]:
+        """Each component's rows of ``split`` ("dev" or "test"); None when a component has no test set."""
+        paths = [getattr(o, split) for o in self.parts]
+        if split == "test" and not all(paths):
+            if any(paths):
+                LOG.warning("only some objectives have a test set: no test column")
+            return None
+        return [load_examples(p, o.type, o.group_by) for p, o in zip(paths, self.parts)]
+
+    def score(self, model, tokenizer, data: Sequence[Sequence[Example]], device, **kwargs) -> Score:
+        scores = [score(model, tokenizer, rows, o, device, **kwargs) for o, rows in zip(self.parts, data)]
+        return self.combined(scores)
+
+    def combined(self, scores: Sequence[Score]) -> Score:
+        weights = [o.weight for o in self.parts]
+        values = [s.utility for s in scores]
+        if any(not math.isfinite(v) for v in values):
+            utility = float("nan")
+        elif self.combine == "harmonic":
+            utility = 0.0 if any(v <= 0 for v in values) else sum(weights) / sum(w / v for w, v in zip(weights, values))
+        else:
+            utility = sum(w * v for w, v in zip(weights, values)) / sum(weights)
+        # Each component's utility, and its row groups as "component/group".
+        groups: Dict[str, float] = {}
+        for o, s in zip(self.parts, scores):
+            groups[o.name] = s.utility
+            groups.update({f"{o.name}/{g}": v for g, v in s.groups.items()})
+        return Score(utility, groups, sum(s.n for s in scores))
+
+
 def score(model, tokenizer, examples: Sequence[Example], objective, device, *, batch_size: Optional[int] = None,
           share_prefix: bool = True) -> Score:
     """Score ``model`` on ``examples`` with the recipe's objective.
 
     ``batch_size`` overrides ``objective.batch_size`` (streaming mode scores all
     rows in one batch: each forward call rebuilds the weights). ``share_prefix``
-    computes a prefix common to a batch once (log-likelihood objectives).
+    computes a prefix common to a batch once (log-likelihood objectives). With a
+    :class:`Suite`, ``examples`` holds each component's rows.
     """
+    if isinstance(objective, Suite):
+        return objective.score(model, tokenizer, examples, device, batch_size=batch_size, share_prefix=share_prefix)
     kwargs = {"share_prefix": share_prefix} if objective.type in ("loglik", "multiple_choice") else {}
     return OBJECTIVES[objective.type](model, tokenizer, examples, objective, device, batch_size=batch_size, **kwargs)
+
+
+def task_of(recipe):
+    """What the evaluator scores: ``(objective, dev rows, test rows or None)``: the recipe's
+    objective and its rows, or, for an ``objectives:`` list, a :class:`Suite` and each
+    component's rows."""
+    if recipe.objectives is None:
+        o = recipe.objective
+        return o, load_examples(o.dev, o.type, o.group_by), (load_examples(o.test, o.type, o.group_by)
+                                                             if o.test else None)
+    suite = Suite(tuple(recipe.components), recipe.combine)
+    return suite, suite.load("dev"), suite.load("test")
+
+
+def row_count(data) -> int:
+    """Rows in one objective's examples, or in all of a suite's components."""
+    return sum(len(part) for part in data) if data and isinstance(data[0], list) else len(data)

@@ -80,19 +80,16 @@ def run(recipe: Recipe, options: RunOptions = RunOptions(), *, out=None) -> Opti
     groups, group_labels = space.tensor_groups(
         names, granularity=recipe.swarm.granularity, layer_groups=recipe.swarm.layer_groups
     )
-    dev = objectives.load_examples(recipe.objective.dev, recipe.objective.type, recipe.objective.group_by)
-    test = (
-        objectives.load_examples(recipe.objective.test, recipe.objective.type, recipe.objective.group_by)
-        if recipe.objective.test
-        else None
-    )
+    # One objective and its rows, or a Suite of several and each one's rows.
+    objective, dev, test = objectives.task_of(recipe)
     test_in_dev = _overlap(dev, test)
     device = evaluate.resolve_device(options.device)
     tokenizer_path = base.path if base else experts[0].path
-    evaluate.check_tokenizer(tokenizer_path, recipe.objective)
+    for component in recipe.components:
+        evaluate.check_tokenizer(tokenizer_path, component)
     if options.dry_run:
         _print_plan(recipe, experts, group_labels, dev, test, device, out_dir, push_to, out, options, bank=bank,
-                    base=base)
+                    base=base, objective=objective)
         return None
     # Non-finite weights are bad input; the content goes into the fingerprint.
     digests = weights.scan_experts(experts + ([base] if bank else []))
@@ -112,7 +109,7 @@ def run(recipe: Recipe, options: RunOptions = RunOptions(), *, out=None) -> Opti
             recipe.swarm,
             num_experts=k,
             num_groups=len(group_labels),
-            evaluate=functools.partial(evaluator.evaluate, examples=dev, objective=recipe.objective),
+            evaluate=functools.partial(evaluator.evaluate, examples=dev, objective=objective),
             checkpoint=folder.state_path,
             fingerprint=_fingerprint(recipe, digests + ([base_digest] if base_digest else [])),
             resume=options.resume,
@@ -122,12 +119,12 @@ def run(recipe: Recipe, options: RunOptions = RunOptions(), *, out=None) -> Opti
 
         # 3. Score the experts, the uniform soup and the winner (dev from the memo).
         LOG.info("scoring the experts, the uniform average and the winner%s", " on the test set" if test else "")
-        scores, test_rows = _scores(recipe, experts, result, evaluator, dev, test, len(group_labels))
+        scores, test_rows = _scores(objective, experts, result, evaluator, dev, test, len(group_labels))
         comparison = None
         if options.baselines:
-            comparison = _compare(recipe, result, evaluator, dev, test, k, len(group_labels), options,
+            comparison = _compare(recipe, objective, result, evaluator, dev, test, k, len(group_labels), options,
                                   experts=experts, adapters=bank is not None)
-        analysis = _analysis(recipe, experts, result, scores, test_rows, test, comparison)
+        analysis = _analysis(recipe, objective, experts, result, scores, test_rows, test, comparison)
 
         # 4. Write the winner with mergekit, the report and the card into a
         #    staging folder, then publish them (output.py: atomic as seen by a user).
@@ -272,6 +269,8 @@ def _overlap(dev, test) -> int:
     """Test rows that also appear in the dev set (same prompt, answer and choices)."""
     if test is None:
         return 0
+    if dev and isinstance(dev[0], list):  # a suite: each component's test rows against its own dev rows
+        return sum(_overlap(d, t) for d, t in zip(dev, test))
     seen = {(e.prompt, json.dumps(e.answer), e.choices) for e in dev}
     n = sum((e.prompt, json.dumps(e.answer), e.choices) in seen for e in test)
     if n:
@@ -287,19 +286,20 @@ def _fingerprint(recipe: Recipe, digests: List[str]) -> str:
     h.update(json.dumps(recipe.portable().model_dump(mode="json", exclude={"output"}), sort_keys=True).encode())
     for digest in digests:
         h.update(digest.encode())
-    h.update(Path(recipe.objective.dev).read_bytes())
+    for component in recipe.components:
+        h.update(Path(component.dev).read_bytes())
     return h.hexdigest()
 
 
-def _scores(recipe, experts, result, evaluator, dev, test, num_groups) -> report_mod.Scores:
+def _scores(objective, experts, result, evaluator, dev, test, num_groups):
     k = len(experts)
     candidates = [(e.name, "expert", np.tile(np.eye(k)[i], (num_groups, 1))) for i, e in enumerate(experts)]
     candidates.append(("uniform average", "uniform", np.full((num_groups, k), 1.0 / k)))
     candidates.append(("swarm winner", "winner", result.best))
     rows, test_rows = [], {}
     for i, (name, kind, x) in enumerate(candidates):
-        dev_score = result.lookup(x) or evaluator.evaluate(x, dev, recipe.objective)
-        test_score = evaluator.evaluate(x, test, recipe.objective) if test is not None else None
+        dev_score = result.lookup(x) or evaluator.evaluate(x, dev, objective)
+        test_score = evaluator.evaluate(x, test, objective) if test is not None else None
         rows.append(report_mod.ScoreRow(
             name=name, kind=kind, coefficients=np.asarray(x, dtype=float).tolist(), dev=report_mod.Split.of(dev_score),
             test=report_mod.Split.of(test_score) if test_score else None,
@@ -309,7 +309,7 @@ def _scores(recipe, experts, result, evaluator, dev, test, num_groups) -> report
     return report_mod.Scores(rows=rows), test_rows
 
 
-def _compare(recipe, result, evaluator, dev, test, k: int, g: int, options: RunOptions, *, experts,
+def _compare(recipe, objective, result, evaluator, dev, test, k: int, g: int, options: RunOptions, *, experts,
              adapters: bool) -> report_mod.Comparison:
     """Random search and CMA-ES (and the swarm at other seeds) at the swarm's budget, through
     the run's evaluator and one memo shared with the swarm's (baselines.py)."""
@@ -322,7 +322,7 @@ def _compare(recipe, result, evaluator, dev, test, k: int, g: int, options: RunO
     seeds = [recipe.swarm.seed + i for i in range(options.seeds)]
 
     def score_dev(x):
-        return evaluator.evaluate(x, dev, recipe.objective)
+        return evaluator.evaluate(x, dev, objective)
 
     runs = [baselines.MethodRun("swarm", seeds[0], result.best, result.best_score, budget, result.seconds)]
     with tempfile.TemporaryDirectory(prefix="swarm-merge-seeds-") as tmp:
@@ -341,19 +341,20 @@ def _compare(recipe, result, evaluator, dev, test, k: int, g: int, options: RunO
                                             budget=budget, seed=seed, seed_soup=recipe.swarm.seed_soup))
         runs.append(baselines.cmaes_search(baselines.Budgeted(score_dev, memo), num_experts=k, num_groups=g,
                                            budget=budget, seed=seed))
-    mergekit_runs = _mergekit_baselines(recipe, evaluator, dev, experts, seeds, options) if not adapters else []
+    mergekit_runs = (_mergekit_baselines(recipe, objective, evaluator, dev, experts, seeds, options)
+                     if not adapters else [])
     tests = {}
     records = []
     for r in runs:
         key = search.position_key(r.best)
         if test is not None and key not in tests:
-            tests[key] = evaluator.evaluate(r.best, test, recipe.objective)
+            tests[key] = evaluator.evaluate(r.best, test, objective)
         records.append(report_mod.MethodResult(
             method=r.method, seed=r.seed, coefficients=np.asarray(r.best, dtype=float).tolist(),
             dev=report_mod.Split.of(r.dev), test=report_mod.Split.of(tests[key]) if test is not None else None,
             evaluations=r.evaluations, seconds=round(r.seconds, 3)))
     for name, seed, _point, config, dev_score, tensor_of, seconds in mergekit_runs:
-        test_score = evaluator.evaluate_weights(tensor_of, test, recipe.objective) if test is not None else None
+        test_score = evaluator.evaluate_weights(tensor_of, test, objective) if test is not None else None
         records.append(report_mod.MethodResult(
             method=name, seed=seed, config=config, dev=report_mod.Split.of(dev_score),
             test=report_mod.Split.of(test_score) if test_score else None,
@@ -372,7 +373,7 @@ def _compare(recipe, result, evaluator, dev, test, k: int, g: int, options: RunO
     return report_mod.Comparison(budget=budget, seeds=seeds, runs=records, summary=summary)
 
 
-def _mergekit_baselines(recipe, evaluator, dev, experts, seeds, options: RunOptions) -> list:
+def _mergekit_baselines(recipe, objective, evaluator, dev, experts, seeds, options: RunOptions) -> list:
     """Task arithmetic, TIES and DARE against the recipe's base_model, each at the small grid of
     baselines.MERGEKIT_GRID, through mergekit's own kernels on tensors in memory, put into the
     run's model and scored on dev; the best grid point is the method's winner.
@@ -415,7 +416,7 @@ def _mergekit_baselines(recipe, evaluator, dev, experts, seeds, options: RunOpti
                     return baselines.mergekit_tensor(method, point, b, [r.view(info.shape) for r in rows])
 
                 LOG.info("comparison: %s %s%s", name, point, f" seed {seed}" if seed is not None else "")
-                got = evaluator.evaluate_weights(tensor_of, dev, recipe.objective)
+                got = evaluator.evaluate_weights(tensor_of, dev, objective)
                 if best is None or (got.utility == got.utility and not best[1].utility >= got.utility):
                     best = (point, got, tensor_of)
             config = baselines.mergekit_config(method, best[0], _portable_base(recipe), paths, recipe.dtype)
@@ -428,14 +429,14 @@ def _portable_base(recipe: Recipe) -> str:
     return str(ref) if ref is not None else ""
 
 
-def _analysis(recipe, experts, result, scores, test_rows, test, comparison) -> report_mod.Analysis:
+def _analysis(recipe, objective, experts, result, scores, test_rows, test, comparison) -> report_mod.Analysis:
     """The paper's analyses of this run: weak-to-strong, correctness emergence, dev/test gaps."""
     from swarm_merge import baselines
 
     initial = [(result.lookup(x).utility if result.lookup(x) else float("nan")) for x in result.initial]
     w2s = baselines.weak_to_strong(result.state, initial, [e.name for e in experts], seed_soup=recipe.swarm.seed_soup)
     emergence = None
-    if test is not None and recipe.objective.type in ("exact_match", "multiple_choice"):
+    if test is not None and objective.type in ("exact_match", "multiple_choice"):
         found = baselines.emergence([test_rows.get(("expert", i)) for i in range(len(experts))],
                                     test_rows.get(("winner", 0)), [ex.group for ex in test])
         emergence = report_mod.Emergence(**found) if found else None
@@ -494,7 +495,8 @@ def _report(recipe, experts, digests, base, result, scores, group_labels, device
             merged=lora.MERGED_DIR if recipe.output.merge_adapter else None) if bank else None),
         coefficients=report_mod.Coefficients.of(result.best, group_labels),
         scores=scores,
-        data=report_mod.DataRecord(dev_rows=len(dev), test_rows=len(test) if test is not None else None,
+        data=report_mod.DataRecord(dev_rows=objectives.row_count(dev),
+                                   test_rows=objectives.row_count(test) if test is not None else None,
                                    test_rows_in_dev=test_in_dev),
         search=report_mod.SearchRecord(
             iterations=state.iteration,
@@ -527,7 +529,7 @@ def _hardware(device) -> str:
 
 
 def _print_plan(recipe, experts, group_labels, dev, test, device, out_dir, push_to, out,
-                options: RunOptions = RunOptions(), *, bank=None, base=None) -> None:
+                options: RunOptions = RunOptions(), *, bank=None, base=None, objective=None) -> None:
     k = len(experts)
     model_bytes = max(e.nbytes for e in experts)
     params = experts[0].num_parameters
@@ -555,8 +557,8 @@ def _print_plan(recipe, experts, group_labels, dev, test, device, out_dir, push_
           f"{len(group_labels) * k} coefficients), at most {s.max_iterations} iterations", file=out)
     from swarm_merge.swarm import budget
 
-    print(f"evaluations: at most {budget(s)} on {len(dev)} dev rows ({recipe.objective.type})"
-          + (f"; then {k + 2} on {len(test)} test rows" if test else ""), file=out)
+    print(f"evaluations: at most {budget(s)} on {objectives.row_count(dev)} dev rows ({objective.type})"
+          + (f"; then {k + 2} on {objectives.row_count(test)} test rows" if test else ""), file=out)
     estimate = _estimate(recipe, experts, bank=bank, base=base)
     budget_bytes = evaluate.memory_budget(device, options.max_memory)
     mode = evaluate.choose_mode(options.eval_mode, estimate, budget_bytes)

@@ -115,6 +115,9 @@ class Objective(_Frozen):
     group_by: Optional[str] = "task"
     # Wrap prompts in the tokenizer's chat template before scoring.
     chat_template: bool = False
+    # In an `objectives:` list: the component's label (default: its dev file's name) and its weight.
+    name: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    weight: float = Field(1.0, gt=0)
 
     @model_validator(mode="before")
     @classmethod
@@ -195,7 +198,10 @@ class Recipe(_Frozen):
     # the recipe opts in, and even then read with torch's weights_only loader
     # and converted to safetensors before use.
     allow_pickle: bool = False
-    objective: Objective
+    # One objective, or several (`objectives:`) combined by `combine` (the paper's multi-task setting).
+    objective: Optional[Objective] = None
+    objectives: Optional[List[Objective]] = None
+    combine: Literal["mean", "harmonic"] = "mean"
     swarm: SwarmSettings = SwarmSettings()
     output: OutputSettings = OutputSettings()
     # The folder relative input paths were resolved against (None: as given).
@@ -213,6 +219,26 @@ class Recipe(_Frozen):
 
     @model_validator(mode="after")
     def _check(self) -> "Recipe":
+        if self.objective is None and self.objectives is None:
+            raise ValueError("missing key 'objective'; add it to the recipe (or an objectives: list, combined by "
+                             "`combine`)")
+        if self.objective is not None and self.objectives is not None:
+            raise ValueError("the recipe gives both objective: and objectives:; keep one (a list of several goes "
+                             "under objectives:)")
+        if self.objectives is not None:
+            if len(self.objectives) < 2:
+                raise ValueError("objectives: lists one objective; write it as objective: instead")
+            names = [o.name for o in self.components]
+            dup = {n for n in names if names.count(n) > 1}
+            if dup:
+                raise ValueError(f"two objectives are named {sorted(dup)[0]!r}; give each a distinct name:")
+            if self.combine == "harmonic":
+                bad = next((o for o in self.objectives if o.type == "loglik"), None)
+                if bad is not None:
+                    raise ValueError(f"combine: harmonic needs positive utilities, and objective {bad.name or bad.dev!r} "
+                                     "is loglik (negative); use combine: mean, or accuracy objectives")
+        elif self.combine != "mean":
+            raise ValueError("combine applies to an objectives: list; drop it or list several objectives")
         k = len(self.experts)
         if k < 2:
             raise ValueError(f"experts lists {k}; a swarm needs two or more experts")
@@ -230,6 +256,22 @@ class Recipe(_Frozen):
         return self
 
     @property
+    def utility_name(self) -> str:
+        """The utility's label: the objective's type, or e.g. "harmonic of add (exact_match), words (exact_match)"."""
+        if self.objectives is None:
+            return self.objective.type
+        return f"{self.combine} of " + ", ".join(f"{o.name} ({o.type})" for o in self.components)
+
+    @property
+    def components(self) -> List[Objective]:
+        """The objectives scored, each named (a single objective is one component)."""
+        if self.objectives is None:
+            return [self.objective]
+        return [o if o.name else o.model_copy(update={"name": re.sub(r"[^A-Za-z0-9._-]", "_", Path(o.dev).stem)[:64]
+                                                      or f"objective{i}"})
+                for i, o in enumerate(self.objectives)]
+
+    @property
     def output_dir(self) -> str:
         return self.output.dir or os.path.join("out", self.name)
 
@@ -243,7 +285,7 @@ class Recipe(_Frozen):
         found = [(f"the expert {e.model!r}", e.model) for e in self.experts if e.is_local]
         if self.base_model is not None and self.base_model.is_local:
             found.append((f"the base model {self.base_model.model!r}", self.base_model.model))
-        found += [(f"the {k} data file", v) for k, v in (("dev", self.objective.dev), ("test", self.objective.test)) if v]
+        found += [(f"the {k} data file", v) for o in self.components for k, v in (("dev", o.dev), ("test", o.test)) if v]
         return found
 
     def portable(self) -> "Recipe":
@@ -262,9 +304,10 @@ class Recipe(_Frozen):
         for ref in data["experts"] + ([data["base_model"]] if data.get("base_model") else []):
             if ExpertRef.model_validate(ref).is_local:
                 ref["model"] = rel(ref["model"])
-        for key in ("dev", "test"):
-            if data["objective"].get(key):
-                data["objective"][key] = rel(data["objective"][key])
+        for objective in [data["objective"]] if data.get("objective") else data["objectives"]:
+            for key in ("dev", "test"):
+                if objective.get(key):
+                    objective[key] = rel(objective[key])
         if data["output"].get("dir") and os.path.isabs(os.path.expanduser(data["output"]["dir"])):
             data["output"]["dir"] = None  # where it ran here; relative ones (to the cwd) stay as written
         return Recipe.model_validate(data)
@@ -391,14 +434,20 @@ def _resolve_inputs(data: dict, base: Path) -> dict:
         data["experts"] = [resolve_expert(e) for e in data["experts"]]
     if data.get("base_model") is not None:
         data["base_model"] = resolve_expert(data["base_model"])
-    objective = data.get("objective")
-    if isinstance(objective, dict):
+    def resolve_data(objective: Any) -> Any:
+        if not isinstance(objective, dict):
+            return objective
         objective = dict(objective)
         for key in ("dev", "test"):
             value = objective.get(key)
             if isinstance(value, str) and value and not os.path.isabs(value):
                 objective[key] = str((base / value).resolve())
-        data["objective"] = objective
+        return objective
+
+    if "objective" in data:
+        data["objective"] = resolve_data(data["objective"])
+    if isinstance(data.get("objectives"), list):
+        data["objectives"] = [resolve_data(o) for o in data["objectives"]]
     return data
 
 
