@@ -53,6 +53,9 @@ def _run_parser() -> argparse.ArgumentParser:
                    "(what `mergekit-swarm compare` does)")
     p.add_argument("--seeds", type=int, default=1, metavar="N",
                    help="with --baselines: run the swarm and every baseline with N seeds (swarm.seed, +1, ...)")
+    p.add_argument("--objective-code", metavar="PATH.py:FUNCTION",
+                   help="the utility of `type: custom` objectives: FUNCTION(model, tokenizer, rows, device) -> float "
+                   "(runs this code; a recipe can never name code)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logs and tracebacks")
     return p
@@ -158,6 +161,7 @@ def _run(args: argparse.Namespace) -> int:
         max_memory=args.max_memory,
         baselines=args.baselines,
         seeds=args.seeds,
+        objective_code=args.objective_code,
         # Bars on a terminal (or when asked); one log line per iteration otherwise.
         progress=not args.no_progress and (sys.stderr.isatty() or os.environ.get("SWARM_MERGE_PROGRESS") == "1"),
     )

@@ -32,7 +32,7 @@ import torch
 from swarm_merge.errors import DataError
 from swarm_merge.report import finite
 
-__all__ = ["Example", "Score", "Suite", "load_examples", "score", "task_of", "row_count", "OBJECTIVES"]
+__all__ = ["Example", "Score", "Suite", "Custom", "load_code", "load_examples", "score", "task_of", "row_count", "OBJECTIVES"]
 
 LOG = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ class Example:
     answer: Any = None
     choices: Optional[Tuple[str, ...]] = None
     group: Optional[str] = None
+    raw: Optional[dict] = field(default=None, compare=False, repr=False)  # the JSONL row (custom objectives)
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,9 @@ def _example(row: dict, kind: str, group_by: Optional[str], where: str) -> Examp
         if not answer:
             raise DataError(f"{where}: 'answer' is empty")
         return Example(prompt=prompt, answer=answer, group=group)
+    if kind == "custom":  # the row as written, for the --objective-code function
+        prompt = row.get("prompt")
+        return Example(prompt=prompt if isinstance(prompt, str) else "", answer=row.get("answer"), group=group, raw=row)
     raise DataError(f"unknown objective type {kind!r}")
 
 
@@ -421,6 +425,53 @@ class Suite:
         return Score(utility, groups, sum(s.n for s in scores))
 
 
+class Custom:
+    """A ``type: custom`` objective with the function ``--objective-code`` named:
+    ``function(model, tokenizer, rows, device) -> float`` (rows: the JSONL rows as dicts).
+    Attributes other than ``function`` are the recipe objective's."""
+
+    def __init__(self, objective, function: Callable):
+        self.objective, self.function = objective, function
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["objective"], name)
+
+    @torch.inference_mode()
+    def score(self, model, tokenizer, examples: Sequence[Example], device) -> Score:
+        value = self.function(model, tokenizer, [dict(e.raw) for e in examples], device)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"the --objective-code function returned {type(value).__name__}, not a number")
+        return Score(float(value), {}, len(examples))
+
+
+def load_code(spec: str) -> Callable:
+    """``path.py:function`` (the ``--objective-code`` flag) as a callable.
+
+    Raises:
+        InputError: no such file or function, or the file fails to import.
+    """
+    import importlib.util
+
+    from swarm_merge.errors import InputError
+
+    path, sep, name = spec.rpartition(":")
+    if not sep or not path or not name.isidentifier():
+        raise InputError(f"--objective-code {spec!r} is not path.py:function; write e.g. my_utility.py:score")
+    if not Path(path).is_file():
+        raise InputError(f"--objective-code: {path!r} not found; give the Python file that defines {name}")
+    module_spec = importlib.util.spec_from_file_location(f"swarm_merge_objective_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as exc:
+        raise InputError(f"--objective-code: importing {path!r} failed ({type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:120]}); fix that file") from None
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise InputError(f"--objective-code: {path!r} defines no function {name!r}; name one it defines")
+    return function
+
+
 def score(model, tokenizer, examples: Sequence[Example], objective, device, *, batch_size: Optional[int] = None,
           share_prefix: bool = True) -> Score:
     """Score ``model`` on ``examples`` with the recipe's objective.
@@ -432,19 +483,38 @@ def score(model, tokenizer, examples: Sequence[Example], objective, device, *, b
     """
     if isinstance(objective, Suite):
         return objective.score(model, tokenizer, examples, device, batch_size=batch_size, share_prefix=share_prefix)
+    if isinstance(objective, Custom):
+        return objective.score(model, tokenizer, examples, device)
     kwargs = {"share_prefix": share_prefix} if objective.type in ("loglik", "multiple_choice") else {}
     return OBJECTIVES[objective.type](model, tokenizer, examples, objective, device, batch_size=batch_size, **kwargs)
 
 
-def task_of(recipe):
+def task_of(recipe, code: Optional[Callable] = None):
     """What the evaluator scores: ``(objective, dev rows, test rows or None)``: the recipe's
     objective and its rows, or, for an ``objectives:`` list, a :class:`Suite` and each
-    component's rows."""
+    component's rows. ``type: custom`` objectives get ``code`` (``--objective-code``).
+
+    Raises:
+        InputError: a custom objective without ``--objective-code``, or the flag without one.
+    """
+    from swarm_merge.errors import InputError
+
+    customs = [o for o in recipe.components if o.type == "custom"]
+    if customs and code is None:
+        raise InputError("objective type custom needs the Python function to score with: pass --objective-code "
+                         "path.py:function (a recipe can never name code itself)")
+    if code is not None and not customs:
+        raise InputError("--objective-code is given but no objective has type: custom; drop the flag or set the "
+                         "objective's type to custom")
+
+    def runtime(o):
+        return Custom(o, code) if o.type == "custom" else o
+
     if recipe.objectives is None:
         o = recipe.objective
-        return o, load_examples(o.dev, o.type, o.group_by), (load_examples(o.test, o.type, o.group_by)
-                                                             if o.test else None)
-    suite = Suite(tuple(recipe.components), recipe.combine)
+        return runtime(o), load_examples(o.dev, o.type, o.group_by), (load_examples(o.test, o.type, o.group_by)
+                                                                      if o.test else None)
+    suite = Suite(tuple(runtime(o) for o in recipe.components), recipe.combine)
     return suite, suite.load("dev"), suite.load("test")
 
 

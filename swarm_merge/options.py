@@ -25,3 +25,4 @@ class RunOptions:
     max_memory: Optional[int] = None  # bytes the evaluation may hold (auto mode); None: 70% of available
     baselines: bool = False  # also run random search and CMA-ES at the swarm's budget (`compare`)
     seeds: int = 1  # with baselines: every stochastic method at this many seeds
+    objective_code: Optional[str] = None  # path.py:function for `type: custom` objectives (never from a recipe)

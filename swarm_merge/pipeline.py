@@ -81,7 +81,8 @@ def run(recipe: Recipe, options: RunOptions = RunOptions(), *, out=None) -> Opti
         names, granularity=recipe.swarm.granularity, layer_groups=recipe.swarm.layer_groups
     )
     # One objective and its rows, or a Suite of several and each one's rows.
-    objective, dev, test = objectives.task_of(recipe)
+    code = objectives.load_code(options.objective_code) if options.objective_code else None
+    objective, dev, test = objectives.task_of(recipe, code)
     test_in_dev = _overlap(dev, test)
     device = evaluate.resolve_device(options.device)
     tokenizer_path = base.path if base else experts[0].path
@@ -111,7 +112,7 @@ def run(recipe: Recipe, options: RunOptions = RunOptions(), *, out=None) -> Opti
             num_groups=len(group_labels),
             evaluate=functools.partial(evaluator.evaluate, examples=dev, objective=objective),
             checkpoint=folder.state_path,
-            fingerprint=_fingerprint(recipe, digests + ([base_digest] if base_digest else [])),
+            fingerprint=_fingerprint(recipe, digests + ([base_digest] if base_digest else []), options),
             resume=options.resume,
             progress=options.progress,
             started=started,
@@ -279,7 +280,7 @@ def _overlap(dev, test) -> int:
     return n
 
 
-def _fingerprint(recipe: Recipe, digests: List[str]) -> str:
+def _fingerprint(recipe: Recipe, digests: List[str], options: RunOptions = RunOptions()) -> str:
     """What a checkpoint must match to be resumed: the search inputs (the recipe
     without its output settings, the experts' weight bytes, the dev rows)."""
     h = hashlib.sha256()
@@ -288,6 +289,8 @@ def _fingerprint(recipe: Recipe, digests: List[str]) -> str:
         h.update(digest.encode())
     for component in recipe.components:
         h.update(Path(component.dev).read_bytes())
+    if options.objective_code:  # another utility function: another search
+        h.update(Path(options.objective_code.rpartition(":")[0]).read_bytes() + options.objective_code.encode())
     return h.hexdigest()
 
 

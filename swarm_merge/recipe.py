@@ -33,7 +33,10 @@ __all__ = [
     "apply_overrides",
 ]
 
-OBJECTIVE_TYPES = ("exact_match", "multiple_choice", "loglik")
+OBJECTIVE_TYPES = ("exact_match", "multiple_choice", "loglik", "custom")
+# Keys a recipe might use to name Python code. A recipe travels (the Hub, pull
+# requests), so it can never make a run execute code: only --objective-code can.
+_CODE_KEYS = ("code", "function", "objective_code", "module", "script", "callable", "python")
 DTYPES = ("float32", "bfloat16", "float16")
 # A Hub repo id: "name" or "org/name", optionally "@revision".
 _REPO_ID = re.compile(r"^(?:[\w.\-]+/)?[\w.\-]+(?:@[\w.\-/]+)?$")
@@ -104,7 +107,7 @@ def _looks_local(path: str) -> bool:
 class Objective(_Frozen):
     """The utility the swarm maximises, scored on a JSONL dev set."""
 
-    type: Literal["exact_match", "multiple_choice", "loglik"]
+    type: Literal["exact_match", "multiple_choice", "loglik", "custom"]
     dev: str
     test: Optional[str] = None
     max_new_tokens: int = Field(8, ge=1, le=4096)
@@ -122,6 +125,11 @@ class Objective(_Frozen):
     @model_validator(mode="before")
     @classmethod
     def _known_type(cls, value: Any) -> Any:
+        code = [k for k in _CODE_KEYS if isinstance(value, dict) and k in value]
+        if code:
+            raise ValueError(f"objective key {code[0]!r} would name Python code, which a recipe never can (a recipe "
+                             "from the Hub or a pull request must not run code); use type: custom and pass "
+                             "--objective-code path.py:function on the command line")
         if isinstance(value, dict) and "type" in value and value["type"] not in OBJECTIVE_TYPES:
             raise ValueError(
                 f"objective type {short_repr(value['type'])} does not exist; use one of: {', '.join(OBJECTIVE_TYPES)}"
