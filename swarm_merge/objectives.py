@@ -151,6 +151,9 @@ def _example(row: dict, kind: str, group_by: Optional[str], where: str) -> Examp
         if not answer:
             raise DataError(f"{where}: 'answer' is empty")
         return Example(prompt=prompt, answer=answer, group=group)
+    if kind == "reward":
+        prompt = _need_str(row, "prompt", where, '{"prompt": ...}', nonempty=True)
+        return Example(prompt=prompt, group=group)
     if kind == "custom":  # the row as written, for the --objective-code function
         prompt = row.get("prompt")
         return Example(prompt=prompt if isinstance(prompt, str) else "", answer=row.get("answer"), group=group, raw=row)
@@ -220,7 +223,9 @@ class _LineDone:
 
 
 @torch.inference_mode()
-def score_exact_match(model, tokenizer, examples, objective, device, batch_size=None) -> Score:
+def _greedy(model, tokenizer, examples, objective, device, batch_size=None, *, one_line: bool) -> List[str]:
+    """Each row's greedy completion (``objective.max_new_tokens`` at most; with ``one_line``,
+    generation stops once every row has finished its first non-blank line)."""
     from transformers import StoppingCriteriaList
 
     prompts = [_prepare(tokenizer, objective, ex.prompt) for ex in examples]
@@ -228,23 +233,79 @@ def score_exact_match(model, tokenizer, examples, objective, device, batch_size=
     # Longest first, so batches hold prompts of similar length (less padding).
     order = sorted(range(len(examples)), key=lambda i: -len(encoded[i]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    hits = [0.0] * len(examples)
+    completions = [""] * len(examples)
     for batch in _batches(order, batch_size or objective.batch_size):
         # Left padding: every row's last prompt token sits at the same position.
         ids, mask, _ = _left_padded([encoded[i] for i in batch], pad)
         width = ids.shape[1]
+        stop = StoppingCriteriaList([_LineDone(tokenizer, width, tokenizer.eos_token_id)]) if one_line else None
         out = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
             max_new_tokens=objective.max_new_tokens,
             do_sample=False,
             pad_token_id=pad,
-            stopping_criteria=StoppingCriteriaList([_LineDone(tokenizer, width, tokenizer.eos_token_id)]),
+            stopping_criteria=stop,
         )
         texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
         for i, text in zip(batch, texts):
-            hits[i] = float(_matches(text, examples[i].answer, objective.match))
+            completions[i] = text
+    return completions
+
+
+def score_exact_match(model, tokenizer, examples, objective, device, batch_size=None) -> Score:
+    completions = _greedy(model, tokenizer, examples, objective, device, batch_size, one_line=True)
+    hits = [float(_matches(text, ex.answer, objective.match)) for text, ex in zip(completions, examples)]
     return _aggregate(hits, [1.0] * len(examples), examples)
+
+
+# Reward models, loaded once per run: (folder, device) -> (model, tokenizer).
+_REWARD_MODELS: Dict[Tuple[str, str], Tuple[Any, Any]] = {}
+
+
+def reward_model(path: str, device, dtype=None):
+    """The reward model in ``path`` (AutoModelForSequenceClassification with one output), loaded once."""
+    key = (str(path), str(device))
+    if key not in _REWARD_MODELS:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from swarm_merge.errors import InputError
+
+        model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=dtype).to(device).eval()
+        if model.config.num_labels != 1:
+            raise InputError(f"reward model {str(path)!r} has {model.config.num_labels} outputs; use a reward model "
+                             "with one (num_labels: 1, a scalar reward head)")
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "right"
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        _REWARD_MODELS.clear()  # one reward model at a time
+        _REWARD_MODELS[key] = (model, tokenizer)
+    return _REWARD_MODELS[key]
+
+
+@torch.inference_mode()
+def score_reward(model, tokenizer, examples, objective, device, batch_size=None) -> Score:
+    """Mean reward of the greedy responses (the raw score of the reward head, not normalised)."""
+    responses = _greedy(model, tokenizer, examples, objective, device, batch_size, one_line=False)
+    judge, judge_tok = reward_model(objective.reward_model.model, device)
+    texts = []
+    for ex, response in zip(examples, responses):
+        if getattr(judge_tok, "chat_template", None):
+            texts.append(judge_tok.apply_chat_template(
+                [{"role": "user", "content": ex.prompt}, {"role": "assistant", "content": response.strip()}],
+                tokenize=False))
+        else:
+            texts.append(ex.prompt + response)
+    rewards: List[float] = []
+    for start in range(0, len(texts), batch_size or objective.batch_size):
+        batch = judge_tok(texts[start:start + (batch_size or objective.batch_size)], return_tensors="pt",
+                          padding=True, truncation=True)
+        logits = judge(**{k: v.to(device) for k, v in batch.items()}).logits
+        rewards += logits[:, 0].float().cpu().tolist()
+    return _aggregate(rewards, [1.0] * len(examples), examples)
 
 
 def _matches(completion: str, answer: str, how: str) -> bool:
@@ -377,6 +438,7 @@ def score_loglik(model, tokenizer, examples, objective, device, batch_size=None,
 
 OBJECTIVES: Dict[str, Callable[..., Score]] = {
     "exact_match": score_exact_match,
+    "reward": score_reward,
     "multiple_choice": score_multiple_choice,
     "loglik": score_loglik,
 }

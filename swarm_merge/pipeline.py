@@ -83,6 +83,7 @@ def run(recipe: Recipe, options: RunOptions = RunOptions(), *, out=None) -> Opti
     # One objective and its rows, or a Suite of several and each one's rows.
     code = objectives.load_code(options.objective_code) if options.objective_code else None
     objective, dev, test = objectives.task_of(recipe, code)
+    objective, objective_models = _pull_objective_models(objective, options)
     test_in_dev = _overlap(dev, test)
     device = evaluate.resolve_device(options.device)
     tokenizer_path = base.path if base else experts[0].path
@@ -90,7 +91,7 @@ def run(recipe: Recipe, options: RunOptions = RunOptions(), *, out=None) -> Opti
         evaluate.check_tokenizer(tokenizer_path, component)
     if options.dry_run:
         _print_plan(recipe, experts, group_labels, dev, test, device, out_dir, push_to, out, options, bank=bank,
-                    base=base, objective=objective)
+                    base=base, objective=objective, objective_models=objective_models)
         return None
     # Non-finite weights are bad input; the content goes into the fingerprint.
     digests = weights.scan_experts(experts + ([base] if bank else []))
@@ -98,7 +99,8 @@ def run(recipe: Recipe, options: RunOptions = RunOptions(), *, out=None) -> Opti
 
     with output.OutputFolder(out_dir, resume=options.resume, force=options.force) as folder:
         # 2. The swarm search over coefficient arrays (G, K).
-        mode = _eval_mode(recipe, experts, device, options, bank=bank, base=base)
+        mode = _eval_mode(recipe, experts, device, options, bank=bank, base=base,
+                          objective_bytes=sum(m[3] for m in objective_models))
         LOG.info("evaluation: %s on %s", mode, device)
         if bank is not None:
             evaluator = lora.LoraEvaluator(bank, base, groups, dtype=recipe.dtype, device=device,
@@ -157,7 +159,7 @@ def run(recipe: Recipe, options: RunOptions = RunOptions(), *, out=None) -> Opti
             (stage / output.MERGEKIT_FILE).write_text(mergekit_yaml, encoding="utf-8")
         report = _report(recipe, experts, digests, base, result, scores, group_labels, device, started,
                          dev=dev, test=test, test_in_dev=test_in_dev, bank=bank, base_digest=base_digest,
-                         analysis=analysis, comparison=comparison)
+                         analysis=analysis, comparison=comparison, objective_models=objective_models)
         recipe_yaml = yaml.safe_dump(report.recipe.model_dump(mode="json"), sort_keys=False)
         plot = card.plot_history(report.search.history, stage / output.PLOT_FILE, title=recipe.name)
         model_card = card.render_card(report, recipe_yaml=recipe_yaml, mergekit_yaml=mergekit_yaml,
@@ -197,10 +199,12 @@ def _estimate(recipe: Recipe, experts, *, bank=None, base=None):
     return evaluate.memory_estimate(experts, recipe.dtype)
 
 
-def _eval_mode(recipe: Recipe, experts, device, options: RunOptions, *, bank=None, base=None) -> str:
-    """The fastest mode whose weight memory fits the budget (see evaluate.choose_mode)."""
+def _eval_mode(recipe: Recipe, experts, device, options: RunOptions, *, bank=None, base=None,
+               objective_bytes: int = 0) -> str:
+    """The fastest mode whose weight memory fits the budget (see evaluate.choose_mode), the
+    objective models (reward models, held for the whole run) taken off the budget first."""
     estimate = _estimate(recipe, experts, bank=bank, base=base)
-    budget = evaluate.memory_budget(device, options.max_memory)
+    budget = evaluate.memory_budget(device, options.max_memory) - objective_bytes
     return evaluate.choose_mode(options.eval_mode, estimate, budget)
 
 
@@ -236,6 +240,13 @@ def _pull_lora_base(recipe: Recipe, experts, options: RunOptions, out_dir: Path)
     return base
 
 
+def _relative(recipe: Recipe, path) -> str:
+    if recipe.base_dir is None:
+        return str(path)
+    relative = os.path.relpath(Path(path).resolve(), recipe.base_dir)
+    return relative if relative.startswith("..") else os.path.join(".", relative)
+
+
 def _portable_ref(recipe: Recipe, base) -> str:
     """How the written adapter names its base: the Hub id, or the folder relative to the recipe's."""
     if not base.ref.is_local:
@@ -244,6 +255,58 @@ def _portable_ref(recipe: Recipe, base) -> str:
         return str(base.path)
     relative = os.path.relpath(Path(base.path).resolve(), recipe.base_dir)
     return relative if relative.startswith("..") else os.path.join(".", relative)
+
+
+def _pull_objective_models(objective, options: RunOptions):
+    """Reward models: pulled (Hub repos pinned to a commit), checked, and the runtime objective
+    pointed at the local folder. Returns (objective, [(ref, folder, commit or None, bytes)])."""
+    from swarm_merge.recipe import ExpertRef
+
+    found = []
+
+    def pulled(o):
+        if getattr(o, "type", None) != "reward":
+            return o
+        ref = o.reward_model
+        if ref.is_local:
+            path, commit = Path(ref.model).expanduser(), None
+            if not (path / "config.json").is_file():
+                raise experts_mod.ExpertError(f"reward model {ref.model!r}: no config.json there; point at a saved "
+                                              "AutoModelForSequenceClassification folder")
+        else:
+            from swarm_merge import hub
+
+            path, commit = hub.download(ref, cache_dir=options.cache_dir, what="reward model",
+                                        allow_patterns=experts_mod.SMALL_PATTERNS + ["*.safetensors"])
+        _check_reward_config(path, ref)
+        size = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+        found.append((ref, Path(path), commit, size))
+        return o.model_copy(update={"reward_model": ExpertRef(model=str(path))})
+
+    if isinstance(objective, objectives.Suite):
+        objective = objectives.Suite(tuple(pulled(o) for o in objective.parts), objective.combine)
+    else:
+        objective = pulled(objective)
+    return objective, found
+
+
+def _check_reward_config(path: Path, ref) -> None:
+    """A sequence-classification architecture transformers has, with safetensors weights (no remote code)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+    config = experts_mod._read_json(Path(path) / "config.json", f"reward model {str(ref)!r}")
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
+        raise experts_mod.ExpertError(f"reward model {str(ref)!r}: model_type {model_type!r} has no sequence "
+                                      "classification class in transformers (remote code is never run); use a "
+                                      "reward model of a supported architecture")
+    if not any(Path(path).glob("*.safetensors")):
+        raise experts_mod.ExpertError(f"reward model {str(ref)!r} has no *.safetensors weights; save it with "
+                                      "safe_serialization")
+    labels = config.get("num_labels") or len(config.get("id2label") or {}) or 2  # transformers' default: 2
+    if labels != 1:
+        raise experts_mod.ExpertError(f"reward model {str(ref)!r} has {labels} outputs; use a reward model with one "
+                                      "(num_labels: 1, a scalar reward head)")
 
 
 def _free(device) -> None:
@@ -461,7 +524,8 @@ def _analysis(recipe, objective, experts, result, scores, test_rows, test, compa
 
 
 def _report(recipe, experts, digests, base, result, scores, group_labels, device, started, *, dev, test,
-            test_in_dev, bank=None, base_digest=None, analysis=None, comparison=None) -> Report:
+            test_in_dev, bank=None, base_digest=None, analysis=None, comparison=None,
+            objective_models=()) -> Report:
     import mergekit
     import torch
     import transformers
@@ -512,6 +576,9 @@ def _report(recipe, experts, digests, base, result, scores, group_labels, device
         ),
         analysis=analysis,
         comparison=comparison,
+        objective_models=[report_mod.BaseModelRecord(
+            model=ref.model if not ref.is_local else _relative(recipe, path), revision=commit)
+            for ref, path, commit, _ in objective_models],
         # This session's wall time plus the earlier sessions' (from the checkpoint).
         wall_seconds=round(result.wall_before + time.monotonic() - started, 3),
         hardware=_hardware(device),
@@ -532,7 +599,8 @@ def _hardware(device) -> str:
 
 
 def _print_plan(recipe, experts, group_labels, dev, test, device, out_dir, push_to, out,
-                options: RunOptions = RunOptions(), *, bank=None, base=None, objective=None) -> None:
+                options: RunOptions = RunOptions(), *, bank=None, base=None, objective=None,
+                objective_models=()) -> None:
     k = len(experts)
     model_bytes = max(e.nbytes for e in experts)
     params = experts[0].num_parameters
@@ -564,6 +632,12 @@ def _print_plan(recipe, experts, group_labels, dev, test, device, out_dir, push_
           + (f"; then {k + 2} on {objectives.row_count(test)} test rows" if test else ""), file=out)
     estimate = _estimate(recipe, experts, bank=bank, base=base)
     budget_bytes = evaluate.memory_budget(device, options.max_memory)
+    held = sum(m[3] for m in objective_models)
+    if held:
+        print(f"objective models held for the run: {hb(held)} ("
+              + ", ".join(f"reward model {m[0]}" + (f" @ {m[2][:12]}" if m[2] else "") for m in objective_models)
+              + "); taken off the budget", file=out)
+        budget_bytes -= held
     mode = evaluate.choose_mode(options.eval_mode, estimate, budget_bytes)
     print(f"device: {device}; dtype {recipe.dtype}; experts on disk {hb(k * model_bytes)}", file=out)
     print(f"estimated weight memory: in-memory {hb(estimate['in-memory'])}, one-model {hb(estimate['one-model'])}, "

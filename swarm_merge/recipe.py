@@ -33,7 +33,7 @@ __all__ = [
     "apply_overrides",
 ]
 
-OBJECTIVE_TYPES = ("exact_match", "multiple_choice", "loglik", "custom")
+OBJECTIVE_TYPES = ("exact_match", "multiple_choice", "loglik", "reward", "custom")
 # Keys a recipe might use to name Python code. A recipe travels (the Hub, pull
 # requests), so it can never make a run execute code: only --objective-code can.
 _CODE_KEYS = ("code", "function", "objective_code", "module", "script", "callable", "python")
@@ -107,7 +107,7 @@ def _looks_local(path: str) -> bool:
 class Objective(_Frozen):
     """The utility the swarm maximises, scored on a JSONL dev set."""
 
-    type: Literal["exact_match", "multiple_choice", "loglik", "custom"]
+    type: Literal["exact_match", "multiple_choice", "loglik", "reward", "custom"]
     dev: str
     test: Optional[str] = None
     max_new_tokens: int = Field(8, ge=1, le=4096)
@@ -121,6 +121,16 @@ class Objective(_Frozen):
     # In an `objectives:` list: the component's label (default: its dev file's name) and its weight.
     name: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     weight: float = Field(1.0, gt=0)
+    # type reward: the reward model (AutoModelForSequenceClassification, one output), a folder or Hub repo.
+    reward_model: Optional[ExpertRef] = None
+
+    @model_validator(mode="after")
+    def _reward(self) -> "Objective":
+        if self.type == "reward" and self.reward_model is None:
+            raise ValueError("objective type reward needs reward_model: a folder or Hub repo (org/name@revision)")
+        if self.type != "reward" and self.reward_model is not None:
+            raise ValueError(f"reward_model applies to type: reward, not {self.type}; drop it")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -241,10 +251,10 @@ class Recipe(_Frozen):
             if dup:
                 raise ValueError(f"two objectives are named {sorted(dup)[0]!r}; give each a distinct name:")
             if self.combine == "harmonic":
-                bad = next((o for o in self.objectives if o.type == "loglik"), None)
+                bad = next((o for o in self.objectives if o.type not in ("exact_match", "multiple_choice")), None)
                 if bad is not None:
                     raise ValueError(f"combine: harmonic needs positive utilities, and objective {bad.name or bad.dev!r} "
-                                     "is loglik (negative); use combine: mean, or accuracy objectives")
+                                     f"is {bad.type} (may be negative); use combine: mean, or accuracy objectives")
         elif self.combine != "mean":
             raise ValueError("combine applies to an objectives: list; drop it or list several objectives")
         k = len(self.experts)
@@ -294,6 +304,8 @@ class Recipe(_Frozen):
         if self.base_model is not None and self.base_model.is_local:
             found.append((f"the base model {self.base_model.model!r}", self.base_model.model))
         found += [(f"the {k} data file", v) for o in self.components for k, v in (("dev", o.dev), ("test", o.test)) if v]
+        found += [(f"the reward model {o.reward_model.model!r}", o.reward_model.model) for o in self.components
+                  if o.reward_model is not None and o.reward_model.is_local]
         return found
 
     def portable(self) -> "Recipe":
@@ -316,6 +328,9 @@ class Recipe(_Frozen):
             for key in ("dev", "test"):
                 if objective.get(key):
                     objective[key] = rel(objective[key])
+            ref = objective.get("reward_model")
+            if ref and ExpertRef.model_validate(ref).is_local:
+                ref["model"] = rel(ref["model"])
         if data["output"].get("dir") and os.path.isabs(os.path.expanduser(data["output"]["dir"])):
             data["output"]["dir"] = None  # where it ran here; relative ones (to the cwd) stay as written
         return Recipe.model_validate(data)
@@ -450,6 +465,8 @@ def _resolve_inputs(data: dict, base: Path) -> dict:
             value = objective.get(key)
             if isinstance(value, str) and value and not os.path.isabs(value):
                 objective[key] = str((base / value).resolve())
+        if objective.get("reward_model") is not None:
+            objective["reward_model"] = resolve_expert(objective["reward_model"])
         return objective
 
     if "objective" in data:

@@ -255,6 +255,8 @@ class Report(_Model):
     experts: List[ExpertRecord]
     base_model: Optional[BaseModelRecord] = None
     lora: Optional[LoraRecord] = Field(None, description="set when the experts are LoRA adapters")
+    objective_models: List[BaseModelRecord] = Field(default_factory=list,
+                                                    description="reward models the utility used, as pulled")
     coefficients: Coefficients
     scores: Scores
     data: DataRecord
