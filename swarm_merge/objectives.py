@@ -151,7 +151,7 @@ def _example(row: dict, kind: str, group_by: Optional[str], where: str) -> Examp
         if not answer:
             raise DataError(f"{where}: 'answer' is empty")
         return Example(prompt=prompt, answer=answer, group=group)
-    if kind == "reward":
+    if kind in ("reward", "judge"):
         prompt = _need_str(row, "prompt", where, '{"prompt": ...}', nonempty=True)
         return Example(prompt=prompt, group=group)
     if kind == "custom":  # the row as written, for the --objective-code function
@@ -436,9 +436,59 @@ def score_loglik(model, tokenizer, examples, objective, device, batch_size=None,
     return result
 
 
+def judge_model(path: str, device):
+    """The judge (a causal LM) in ``path``, loaded once (one judge at a time)."""
+    key = (str(path), str(device))
+    if key not in _REWARD_MODELS:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(str(path)).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"
+        _REWARD_MODELS.clear()
+        _REWARD_MODELS[key] = (model, tokenizer)
+    return _REWARD_MODELS[key]
+
+
+def judge_prompt(tokenizer, rubric: str, prompt: str, response: str) -> str:
+    """The rubric with the prompt and response filled in, as the judge's user turn (its chat
+    template when it has one), ending where the judge's answer (the rating) begins."""
+    text = rubric.replace("{prompt}", prompt).replace("{response}", response)
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    return text.rstrip() + "\n"
+
+
+@torch.inference_mode()
+def score_judge(model, tokenizer, examples, objective, device, batch_size=None) -> Score:
+    """Mean expected rating of the greedy responses: for each response, the judge's probability
+    of every rating string on the scale (the log-likelihood of each as its answer, normalised
+    over the scale), and the rating they average to. Deterministic and smooth; there is no
+    text to parse, so no rating is ever unparseable or dropped."""
+    responses = _greedy(model, tokenizer, examples, objective, device, batch_size, one_line=False)
+    judge, judge_tok = judge_model(objective.judge_model.model, device)
+    low, high = objective.scale
+    ratings = list(range(low, high + 1))
+    pairs = []
+    for ex, response in zip(examples, responses):
+        context = judge_prompt(judge_tok, objective.rubric, ex.prompt, response.strip())
+        pairs += [(context, str(r)) for r in ratings]
+    scored = _continuation_logprobs(judge, judge_tok, pairs, batch_size or objective.batch_size, device)
+    values = []
+    for i in range(len(examples)):
+        logp = torch.tensor([lp for lp, _ in scored[i * len(ratings):(i + 1) * len(ratings)]], dtype=torch.float64)
+        probs = torch.softmax(logp, dim=0)
+        values.append(float((probs * torch.tensor(ratings, dtype=torch.float64)).sum()))
+    return _aggregate(values, [1.0] * len(examples), examples)
+
+
 OBJECTIVES: Dict[str, Callable[..., Score]] = {
     "exact_match": score_exact_match,
     "reward": score_reward,
+    "judge": score_judge,
     "multiple_choice": score_multiple_choice,
     "loglik": score_loglik,
 }

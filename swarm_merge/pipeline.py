@@ -258,30 +258,35 @@ def _portable_ref(recipe: Recipe, base) -> str:
 
 
 def _pull_objective_models(objective, options: RunOptions):
-    """Reward models: pulled (Hub repos pinned to a commit), checked, and the runtime objective
+    """Reward and judge models: pulled (Hub repos pinned to a commit), checked, and the runtime objective
     pointed at the local folder. Returns (objective, [(ref, folder, commit or None, bytes)])."""
     from swarm_merge.recipe import ExpertRef
 
     found = []
 
     def pulled(o):
-        if getattr(o, "type", None) != "reward":
+        kind = getattr(o, "type", None)
+        if kind not in ("reward", "judge"):
             return o
-        ref = o.reward_model
+        key = f"{kind}_model"
+        ref = getattr(o, key)
         if ref.is_local:
             path, commit = Path(ref.model).expanduser(), None
             if not (path / "config.json").is_file():
-                raise experts_mod.ExpertError(f"reward model {ref.model!r}: no config.json there; point at a saved "
-                                              "AutoModelForSequenceClassification folder")
+                raise experts_mod.ExpertError(f"{kind} model {ref.model!r}: no config.json there; point at a saved "
+                                              "transformers model folder")
         else:
             from swarm_merge import hub
 
-            path, commit = hub.download(ref, cache_dir=options.cache_dir, what="reward model",
+            path, commit = hub.download(ref, cache_dir=options.cache_dir, what=f"{kind} model",
                                         allow_patterns=experts_mod.SMALL_PATTERNS + ["*.safetensors"])
-        _check_reward_config(path, ref)
+        if kind == "reward":
+            _check_reward_config(path, ref)
+        else:  # a causal LM transformers builds without remote code, with safetensors weights
+            experts_mod.index_folder(Path(path), f"judge model {str(ref)!r}")
         size = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
         found.append((ref, Path(path), commit, size))
-        return o.model_copy(update={"reward_model": ExpertRef(model=str(path))})
+        return o.model_copy(update={key: ExpertRef(model=str(path))})
 
     if isinstance(objective, objectives.Suite):
         objective = objectives.Suite(tuple(pulled(o) for o in objective.parts), objective.combine)
@@ -635,7 +640,7 @@ def _print_plan(recipe, experts, group_labels, dev, test, device, out_dir, push_
     held = sum(m[3] for m in objective_models)
     if held:
         print(f"objective models held for the run: {hb(held)} ("
-              + ", ".join(f"reward model {m[0]}" + (f" @ {m[2][:12]}" if m[2] else "") for m in objective_models)
+              + ", ".join(f"{m[0]}" + (f" @ {m[2][:12]}" if m[2] else "") for m in objective_models)
               + "); taken off the budget", file=out)
         budget_bytes -= held
     mode = evaluate.choose_mode(options.eval_mode, estimate, budget_bytes)

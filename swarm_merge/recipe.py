@@ -15,7 +15,7 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Any, List, Literal, Optional, Sequence, Union
+from typing import Any, List, Literal, Optional, Sequence, Tuple, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -33,7 +33,7 @@ __all__ = [
     "apply_overrides",
 ]
 
-OBJECTIVE_TYPES = ("exact_match", "multiple_choice", "loglik", "reward", "custom")
+OBJECTIVE_TYPES = ("exact_match", "multiple_choice", "loglik", "reward", "judge", "custom")
 # Keys a recipe might use to name Python code. A recipe travels (the Hub, pull
 # requests), so it can never make a run execute code: only --objective-code can.
 _CODE_KEYS = ("code", "function", "objective_code", "module", "script", "callable", "python")
@@ -107,7 +107,7 @@ def _looks_local(path: str) -> bool:
 class Objective(_Frozen):
     """The utility the swarm maximises, scored on a JSONL dev set."""
 
-    type: Literal["exact_match", "multiple_choice", "loglik", "reward", "custom"]
+    type: Literal["exact_match", "multiple_choice", "loglik", "reward", "judge", "custom"]
     dev: str
     test: Optional[str] = None
     max_new_tokens: int = Field(8, ge=1, le=4096)
@@ -124,12 +124,28 @@ class Objective(_Frozen):
     # type reward: the reward model (AutoModelForSequenceClassification, one output), a folder or Hub repo.
     reward_model: Optional[ExpertRef] = None
 
+    # type judge: the judge (a causal LM, folder or Hub repo), the rubric it rates each response
+    # with ({prompt} and {response} are filled in), and the rating scale.
+    judge_model: Optional[ExpertRef] = None
+    rubric: Optional[str] = Field(None, min_length=1, max_length=20_000)
+    scale: Tuple[int, int] = (1, 10)
+
     @model_validator(mode="after")
-    def _reward(self) -> "Objective":
-        if self.type == "reward" and self.reward_model is None:
-            raise ValueError("objective type reward needs reward_model: a folder or Hub repo (org/name@revision)")
-        if self.type != "reward" and self.reward_model is not None:
-            raise ValueError(f"reward_model applies to type: reward, not {self.type}; drop it")
+    def _models(self) -> "Objective":
+        for kind, key in (("reward", "reward_model"), ("judge", "judge_model")):
+            if self.type == kind and getattr(self, key) is None:
+                raise ValueError(f"objective type {kind} needs {key}: a folder or Hub repo (org/name@revision)")
+            if self.type != kind and getattr(self, key) is not None:
+                raise ValueError(f"{key} applies to type: {kind}, not {self.type}; drop it")
+        if self.type == "judge":
+            if not self.rubric or "{response}" not in self.rubric:
+                raise ValueError("objective type judge needs rubric: a text with {response} (and usually {prompt}) "
+                                 "that asks the judge for a rating")
+            low, high = self.scale
+            if not 0 <= low < high <= 100:
+                raise ValueError(f"scale {list(self.scale)} must be [low, high] with 0 <= low < high <= 100")
+        elif self.rubric is not None:
+            raise ValueError(f"rubric applies to type: judge, not {self.type}; drop it")
         return self
 
     @model_validator(mode="before")
@@ -251,7 +267,8 @@ class Recipe(_Frozen):
             if dup:
                 raise ValueError(f"two objectives are named {sorted(dup)[0]!r}; give each a distinct name:")
             if self.combine == "harmonic":
-                bad = next((o for o in self.objectives if o.type not in ("exact_match", "multiple_choice")), None)
+                bad = next((o for o in self.objectives if o.type not in ("exact_match", "multiple_choice", "judge")
+                            or (o.type == "judge" and o.scale[0] <= 0)), None)
                 if bad is not None:
                     raise ValueError(f"combine: harmonic needs positive utilities, and objective {bad.name or bad.dev!r} "
                                      f"is {bad.type} (may be negative); use combine: mean, or accuracy objectives")
@@ -304,8 +321,9 @@ class Recipe(_Frozen):
         if self.base_model is not None and self.base_model.is_local:
             found.append((f"the base model {self.base_model.model!r}", self.base_model.model))
         found += [(f"the {k} data file", v) for o in self.components for k, v in (("dev", o.dev), ("test", o.test)) if v]
-        found += [(f"the reward model {o.reward_model.model!r}", o.reward_model.model) for o in self.components
-                  if o.reward_model is not None and o.reward_model.is_local]
+        found += [(f"the {key.replace('_', ' ')} {getattr(o, key).model!r}", getattr(o, key).model)
+                  for o in self.components for key in ("reward_model", "judge_model")
+                  if getattr(o, key) is not None and getattr(o, key).is_local]
         return found
 
     def portable(self) -> "Recipe":
@@ -328,9 +346,10 @@ class Recipe(_Frozen):
             for key in ("dev", "test"):
                 if objective.get(key):
                     objective[key] = rel(objective[key])
-            ref = objective.get("reward_model")
-            if ref and ExpertRef.model_validate(ref).is_local:
-                ref["model"] = rel(ref["model"])
+            for key in ("reward_model", "judge_model"):
+                ref = objective.get(key)
+                if ref and ExpertRef.model_validate(ref).is_local:
+                    ref["model"] = rel(ref["model"])
         if data["output"].get("dir") and os.path.isabs(os.path.expanduser(data["output"]["dir"])):
             data["output"]["dir"] = None  # where it ran here; relative ones (to the cwd) stay as written
         return Recipe.model_validate(data)
@@ -465,8 +484,9 @@ def _resolve_inputs(data: dict, base: Path) -> dict:
             value = objective.get(key)
             if isinstance(value, str) and value and not os.path.isabs(value):
                 objective[key] = str((base / value).resolve())
-        if objective.get("reward_model") is not None:
-            objective["reward_model"] = resolve_expert(objective["reward_model"])
+        for key in ("reward_model", "judge_model"):
+            if objective.get(key) is not None:
+                objective[key] = resolve_expert(objective[key])
         return objective
 
     if "objective" in data:

@@ -256,7 +256,7 @@ class Report(_Model):
     base_model: Optional[BaseModelRecord] = None
     lora: Optional[LoraRecord] = Field(None, description="set when the experts are LoRA adapters")
     objective_models: List[BaseModelRecord] = Field(default_factory=list,
-                                                    description="reward models the utility used, as pulled")
+                                                    description="reward and judge models the utility used, as pulled")
     coefficients: Coefficients
     scores: Scores
     data: DataRecord

@@ -79,3 +79,54 @@ def test_reward_refusals(objective, message, tiny_experts, reward_model, tmp_pat
     assert cli.main([str(recipe)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+# ------------------------------------------------------------------- the judge
+
+
+RUBRIC = "Question: {prompt}\nAnswer: {response}\nHow good is the answer, 1 to 3? Rating:"
+
+
+def test_judge_is_the_mean_expected_rating_of_the_greedy_responses(tiny_experts, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    judge = tiny.make_base(tmp_path, name="judge")
+    recipe = write(tmp_path, tiny_experts, f"{{type: judge, dev: data/dev.jsonl, judge_model: {judge}, "
+                                           f"rubric: {json.dumps(RUBRIC)}, scale: [1, 3], max_new_tokens: 3}}")
+    assert cli.main([str(recipe)]) == 0
+    report = report_mod.read(tmp_path / "out" / "swarm.json")
+    out = tmp_path / "out"
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    jm = AutoModelForCausalLM.from_pretrained(judge).eval()
+    jt = AutoTokenizer.from_pretrained(judge)
+    expected = []
+    with torch.inference_mode():
+        for line in (tmp_path / "data" / "dev.jsonl").read_text().splitlines():
+            prompt = json.loads(line)["prompt"]
+            ids = tok(prompt, return_tensors="pt")["input_ids"]
+            new = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0)[0, ids.shape[1]:]
+            response = tok.decode(new, skip_special_tokens=True).strip()
+            context = RUBRIC.replace("{prompt}", prompt).replace("{response}", response).rstrip() + "\n"
+            logps = []
+            for r in (1, 2, 3):
+                ctx = jt(context)["input_ids"]
+                cont = jt(str(r), add_special_tokens=False)["input_ids"]
+                logits = jm(input_ids=torch.tensor([ctx + cont])).logits[0].log_softmax(-1)
+                logps.append(sum(logits[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont)))
+            probs = torch.softmax(torch.tensor(logps, dtype=torch.float64), 0)
+            expected.append(float((probs * torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)).sum()))
+    assert report.scores.winner.dev.utility == pytest.approx(sum(expected) / len(expected), abs=1e-4)
+    assert 1 <= report.scores.winner.dev.utility <= 3
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("", "needs rubric"),
+    (", rubric: 'no placeholder'", "needs rubric"),
+    (", rubric: '{response}', scale: [3, 1]", "scale [3, 1]"),
+])
+def test_judge_refusals(extra, message, tiny_experts, tmp_path, capsys):
+    recipe = write(tmp_path, tiny_experts, "{type: judge, dev: data/dev.jsonl, judge_model: ./j" + extra + "}")
+    assert cli.main([str(recipe)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
