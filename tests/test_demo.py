@@ -101,3 +101,10 @@ def test_demo_lora_recipe_end_to_end(demo, tmp_path):
                            torch.device("cpu"))
     assert got.utility == pytest.approx(report.scores.winner.dev.utility, abs=1e-6)
     assert got.groups == pytest.approx(report.scores.winner.dev.groups, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["demo.yml", "demo-lora.yml", "demo-harmonic.yml", "demo-judge.yml"])
+def test_every_shipped_recipe_validates_in_a_dry_run(name, demo, tmp_path, capsys):
+    assert main([str(REPO / "recipes" / name), "--dry-run", "--out", str(tmp_path / "out")]) == 0
+    assert "dry run: nothing was written" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
