@@ -77,4 +77,6 @@ def test_every_shipped_recipe_validates():
     assert recipes, "recipes/ ships at least the demo recipe"
     for path in recipes:
         recipe = load_recipe(path)
-        assert Path(recipe.objective.dev).is_file(), f"{path}: dev data missing"
+        for component in recipe.components:
+            assert Path(component.dev).is_file(), f"{path}: dev data missing"
+            assert component.test is None or Path(component.test).is_file(), f"{path}: test data missing"
