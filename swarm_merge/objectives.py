@@ -485,7 +485,62 @@ def score_judge(model, tokenizer, examples, objective, device, batch_size=None) 
     return _aggregate(values, [1.0] * len(examples), examples)
 
 
+_TASK_MANAGERS: Dict[Optional[str], Any] = {}
+LM_EVAL_INSTALL = "pip install 'swarm-merge[lm-eval]'"
+
+
+def lm_eval_tasks(include_path: Optional[str]):
+    """lm-evaluation-harness's TaskManager (built-in tasks plus ``include_path``), made once per run."""
+    from swarm_merge.errors import InputError
+
+    if include_path not in _TASK_MANAGERS:
+        try:
+            from lm_eval.tasks import TaskManager
+        except ImportError:
+            raise InputError(f"objective type lm_eval needs lm-evaluation-harness: {LM_EVAL_INSTALL}") from None
+        _TASK_MANAGERS[include_path] = TaskManager(include_path=include_path, verbosity="ERROR")
+    return _TASK_MANAGERS[include_path]
+
+
+def check_lm_eval(objective) -> None:
+    """The harness is installed and knows the task names (before the search)."""
+    from swarm_merge.errors import InputError
+
+    if objective.include_path and not Path(objective.include_path).is_dir():
+        raise InputError(f"objective include_path {objective.include_path!r} is not a folder; point at the folder "
+                         "holding your task YAML files")
+    manager = lm_eval_tasks(objective.include_path)
+    for task in filter(None, (objective.task, objective.test_task)):
+        if task not in manager.all_tasks:
+            raise InputError(f"lm-eval task {task!r} is unknown to lm-evaluation-harness (include_path: "
+                             f"{objective.include_path or 'none'}); check the name, or add its YAML to include_path")
+
+
+@torch.inference_mode()
+def score_lm_eval(model, tokenizer, examples, objective, device, batch_size=None) -> Score:
+    """The task's metric, computed by lm-evaluation-harness on the live model (nothing written or reloaded)."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    from swarm_merge.errors import EvaluationError
+
+    task = examples[0].raw["task"]
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size or objective.batch_size)
+    result = lm_eval.simple_evaluate(
+        model=lm, tasks=[task], task_manager=lm_eval_tasks(objective.include_path), num_fewshot=objective.num_fewshot,
+        limit=objective.limit, log_samples=False, bootstrap_iters=0, verbosity="ERROR")
+    found = result["results"][task]
+    key = objective.metric if "," in objective.metric else f"{objective.metric},none"
+    if key not in found:
+        metrics = sorted(k for k, v in found.items() if isinstance(v, (int, float)) and "stderr" not in k)
+        raise EvaluationError(f"lm-eval task {task!r} reports no metric {key!r} (it reports {', '.join(metrics)}); "
+                              "set objective.metric to one of them")
+    n = int(result.get("n-samples", {}).get(task, {}).get("effective", 0))
+    return Score(float(found[key]), {}, n)
+
+
 OBJECTIVES: Dict[str, Callable[..., Score]] = {
+    "lm_eval": score_lm_eval,
     "exact_match": score_exact_match,
     "reward": score_reward,
     "judge": score_judge,
@@ -509,12 +564,14 @@ class Suite:
 
     def load(self, split: str) -> Optional[List[List[Example]]]:
         """Each component's rows of ``split`` ("dev" or "test"); None when a component has no test set."""
-        paths = [getattr(o, split) for o in self.parts]
+        paths = [getattr(o, split) if o.type != "lm_eval" else (o.task if split == "dev" else o.test_task)
+                 for o in self.parts]
         if split == "test" and not all(paths):
             if any(paths):
                 LOG.warning("only some objectives have a test set: no test column")
             return None
-        return [load_examples(p, o.type, o.group_by) for p, o in zip(paths, self.parts)]
+        return [lm_eval_rows(p) if o.type == "lm_eval" else load_examples(p, o.type, o.group_by)
+                for p, o in zip(paths, self.parts)]
 
     def score(self, model, tokenizer, data: Sequence[Sequence[Example]], device, **kwargs) -> Score:
         scores = [score(model, tokenizer, rows, o, device, **kwargs) for o, rows in zip(self.parts, data)]
@@ -624,10 +681,22 @@ def task_of(recipe, code: Optional[Callable] = None):
 
     if recipe.objectives is None:
         o = recipe.objective
+        if o.type == "lm_eval":
+            check_lm_eval(o)
+            return o, lm_eval_rows(o.task), lm_eval_rows(o.test_task) if o.test_task else None
         return runtime(o), load_examples(o.dev, o.type, o.group_by), (load_examples(o.test, o.type, o.group_by)
                                                                       if o.test else None)
+    for o in recipe.components:
+        if o.type == "lm_eval":
+            check_lm_eval(o)
     suite = Suite(tuple(runtime(o) for o in recipe.components), recipe.combine)
     return suite, suite.load("dev"), suite.load("test")
+
+
+def lm_eval_rows(task: str) -> List[Example]:
+    """What the evaluator passes for an lm_eval objective: one stand-in row naming the task
+    (the harness loads the task's own documents)."""
+    return [Example(prompt=f"lm_eval:{task}", raw={"task": task})]
 
 
 def row_count(data) -> int:

@@ -356,7 +356,12 @@ def _fingerprint(recipe: Recipe, digests: List[str], options: RunOptions = RunOp
     for digest in digests:
         h.update(digest.encode())
     for component in recipe.components:
-        h.update(Path(component.dev).read_bytes())
+        if component.dev:
+            h.update(Path(component.dev).read_bytes())
+        if component.include_path:  # an lm-eval task's YAML files
+            for f in sorted(Path(component.include_path).rglob("*")):
+                if f.is_file():
+                    h.update(f.name.encode() + f.read_bytes())
     if options.objective_code:  # another utility function: another search
         h.update(Path(options.objective_code.rpartition(":")[0]).read_bytes() + options.objective_code.encode())
     return h.hexdigest()
@@ -567,8 +572,9 @@ def _report(recipe, experts, digests, base, result, scores, group_labels, device
             merged=lora.MERGED_DIR if recipe.output.merge_adapter else None) if bank else None),
         coefficients=report_mod.Coefficients.of(result.best, group_labels),
         scores=scores,
-        data=report_mod.DataRecord(dev_rows=objectives.row_count(dev),
-                                   test_rows=objectives.row_count(test) if test is not None else None,
+        # Rows as scored (an lm-eval task's documents are counted by the harness).
+        data=report_mod.DataRecord(dev_rows=scores.winner.dev.n,
+                                   test_rows=scores.winner.test.n if scores.winner.test is not None else None,
                                    test_rows_in_dev=test_in_dev),
         search=report_mod.SearchRecord(
             iterations=state.iteration,

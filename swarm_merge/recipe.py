@@ -33,7 +33,7 @@ __all__ = [
     "apply_overrides",
 ]
 
-OBJECTIVE_TYPES = ("exact_match", "multiple_choice", "loglik", "reward", "judge", "custom")
+OBJECTIVE_TYPES = ("exact_match", "multiple_choice", "loglik", "reward", "judge", "lm_eval", "custom")
 # Keys a recipe might use to name Python code. A recipe travels (the Hub, pull
 # requests), so it can never make a run execute code: only --objective-code can.
 _CODE_KEYS = ("code", "function", "objective_code", "module", "script", "callable", "python")
@@ -107,8 +107,8 @@ def _looks_local(path: str) -> bool:
 class Objective(_Frozen):
     """The utility the swarm maximises, scored on a JSONL dev set."""
 
-    type: Literal["exact_match", "multiple_choice", "loglik", "reward", "judge", "custom"]
-    dev: str
+    type: Literal["exact_match", "multiple_choice", "loglik", "reward", "judge", "lm_eval", "custom"]
+    dev: Optional[str] = None  # a JSONL file (every type but lm_eval)
     test: Optional[str] = None
     max_new_tokens: int = Field(8, ge=1, le=4096)
     batch_size: int = Field(32, ge=1)
@@ -129,6 +129,29 @@ class Objective(_Frozen):
     judge_model: Optional[ExpertRef] = None
     rubric: Optional[str] = Field(None, min_length=1, max_length=20_000)
     scale: Tuple[int, int] = (1, 10)
+
+    # type lm_eval: an lm-evaluation-harness task searched on (task) and reported on (test_task),
+    # task YAML files in include_path (a folder), the metric to maximise ("acc", or "acc,none").
+    task: Optional[str] = Field(None, min_length=1, max_length=200)
+    test_task: Optional[str] = Field(None, min_length=1, max_length=200)
+    include_path: Optional[str] = None
+    metric: str = Field("acc", min_length=1, max_length=100)
+    num_fewshot: Optional[int] = Field(None, ge=0)
+    limit: Optional[int] = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _data(self) -> "Objective":
+        if self.type == "lm_eval":
+            if not self.task or self.dev or self.test:
+                raise ValueError("objective type lm_eval takes its data from lm-evaluation-harness tasks: give task: "
+                                 "(searched on) and optionally test_task:, not dev:/test: files")
+        else:
+            if not self.dev:
+                raise ValueError(f"objective type {self.type} needs dev: a JSONL file")
+            extra = [k for k in ("task", "test_task", "include_path", "num_fewshot", "limit") if getattr(self, k)]
+            if extra:
+                raise ValueError(f"{extra[0]} applies to type: lm_eval, not {self.type}; drop it")
+        return self
 
     @model_validator(mode="after")
     def _models(self) -> "Objective":
@@ -302,8 +325,8 @@ class Recipe(_Frozen):
         """The objectives scored, each named (a single objective is one component)."""
         if self.objectives is None:
             return [self.objective]
-        return [o if o.name else o.model_copy(update={"name": re.sub(r"[^A-Za-z0-9._-]", "_", Path(o.dev).stem)[:64]
-                                                      or f"objective{i}"})
+        return [o if o.name else o.model_copy(update={
+            "name": re.sub(r"[^A-Za-z0-9._-]", "_", Path(o.dev).stem if o.dev else o.task)[:64] or f"objective{i}"})
                 for i, o in enumerate(self.objectives)]
 
     @property
@@ -321,6 +344,7 @@ class Recipe(_Frozen):
         if self.base_model is not None and self.base_model.is_local:
             found.append((f"the base model {self.base_model.model!r}", self.base_model.model))
         found += [(f"the {k} data file", v) for o in self.components for k, v in (("dev", o.dev), ("test", o.test)) if v]
+        found += [("the lm-eval task folder", o.include_path) for o in self.components if o.include_path]
         found += [(f"the {key.replace('_', ' ')} {getattr(o, key).model!r}", getattr(o, key).model)
                   for o in self.components for key in ("reward_model", "judge_model")
                   if getattr(o, key) is not None and getattr(o, key).is_local]
@@ -350,6 +374,8 @@ class Recipe(_Frozen):
                 ref = objective.get(key)
                 if ref and ExpertRef.model_validate(ref).is_local:
                     ref["model"] = rel(ref["model"])
+            if objective.get("include_path"):
+                objective["include_path"] = rel(objective["include_path"])
         if data["output"].get("dir") and os.path.isabs(os.path.expanduser(data["output"]["dir"])):
             data["output"]["dir"] = None  # where it ran here; relative ones (to the cwd) stay as written
         return Recipe.model_validate(data)
@@ -487,6 +513,9 @@ def _resolve_inputs(data: dict, base: Path) -> dict:
         for key in ("reward_model", "judge_model"):
             if objective.get(key) is not None:
                 objective[key] = resolve_expert(objective[key])
+        value = objective.get("include_path")
+        if isinstance(value, str) and value and not os.path.isabs(value):
+            objective["include_path"] = str((base / value).resolve())
         return objective
 
     if "objective" in data:
