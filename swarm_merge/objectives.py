@@ -259,14 +259,14 @@ def score_exact_match(model, tokenizer, examples, objective, device, batch_size=
     return _aggregate(hits, [1.0] * len(examples), examples)
 
 
-# Reward models, loaded once per run: (folder, device) -> (model, tokenizer).
-_REWARD_MODELS: Dict[Tuple[str, str], Tuple[Any, Any]] = {}
+# The objective's own model (a reward model or a judge), loaded once per run: (folder, device) -> (model, tokenizer).
+_OBJECTIVE_MODELS: Dict[Tuple[str, str], Tuple[Any, Any]] = {}
 
 
 def reward_model(path: str, device, dtype=None):
     """The reward model in ``path`` (AutoModelForSequenceClassification with one output), loaded once."""
     key = (str(path), str(device))
-    if key not in _REWARD_MODELS:
+    if key not in _OBJECTIVE_MODELS:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from swarm_merge.errors import InputError
@@ -281,9 +281,9 @@ def reward_model(path: str, device, dtype=None):
         tokenizer.padding_side = "right"
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
-        _REWARD_MODELS.clear()  # one reward model at a time
-        _REWARD_MODELS[key] = (model, tokenizer)
-    return _REWARD_MODELS[key]
+        _OBJECTIVE_MODELS.clear()  # one objective model at a time
+        _OBJECTIVE_MODELS[key] = (model, tokenizer)
+    return _OBJECTIVE_MODELS[key]
 
 
 @torch.inference_mode()
@@ -439,7 +439,7 @@ def score_loglik(model, tokenizer, examples, objective, device, batch_size=None,
 def judge_model(path: str, device):
     """The judge (a causal LM) in ``path``, loaded once (one judge at a time)."""
     key = (str(path), str(device))
-    if key not in _REWARD_MODELS:
+    if key not in _OBJECTIVE_MODELS:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         model = AutoModelForCausalLM.from_pretrained(str(path)).to(device).eval()
@@ -447,9 +447,9 @@ def judge_model(path: str, device):
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"
-        _REWARD_MODELS.clear()
-        _REWARD_MODELS[key] = (model, tokenizer)
-    return _REWARD_MODELS[key]
+        _OBJECTIVE_MODELS.clear()
+        _OBJECTIVE_MODELS[key] = (model, tokenizer)
+    return _OBJECTIVE_MODELS[key]
 
 
 def judge_prompt(tokenizer, rubric: str, prompt: str, response: str) -> str:

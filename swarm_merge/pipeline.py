@@ -249,12 +249,7 @@ def _relative(recipe: Recipe, path) -> str:
 
 def _portable_ref(recipe: Recipe, base) -> str:
     """How the written adapter names its base: the Hub id, or the folder relative to the recipe's."""
-    if not base.ref.is_local:
-        return base.ref.model
-    if recipe.base_dir is None:
-        return str(base.path)
-    relative = os.path.relpath(Path(base.path).resolve(), recipe.base_dir)
-    return relative if relative.startswith("..") else os.path.join(".", relative)
+    return base.ref.model if not base.ref.is_local else _relative(recipe, base.path)
 
 
 def _pull_objective_models(objective, options: RunOptions):
@@ -509,7 +504,7 @@ def _analysis(recipe, objective, experts, result, scores, test_rows, test, compa
     """The paper's analyses of this run: weak-to-strong, correctness emergence, dev/test gaps."""
     from swarm_merge import baselines
 
-    initial = [(result.lookup(x).utility if result.lookup(x) else float("nan")) for x in result.initial]
+    initial = [getattr(result.lookup(x), "utility", float("nan")) for x in result.initial]
     w2s = baselines.weak_to_strong(result.state, initial, [e.name for e in experts], seed_soup=recipe.swarm.seed_soup)
     emergence = None
     if test is not None and objective.type in ("exact_match", "multiple_choice"):

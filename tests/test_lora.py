@@ -272,7 +272,9 @@ def test_force_rerun_replaces_the_merged_folder_and_keeps_foreign_files(factors_
     recipe2 = recipe.parent / "recipe-copy.yml"
     recipe2.write_text(text)
     (copy / "merged" / "notes.txt").write_text("mine")
-    assert run(recipe2, "--force") == 2  # a foreign file in our subfolder: refused
+    assert run(recipe2, "--force") == 2  # a foreign file in our subfolder: refused, and kept
+    assert (copy / "merged" / "notes.txt").read_text() == "mine"
+    assert (copy / "merged" / "model.safetensors").is_file()  # nothing of the earlier run deleted either
     (copy / "merged" / "notes.txt").unlink()
     assert run(recipe2, "--force") == 0
     assert not (copy / "merged").exists() and (copy / "adapter_config.json").is_file()
