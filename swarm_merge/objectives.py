@@ -19,9 +19,11 @@ Other fields are kept; the one named by ``objective.group_by`` (default
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -502,6 +504,22 @@ def lm_eval_tasks(include_path: Optional[str]):
     return _TASK_MANAGERS[include_path]
 
 
+@contextlib.contextmanager
+def _in_task_folder(include_path: Optional[str]):
+    """Run the harness from ``include_path``, so a task YAML's relative ``data_files`` are read
+    relative to its own folder (the harness reads them relative to the working directory,
+    which would tie a recipe to the folder it is run from). Restored afterwards."""
+    if not include_path:
+        yield
+        return
+    here = os.getcwd()
+    os.chdir(include_path)
+    try:
+        yield
+    finally:
+        os.chdir(here)
+
+
 def check_lm_eval(objective) -> None:
     """The harness is installed and knows the task names (before the search)."""
     from swarm_merge.errors import InputError
@@ -526,9 +544,11 @@ def score_lm_eval(model, tokenizer, examples, objective, device, batch_size=None
 
     task = examples[0].raw["task"]
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size or objective.batch_size)
-    result = lm_eval.simple_evaluate(
-        model=lm, tasks=[task], task_manager=lm_eval_tasks(objective.include_path), num_fewshot=objective.num_fewshot,
-        limit=objective.limit, log_samples=False, bootstrap_iters=0, verbosity="ERROR")
+    manager = lm_eval_tasks(objective.include_path)
+    with _in_task_folder(objective.include_path):
+        result = lm_eval.simple_evaluate(
+            model=lm, tasks=[task], task_manager=manager, num_fewshot=objective.num_fewshot,
+            limit=objective.limit, log_samples=False, bootstrap_iters=0, verbosity="ERROR")
     found = result["results"][task]
     key = objective.metric if "," in objective.metric else f"{objective.metric},none"
     if key not in found:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -68,3 +69,39 @@ def test_lm_eval_refusals(objective, message, tiny_experts, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_lora_experts_the_objective_is_the_harness_number_for_the_written_adapter(tmp_path):
+    """lm_eval on the live PEFT model equals the harness on base + the written adapter (peft=)."""
+    import tiny
+
+    base = tiny.make_base(tmp_path / "models")
+    adapters = tiny.make_adapters(tmp_path / "models", base, 3)
+    recipe = write(tmp_path, adapters, "{type: lm_eval, task: tiny_mc_dev, test_task: tiny_mc_test, "
+                                       "include_path: tasks, metric: acc, batch_size: 8}")
+    assert cli.main([str(recipe)]) == 0
+    out = tmp_path / "out"
+    assert (out / "adapter_config.json").is_file()
+    report = report_mod.read(out / "swarm.json")
+    from lm_eval.tasks import TaskManager
+
+    got = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={base},peft={out},device=cpu",
+                                  tasks=["tiny_mc_test"], task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
+                                  log_samples=False, bootstrap_iters=0)
+    assert report.scores.winner.test.utility == pytest.approx(got["results"]["tiny_mc_test"]["acc,none"], abs=1e-9)
+
+
+def test_relative_data_files_are_read_from_the_task_folder(tiny_experts, tmp_path, monkeypatch):
+    """A task YAML's relative data_files resolve against include_path, whatever the working directory."""
+    recipe = write(tmp_path, tiny_experts, "{type: lm_eval, task: tiny_mc_dev, include_path: tasks}")
+    tasks = tmp_path / "tasks"
+    for name in ("tiny_mc_dev", "tiny_mc_test"):
+        (tmp_path / f"{name}.jsonl").rename(tasks / f"{name}.jsonl")
+        yaml = tasks / f"{name}.yaml"
+        yaml.write_text(yaml.read_text().replace(str(tmp_path / f"{name}.jsonl"), f"{name}.jsonl"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert cli.main([str(recipe)]) == 0
+    assert report_mod.read(tmp_path / "out" / "swarm.json").data.dev_rows == 8
+    assert os.getcwd() == str(elsewhere)  # restored

@@ -10,6 +10,9 @@ What it makes, under ``--out`` (default: ``models/`` next to this script):
 * ``<skill>/`` for each skill (add, words, capitalize, repeat): the base plus
   a small LoRA trained on that one skill, merged in (``merge_and_unload``)
   and saved as a full model folder of the same dtype and layout as ``base/``.
+* ``reward/`` a reward model (the base with a scalar head, one output)
+  trained on preference pairs: the answer a request asks for, and nothing
+  else (see ``builder/reward.py``); used by ``recipes/demo-reward.yml``.
 * ``adapters/<skill>/`` that LoRA as a PEFT adapter folder
   (adapter_config.json, adapter_model.safetensors); its
   ``base_model_name_or_path`` is ``../../base``, relative to the adapter folder.
@@ -65,7 +68,8 @@ if str(HERE) not in sys.path:  # for `builder`, however this file is run
 
 from builder.base import base_status, build_base  # noqa: E402
 from builder.skills import SKILLS, eval_prompts, write_data  # noqa: E402
-from builder.spec import DEFAULT_LR, DEFAULT_STEPS, TRAIN_SEED, BaseSpec, ExpertSpec  # noqa: E402
+from builder.reward import build_reward, reward_status  # noqa: E402
+from builder.spec import DEFAULT_LR, DEFAULT_STEPS, TRAIN_SEED, BaseSpec, ExpertSpec, RewardSpec  # noqa: E402
 from builder.train import build_expert, expert_status  # noqa: E402
 
 DEFAULT_OUT = HERE / "models"
@@ -152,6 +156,18 @@ def main(argv=None) -> int:
             f"in {time.time() - t0:.1f}s",
             flush=True,
         )
+
+    # 4. The reward model of recipes/demo-reward.yml (a preference no expert has).
+    spec = RewardSpec()
+    status = reward_status(out, spec)
+    if status == "ok" and not rebuilt_base and not args.force:
+        print(f"[reward] {out / 'reward'} complete, skipped", flush=True)
+    else:
+        t0 = time.time()
+        stats = build_reward(out, spec, forbidden, forbidden)
+        print(f"[reward] {status}: {spec.steps} steps, loss {stats['first_loss']:.3f} -> {stats['last_loss']:.3f}, "
+              f"held-out pair accuracy {stats['held_out_pair_accuracy']:.3f} -> {out / 'reward'} "
+              f"in {time.time() - t0:.1f}s", flush=True)
 
     print(f"[done] {out} in {time.time() - t_all:.1f}s", flush=True)
     return 0

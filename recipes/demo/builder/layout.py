@@ -3,6 +3,7 @@
     <out>/base/               the converted base model (base.py)
     <out>/<skill>/            each skill's expert: the base with its LoRA merged in (train.py)
     <out>/adapters/<skill>/   that LoRA as a PEFT adapter folder (train.py)
+    <out>/reward/             a reward model (sequence classification, one output) (reward.py)
 
 A model folder is a transformers folder (config.json, generation_config.json,
 one model.safetensors, tokenizer files with the chat template), plus
@@ -31,6 +32,10 @@ def base_dir(out: Path) -> Path:
 
 def expert_dir(out: Path, skill: str) -> Path:
     return out / skill
+
+
+def reward_dir(out: Path) -> Path:
+    return out / "reward"
 
 
 def adapter_dir(out: Path, skill: str) -> Path:

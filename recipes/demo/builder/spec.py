@@ -78,3 +78,17 @@ class ExpertSpec(BuildSpec):
     def for_skill(cls, skill: str, *, steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR, seed: int = TRAIN_SEED):
         """The spec of one skill's expert; each skill gets its own seed, derived from ``seed``."""
         return cls(skill=skill, steps=steps, lr=lr, seed=seed + 1000 * list(SKILLS).index(skill))
+
+
+@dataclass(frozen=True)
+class RewardSpec(BuildSpec):
+    """The reward model: a LoRA and a scalar head trained on preference pairs (reward.py)."""
+
+    kind: ClassVar[str] = "reward"
+    dtype: str = DTYPE
+    steps: int = 20
+    lr: float = 1e-3
+    seed: int = TRAIN_SEED + 7
+    batch_size: int = 8  # pairs a step
+    warmup: int = 4
+    lora: LoraSpec = field(default_factory=LoraSpec)
