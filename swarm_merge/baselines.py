@@ -46,11 +46,31 @@ class Budgeted:
     """Scores positions through a memo shared by every method, and counts the
     distinct positions each method asked for (its budget use)."""
 
-    def __init__(self, evaluate: Callable[[np.ndarray], Score], memo: Dict[str, dict]):
+    def __init__(self, evaluate: Callable[[np.ndarray], Score], memo: Dict[str, dict], ranks=None):
         self.evaluate = evaluate
         self.memo = memo  # position key -> Score.to_dict(), shared (the swarm's memo seeds it)
         self.asked: set = set()
         self.fresh = 0  # positions this method had to compute (not in the memo)
+        self.ranks = ranks  # distributed.Ranks: prefetch() spreads its positions over them
+
+    def prefetch(self, xs: Sequence[np.ndarray], budget: int) -> None:
+        """Score at once (spread over the ranks) the positions of ``xs`` that asking them in
+        order, one by one, would compute before this method's budget runs out; asking them
+        afterwards finds them in the memo. Changes no result, only where the work runs."""
+        from swarm_merge import distributed
+
+        asked, todo = set(self.asked), {}
+        for x in xs:
+            if len(asked) >= budget:
+                break
+            key = position_key(x)
+            asked.add(key)
+            if key not in self.memo and key not in todo:
+                todo[key] = x
+        found = (self.ranks or distributed.Ranks()).map(self.evaluate, list(todo.values()))
+        for key, score in zip(todo, found):
+            self.memo[key] = score.to_dict()
+        self.fresh += len(todo)
 
     def __call__(self, x: np.ndarray) -> Score:
         key = position_key(x)
@@ -91,6 +111,7 @@ def random_search(score: Budgeted, *, num_experts: int, num_groups: int, budget:
     pool = swarm.initial_positions(num_experts, budget + 8 + num_experts, groups=num_groups, seed_soup=seed_soup,
                                    rng=rng)
     best, best_score, seen = None, None, set()
+    score.prefetch(pool, budget)
     i = 0
     while score.used < budget:
         if i >= len(pool):  # (almost never) more duplicates than spare draws
@@ -123,10 +144,11 @@ def cmaes_search(score: Budgeted, *, num_experts: int, num_groups: int, budget: 
     best, best_score = None, None
     while score.used < budget:
         told = []
-        for _ in range(optimizer.population_size):
+        asked = [optimizer.ask() for _ in range(optimizer.population_size)]
+        score.prefetch([position(z) for z in asked], budget)  # one generation at once, over the ranks
+        for z in asked:
             if score.used >= budget:
                 break
-            z = optimizer.ask()
             s = score(position(z))
             told.append((z, -_utility(s) if math.isfinite(_utility(s)) else 1e9))
             if best is None or _utility(s) > _utility(best_score):

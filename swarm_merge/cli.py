@@ -2,7 +2,9 @@
 
 ``mergekit-swarm RECIPE.yml [flags]`` runs a search; ``mergekit-swarm compare
 RECIPE.yml [flags]`` runs it with the baselines (``--baselines``); ``mergekit-swarm push
-OUT_DIR --repo org/name`` pushes a finished run again; ``mergekit-swarm-yaml``
+OUT_DIR --repo org/name`` pushes a finished run again; ``mergekit-swarm ci
+changed|plan|run`` finds the recipes a git change touches and plans or runs them
+(the GitHub workflows' entry point); ``mergekit-swarm-yaml``
 is mergekit's own ``mergekit-yaml`` with the ``swarm`` method registered.
 
 Exit codes: 0 success, 2 bad input (recipe, experts, data, output folder),
@@ -56,9 +58,39 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--objective-code", metavar="PATH.py:FUNCTION",
                    help="the utility of `type: custom` objectives: FUNCTION(model, tokenizer, rows, device) -> float "
                    "(runs this code; a recipe can never name code)")
+    p.add_argument("--num-processes", type=int, metavar="N",
+                   help="spread the evaluations over N processes on this machine (one per GPU, or CPU processes): "
+                   "runs `accelerate launch` for you; the result equals one process's")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logs and tracebacks")
     return p
+
+
+def _launch(argv: List[str], n: int) -> int:
+    """``--num-processes N``: the same command under ``accelerate launch`` (N > 1)."""
+    import subprocess
+
+    from swarm_merge import distributed
+
+    if n < 1:
+        raise InputError(f"--num-processes {n}: give 1 or more")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise InputError("--num-processes inside a launched run: drop it (the launcher already started the processes)")
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--num-processes":
+            skip = True
+        elif not a.startswith("--num-processes="):
+            rest.append(a)
+    if n == 1:
+        return main(rest)
+    code = subprocess.call(distributed.launch_command(n, rest))
+    if code != 0:
+        print(f"mergekit-swarm: error: a process of the {n}-process run failed (exit {code}; its own error is above); "
+              "fix it and run again with --resume to continue from the last checkpoint", file=sys.stderr)
+    return code
 
 
 def _size(text: str) -> int:
@@ -104,11 +136,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if argv and argv[0] == "push":
             return _push(_push_parser().parse_args(argv[1:]))
+        if argv and argv[0] == "ci":  # what the GitHub workflows call (ci.py)
+            from swarm_merge import ci
+
+            return ci.main(argv[1:])
         if argv and argv[0] == "compare":  # a run with the baselines at the swarm's budget
             args = _run_parser().parse_args(argv[1:])
             args.baselines = True
-            return _run(args)
-        return _run(_run_parser().parse_args(argv))
+        else:
+            args = _run_parser().parse_args(argv)
+        if args.num_processes is not None:
+            return _launch(argv, args.num_processes)
+        return _run(args)
     except InputError as exc:
         _fail(exc, verbose)
         return 2
@@ -165,9 +204,13 @@ def _run(args: argparse.Namespace) -> int:
         # Bars on a terminal (or when asked); one log line per iteration otherwise.
         progress=not args.no_progress and (sys.stderr.isatty() or os.environ.get("SWARM_MERGE_PROGRESS") == "1"),
     )
+    from swarm_merge import distributed
     from swarm_merge.pipeline import run
 
-    run(recipe, options)
+    try:
+        run(recipe, options)
+    finally:
+        distributed.reset()
     return 0
 
 

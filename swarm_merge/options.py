@@ -26,3 +26,4 @@ class RunOptions:
     baselines: bool = False  # also run random search and CMA-ES at the swarm's budget (`compare`)
     seeds: int = 1  # with baselines: every stochastic method at this many seeds
     objective_code: Optional[str] = None  # path.py:function for `type: custom` objectives (never from a recipe)
+    check_token: bool = True  # a push needs a Hub token; `ci plan` (a pull request: no secrets) plans without one

@@ -44,7 +44,7 @@ from swarm_merge.errors import OutputError
 
 __all__ = [
     "REPORT_FILE", "STATE_FILE", "MERGEKIT_FILE", "CARD_FILE", "PLOT_FILE", "MANIFEST_FILE", "LOCK_FILE", "STAGING",
-    "PUSH_IGNORE", "check_flags", "check_path", "check_contents", "OutputFolder", "write_json_atomic", "is_finished",
+    "PUSH_IGNORE", "check_flags", "check_path", "check_contents", "OutputFolder", "Unclaimed", "write_json_atomic", "is_finished",
 ]
 
 REPORT_FILE = "swarm.json"
@@ -297,6 +297,18 @@ def _rmdir_if_empty(path: Path) -> None:
         path.rmdir()  # never rmtree: only an empty folder goes
     except OSError:
         pass
+
+
+class Unclaimed:
+    """What the other ranks of a multi-process run hold instead of the OutputFolder:
+    its paths, nothing claimed, nothing written (the main rank does all of that)."""
+
+    def __init__(self, out_dir: Path):
+        self.path = Path(out_dir)
+
+    @property
+    def state_path(self) -> Path:
+        return self.path / STATE_FILE
 
 
 class OutputFolder:

@@ -13,8 +13,10 @@ claimed, so bad input writes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import io
 import json
 import logging
 import os
@@ -29,7 +31,7 @@ import numpy as np
 import yaml
 
 from swarm_merge import card, evaluate, experts as experts_mod, merge, objectives, output, report as report_mod
-from swarm_merge import lora, search, space, weights
+from swarm_merge import distributed, lora, search, space, weights
 from swarm_merge.errors import RecipeError
 from swarm_merge.options import RunOptions
 from swarm_merge.recipe import Recipe
@@ -48,34 +50,44 @@ def run(recipe: Recipe, options: RunOptions = RunOptions(), *, out=None) -> Opti
     out = out or sys.stdout
     started = time.monotonic()
     evaluate.check_device(options.device)
+    # Several processes (accelerate launch / --num-processes): every rank runs this
+    # function; the evaluations are spread, only the main rank prints and writes.
+    ranks = distributed.current(evaluate.resolve_device(options.device).type)
+    if not ranks.is_main:
+        out = io.StringIO()
+        LOG.setLevel(logging.WARNING)
+        logging.getLogger("swarm_merge").setLevel(logging.WARNING)
     output.check_flags(resume=options.resume, force=options.force)
     push_to = options.push_to_hub or recipe.output.push_to_hub
     out_dir = output.check_path(options.out_dir or recipe.output_dir, inputs=_inputs(recipe, options),
                                 recipe_dir=recipe.base_dir)
     # Read-only checks, a dry run's too: it validates everything it can without the weights.
     output.check_contents(out_dir, resume=options.resume, force=options.force)
-    if push_to:
+    if push_to and options.check_token:
         from swarm_merge import hub
 
         hub.require_token(push_to)  # fail now, not after the search
 
     # 1. Pull the experts and check them from their headers.
     # A dry run resolves Hub experts (commit, sizes, headers) without downloading weights.
-    experts = experts_mod.pull_experts(recipe.experts, cache_dir=options.cache_dir,
-                                       allow_pickle=recipe.allow_pickle, download=not options.dry_run)
+    with ranks.local_main_first():  # one download per machine, into the shared cache
+        experts = experts_mod.pull_experts(recipe.experts, cache_dir=options.cache_dir,
+                                           allow_pickle=recipe.allow_pickle, download=not options.dry_run)
     k = len(experts)
     bank = None
     if experts[0].adapter is not None:
         # LoRA experts: the base is pulled whole (it is what every particle runs on),
         # and the adapters are checked against it and held in memory (a few MB each).
-        base = _pull_lora_base(recipe, experts, options, out_dir)
+        with ranks.local_main_first():
+            base = _pull_lora_base(recipe, experts, options, out_dir)
         bank = lora.AdapterBank(experts, base, space=recipe.swarm.lora_space)
         names = bank.modules
     else:
         if recipe.output.merge_adapter:
             raise RecipeError("output.merge_adapter applies to LoRA adapter experts, and these are full models; "
                               "drop it from the recipe")
-        base = _pull_base(recipe, options)
+        with ranks.local_main_first():
+            base = _pull_base(recipe, options)
         names = sorted(experts[0].tensors)
     groups, group_labels = space.tensor_groups(
         names, granularity=recipe.swarm.granularity, layer_groups=recipe.swarm.layer_groups
@@ -83,24 +95,32 @@ def run(recipe: Recipe, options: RunOptions = RunOptions(), *, out=None) -> Opti
     # One objective and its rows, or a Suite of several and each one's rows.
     code = objectives.load_code(options.objective_code) if options.objective_code else None
     objective, dev, test = objectives.task_of(recipe, code)
-    objective, objective_models = _pull_objective_models(objective, options)
+    with ranks.local_main_first():
+        objective, objective_models = _pull_objective_models(objective, options)
     test_in_dev = _overlap(dev, test)
     device = evaluate.resolve_device(options.device)
+    if ranks.distributed and device.type == "cuda":  # one GPU per process on its machine
+        import torch
+
+        device = torch.device("cuda", ranks.local_rank)
     tokenizer_path = base.path if base else experts[0].path
     for component in recipe.components:
         evaluate.check_tokenizer(tokenizer_path, component)
     if options.dry_run:
         _print_plan(recipe, experts, group_labels, dev, test, device, out_dir, push_to, out, options, bank=bank,
-                    base=base, objective=objective, objective_models=objective_models)
+                    base=base, objective=objective, objective_models=objective_models, ranks=ranks)
         return None
     # Non-finite weights are bad input; the content goes into the fingerprint.
     digests = weights.scan_experts(experts + ([base] if bank else []))
     base_digest = digests.pop() if bank else None
 
-    with output.OutputFolder(out_dir, resume=options.resume, force=options.force) as folder:
+    # Only the main rank claims and writes the output folder.
+    claimed = (output.OutputFolder(out_dir, resume=options.resume, force=options.force) if ranks.is_main
+               else contextlib.nullcontext(output.Unclaimed(out_dir)))
+    with claimed as folder:
         # 2. The swarm search over coefficient arrays (G, K).
         mode = _eval_mode(recipe, experts, device, options, bank=bank, base=base,
-                          objective_bytes=sum(m[3] for m in objective_models))
+                          objective_bytes=sum(m[3] for m in objective_models), ranks=ranks)
         LOG.info("evaluation: %s on %s", mode, device)
         if bank is not None:
             evaluator = lora.LoraEvaluator(bank, base, groups, dtype=recipe.dtype, device=device,
@@ -118,16 +138,19 @@ def run(recipe: Recipe, options: RunOptions = RunOptions(), *, out=None) -> Opti
             resume=options.resume,
             progress=options.progress,
             started=started,
+            ranks=ranks,
         )
 
         # 3. Score the experts, the uniform soup and the winner (dev from the memo).
         LOG.info("scoring the experts, the uniform average and the winner%s", " on the test set" if test else "")
-        scores, test_rows = _scores(objective, experts, result, evaluator, dev, test, len(group_labels))
+        scores, test_rows = _scores(objective, experts, result, evaluator, dev, test, len(group_labels), ranks)
         comparison = None
         if options.baselines:
             comparison = _compare(recipe, objective, result, evaluator, dev, test, k, len(group_labels), options,
-                                  experts=experts, adapters=bank is not None)
+                                  experts=experts, adapters=bank is not None, ranks=ranks)
         analysis = _analysis(recipe, objective, experts, result, scores, test_rows, test, comparison)
+        if not ranks.is_main:  # the main rank writes, publishes and pushes
+            return None
 
         # 4. Write the winner with mergekit, the report and the card into a
         #    staging folder, then publish them (output.py: atomic as seen by a user).
@@ -200,12 +223,21 @@ def _estimate(recipe: Recipe, experts, *, bank=None, base=None):
 
 
 def _eval_mode(recipe: Recipe, experts, device, options: RunOptions, *, bank=None, base=None,
-               objective_bytes: int = 0) -> str:
+               objective_bytes: int = 0, ranks: Optional[distributed.Ranks] = None) -> str:
     """The fastest mode whose weight memory fits the budget (see evaluate.choose_mode), the
     objective models (reward models, held for the whole run) taken off the budget first."""
     estimate = _estimate(recipe, experts, bank=bank, base=base)
-    budget = evaluate.memory_budget(device, options.max_memory) - objective_bytes
+    budget = _process_budget(device, options, ranks) - objective_bytes
     return evaluate.choose_mode(options.eval_mode, estimate, budget)
+
+
+def _process_budget(device, options: RunOptions, ranks: Optional[distributed.Ranks]) -> int:
+    """The memory one process may use: the machine's RAM is shared by its processes
+    (each GPU is its own); ``--max-memory`` is per process."""
+    budget = evaluate.memory_budget(device, options.max_memory)
+    if options.max_memory is None and device.type == "cpu" and ranks is not None and ranks.local_world > 1:
+        budget //= ranks.local_world
+    return budget
 
 
 def _pull_base(recipe: Recipe, options: RunOptions) -> Optional[experts_mod.Expert]:
@@ -362,15 +394,25 @@ def _fingerprint(recipe: Recipe, digests: List[str], options: RunOptions = RunOp
     return h.hexdigest()
 
 
-def _scores(objective, experts, result, evaluator, dev, test, num_groups):
+def _spread(ranks, evaluator, objective, jobs):
+    """Scores of ``jobs`` [(coefficients, rows)], spread over the ranks."""
+    ranks = ranks or distributed.Ranks()
+    return ranks.map(lambda job: evaluator.evaluate(job[0], job[1], objective), jobs)
+
+
+def _scores(objective, experts, result, evaluator, dev, test, num_groups, ranks=None):
     k = len(experts)
     candidates = [(e.name, "expert", np.tile(np.eye(k)[i], (num_groups, 1))) for i, e in enumerate(experts)]
     candidates.append(("uniform average", "uniform", np.full((num_groups, k), 1.0 / k)))
     candidates.append(("swarm winner", "winner", result.best))
+    jobs = [(x, dev) for _, _, x in candidates if result.lookup(x) is None]
+    jobs += [(x, test) for _, _, x in candidates] if test is not None else []
+    found = iter(_spread(ranks, evaluator, objective, jobs))
+    dev_scores = [result.lookup(x) or next(found) for _, _, x in candidates]
+    test_scores = [next(found) if test is not None else None for _ in candidates]
     rows, test_rows = [], {}
     for i, (name, kind, x) in enumerate(candidates):
-        dev_score = result.lookup(x) or evaluator.evaluate(x, dev, objective)
-        test_score = evaluator.evaluate(x, test, objective) if test is not None else None
+        dev_score, test_score = dev_scores[i], test_scores[i]
         rows.append(report_mod.ScoreRow(
             name=name, kind=kind, coefficients=np.asarray(x, dtype=float).tolist(), dev=report_mod.Split.of(dev_score),
             test=report_mod.Split.of(test_score) if test_score else None,
@@ -381,7 +423,7 @@ def _scores(objective, experts, result, evaluator, dev, test, num_groups):
 
 
 def _compare(recipe, objective, result, evaluator, dev, test, k: int, g: int, options: RunOptions, *, experts,
-             adapters: bool) -> report_mod.Comparison:
+             adapters: bool, ranks=None) -> report_mod.Comparison:
     """Random search and CMA-ES (and the swarm at other seeds) at the swarm's budget, through
     the run's evaluator and one memo shared with the swarm's (baselines.py)."""
     import tempfile
@@ -403,23 +445,24 @@ def _compare(recipe, objective, result, evaluator, dev, test, k: int, g: int, op
             start = time.monotonic()
             other = search.run_search(recipe.swarm.model_copy(update={"seed": seed}), num_experts=k, num_groups=g,
                                       evaluate=counted, checkpoint=Path(tmp) / f"seed-{seed}.json",
-                                      fingerprint="comparison", progress=options.progress)
+                                      fingerprint="comparison", progress=options.progress, ranks=ranks)
             runs.append(baselines.MethodRun("swarm", seed, other.best, other.best_score, counted.used,
                                             time.monotonic() - start))
     for seed in seeds:
         LOG.info("comparison: random search and CMA-ES at seed %d (%d dev evaluations each)", seed, budget)
-        runs.append(baselines.random_search(baselines.Budgeted(score_dev, memo), num_experts=k, num_groups=g,
+        runs.append(baselines.random_search(baselines.Budgeted(score_dev, memo, ranks), num_experts=k, num_groups=g,
                                             budget=budget, seed=seed, seed_soup=recipe.swarm.seed_soup))
-        runs.append(baselines.cmaes_search(baselines.Budgeted(score_dev, memo), num_experts=k, num_groups=g,
+        runs.append(baselines.cmaes_search(baselines.Budgeted(score_dev, memo, ranks), num_experts=k, num_groups=g,
                                            budget=budget, seed=seed))
-    mergekit_runs = (_mergekit_baselines(recipe, objective, evaluator, dev, experts, seeds, options)
+    mergekit_runs = (_mergekit_baselines(recipe, objective, evaluator, dev, experts, seeds, options, ranks)
                      if not adapters else [])
     tests = {}
+    if test is not None:
+        distinct = {search.position_key(r.best): r.best for r in runs}
+        tests = dict(zip(distinct, _spread(ranks, evaluator, objective, [(x, test) for x in distinct.values()])))
     records = []
     for r in runs:
         key = search.position_key(r.best)
-        if test is not None and key not in tests:
-            tests[key] = evaluator.evaluate(r.best, test, objective)
         records.append(report_mod.MethodResult(
             method=r.method, seed=r.seed, coefficients=np.asarray(r.best, dtype=float).tolist(),
             dev=report_mod.Split.of(r.dev), test=report_mod.Split.of(tests[key]) if test is not None else None,
@@ -444,7 +487,7 @@ def _compare(recipe, objective, result, evaluator, dev, test, k: int, g: int, op
     return report_mod.Comparison(budget=budget, seeds=seeds, runs=records, summary=summary)
 
 
-def _mergekit_baselines(recipe, objective, evaluator, dev, experts, seeds, options: RunOptions) -> list:
+def _mergekit_baselines(recipe, objective, evaluator, dev, experts, seeds, options: RunOptions, ranks=None) -> list:
     """Task arithmetic, TIES and DARE against the recipe's base_model, each at the small grid of
     baselines.MERGEKIT_GRID, through mergekit's own kernels on tensors in memory, put into the
     run's model and scored on dev; the best grid point is the method's winner.
@@ -477,19 +520,25 @@ def _mergekit_baselines(recipe, objective, evaluator, dev, experts, seeds, optio
         for seed in (seeds if method.startswith("dare") else [None]):
             start = time.monotonic()
             best = None
-            for point in grid:
-                def tensor_of(tensor, method=method, point=point, seed=seed):
+
+            def maker(point, method=method, seed=seed):
+                def tensor_of(tensor):
                     if seed is not None:  # DARE drops at random: the same draw for every tensor of a seed
                         torch.manual_seed(seed + zlib.crc32(tensor.encode()))
                     info = base.tensors[tensor]
                     b = weights.read_stacked(reader, [base], tensor, dtype)[0].view(info.shape)
                     rows = evaluator.expert_rows(tensor).to("cpu")
                     return baselines.mergekit_tensor(method, point, b, [r.view(info.shape) for r in rows])
+                return tensor_of
 
+            def score(point, name=name, seed=seed):
                 LOG.info("comparison: %s %s%s", name, point, f" seed {seed}" if seed is not None else "")
-                got = evaluator.evaluate_weights(tensor_of, dev, objective)
+                return evaluator.evaluate_weights(maker(point), dev, objective)
+
+            # The grid points spread over the ranks; the best is picked in grid order, as one process would.
+            for point, got in zip(grid, (ranks or distributed.Ranks()).map(score, grid)):
                 if best is None or (got.utility == got.utility and not best[1].utility >= got.utility):
-                    best = (point, got, tensor_of)
+                    best = (point, got, maker(point))
             config = baselines.mergekit_config(method, best[0], _portable_base(recipe), paths, recipe.dtype)
             found.append((name, seed, best[0], config, best[1], best[2], time.monotonic() - start))
     return found
@@ -606,7 +655,7 @@ def _hardware(device) -> str:
 
 def _print_plan(recipe, experts, group_labels, dev, test, device, out_dir, push_to, out,
                 options: RunOptions = RunOptions(), *, bank=None, base=None, objective=None,
-                objective_models=()) -> None:
+                objective_models=(), ranks=None) -> None:
     k = len(experts)
     model_bytes = max(e.nbytes for e in experts)
     params = experts[0].num_parameters
@@ -637,7 +686,10 @@ def _print_plan(recipe, experts, group_labels, dev, test, device, out_dir, push_
     print(f"evaluations: at most {budget(s)} on {objectives.row_count(dev)} dev rows ({objective.type})"
           + (f"; then {k + 2} on {objectives.row_count(test)} test rows" if test else ""), file=out)
     estimate = _estimate(recipe, experts, bank=bank, base=base)
-    budget_bytes = evaluate.memory_budget(device, options.max_memory)
+    budget_bytes = _process_budget(device, options, ranks)
+    if ranks is not None and ranks.distributed:
+        print(f"processes: {ranks.world} ({ranks.local_world} on this machine); each iteration's evaluations are "
+              "spread over them; memory below is per process", file=out)
     held = sum(m[3] for m in objective_models)
     if held:
         print(f"objective models held for the run: {hb(held)} ("

@@ -1,6 +1,12 @@
 """The search loop: the pure optimiser (:mod:`swarm_merge.swarm`) driven against
 an evaluator, with memoisation, a crash-safe checkpoint and a progress bar.
 
+With several processes (:mod:`swarm_merge.distributed`) each batch of
+positions (the initial swarm, one iteration's particles) is split over the
+ranks and the scores gathered to all, so every rank runs the same optimiser on
+the same memo; only the main rank writes the checkpoint, after each batch, and
+on resume it reads it and broadcasts it.
+
 The checkpoint (``swarm-state.json``) holds the swarm state and the random
 generator's state after the last finished iteration, plus every utility
 computed so far (memo). It is rewritten atomically after every evaluation, so
@@ -21,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
-from swarm_merge import swarm
+from swarm_merge import distributed, swarm
 from swarm_merge.errors import EvaluationError, OutputError
 from swarm_merge.objectives import Score
 from swarm_merge.output import write_json_atomic
@@ -70,6 +76,7 @@ class _Run:
     started: float = field(default_factory=time.monotonic)
     wall_before: float = 0.0
     wall_started: float = field(default_factory=time.monotonic)
+    resumed: bool = False
 
     @property
     def seconds(self) -> float:
@@ -95,10 +102,11 @@ class _Run:
         )
 
     @classmethod
-    def load(cls, path: Path, fingerprint: str, wall_started: float) -> "_Run":
+    def parse(cls, text: str, path: Path, fingerprint: str, wall_started: float) -> "_Run":
+        """The run saved in ``text`` (the checkpoint file's content, read from ``path``)."""
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
+            data = json.loads(text)
+        except ValueError as exc:
             raise OutputError(f"cannot read checkpoint {path} ({type(exc).__name__}); pass --force to start over") from None
         if not isinstance(data, dict):
             raise OutputError(f"checkpoint {path} is not a swarm_merge checkpoint; pass --force to start over")
@@ -150,6 +158,28 @@ def _unstrict(state: Dict[str, Any]) -> Dict[str, Any]:
     return {k: back(v) if k in _SCORE_FIELDS else v for k, v in state.items()}
 
 
+def _load_or_start(checkpoint: Path, fingerprint: str, started: float, resume: bool,
+                   ranks: distributed.Ranks) -> "_Run":
+    """The run to continue (``resume`` and a checkpoint there) or a fresh one. With several
+    processes the main rank reads the checkpoint and sends it to the others, errors included."""
+    found = None
+    if ranks.is_main and resume and checkpoint.exists():
+        try:
+            found = ("ok", checkpoint.read_text(encoding="utf-8"))
+        except OSError as exc:
+            found = ("error", f"cannot read checkpoint {checkpoint} ({type(exc).__name__}); pass --force to start over")
+    found = ranks.broadcast(found)
+    if found is None:
+        run = _Run(path=checkpoint, fingerprint=fingerprint, wall_started=started)
+        run.resumed = False
+        return run
+    if found[0] == "error":
+        raise OutputError(found[1])
+    run = _Run.parse(found[1], checkpoint, fingerprint, started)
+    run.resumed = True
+    return run
+
+
 def _stats(values: np.ndarray) -> Dict[str, Optional[float]]:
     """Best / mean / worst of the finite utilities (None when there are none: strict JSON)."""
     finite = values[np.isfinite(values)]
@@ -169,6 +199,7 @@ def run_search(
     resume: bool = False,
     progress: bool = True,
     started: Optional[float] = None,
+    ranks: Optional[distributed.Ranks] = None,
 ) -> SearchResult:
     """Run Model Swarms over coefficient arrays of shape ``(num_groups, num_experts)``.
 
@@ -179,6 +210,7 @@ def run_search(
         fingerprint: identifies the recipe; a checkpoint of another recipe is refused.
         resume: continue from ``checkpoint`` when it exists.
         started: ``time.monotonic()`` when the run began (its wall time is checkpointed).
+        ranks: the processes sharing the evaluations (default: this one alone).
 
     Raises:
         EvaluationError: no particle of the initial swarm scored a finite utility,
@@ -186,19 +218,32 @@ def run_search(
     """
     from tqdm.auto import tqdm
 
+    ranks = ranks or distributed.Ranks()
     checkpoint = Path(checkpoint)
-    resumed = resume and checkpoint.exists()
     started = time.monotonic() if started is None else started
-    run = (_Run.load(checkpoint, fingerprint, started) if resumed
-           else _Run(path=checkpoint, fingerprint=fingerprint, wall_started=started))
+    run = _load_or_start(checkpoint, fingerprint, started, resume, ranks)
+    resumed = run.resumed
+    progress = progress and ranks.is_main
 
-    def score_of(x: np.ndarray) -> float:
-        key = position_key(x)
-        if key not in run.memo:
-            s = evaluate(x)
-            run.memo[key] = s.to_dict()
+    def save() -> None:
+        if ranks.is_main:
             run.save()
-        return Score.from_dict(run.memo[key]).utility
+
+    def scores_of(xs) -> List[float]:
+        """Utilities of ``xs``; the positions not in the memo are scored, spread over the ranks."""
+        todo: Dict[str, np.ndarray] = {}
+        for x in xs:
+            key = position_key(x)
+            if key not in run.memo and key not in todo:
+                todo[key] = x
+        keys = list(todo)
+
+        def done(i: int, score: Score) -> None:
+            run.memo[keys[i]] = score.to_dict()
+            save()
+
+        ranks.map(evaluate, [todo[k] for k in keys], on_done=done)
+        return [Score.from_dict(run.memo[position_key(x)]).utility for x in xs]
 
     # The initial swarm is drawn again from the seed on resume (same positions),
     # and its utilities come back from the memo.
@@ -206,10 +251,8 @@ def run_search(
     x0 = swarm.initial_positions(num_experts, settings.size, groups=num_groups, seed_soup=settings.seed_soup, rng=rng)
     if run.state is None:
         bar = tqdm(total=len(x0), desc="initial swarm", unit="eval", disable=not progress, leave=False)
-        scores = []
-        for x in x0:
-            scores.append(score_of(x))
-            bar.update()
+        scores = scores_of(list(x0))
+        bar.update(len(x0))
         bar.close()
         if not np.isfinite(scores).any():
             raise EvaluationError(
@@ -219,7 +262,7 @@ def run_search(
         run.state, run.rng_state = state, rng.bit_generator.state
         run.history = [{"iteration": 0, **_stats(np.array(scores)), "global_best": finite(state.g_score),
                         "evaluations": state.evaluations, "seconds": round(run.seconds, 3)}]
-        run.save()
+        save()
     state = run.state
     rng.bit_generator.state = run.rng_state
 
@@ -228,19 +271,19 @@ def run_search(
     while not swarm.finished(state, settings):
         proposal = swarm.propose(state, settings, rng)
         scores = np.full(len(proposal.x), np.nan)
-        for i in np.flatnonzero(proposal.evaluate):
-            scores[i] = score_of(proposal.x[i])
+        chosen = np.flatnonzero(proposal.evaluate)
+        scores[chosen] = scores_of([proposal.x[i] for i in chosen])
         state = swarm.update(state, proposal, scores, settings)
         evaluated = scores[proposal.evaluate]
         stats = _stats(evaluated)
         run.history.append({"iteration": state.iteration, **stats, "global_best": finite(state.g_score),
                             "evaluations": state.evaluations, "seconds": round(run.seconds, 3)})
         run.state, run.rng_state = state, rng.bit_generator.state
-        run.save()
+        save()
         bar.update()
         mean = stats["mean"]
         bar.set_postfix(best=f"{state.g_score:.4f}", mean="-" if mean is None else f"{mean:.4f}", evals=state.evaluations)
-        if not progress:
+        if not progress and ranks.is_main:
             LOG.info("iteration %d/%d: best %.4f, mean %s, %d evaluations", state.iteration, settings.max_iterations,
                      state.g_score, "-" if mean is None else f"{mean:.4f}", state.evaluations)
     bar.close()

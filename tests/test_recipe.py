@@ -73,10 +73,16 @@ def test_missing_recipe_file(tmp_path):
 
 
 def test_every_shipped_recipe_validates():
-    recipes = sorted(REPO.glob("recipes/**/*.yml")) + sorted(REPO.glob("recipes/**/*.yaml"))
-    assert recipes, "recipes/ ships at least the demo recipe"
+    from swarm_merge import ci
+
+    recipes = ci.recipe_files(REPO)  # tracked *.yml / *.yaml with experts: (not the lm-eval task files)
+    assert REPO / "recipes" / "demo.yml" in recipes and REPO / "recipes" / "demo-lm-eval.yml" in recipes
+    assert not any("tasks" in p.parts for p in recipes)
     for path in recipes:
         recipe = load_recipe(path)
         for component in recipe.components:
+            if component.type == "lm_eval":
+                assert Path(component.include_path).is_dir(), f"{path}: task folder missing"
+                continue
             assert Path(component.dev).is_file(), f"{path}: dev data missing"
             assert component.test is None or Path(component.test).is_file(), f"{path}: test data missing"

@@ -20,6 +20,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS_DIR = REPO / ".github" / "workflows"
 WORKFLOWS = sorted([*WORKFLOWS_DIR.glob("*.yml"), *WORKFLOWS_DIR.glob("*.yaml")])
+ACTIONS = sorted((REPO / ".github" / "actions").glob("*/action.yml"))
 BIN = Path(sys.executable).parent  # the venv's bin: the test extra installs the tools there
 
 
@@ -44,7 +45,15 @@ def test_there_are_workflows():
 
 
 def test_zizmor_finds_nothing():
-    proc = run_tool(tool("zizmor"), "--offline", str(WORKFLOWS_DIR.relative_to(REPO)))
+    proc = run_tool(tool("zizmor"), "--offline", str(WORKFLOWS_DIR.relative_to(REPO)),
+                    *(str(a.relative_to(REPO)) for a in ACTIONS))
+    assert proc.returncode == 0, report(proc)
+    assert ACTIONS and all(a.relative_to(REPO).as_posix() in proc.stderr + proc.stdout for a in ACTIONS), report(proc)
+
+
+@pytest.mark.parametrize("action", ACTIONS, ids=lambda p: p.parent.name)
+def test_action_matches_githubs_schema(action: Path):
+    proc = run_tool(tool("check-jsonschema"), "--builtin-schema", "vendor.github-actions", str(action))
     assert proc.returncode == 0, report(proc)
 
 
@@ -73,7 +82,7 @@ def test_run_scripts_finds_steps():
     assert list(run_scripts(doc)) == [("jobs.a.steps[0].run", "echo ${{ x }}")]
 
 
-@pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda p: p.name)
+@pytest.mark.parametrize("workflow", WORKFLOWS + ACTIONS, ids=lambda p: p.relative_to(REPO).as_posix())
 def test_no_expression_expanded_in_run_scripts(workflow: Path):
     # GitHub substitutes ${{ }} into the script text before the shell sees it, so
     # any value there can become code: pass values through env: and use "$VAR".
@@ -82,3 +91,35 @@ def test_no_expression_expanded_in_run_scripts(workflow: Path):
     assert scripts, f"{workflow.name} has no run: step"
     bad = [f"{where}: {script!r}" for where, script in scripts if "${{" in script]
     assert not bad, f"${{{{ }}}} in run: scripts of {workflow.name}:\n" + "\n".join(bad)
+
+
+def test_secrets_never_reach_pull_requests():
+    """The job that runs on pull requests names no secret and no environment; every job that
+    names a secret is kept off pull requests and takes it from a (protectable) environment."""
+    doc = yaml.safe_load((WORKFLOWS_DIR / "swarm-merge.yml").read_text(encoding="utf-8"))
+    triggers = doc[True] if True in doc else doc["on"]  # YAML 1.1 reads the key `on` as True
+    assert set(triggers) == {"workflow_dispatch", "push", "pull_request"}
+    assert "pull_request_target" not in triggers
+    for name, job in doc["jobs"].items():
+        text = yaml.safe_dump(job)
+        if job["if"] == "github.event_name == 'pull_request'":
+            assert "secrets." not in text and "environment" not in job, name
+        else:
+            assert job["if"] == "github.event_name != 'pull_request'", name
+            if "secrets." in text:
+                assert job.get("environment"), name
+
+
+@pytest.mark.parametrize("where", WORKFLOWS + ACTIONS, ids=lambda p: p.relative_to(REPO).as_posix())
+def test_ci_commands_in_scripts_parse(where: Path):
+    """Every `mergekit-swarm ci ...` line of a script names flags the ci command has."""
+    from swarm_merge import ci
+
+    doc = yaml.safe_load(where.read_text(encoding="utf-8"))
+    lines = [line.strip() for _, script in run_scripts(doc) for line in script.splitlines()
+             if "mergekit-swarm ci " in line]
+    for line in lines:
+        words = line.split("mergekit-swarm ci ", 1)[1].split()
+        flags = [w for w in words if w.startswith("--")]
+        args = [words[0]] + [x for f in flags for x in ((f, "x") if f not in ("--push",) else (f,))]
+        ci._parser().parse_args(args)  # exits (SystemExit) on an unknown flag
