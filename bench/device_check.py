@@ -9,6 +9,13 @@
    (scoring with the weights already in place), in-memory (rebuild in place),
    one-model (experts read from their files once per evaluation) and streaming
    (accelerate hooks), for loglik and exact_match; median of 5.
+3. The paper's other objectives and LoRA experts, the CLI end to end with
+   ``--device cuda``: a reward model, an LLM judge, a custom utility, two
+   objectives combined by harmonic mean, LoRA adapters (default and streaming),
+   and ``compare`` (random search, CMA-ES, task arithmetic / TIES / DARE):
+   exit 0, the winner's dev utility equal to the same run on the CPU.
+
+    python bench/device_check.py --parts 3     # only part 3
 
 Needs only torch, transformers, accelerate, mergekit and this repo (tests/tiny.py
 builds the models): no Hub, no demo build. Prints plain tables.
@@ -141,17 +148,94 @@ def timings(root: Path, device: torch.device, small: bool) -> None:
                 torch.cuda.empty_cache()
 
 
+SCORE_PY = '''
+def utility(model, tokenizer, rows, device):
+    losses = []
+    for row in rows:
+        ids = tokenizer(row["prompt"] + row["answer"], return_tensors="pt")["input_ids"].to(device)
+        losses.append(model(input_ids=ids, labels=ids).loss.item())
+    return -sum(losses) / len(losses)
+'''
+
+
+def other_objectives(root: Path, device: str) -> None:
+    """Part 3: each objective type and LoRA experts through the CLI on ``device``, against the CPU."""
+    from transformers import LlamaForSequenceClassification
+
+    print(f"\n== 3. other objectives and LoRA experts, the CLI with --device {device} against --device cpu")
+    experts = tiny.make_experts(root / "p3" / "experts", 3)
+    base = tiny.make_base(root / "p3" / "experts")
+    adapters = tiny.make_adapters(root / "p3" / "adapters", base, 3)
+    tok = tiny.make_tokenizer()
+    config = tiny.make_config(len(tok))
+    config.num_labels = 1
+    torch.manual_seed(7)
+    rm = root / "p3" / "rm"
+    LlamaForSequenceClassification(config).save_pretrained(rm)
+    tok.save_pretrained(rm)
+    (root / "p3" / "score.py").write_text(SCORE_PY)
+    rubric = "Request: {prompt} Response: {response} Rate 1 to 3:"
+    cases = {
+        "reward": (experts, f"{{type: reward, dev: data/dev.jsonl, reward_model: {rm}, max_new_tokens: 3}}", []),
+        "judge": (experts, f"{{type: judge, dev: data/dev.jsonl, judge_model: {experts[0]}, rubric: '{rubric}', "
+                           "scale: [1, 3], max_new_tokens: 3}", []),
+        "custom": (experts, "{type: custom, dev: data/dev.jsonl}",
+                   ["--objective-code", f"{root / 'p3' / 'score.py'}:utility"]),
+        "harmonic": (experts, None, []),
+        "lora": (adapters, "{type: loglik, dev: data/dev.jsonl, test: data/test.jsonl}", []),
+        "lora-streaming": (adapters, "{type: loglik, dev: data/dev.jsonl}", ["--eval-mode", "streaming"]),
+        "compare": (experts, "{type: loglik, dev: data/dev.jsonl, test: data/test.jsonl}", ["compare"]),
+    }
+    for name, (models, objective, flags) in cases.items():
+        got = {}
+        for i, dev_name in enumerate(("cpu", device)):
+            work = root / "p3" / f"{name}-{i}-{dev_name}"
+            tiny.write_jsonl(work / "data" / "dev.jsonl", tiny.arithmetic_rows(8))
+            tiny.write_jsonl(work / "data" / "test.jsonl", tiny.arithmetic_rows(8, offset=5))
+            body = (f"objective: {objective}\n" if objective else
+                    "objectives:\n  - {type: exact_match, dev: data/dev.jsonl, name: a}\n"
+                    "  - {type: exact_match, dev: data/test.jsonl, name: b}\ncombine: mean\n")
+            lines = "\n".join(f"  - {p}" for p in models)
+            extra = f"base_model: {base}\n" if name == "compare" else ""
+            recipe = work / "recipe.yml"
+            recipe.write_text(f"name: {name}\nexperts:\n{lines}\n{extra}{body}"
+                              f"swarm: {{size: 5, max_iterations: 2}}\noutput: {{dir: {work / 'out'}}}\n")
+            sub = [f for f in flags if f == "compare"]
+            rest = [f for f in flags if f != "compare"]
+            start = time.perf_counter()
+            code = main([*sub, str(recipe), "--device", dev_name, "--no-progress", *rest])
+            took = time.perf_counter() - start
+            report = read_report(work / "out" / "swarm.json") if code == 0 else None
+            got[i] = report.scores.winner.dev.utility if report else None
+            extra_info = ""
+            if report is not None and report.comparison is not None:
+                extra_info = "  methods " + ", ".join(f"{m.method} {m.dev_mean:.4f}" for m in report.comparison.summary)
+            where = f"  on {report.hardware}" if report is not None else ""
+            print(f"{name:15s} {dev_name:5s} exit {code}  {took:6.1f} s  winner dev {got[i]}{where}{extra_info}")
+        if None in got.values():
+            print(f"{name:15s} a run failed")
+        else:
+            diff = abs(got[0] - got[1])
+            print(f"{name:15s} cpu and {device} winners' dev utilities differ by {diff:.2e}")
+
+
 def run(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--small", action="store_true", help="a small model for part 2 (a smoke test on CPU)")
+    parser.add_argument("--parts", default="1,2,3", help="which parts to run (default 1,2,3)")
     args = parser.parse_args(argv)
+    parts = set(args.parts.split(","))
     print(f"torch {torch.__version__}, device {args.device}"
           + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""))
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        end_to_end(root, args.device)
-        timings(root, torch.device(args.device), args.small)
+        if "1" in parts:
+            end_to_end(root, args.device)
+        if "2" in parts:
+            timings(root, torch.device(args.device), args.small)
+        if "3" in parts:
+            other_objectives(root, args.device)
     sys.stdout.flush()
 
 
