@@ -239,6 +239,11 @@ def _analysis_lines(report: "Report") -> List[str]:
         lines.append(f"Dev minus test utility: the winner {a.winner_gap:+.4f}" + (
             f"; the best other model by dev ({md(a.best_baseline)}) {a.best_baseline_gap:+.4f}"
             if a.best_baseline_gap is not None else "") + ".")
+    if a.selection_noise is not None:
+        lines.append(f"Chance alone lets the best of {report.search.evaluations} dev scores on {report.data.dev_rows} "
+                     f"rows sit about {a.selection_noise:.3f} above its true value (the winner's curse).")
+    for warning in a.warnings:
+        lines.append(f"**Warning:** {md(warning)}.")
     return lines
 
 

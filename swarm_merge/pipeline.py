@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import platform
 import sys
@@ -571,10 +572,38 @@ def _analysis(recipe, objective, experts, result, scores, test_rows, test, compa
                    for r in comparison.runs if r.method != "swarm"]
     others = [o for o in others if o[1] is not None]
     best = max(others, key=lambda o: o[1]) if others else None
+    noise, warnings = _selection_noise(objective, scores, len(result.memo))
     return report_mod.Analysis(
         weak_to_strong=report_mod.WeakToStrong(**w2s), emergence=emergence,
         winner_gap=gap(winner.dev.utility, winner.test.utility if winner.test else None),
-        best_baseline=best[0] if best else None, best_baseline_gap=gap(best[1], best[2]) if best else None)
+        best_baseline=best[0] if best else None, best_baseline_gap=gap(best[1], best[2]) if best else None,
+        selection_noise=noise, warnings=warnings)
+
+
+def _selection_noise(objective, scores, evaluations: int):
+    """The winner's curse on a small dev set: the best of E noisy scores sits above its true value by
+    about sd/sqrt(N) * sqrt(2 ln E) (the expected maximum of E normal draws) even when no position is
+    better than another. For accuracy objectives sd = sqrt(p (1 - p)) at the winner's dev accuracy p.
+    Returns (that figure or None, warnings): a warning when the winner's dev gain over the uniform
+    average is within it."""
+    if getattr(objective, "type", None) not in ("exact_match", "multiple_choice") or evaluations < 2:
+        return None, []
+    winner = scores.winner
+    uniform = next((r for r in scores.rows if r.kind == "uniform"), None)
+    n, p = winner.dev.n, winner.dev.utility
+    if not n or p is None or not math.isfinite(p):
+        return None, []
+    sd = max(math.sqrt(p * (1 - p)), 1.0 / n)
+    noise = sd / math.sqrt(n) * math.sqrt(2 * math.log(evaluations))
+    warnings = []
+    if uniform is not None and uniform.dev.utility is not None:
+        gain = p - uniform.dev.utility
+        if gain <= noise:
+            warnings.append(
+                f"the winner's dev gain over the uniform average ({gain:+.3f}) is within what the best of "
+                f"{evaluations} scores on {n} dev rows shows by chance alone (about {noise:.3f}): judge it by the "
+                "test column, and add dev rows to make the search's choice trustworthy")
+    return round(noise, 6), warnings
 
 
 def _report(recipe, experts, digests, base, result, scores, group_labels, device, started, *, dev, test,
@@ -738,6 +767,8 @@ def _print_table(report: Report, out) -> None:
             print(f"dev - test gap: winner {a.winner_gap:+.4f}" + (
                 f", best other by dev ({a.best_baseline}) {a.best_baseline_gap:+.4f}"
                 if a.best_baseline_gap is not None else ""), file=out)
+        for warning in a.warnings:
+            print(f"warning: {warning}", file=out)
     c = report.comparison
     if c is not None:
         seeds = f"{len(c.seeds)} seeds" if len(c.seeds) > 1 else f"seed {c.seeds[0]}"

@@ -244,6 +244,10 @@ class Analysis(_Model):
     winner_gap: Optional[float] = Field(None, description="the winner's dev minus test utility")
     best_baseline: Optional[str] = Field(None, description="the non-swarm row with the best dev utility")
     best_baseline_gap: Optional[float] = Field(None, description="its dev minus test utility")
+    selection_noise: Optional[float] = Field(
+        None, description="accuracy objectives: how far the best of this many dev scores can sit above its true "
+        "value by chance alone, about sd/sqrt(dev rows) * sqrt(2 ln evaluations)")
+    warnings: List[str] = Field(default_factory=list, description="what the reader should not over-read")
 
 
 class Report(_Model):

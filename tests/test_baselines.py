@@ -198,3 +198,26 @@ def test_compare_with_a_base_adds_task_arithmetic_ties_and_dare(based, tmp_path)
     assert got["TIES"].seed is None and got["DARE"].seed == 42
     assert got["task arithmetic"].test is not None
     assert "Task arithmetic, TIES and DARE" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_selection_noise_warns_when_the_gain_is_within_chance():
+    """sd/sqrt(N) * sqrt(2 ln E) at the winner's accuracy; a warning when the gain over uniform is within it."""
+    import math
+
+    from swarm_merge import pipeline, report as report_mod
+    from swarm_merge.recipe import Objective
+
+    def row(name, kind, dev):
+        return report_mod.ScoreRow(name=name, kind=kind, coefficients=[[0.5, 0.5]],
+                                   dev=report_mod.Split(utility=dev, n=72), test=None)
+
+    objective = Objective(type="exact_match", dev="x.jsonl")
+    expected = math.sqrt(0.5 * 0.5) / math.sqrt(72) * math.sqrt(2 * math.log(56))
+    close = report_mod.Scores(rows=[row("uniform average", "uniform", 0.375), row("swarm winner", "winner", 0.5)])
+    noise, warnings = pipeline._selection_noise(objective, close, 56)
+    assert noise == pytest.approx(expected, abs=1e-6) and expected > 0.125
+    assert len(warnings) == 1 and "+0.125" in warnings[0] and "56 scores on 72 dev rows" in warnings[0]
+    far = report_mod.Scores(rows=[row("uniform average", "uniform", 0.2), row("swarm winner", "winner", 0.5)])
+    assert pipeline._selection_noise(objective, far, 56)[1] == []  # a gain of 0.3 is not chance
+    loglik = Objective(type="loglik", dev="x.jsonl")
+    assert pipeline._selection_noise(loglik, close, 56) == (None, [])  # accuracy objectives only

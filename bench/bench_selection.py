@@ -1,0 +1,199 @@
+"""Benchmark: does the winner hold up on test rows the search never saw? (issue 12)
+
+Runs the swarm (the library's search loop, the recipe's settings) with each
+candidate lever, at several seeds, on a bench (default: the demo's multi-task
+recipe) and prints mean, spread and every seed's dev and test utility of the
+winner, next to the experts, the uniform average and, optionally, random search
+and CMA-ES at the same budget. Every lever gets the same evaluations (each one
+scores the whole dev set); only what the search optimises and how the final
+winner is chosen differ:
+
+  default    optimise the dev utility, the winner is the best dev position
+  holdout    optimise the dev rows outside a held-out quarter (stratified by
+             task, drawn from the seed); the winner is the best, on the
+             held-out rows, of the top FINALISTS positions by the searched rows
+  tiebreak   exact_match: optimise accuracy + exp(mean gold log-likelihood)/(N+1)
+             (ties between equal accuracies broken by a smooth signal; never
+             reorders different accuracies); winner by that key
+  holdout+tiebreak  both
+
+Asserts nothing; prints Markdown tables.
+
+    .venv/bin/python bench/bench_selection.py [--recipe recipes/demo.yml] [--seeds 42,43,44] [--levers ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from swarm_merge import baselines, evaluate, experts as experts_mod, objectives, search, space  # noqa: E402
+from swarm_merge.objectives import Score  # noqa: E402
+from swarm_merge.recipe import load_recipe  # noqa: E402
+
+FINALISTS = 5
+
+
+def holdout_split(examples, seed: int, fraction: float = 0.25):
+    """(search indices, held-out indices): ``fraction`` of each group's rows, drawn with ``seed``."""
+    rng = np.random.default_rng(seed)
+    by_group = {}
+    for i, ex in enumerate(examples):
+        by_group.setdefault(ex.group, []).append(i)
+    held = []
+    for g in sorted(by_group, key=str):
+        idx = by_group[g]
+        k = max(1, round(fraction * len(idx)))
+        held += sorted(rng.choice(idx, size=k, replace=False).tolist())
+    held_set = set(held)
+    return [i for i in range(len(examples)) if i not in held_set], sorted(held)
+
+
+def mean_of(values, idx):
+    return float(np.mean([values[i] for i in idx]))
+
+
+class Bench:
+    def __init__(self, recipe_path: Path):
+        self.recipe = load_recipe(recipe_path)
+        r = self.recipe
+        self.experts = experts_mod.pull_experts(r.experts)
+        self.groups, labels = space.tensor_groups(sorted(self.experts[0].tensors), granularity=r.swarm.granularity,
+                                                  layer_groups=r.swarm.layer_groups)
+        self.g = len(labels)
+        self.k = len(self.experts)
+        self.objective = r.objective
+        self.dev = objectives.load_examples(r.objective.dev, r.objective.type, r.objective.group_by)
+        self.test = objectives.load_examples(r.objective.test, r.objective.type, r.objective.group_by)
+        tok = str(r.base_model.model) if r.base_model else str(self.experts[0].path)
+        self.ev = evaluate.make_evaluator("in-memory", self.experts, self.groups, dtype=r.dtype,
+                                          device=torch.device("cpu"), tokenizer_path=tok)
+        self.loglik = self.objective.model_copy(update={"type": "loglik"})
+        self.cache = {}  # position key -> (dev rows, gold mean loglik) : every lever scores the same way
+        self.test_cache = {}
+        self.evaluations = 0
+
+    def rows(self, x):
+        key = search.position_key(x)
+        if key not in self.cache:
+            self.ev.build(x)
+            acc = objectives.score(self.ev.model, self.ev.tokenizer, self.dev, self.objective, self.ev.device)
+            ll = None
+            if self.objective.type == "exact_match":
+                ll = objectives.score(self.ev.model, self.ev.tokenizer, self.dev, self.loglik, self.ev.device).utility
+            self.cache[key] = (acc.rows, ll)
+            self.evaluations += 1
+        return self.cache[key]
+
+    def test_utility(self, x):
+        key = search.position_key(x)
+        if key not in self.test_cache:
+            self.test_cache[key] = self.ev.evaluate(x, self.test, self.objective).utility
+        return self.test_cache[key]
+
+    def run(self, lever: str, seed: int):
+        n = len(self.dev)
+        search_idx, held_idx = (holdout_split(self.dev, seed) if "holdout" in lever
+                                else (list(range(n)), []))
+
+        def key_of(x):
+            values, ll = self.rows(x)
+            u = mean_of(values, search_idx)
+            if "tiebreak" in lever and ll is not None:
+                u += math.exp(ll) / (len(search_idx) + 1)
+            return u
+
+        positions = {}  # every position this run scored
+
+        def scored(x):
+            positions.setdefault(search.position_key(x), np.array(x))
+            return Score(key_of(x))
+
+        settings = self.recipe.swarm.model_copy(update={"seed": seed})
+        memo_path = Path(f"/tmp/bench-selection-{lever}-{seed}.json")
+        memo_path.unlink(missing_ok=True)
+        result = search.run_search(settings, num_experts=self.k, num_groups=self.g, evaluate=scored,
+                                   checkpoint=memo_path, fingerprint=lever, progress=False)
+        memo_path.unlink(missing_ok=True)
+        ranked = sorted(positions.values(), key=lambda p: -key_of(p))
+        if "holdout" in lever:
+            finalists = ranked[:FINALISTS]
+            winner = max(finalists, key=lambda p: (mean_of(self.rows(p)[0], held_idx), key_of(p)))
+        else:
+            winner = result.best
+        dev = float(np.mean(self.rows(winner)[0]))
+        return {"dev": dev, "test": self.test_utility(winner), "coefficients": np.round(winner, 3).tolist(),
+                "evaluations": len(positions)}
+
+
+def summarize(values):
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipe", type=Path, default=REPO / "recipes" / "demo.yml")
+    ap.add_argument("--seeds", default="42,43,44")
+    ap.add_argument("--levers", default="default,holdout,tiebreak,holdout+tiebreak")
+    ap.add_argument("--baselines", action="store_true", help="also random search and CMA-ES at the default's budget")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    bench = Bench(args.recipe)
+    start = time.monotonic()
+    print(f"# bench_selection: {args.recipe.relative_to(REPO) if args.recipe.is_relative_to(REPO) else args.recipe}, "
+          f"{len(bench.dev)} dev rows, {len(bench.test)} test rows, seeds {seeds}, swarm size "
+          f"{bench.recipe.swarm.size}, max_iterations {bench.recipe.swarm.max_iterations}, "
+          f"patience {bench.recipe.swarm.patience}\n")
+    k, g = bench.k, bench.g
+    fixed = [(e.name, np.tile(np.eye(k)[i], (g, 1))) for i, e in enumerate(bench.experts)]
+    fixed.append(("uniform average", np.full((g, k), 1.0 / k)))
+    print("| model | dev | test |\n|---|---|---|")
+    for name, x in fixed:
+        print(f"| {name} | {np.mean(bench.rows(x)[0]):.3f} | {bench.test_utility(x):.3f} |")
+    results = {}
+    for lever in args.levers.split(","):
+        results[lever] = [bench.run(lever, seed) for seed in seeds]
+    budget = max(r["evaluations"] for r in results.get("default", results[next(iter(results))]))
+    if args.baselines:
+        for name, fn in (("random search", baselines.random_search), ("CMA-ES", baselines.cmaes_search)):
+            rows = []
+            for seed in seeds:
+                memo = {}
+
+                def score_full(x):
+                    values, _ = bench.rows(x)
+                    return Score(float(np.mean(values)))
+
+                run = fn(baselines.Budgeted(score_full, memo), num_experts=k, num_groups=g, budget=budget, seed=seed)
+                rows.append({"dev": run.dev.utility, "test": bench.test_utility(run.best),
+                             "coefficients": np.round(run.best, 3).tolist(), "evaluations": run.evaluations})
+            results[name] = rows
+    uniform_test = bench.test_utility(np.full((g, k), 1.0 / k))
+    print("\n| method | dev mean ± std | test mean ± std | test per seed | seeds below uniform test | evaluations |")
+    print("|---|---|---|---|---|---|")
+    for lever, rows in results.items():
+        dm, ds = summarize([r["dev"] for r in rows])
+        tm, ts = summarize([r["test"] for r in rows])
+        below = sum(r["test"] < uniform_test for r in rows)
+        per = " / ".join(f"{r['test']:.3f}" for r in rows)
+        print(f"| {lever} | {dm:.3f} ± {ds:.3f} | {tm:.3f} ± {ts:.3f} | {per} | {below} of {len(rows)} | "
+              f"{max(r['evaluations'] for r in rows)} |")
+    print("\nwinners' coefficients:")
+    for lever, rows in results.items():
+        print(f"  {lever}: " + "; ".join(str(r["coefficients"]) for r in rows))
+    print(f"\n{bench.evaluations} distinct dev evaluations in all, {time.monotonic() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
