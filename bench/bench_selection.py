@@ -25,6 +25,8 @@ Asserts nothing; prints Markdown tables.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
 import statistics
 import sys
@@ -79,27 +81,41 @@ class Bench:
         self.ev = evaluate.make_evaluator("in-memory", self.experts, self.groups, dtype=r.dtype,
                                           device=torch.device("cpu"), tokenizer_path=tok)
         self.loglik = self.objective.model_copy(update={"type": "loglik"})
-        self.cache = {}  # position key -> (dev rows, gold mean loglik) : every lever scores the same way
-        self.test_cache = {}
+        # Scores by position, kept on disk (a rerun or another lever reuses them): "dev" per-row values,
+        # "ll" the gold answers' mean log-likelihood (computed only when a lever asks), "test" utility.
+        tag = hashlib.sha1(str(Path(recipe_path).resolve()).encode()).hexdigest()[:12]
+        self.cache_path = Path(f"/tmp/bench-selection-cache-{tag}.json")
+        self.cache = json.loads(self.cache_path.read_text()) if self.cache_path.exists() else {}
         self.evaluations = 0
 
-    def rows(self, x):
-        key = search.position_key(x)
-        if key not in self.cache:
+    def _entry(self, x) -> dict:
+        return self.cache.setdefault(search.position_key(x), {})
+
+    def _save(self) -> None:
+        tmp = self.cache_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.cache))
+        tmp.replace(self.cache_path)
+
+    def rows(self, x, need_ll: bool = False):
+        e = self._entry(x)
+        if "dev" not in e or (need_ll and "ll" not in e and self.objective.type == "exact_match"):
             self.ev.build(x)
-            acc = objectives.score(self.ev.model, self.ev.tokenizer, self.dev, self.objective, self.ev.device)
-            ll = None
-            if self.objective.type == "exact_match":
-                ll = objectives.score(self.ev.model, self.ev.tokenizer, self.dev, self.loglik, self.ev.device).utility
-            self.cache[key] = (acc.rows, ll)
-            self.evaluations += 1
-        return self.cache[key]
+            if "dev" not in e:
+                e["dev"] = objectives.score(self.ev.model, self.ev.tokenizer, self.dev, self.objective,
+                                            self.ev.device).rows
+                self.evaluations += 1
+            if need_ll and self.objective.type == "exact_match":
+                e["ll"] = objectives.score(self.ev.model, self.ev.tokenizer, self.dev, self.loglik,
+                                           self.ev.device).utility
+            self._save()
+        return e["dev"], e.get("ll")
 
     def test_utility(self, x):
-        key = search.position_key(x)
-        if key not in self.test_cache:
-            self.test_cache[key] = self.ev.evaluate(x, self.test, self.objective).utility
-        return self.test_cache[key]
+        e = self._entry(x)
+        if "test" not in e:
+            e["test"] = self.ev.evaluate(x, self.test, self.objective).utility
+            self._save()
+        return e["test"]
 
     def run(self, lever: str, seed: int):
         n = len(self.dev)
@@ -107,7 +123,7 @@ class Bench:
                                 else (list(range(n)), []))
 
         def key_of(x):
-            values, ll = self.rows(x)
+            values, ll = self.rows(x, need_ll="tiebreak" in lever)
             u = mean_of(values, search_idx)
             if "tiebreak" in lever and ll is not None:
                 u += math.exp(ll) / (len(search_idx) + 1)
