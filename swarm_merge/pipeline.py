@@ -111,8 +111,8 @@ def run(recipe: Recipe, options: RunOptions = RunOptions(), *, out=None) -> Opti
         _print_plan(recipe, experts, group_labels, dev, test, device, out_dir, push_to, out, options, bank=bank,
                     base=base, objective=objective, objective_models=objective_models, ranks=ranks)
         return None
-    # Non-finite weights are bad input; the content goes into the fingerprint.
-    digests = weights.scan_experts(experts + ([base] if bank else []))
+    # Non-finite weights are bad input; the content goes into the fingerprint (read once, by the main rank).
+    digests = ranks.broadcast(weights.scan_experts(experts + ([base] if bank else [])) if ranks.is_main else None)
     base_digest = digests.pop() if bank else None
 
     # Only the main rank claims and writes the output folder.
@@ -122,6 +122,7 @@ def run(recipe: Recipe, options: RunOptions = RunOptions(), *, out=None) -> Opti
         # 2. The swarm search over coefficient arrays (G, K).
         mode = _eval_mode(recipe, experts, device, options, bank=bank, base=base,
                           objective_bytes=sum(m[3] for m in objective_models), ranks=ranks)
+        mode = ranks.broadcast(mode)  # the main rank's choice, on every rank
         LOG.info("evaluation: %s on %s", mode, device)
         if bank is not None:
             evaluator = lora.LoraEvaluator(bank, base, groups, dtype=recipe.dtype, device=device,
