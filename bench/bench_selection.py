@@ -16,6 +16,9 @@ winner is chosen differ:
              (ties between equal accuracies broken by a smooth signal; never
              reorders different accuracies); winner by that key
   holdout+tiebreak  both
+  nearsoup   the initial children drawn around the uniform soup (soup + N(0, 0.3)
+             per coefficient, re-centred to sum 1) instead of the paper's
+             inter/extrapolations of random pairs; the experts and the soup kept
 
 Asserts nothing; prints Markdown tables.
 
@@ -136,10 +139,13 @@ class Bench:
             return Score(key_of(x))
 
         settings = self.recipe.swarm.model_copy(update={"seed": seed})
+        if "nearsoup" in lever:
+            search.swarm.initial_positions = _near_soup
         memo_path = Path(f"/tmp/bench-selection-{lever}-{seed}.json")
         memo_path.unlink(missing_ok=True)
         result = search.run_search(settings, num_experts=self.k, num_groups=self.g, evaluate=scored,
                                    checkpoint=memo_path, fingerprint=lever, progress=False)
+        search.swarm.initial_positions = _PAPER_INIT
         memo_path.unlink(missing_ok=True)
         ranked = sorted(positions.values(), key=lambda p: -key_of(p))
         if "holdout" in lever:
@@ -150,6 +156,19 @@ class Bench:
         dev = float(np.mean(self.rows(winner)[0]))
         return {"dev": dev, "test": self.test_utility(winner), "coefficients": np.round(winner, 3).tolist(),
                 "evaluations": len(positions)}
+
+
+_PAPER_INIT = search.swarm.initial_positions
+
+
+def _near_soup(num_experts, size, *, groups=1, seed_soup, rng, sigma=0.3):
+    """The experts, the soup, then children soup + N(0, sigma) (re-centred: each row sums to 1)."""
+    x = _PAPER_INIT(num_experts, min(size, num_experts + 1), groups=groups, seed_soup=True, rng=rng)
+    children = []
+    for _ in range(size - len(x)):
+        z = rng.normal(0.0, sigma, size=(groups, num_experts))
+        children.append(1.0 / num_experts + z - z.mean(axis=1, keepdims=True))
+    return np.concatenate([x, np.array(children).reshape(-1, groups, num_experts)]) if children else x
 
 
 def summarize(values):
