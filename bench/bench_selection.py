@@ -139,13 +139,15 @@ class Bench:
             return Score(key_of(x))
 
         settings = self.recipe.swarm.model_copy(update={"seed": seed})
-        if "nearsoup" in lever:
-            search.swarm.initial_positions = _near_soup
         memo_path = Path(f"/tmp/bench-selection-{lever}-{seed}.json")
         memo_path.unlink(missing_ok=True)
-        result = search.run_search(settings, num_experts=self.k, num_groups=self.g, evaluate=scored,
-                                   checkpoint=memo_path, fingerprint=lever, progress=False)
-        search.swarm.initial_positions = _PAPER_INIT
+        if "nearsoup" in lever:
+            search.swarm.initial_positions = _near_soup
+        try:
+            result = search.run_search(settings, num_experts=self.k, num_groups=self.g, evaluate=scored,
+                                       checkpoint=memo_path, fingerprint=lever, progress=False)
+        finally:  # the next lever starts from the paper's initial swarm again
+            search.swarm.initial_positions = _PAPER_INIT
         memo_path.unlink(missing_ok=True)
         ranked = sorted(positions.values(), key=lambda p: -key_of(p))
         if "holdout" in lever:
