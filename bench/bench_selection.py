@@ -8,21 +8,22 @@ and CMA-ES at the same budget. Every lever gets the same evaluations (each one
 scores the whole dev set); only what the search optimises and how the final
 winner is chosen differ:
 
-  default    optimise the dev utility, the winner is the best dev position
+  default    the recipe's settings as the tool runs them (swarm.init: soup, the
+             default since issue 12); the winner is the best dev position
+  paper      swarm.init: paper: the initial children are the paper's random
+             inter/extrapolations of pairs (the default before issue 12)
   holdout    optimise the dev rows outside a held-out quarter (stratified by
              task, drawn from the seed); the winner is the best, on the
              held-out rows, of the top FINALISTS positions by the searched rows
   tiebreak   exact_match: optimise accuracy + exp(mean gold log-likelihood)/(N+1)
              (ties between equal accuracies broken by a smooth signal; never
              reorders different accuracies); winner by that key
-  holdout+tiebreak  both
-  nearsoup   the initial children drawn around the uniform soup (soup + N(0, 0.3)
-             per coefficient, re-centred to sum 1) instead of the paper's
-             inter/extrapolations of random pairs; the experts and the soup kept
+  A+B        both (e.g. paper+holdout)
 
 Asserts nothing; prints Markdown tables.
 
     .venv/bin/python bench/bench_selection.py [--recipe recipes/demo.yml] [--seeds 42,43,44] [--levers ...]
+        [--set swarm.max_iterations=12 ...] [--baselines]
 """
 
 from __future__ import annotations
@@ -69,8 +70,8 @@ def mean_of(values, idx):
 
 
 class Bench:
-    def __init__(self, recipe_path: Path):
-        self.recipe = load_recipe(recipe_path)
+    def __init__(self, recipe_path: Path, overrides=()):
+        self.recipe = load_recipe(recipe_path, list(overrides))
         r = self.recipe
         self.experts = experts_mod.pull_experts(r.experts)
         self.groups, labels = space.tensor_groups(sorted(self.experts[0].tensors), granularity=r.swarm.granularity,
@@ -138,16 +139,12 @@ class Bench:
             positions.setdefault(search.position_key(x), np.array(x))
             return Score(key_of(x))
 
-        settings = self.recipe.swarm.model_copy(update={"seed": seed})
+        settings = self.recipe.swarm.model_copy(update={"seed": seed, **({"init": "paper"} if "paper" in lever
+                                                                          else {})})
         memo_path = Path(f"/tmp/bench-selection-{lever}-{seed}.json")
         memo_path.unlink(missing_ok=True)
-        if "nearsoup" in lever:
-            search.swarm.initial_positions = _near_soup
-        try:
-            result = search.run_search(settings, num_experts=self.k, num_groups=self.g, evaluate=scored,
-                                       checkpoint=memo_path, fingerprint=lever, progress=False)
-        finally:  # the next lever starts from the paper's initial swarm again
-            search.swarm.initial_positions = _PAPER_INIT
+        result = search.run_search(settings, num_experts=self.k, num_groups=self.g, evaluate=scored,
+                                   checkpoint=memo_path, fingerprint=lever, progress=False)
         memo_path.unlink(missing_ok=True)
         ranked = sorted(positions.values(), key=lambda p: -key_of(p))
         if "holdout" in lever:
@@ -160,19 +157,6 @@ class Bench:
                 "evaluations": len(positions)}
 
 
-_PAPER_INIT = search.swarm.initial_positions
-
-
-def _near_soup(num_experts, size, *, groups=1, seed_soup, rng, sigma=0.3):
-    """The experts, the soup, then children soup + N(0, sigma) (re-centred: each row sums to 1)."""
-    x = _PAPER_INIT(num_experts, min(size, num_experts + 1), groups=groups, seed_soup=True, rng=rng)
-    children = []
-    for _ in range(size - len(x)):
-        z = rng.normal(0.0, sigma, size=(groups, num_experts))
-        children.append(1.0 / num_experts + z - z.mean(axis=1, keepdims=True))
-    return np.concatenate([x, np.array(children).reshape(-1, groups, num_experts)]) if children else x
-
-
 def summarize(values):
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -181,12 +165,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", type=Path, default=REPO / "recipes" / "demo.yml")
     ap.add_argument("--seeds", default="42,43,44")
-    ap.add_argument("--levers", default="default,holdout,tiebreak,holdout+tiebreak")
+    ap.add_argument("--levers", default="default,paper,holdout")
+    ap.add_argument("--set", action="append", default=[], metavar="swarm.KEY=VALUE",
+                    help="override a swarm setting (e.g. swarm.max_iterations=12); repeatable")
     ap.add_argument("--baselines", action="store_true", help="also random search and CMA-ES at the default's budget")
     args = ap.parse_args()
     torch.set_num_threads(2)
     seeds = [int(s) for s in args.seeds.split(",")]
-    bench = Bench(args.recipe)
+    if any(not o.startswith("swarm.") for o in args.set):
+        raise SystemExit("--set takes swarm.* settings only (the score cache is per recipe's data and experts)")
+    bench = Bench(args.recipe, args.set)
     start = time.monotonic()
     print(f"# bench_selection: {args.recipe.relative_to(REPO) if args.recipe.is_relative_to(REPO) else args.recipe}, "
           f"{len(bench.dev)} dev rows, {len(bench.test)} test rows, seeds {seeds}, swarm size "
@@ -212,7 +200,10 @@ def main() -> None:
                     values, _ = bench.rows(x)
                     return Score(float(np.mean(values)))
 
-                run = fn(baselines.Budgeted(score_full, memo), num_experts=k, num_groups=g, budget=budget, seed=seed)
+                draws = ({"init": bench.recipe.swarm.init, "spread": bench.recipe.swarm.init_spread}
+                         if fn is baselines.random_search else {})  # the swarm's initial distribution
+                run = fn(baselines.Budgeted(score_full, memo), num_experts=k, num_groups=g, budget=budget, seed=seed,
+                         **draws)
                 rows.append({"dev": run.dev.utility, "test": bench.test_utility(run.best),
                              "coefficients": np.round(run.best, 3).tolist(), "evaluations": run.evaluations})
             results[name] = rows

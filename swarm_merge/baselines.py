@@ -103,20 +103,20 @@ def _utility(score: Score) -> float:
 
 
 def random_search(score: Budgeted, *, num_experts: int, num_groups: int, budget: int, seed: int,
-                  seed_soup: bool = True) -> MethodRun:
-    """The best of ``budget`` distinct positions from the swarm's initial-particle distribution."""
+                  seed_soup: bool = True, init: str = "paper", spread: float = 0.3) -> MethodRun:
+    """The best of ``budget`` distinct positions from the swarm's initial-particle distribution
+    (``init``, ``spread``: the recipe's ``swarm.init`` and ``swarm.init_spread``)."""
     start = time.monotonic()
     rng = np.random.default_rng(seed)
     # Drawn in one go, as the swarm draws its initial swarm; extra draws cover duplicates.
-    pool = swarm.initial_positions(num_experts, budget + 8 + num_experts, groups=num_groups, seed_soup=seed_soup,
-                                   rng=rng)
+    draw = dict(groups=num_groups, seed_soup=seed_soup, rng=rng, init=init, spread=spread)
+    pool = swarm.initial_positions(num_experts, budget + 8 + num_experts, **draw)
     best, best_score, seen = None, None, set()
     score.prefetch(pool, budget)
     i = 0
     while score.used < budget:
         if i >= len(pool):  # (almost never) more duplicates than spare draws
-            pool = np.concatenate([pool, swarm.initial_positions(num_experts, len(pool) + budget, groups=num_groups,
-                                                                 seed_soup=seed_soup, rng=rng)[len(pool):]])
+            pool = np.concatenate([pool, swarm.initial_positions(num_experts, len(pool) + budget, **draw)[len(pool):]])
         x = pool[i]
         i += 1
         key = position_key(x)

@@ -199,6 +199,9 @@ def render_card(report: "Report", *, recipe_yaml: str, mergekit_yaml: str, repo_
         swarm=recipe.swarm,
         iterations=search.iterations,
         stop_reason=md(search.stop_reason),
+        chosen_by=md(search.chosen_by or "the best dev utility"),
+        init=(f"around the uniform soup (soup + N(0, {recipe.swarm.init_spread}) per coefficient)"
+              if recipe.swarm.init == "soup" else "the paper's (random inter/extrapolations of pairs)"),
         evaluations=search.evaluations,
         wall_time=f"{report.wall_seconds:.0f} s",
         hardware=md(report.hardware),

@@ -37,8 +37,7 @@ import numpy as np
 import torch
 
 from swarm_merge.errors import ExpertError, ExpertMismatchError
-from swarm_merge.evaluate import Evaluator, load_tokenizer, offload
-from swarm_merge.objectives import row_count
+from swarm_merge.evaluate import Evaluator, load_tokenizer, offload, trim_heap
 from swarm_merge.weights import coefficient_rows, combine, torch_dtype
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "MERGED_DIR", "LORA_SPACES", "AdapterInfo", "is_adapter_folder", "is_adapter_listing",
@@ -444,8 +443,12 @@ class LoraEvaluator(Evaluator):
 
     def evaluate(self, coefficients, examples, objective):
         if self.factors is not None:
-            self.batch_size = row_count(examples)  # every forward rebuilds the base's weights
-        return super().evaluate(coefficients, examples, objective)
+            self.batch_size = self.rows_per_forward(examples)  # every forward rebuilds the base's weights
+        try:
+            return super().evaluate(coefficients, examples, objective)
+        finally:
+            if self.factors is not None:  # streaming: keep the run's memory flat (evaluate.trim_heap)
+                trim_heap()
 
 
 def write_adapter(folder: Path, bank: AdapterBank, coefficients: np.ndarray, groups: Dict[str, int], base, *,

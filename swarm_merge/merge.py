@@ -18,6 +18,8 @@ This module and the CLI wrapper are the only places that touch mergekit.
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import os
 from pathlib import Path
@@ -142,6 +144,31 @@ def _filtered_weights(column: np.ndarray, groups: Dict[str, int]) -> List[Dict[s
     return entries
 
 
+@contextlib.contextmanager
+def _pread_loaders():
+    """While mergekit writes, its loaders read safetensors shards with pread
+    (:class:`swarm_merge.weights.PreadShard`) instead of memory-mapping them,
+    so the write's memory is the tensors in flight, not every expert's file."""
+    from mergekit.io.loader import TensorLoader
+
+    from swarm_merge.weights import PreadShard, TensorReader
+
+    reader = TensorReader()
+    original = TensorLoader.__dict__["get"]
+
+    def get(cls, shard_path, use_lazy_unpickle=False, device=None):
+        if str(shard_path).lower().endswith(".safetensors"):
+            return PreadShard(str(shard_path), reader)
+        return original.__func__(cls, shard_path, use_lazy_unpickle=use_lazy_unpickle, device=device)
+
+    TensorLoader.get = classmethod(get)
+    try:
+        yield
+    finally:
+        TensorLoader.get = original
+        reader.close()
+
+
 def write_merge(config: Dict[str, Any], out_path: Path, *, device: str = "cpu", quiet: bool = True,
                 shard_bytes: Optional[int] = None) -> None:
     """Run mergekit on ``config`` into ``out_path`` (config, safetensors, tokenizer).
@@ -167,6 +194,7 @@ def write_merge(config: Dict[str, Any], out_path: Path, *, device: str = "cpu", 
         **({"out_shard_size": int(shard_bytes)} if shard_bytes else {}),
     )
     out_path = Path(out_path)  # an empty (staging) folder, or none yet
-    run_merge(merge_config, str(out_path), options=options, config_source=yaml.safe_dump(config, sort_keys=False))
+    with _pread_loaders():
+        run_merge(merge_config, str(out_path), options=options, config_source=yaml.safe_dump(config, sort_keys=False))
     if not any(out_path.glob("*.safetensors")):
         raise RuntimeError(f"mergekit wrote no safetensors into {out_path}")

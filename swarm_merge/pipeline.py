@@ -130,6 +130,7 @@ def run(recipe: Recipe, options: RunOptions = RunOptions(), *, out=None) -> Opti
         else:
             evaluator = evaluate.make_evaluator(mode, experts, groups, dtype=recipe.dtype, device=device,
                                                 tokenizer_path=tokenizer_path)
+        evaluator.max_rows = objectives.row_count(dev)
         result = search.run_search(
             recipe.swarm,
             num_experts=k,
@@ -347,6 +348,7 @@ def _free(device) -> None:
     import gc
 
     gc.collect()
+    evaluate.trim_heap()
     if device.type == "cuda":
         import torch
 
@@ -453,7 +455,8 @@ def _compare(recipe, objective, result, evaluator, dev, test, k: int, g: int, op
     for seed in seeds:
         LOG.info("comparison: random search and CMA-ES at seed %d (%d dev evaluations each)", seed, budget)
         runs.append(baselines.random_search(baselines.Budgeted(score_dev, memo, ranks), num_experts=k, num_groups=g,
-                                            budget=budget, seed=seed, seed_soup=recipe.swarm.seed_soup))
+                                            budget=budget, seed=seed, seed_soup=recipe.swarm.seed_soup,
+                                            init=recipe.swarm.init, spread=recipe.swarm.init_spread))
         runs.append(baselines.cmaes_search(baselines.Budgeted(score_dev, memo, ranks), num_experts=k, num_groups=g,
                                            budget=budget, seed=seed))
     mergekit_runs = (_mergekit_baselines(recipe, objective, evaluator, dev, experts, seeds, options, ranks)
@@ -655,6 +658,7 @@ def _report(recipe, experts, digests, base, result, scores, group_labels, device
             evaluations=state.evaluations,
             distinct_positions_scored=len(result.memo),
             stop_reason=result.stop_reason,
+            chosen_by=f"the best dev utility of the {len(result.memo)} distinct positions the swarm scored",
             resumed=result.resumed,
             seconds=round(result.seconds, 3),
             history=result.history,

@@ -213,6 +213,11 @@ class SwarmSettings(_Frozen):
     # LoRA experts: combine the A and B factors (the paper's code) or the deltas s*B*A (task vectors).
     lora_space: Literal["factors", "delta"] = "factors"
     seed_soup: bool = True
+    # The initial children: around the uniform soup ("soup", soup + N(0, init_spread) per coefficient, re-centred
+    # to sum 1) or the paper's random inter/extrapolations of pairs ("paper"). bench/bench_selection.py (issue 12):
+    # "soup" wins on held-out rows; init: paper with seed_soup: false is the paper exactly.
+    init: Literal["soup", "paper"] = "soup"
+    init_spread: float = Field(0.3, gt=0)
     seed: int = Field(42, ge=0, lt=2**63)
 
     @model_validator(mode="after")

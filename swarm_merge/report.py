@@ -170,6 +170,7 @@ class SearchRecord(_Model):
     evaluations: int
     distinct_positions_scored: int
     stop_reason: str
+    chosen_by: Optional[str] = Field(None, description="how the winner was chosen among the positions scored")
     resumed: bool
     seconds: float = Field(description="search time, resumed parts included")
     history: List[HistoryEntry]

@@ -248,7 +248,8 @@ def run_search(
     # The initial swarm is drawn again from the seed on resume (same positions),
     # and its utilities come back from the memo.
     rng = np.random.default_rng(settings.seed)
-    x0 = swarm.initial_positions(num_experts, settings.size, groups=num_groups, seed_soup=settings.seed_soup, rng=rng)
+    x0 = swarm.initial_positions(num_experts, settings.size, groups=num_groups, seed_soup=settings.seed_soup, rng=rng,
+                                 init=settings.init, spread=settings.init_spread)
     if run.state is None:
         bar = tqdm(total=len(x0), desc="initial swarm", unit="eval", disable=not progress, leave=False)
         scores = scores_of(list(x0))

@@ -23,7 +23,7 @@ import torch
 from swarm_merge.errors import EvaluationError
 from swarm_merge.experts import Expert
 
-__all__ = ["torch_dtype", "TensorReader", "read_stacked", "combine", "coefficient_rows", "ChunkedCombiner",
+__all__ = ["torch_dtype", "TensorReader", "PreadShard", "read_stacked", "combine", "coefficient_rows", "ChunkedCombiner",
            "LazyMergedWeights", "scan_experts"]
 
 
@@ -82,6 +82,32 @@ class TensorReader:
         for fd, _, _ in self._files.values():
             os.close(fd)
         self._files.clear()
+
+
+class PreadShard:
+    """One safetensors file with the interface mergekit's loaders use (``keys``,
+    ``get_tensor``), read through :class:`TensorReader` instead of a memory map.
+
+    mergekit opens each expert's shard with ``safe_open`` (a memory map) and
+    keeps it open while it merges, so by the end of a write every expert's
+    weights are mapped into the process (2.2 GB file-backed RSS for the demo's
+    four 135M experts); mergekit has no option to read otherwise, hence this.
+    ``get_tensor`` returns a fresh tensor freed once mergekit is done with it.
+    """
+
+    def __init__(self, path: str, reader: TensorReader):
+        self.path = path
+        self.reader = reader
+        self.header = {k: v for k, v in reader._open(path)[2].items() if k != "__metadata__"}
+
+    def keys(self):
+        return self.header.keys()
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        info = self.header[key]
+        out = torch.empty(info["shape"], dtype=_ST_DTYPES[info["dtype"]])
+        self.reader.read_into(self.path, key, out.view(-1))
+        return out
 
 
 def read_stacked(reader: TensorReader, experts: Sequence[Expert], name: str, dtype: torch.dtype,

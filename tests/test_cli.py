@@ -95,6 +95,11 @@ def test_run_writes_a_loadable_affine_merge_with_report_and_card(finished_run, t
     card = ModelCard.load(out / "README.md")
     assert "model-swarms" in card.data.tags and "swarm winner" in card.text
     assert "the test set never was" in card.text
+    # How the winner was chosen, and how the search started.
+    assert report.search.chosen_by == (f"the best dev utility of the {report.search.distinct_positions_scored} "
+                                       "distinct positions the swarm scored")
+    assert report.search.chosen_by in card.text
+    assert "around the uniform soup (soup + N(0, 0.3) per coefficient)" in card.text
 
 
 def _refuse(constant):
@@ -150,6 +155,35 @@ def test_mergekit_config_reproduces_the_weights(finished_run, tmp_path, monkeypa
     (tmp_path / "bad.yml").write_text(yaml.safe_dump(config))
     with pytest.raises(Exception, match="sum to 1"):
         mergekit_yaml(tmp_path / "bad.yml", tmp_path / "bad")
+
+
+def test_the_mergekit_write_reads_each_expert_tensor_once_without_mapping_files(finished_run, tmp_path, monkeypatch):
+    """mergekit memory-maps every expert shard it opens (all of them resident by the end
+    of a write); the write reads through PreadShard instead: each stored tensor once."""
+    from mergekit.io.loader import TensorLoader
+
+    from swarm_merge import merge, weights
+    from swarm_merge.experts import pull_experts
+
+    out, recipe, _ = finished_run
+    reads = []
+    original = weights.PreadShard.get_tensor
+
+    def counted(self, key):
+        reads.append((self.path, key))
+        return original(self, key)
+
+    monkeypatch.setattr(weights.PreadShard, "get_tensor", counted)
+    experts = pull_experts(load_recipe(recipe).experts)
+    report = read_report(out / "swarm.json")
+    groups, _ = tensor_groups(sorted(experts[0].tensors), granularity="model")
+    merge.write_merge(merge.mergekit_config(experts, report.coefficients.matrix(), groups, dtype="float32",
+                                            portable=False), tmp_path / "again")
+    stored = {(str(e.tensors[n].file), n) for e in experts for n in e.tensors}
+    assert len(reads) == len(set(reads)) and set(reads) == stored
+    a, b = load_file(str(out / "model.safetensors")), load_file(str(tmp_path / "again" / "model.safetensors"))
+    assert all(a[n].shape == b[n].shape and torch.equal(a[n], b[n]) for n in a)
+    assert TensorLoader.get.__func__.__module__ == "mergekit.io.loader"  # restored after the write
 
 
 def test_layer_granularity_writes_per_group_weights(tiny_recipe, tiny_experts, tmp_path):

@@ -40,6 +40,11 @@ def test_overrides_apply_before_validation(tmp_path):
     assert data["experts"] == ["a", "c"]
     with pytest.raises(RecipeError, match="key.path=value"):
         load_recipe(write(tmp_path, GOOD), ["swarm.size"])
+    r = load_recipe(write(tmp_path, GOOD), ["swarm.init=paper", "swarm.init_spread=0.1"])
+    assert (r.swarm.init, r.swarm.init_spread) == ("paper", 0.1)
+    assert load_recipe(write(tmp_path, GOOD)).swarm.init == "soup"
+    with pytest.raises(RecipeError, match="swarm.init"):
+        load_recipe(write(tmp_path, GOOD), ["swarm.init=corners"])
 
 
 @pytest.mark.parametrize(

@@ -110,6 +110,26 @@ def test_expert_tensors_are_read_once_per_forward(tmp_path):
     assert stream.weights.bytes_read - before == per_model
 
 
+def test_a_set_larger_than_the_dev_set_is_scored_in_dev_sized_forwards(tmp_path):
+    """max_rows (the pipeline sets the dev set's rows) bounds the rows of one forward, so
+    scoring a larger test set does not grow the activations; each chunk costs one rebuild."""
+    paths = tiny.make_experts(tmp_path / "e", 3)
+    experts, groups, labels, mem, stream = build(paths)
+    rows, objective = data(tmp_path, "loglik")  # 10 rows
+    whole = stream.evaluate(COEFFS[0], rows, objective)
+    stream.max_rows = 4
+    forwards = []
+    hook = stream.model.register_forward_pre_hook(lambda module, args, kwargs: forwards.append(
+        kwargs["input_ids"].shape[0]), with_kwargs=True)
+    before = stream.weights.bytes_read
+    chunked = stream.evaluate(COEFFS[0], rows, objective)
+    hook.remove()
+    assert forwards == [4, 4, 2]
+    assert stream.weights.bytes_read - before == 3 * sum(e.nbytes for e in experts)
+    assert chunked.utility == pytest.approx(whole.utility, abs=1e-6)
+    assert chunked.utility == pytest.approx(mem.evaluate(COEFFS[0], rows, objective).utility, abs=1e-6)
+
+
 def test_auto_mode_picks_by_budget(tmp_path):
     paths = tiny.make_experts(tmp_path / "e", 3)
     experts = [experts_mod.pull_expert(experts_mod.ExpertRef(model=str(p))) for p in paths]

@@ -21,7 +21,7 @@ def utility(weights: np.ndarray) -> float:
 
 def run_coefficients(experts, s, steps, rng):
     k = len(experts)
-    x0 = swarm.initial_positions(k, s.size, seed_soup=s.seed_soup, rng=rng)
+    x0 = swarm.initial_positions(k, s.size, seed_soup=s.seed_soup, rng=rng, init=s.init, spread=s.init_spread)
     score = lambda a: utility(np.tensordot(a[0], experts, axes=1))  # noqa: E731
     state = swarm.init_state(x0, np.array([score(x) for x in x0]), s, rng)
     for _ in range(steps):
@@ -38,6 +38,10 @@ def run_weight_space(experts, s, steps, rng):
     if s.seed_soup:
         pos.append(experts.mean(0))
     while len(pos) < n:
+        if s.init == "soup":  # the soup plus a zero-sum mix of the experts
+            z = rng.normal(0.0, s.init_spread, size=(1, k))[0]
+            pos.append(experts.mean(0) + np.tensordot(z - z.mean(), experts, axes=1))
+            continue
         a, b = rng.choice(len(pos), 2, replace=False)
         w = rng.uniform(0.0, 2.0, size=1)[0]
         pos.append(w * pos[a] + (1 - w) * pos[b])
@@ -87,7 +91,9 @@ def run_weight_space(experts, s, steps, rng):
     return pos, vel, g, gs
 
 
-@pytest.mark.parametrize("kw", [{}, {"seed_soup": False}, {"drop_n": 0.3, "drop_k": 0.2}, {"restart_patience": 0.25}])
+@pytest.mark.parametrize("kw", [{}, {"seed_soup": False, "init": "paper"}, {"init": "paper"},
+                                {"drop_n": 0.3, "drop_k": 0.2}, {"restart_patience": 0.25},
+                                {"seed_soup": False, "init_spread": 0.1}])
 def test_coefficient_run_equals_weight_space_run(kw):
     s = settings(**kw)
     experts = np.random.default_rng(7).normal(size=(4, 50))
@@ -123,6 +129,22 @@ def test_initial_swarm_holds_experts_soup_and_children():
     assert x.shape == (7, 1, 3)
     x = swarm.initial_positions(3, 3, seed_soup=False, rng=np.random.default_rng(1))
     assert np.allclose(x[:, 0], np.eye(3))
+
+
+def test_soup_init_draws_children_around_the_soup():
+    rng = np.random.default_rng(5)
+    x = swarm.initial_positions(4, 400, groups=2, seed_soup=True, rng=rng, init="soup", spread=0.2)
+    assert np.allclose(x[:4, 0], np.eye(4)) and np.allclose(x[4], 0.25)
+    children = x[5:]
+    assert np.allclose(children.sum(-1), 1.0)
+    # centred on the soup; spread of each coefficient: 0.2 * sqrt(1 - 1/K) after re-centring
+    assert np.abs(children.mean(axis=0) - 0.25).max() < 0.03
+    assert children.std(axis=0) == pytest.approx(np.full((2, 4), 0.2 * np.sqrt(0.75)), rel=0.12)
+    again = swarm.initial_positions(4, 400, groups=2, seed_soup=True, rng=np.random.default_rng(5), init="soup",
+                                    spread=0.2)
+    assert np.array_equal(x, again)
+    paper = swarm.initial_positions(4, 400, groups=2, seed_soup=True, rng=np.random.default_rng(5))
+    assert np.abs(paper[5:] - 0.25).max() > np.abs(children - 0.25).max()
 
 
 def test_layer_groups_are_drawn_independently():
