@@ -292,13 +292,17 @@ def main() -> None:
             results.append(rows[strategy])
         floor = rows.get("floor", {}).get("median_seconds")
         print(f"## {objective} ({rows[next(iter(rows))]['rows']} dev rows)\n")
-        print("| strategy | s / evaluation (median) | x floor | merge overhead s | peak RSS MiB | peak anon RSS MiB | dev utility |")
-        print("|---|---|---|---|---|---|---|")
+        print("| strategy | s / evaluation (median) | min - max s | x floor (min - max) | merge overhead s | "
+              "peak RSS MiB | peak anon RSS MiB | dev utility |")
+        print("|---|---|---|---|---|---|---|---|")
         for name, r in rows.items():
             s = r["median_seconds"]
-            ratio = f"{s / floor:.2f}" if floor else "-"
+            lo, hi = min(r["seconds"]), max(r["seconds"])
+            # the spread: this strategy's fastest and slowest evaluation against the floor's median
+            ratio = f"{s / floor:.2f} ({lo / floor:.2f} - {hi / floor:.2f})" if floor else "-"
             over = f"{s - floor:.3f}" if floor else "-"
-            print(f"| {name} | {s:.3f} | {ratio} | {over} | {mib(r['peak_rss'])} | {mib(r['peak_anon'])} | {r['utility']:.4f} |")
+            print(f"| {name} | {s:.3f} | {lo:.3f} - {hi:.3f} | {ratio} | {over} | {mib(r['peak_rss'])} | "
+                  f"{mib(r['peak_anon'])} | {r['utility']:.4f} |")
         if floor and "naive" in rows and "in-memory" in rows:
             naive_over = rows["naive"]["median_seconds"] - floor
             mem_over = rows["in-memory"]["median_seconds"] - floor
