@@ -176,7 +176,10 @@ class ChunkedCombiner:
     weights. On CUDA the buffer is pinned, so the copy to the GPU is one DMA.
     """
 
-    CHUNK = 4 * 1024 * 1024  # elements read per expert at a time (16 MiB in float32)
+    # Elements read per expert at a time (1 MiB in float32): small enough that the K chunks just
+    # read are still in cache when they are combined. On the demo's experts (2 CPU cores, 32 MiB
+    # L3) a one-model rebuild took 0.56 s with 4 Mi-element chunks and 0.45 s with these.
+    CHUNK = 256 * 1024
 
     def __init__(self, experts: Sequence[Expert], *, dtype: torch.dtype, device: torch.device):
         self.experts = list(experts)
