@@ -75,6 +75,10 @@ class TensorReader:
             done += n
         return out
 
+    def header(self, path: str) -> dict:
+        """The file's tensor entries (name -> dtype, shape, data_offsets)."""
+        return {k: v for k, v in self._open(path)[2].items() if k != "__metadata__"}
+
     def stored_dtype(self, path: str, name: str) -> torch.dtype:
         return _ST_DTYPES[self._open(path)[2][name]["dtype"]]
 
@@ -98,7 +102,7 @@ class PreadShard:
     def __init__(self, path: str, reader: TensorReader):
         self.path = path
         self.reader = reader
-        self.header = {k: v for k, v in reader._open(path)[2].items() if k != "__metadata__"}
+        self.header = reader.header(path)
 
     def keys(self):
         return self.header.keys()

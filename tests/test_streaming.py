@@ -130,6 +130,19 @@ def test_a_set_larger_than_the_dev_set_is_scored_in_dev_sized_forwards(tmp_path)
     assert chunked.utility == pytest.approx(mem.evaluate(COEFFS[0], rows, objective).utility, abs=1e-6)
 
 
+def test_streaming_gives_freed_heap_back_after_every_evaluation(tmp_path, monkeypatch):
+    """glibc keeps freed heap memory: without a trim per evaluation streaming's RSS grows."""
+    paths = tiny.make_experts(tmp_path / "e", 3)
+    experts, groups, labels, mem, stream = build(paths)
+    rows, objective = data(tmp_path, "loglik")
+    calls = []
+    monkeypatch.setattr(evaluate, "trim_heap", lambda: calls.append(1))
+    for c in COEFFS:
+        stream.evaluate(c, rows, objective)
+        mem.evaluate(c, rows, objective)
+    assert len(calls) == len(COEFFS)  # streaming only: in-memory keeps its heap warm
+
+
 def test_auto_mode_picks_by_budget(tmp_path):
     paths = tiny.make_experts(tmp_path / "e", 3)
     experts = [experts_mod.pull_expert(experts_mod.ExpertRef(model=str(p))) for p in paths]
