@@ -1,7 +1,8 @@
 # Developer entry points. A fresh machine needs only python3 (>=3.10) and pip.
 #   make demo    set up .venv, build the demo experts once (cached), run the demo swarm
 #   make test    set up .venv, build the demo experts once, run the test suite
-#   make bench   the evaluation benchmark on the demo experts (prints tables)
+#   make bench   the benchmarks on the demo experts (print tables): seconds and memory per
+#                evaluation per mode, shared few-shot prefixes, a whole run's peak memory per mode
 #   make lint    ruff check . (rules in pyproject.toml)
 
 PYTHON ?= python3
@@ -51,6 +52,8 @@ test-fast: setup
 
 bench: demo-models
 	$(PY) bench/bench_eval.py
+	$(PY) bench/bench_prefix.py
+	$(PY) bench/whole_run_memory.py --set objective.type=loglik --set swarm.max_iterations=3
 
 lint: setup
 	$(VENV)/bin/ruff check .

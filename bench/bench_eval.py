@@ -233,6 +233,118 @@ def lora_worker(args, anon: AnonPeak) -> dict:
             "rows": len(rows)}
 
 
+def paired_worker(args) -> dict:
+    """Every strategy in one process, interleaved: round r scores particle r with each
+    strategy in a shuffled order. Ratios are taken within a round (same particle, so the
+    same generated lengths; same minute of machine load), so drift and the particle's own
+    cost cancel. In-memory and one-model are timed as build + score; "floor" scores a
+    separately loaded model whose weights were put in place before the clock."""
+    import torch
+
+    from transformers import AutoModelForCausalLM
+
+    from swarm_merge import evaluate, experts as experts_mod, objectives, space, weights
+    from swarm_merge.recipe import load_recipe
+
+    torch.manual_seed(0)
+    recipe = load_recipe(args.recipe)
+    experts = experts_mod.pull_experts(recipe.experts)
+    groups, _ = space.tensor_groups(sorted(experts[0].tensors), granularity="model")
+    device = torch.device(args.device)
+    tmp_dir = tempfile.TemporaryDirectory(prefix="swarm-bench-")
+    rows, objective = _objective_data(recipe, args.objective, Path(tmp_dir.name))
+    modes = [s for s in args.strategies.split(",") if s in ("in-memory", "one-model", "streaming")]
+    evs = {m: evaluate.make_evaluator(m, experts, groups, dtype=recipe.dtype, device=device) for m in modes}
+    reference = evs.get("in-memory") or evaluate.make_evaluator("in-memory", experts, groups, dtype=recipe.dtype,
+                                                                 device=device)
+    floor = AutoModelForCausalLM.from_pretrained(str(experts[0].path), dtype=weights.torch_dtype(recipe.dtype))
+    floor = floor.to(device).eval()
+    floor_targets = {n: t for n, t in floor.state_dict(keep_vars=True).items() if n in reference.targets}
+    tok = evaluate.load_tokenizer(experts[0].path)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def run(strategy, c):
+        """(build s, score s) of one evaluation of particle c."""
+        if strategy == "floor":
+            with torch.no_grad():  # the weights put in place before the clock
+                coeffs = weights.coefficient_rows(c, device)
+                for name, target in floor_targets.items():
+                    weights.combine(reference.expert_rows(name), coeffs[groups[name]], out=target.data.view(-1))
+            sync()
+            start = time.perf_counter()
+            objectives.score(floor, tok, rows, objective, device)
+            sync()
+            return 0.0, time.perf_counter() - start
+        ev = evs[strategy]
+        if strategy == "streaming":
+            start = time.perf_counter()
+            ev.evaluate(c, rows, objective)
+            sync()
+            return 0.0, time.perf_counter() - start
+        start = time.perf_counter()
+        ev.build(c)
+        sync()
+        built = time.perf_counter()
+        objectives.score(ev.model, ev.tokenizer, rows, objective, device, batch_size=ev.batch_size,
+                         share_prefix=ev.share_prefix)
+        sync()
+        return built - start, time.perf_counter() - built
+
+    def read_all():  # the least any rebuild costs: the K experts read once from memory
+        for stacked in reference.stacked.values():
+            stacked.sum()
+        sync()
+
+    reads = []
+    for _ in range(5):
+        start = time.perf_counter()
+        read_all()
+        reads.append(time.perf_counter() - start)
+    strategies = ["floor"] + modes
+    particles = _particles(len(experts), args.rounds + 1)
+    for s in strategies:  # warm-up
+        run(s, particles[0])
+    order = random.Random(0)
+    rounds = []
+    for c in particles[1:]:
+        todo = strategies[:]
+        order.shuffle(todo)
+        rounds.append({s: run(s, c) for s in todo})
+    tmp_dir.cleanup()
+    return {"objective": args.objective, "rows": len(rows), "rounds": rounds, "read_experts_s": statistics.median(reads),
+            "expert_bytes": reference.expert_bytes}
+
+
+def quantiles(values):
+    """(median, 25th, 75th percentile, min, max)."""
+    q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
+    return q[1], q[0], q[2], min(values), max(values)
+
+
+def print_paired(result: dict) -> None:
+    rounds = result["rounds"]
+    print(f"### {result['objective']}: paired, one process, {len(rounds)} interleaved rounds\n")
+    print("Each round scores one particle with every strategy in a shuffled order; ratios are "
+          "taken within the round, then summarised over rounds.\n")
+    print("| strategy | x floor median (IQR) [min - max] | build s median | score s median | "
+          "score / floor median |")
+    print("|---|---|---|---|---|")
+    for s in [s for s in ("floor", "in-memory", "one-model", "streaming") if s in rounds[0]]:
+        total = [sum(r[s]) / r["floor"][1] for r in rounds]
+        score = [r[s][1] / r["floor"][1] for r in rounds]
+        med, q1, q3, lo, hi = quantiles(total)
+        print(f"| {s} | {med:.3f} ({q1:.3f} - {q3:.3f}) [{lo:.3f} - {hi:.3f}] | "
+              f"{statistics.median(r[s][0] for r in rounds):.3f} | {statistics.median(r[s][1] for r in rounds):.3f} | "
+              f"{statistics.median(score):.3f} |")
+    floor = statistics.median(r["floor"][1] for r in rounds)
+    print(f"\nThe least a rebuild can cost here, reading the experts' {result['expert_bytes'] / 2**30:.2f} GiB once "
+          f"from memory: {result['read_experts_s']:.3f} s = {result['read_experts_s'] / floor:.3f} x the floor's "
+          f"median {floor:.3f} s.\n")
+
+
 # ------------------------------------------------------------------ driver side
 
 
@@ -240,7 +352,7 @@ def run_worker(args, **over) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--recipe", str(args.recipe), "--repeats", str(args.repeats),
            "--device", args.device, "--lora-recipe", str(args.lora_recipe)]
     for key, value in over.items():
-        cmd += [f"--{key.replace('_', '-')}", str(value)]
+        cmd += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
@@ -266,14 +378,17 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", type=Path, help="also write all figures here")
     # worker options
+    p.add_argument("--rounds", type=int, default=10,
+                   help="rounds of the paired timing (floor, in-memory, one-model, streaming in one process); 0 skips it")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--paired", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--strategy", help=argparse.SUPPRESS)
     p.add_argument("--objective", default="exact_match", help=argparse.SUPPRESS)
     p.add_argument("--swarm-size", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--rows", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        print(json.dumps(worker(args)))
+        print(json.dumps(paired_worker(args) if args.paired else worker(args)))
         return
     if not args.recipe.is_file():
         raise SystemExit(f"{args.recipe} not found; build the demo first: make demo-models")
@@ -316,6 +431,11 @@ def main() -> None:
             print(f"streaming / in-memory peak RSS: {rows['streaming']['peak_rss'] / rows['in-memory']['peak_rss']:.2f}"
                   f" (anon: {rows['streaming']['peak_anon'] / rows['in-memory']['peak_anon']:.2f})")
         print()
+        timed = [s for s in ("in-memory", "one-model", "streaming") if s in args.strategies.split(",")]
+        if args.rounds and timed:
+            paired = run_worker(args, paired=True, objective=objective, strategies=",".join(timed), rounds=args.rounds)
+            results.append(paired)
+            print_paired(paired)
     sizes = [int(s) for s in args.sizes.split(",") if s]
     if sizes:
         print(f"## peak RSS vs swarm size (initial swarm evaluated, loglik on {args.size_rows} dev rows)\n")

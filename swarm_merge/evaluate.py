@@ -35,6 +35,7 @@ import torch
 from swarm_merge.errors import EvaluationError
 from swarm_merge.experts import Expert
 from swarm_merge.objectives import Example, Score, row_count, score
+from swarm_merge import weights
 from swarm_merge.recipe import short_repr
 from swarm_merge.weights import (
     ChunkedCombiner,
@@ -219,6 +220,10 @@ class InMemoryEvaluator(Evaluator):
     def build(self, coefficients: np.ndarray) -> None:
         """Write ``sum_k a[g, k] E_k`` into every weight of the skeleton, in place."""
         rows = coefficient_rows(coefficients, self.device)
+        if self.device.type == "cpu":  # cache-sized chunks on every core: 0.119 -> 0.105 s on the demo
+            weights.combine_chunked([(self.stacked[name], rows[self.groups[name]], target.data.view(-1))
+                                     for name, target in self.targets.items()], weights.build_workers(self.device))
+            return
         for name, target in self.targets.items():
             combine(self.stacked[name], rows[self.groups[name]], out=target.data.view(-1))
 
@@ -274,8 +279,8 @@ class OneModelEvaluator(Evaluator):
     @torch.no_grad()
     def build(self, coefficients: np.ndarray) -> None:
         rows = coefficient_rows(coefficients, self.device)
-        for name, target in self.targets.items():
-            self.combiner.combine_into(name, rows[self.groups[name]], target.data.view(-1))
+        self.combiner.combine_all([(name, rows[self.groups[name]], target.data.view(-1))
+                                   for name, target in self.targets.items()])
 
     def expert_rows(self, name: str) -> torch.Tensor:
         return read_stacked(self.combiner.reader, self.combiner.experts, name, self.dtype)
@@ -448,14 +453,15 @@ def memory_estimate(experts: Sequence[Expert], dtype: str) -> Dict[str, int]:
     k = len(experts)
     params = experts[0].num_parameters
     largest = max(t.numel for t in experts[0].tensors.values())
-    chunk = min(ChunkedCombiner.CHUNK, largest)
+    chunk = min(weights.CHUNK, largest)
+    workers = weights.build_workers(torch.device("cpu"))  # buffers in host memory, one set per build thread
     return {
         "model": params * elem,
         "in-memory": (k + 1) * params * elem,
-        # the model, K chunks of read buffer, a float32 chunk accumulator (16-bit dtypes)
-        "one-model": params * elem + k * chunk * elem + chunk * 4,
-        # the K expert chunks being combined, the float32 accumulator, the module's weights
-        "streaming": k * chunk * elem + largest * 4 + largest * elem,
+        # the model; per reader thread, K chunks of read buffer and a float32 chunk accumulator (16-bit dtypes)
+        "one-model": params * elem + workers * (k * chunk * elem + chunk * 4),
+        # the K expert chunks being combined (per reader thread), the float32 accumulator, the module's weights
+        "streaming": workers * k * chunk * elem + largest * 4 + largest * elem,
     }
 
 

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import struct
 from collections.abc import Mapping
-from typing import Dict, List, Optional, Sequence, Tuple
+from functools import partial
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -23,8 +25,11 @@ import torch
 from swarm_merge.errors import EvaluationError
 from swarm_merge.experts import Expert
 
-__all__ = ["torch_dtype", "TensorReader", "PreadShard", "read_stacked", "combine", "coefficient_rows", "ChunkedCombiner",
-           "LazyMergedWeights", "scan_experts"]
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
+
+__all__ = ["torch_dtype", "TensorReader", "PreadShard", "read_stacked", "combine", "coefficient_rows", "CHUNK",
+           "build_workers", "run_chunks", "combine_chunked", "ChunkedCombiner", "LazyMergedWeights", "scan_experts"]
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -168,45 +173,142 @@ def coefficient_rows(coefficients: np.ndarray, device) -> List[torch.Tensor]:
     return [torch.tensor(row, dtype=torch.float32, device=device) for row in coefficients]
 
 
-class ChunkedCombiner:
-    """Builds one tensor at a time from the experts' files: K chunks read into
-    one reused buffer, combined straight into the destination.
+CHUNK = 256 * 1024
+"""Elements a build handles at a time (1 MiB per expert in float32): small enough that the K chunks
+just read are still in cache when they are combined. On the demo's experts (2 CPU cores, 32 MiB L3)
+a one-model rebuild took 0.56 s with 4 Mi-element chunks and 0.45 s with these (one thread)."""
 
-    Memory: ``K * CHUNK`` elements of buffer, whatever the model size. Reading
-    into fresh memory every time would cost page faults worth more than the
-    read; chunking keeps the buffer small next to the largest tensor (the
-    embeddings). Each output element is the same K-term combination
-    :func:`combine` computes on whole tensors, so every mode builds the same
-    weights. On CUDA the buffer is pinned, so the copy to the GPU is one DMA.
+MAX_WORKERS = 8
+"""Build threads on the CPU (at most; no more than torch's threads): past a few, the memory
+bandwidth, not the cores, is the limit."""
+
+_POOLS: Dict[int, "ThreadPoolExecutor"] = {}
+
+
+def build_workers(device: torch.device) -> int:
+    """Threads a build runs on: torch's threads on the CPU (capped), one elsewhere."""
+    return max(1, min(MAX_WORKERS, torch.get_num_threads())) if device.type == "cpu" else 1
+
+
+def run_chunks(tasks: Sequence[Callable[[], None]], workers: int) -> None:
+    """Run ``tasks`` (independent chunks of a build) on ``workers`` threads.
+
+    Written by hand because torch parallelises one op at a time: a build is
+    ~1000 small ops, and a single core copies the page cache (one-model) at
+    about 12 GB/s, well under the memory's bandwidth. Threads each take whole
+    chunks (pread and the combine release the GIL) while torch runs
+    single-threaded, so the cores are not oversubscribed. Each chunk is the
+    same arithmetic as on one thread, so the weights are bit-identical.
+    Grad and inference modes are per thread: the workers take the caller's
+    (streaming builds inside the forward's inference mode).
+    """
+    if workers <= 1 or len(tasks) <= 1:
+        for task in tasks:
+            task()
+        return
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    pool = _POOLS.get(workers)
+    if pool is None:
+        pool = _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="swarm-merge-build")
+    inference = torch.is_inference_mode_enabled()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        futures = [pool.submit(_in_mode, inference, task) for task in tasks]
+        wait(futures)  # all of them, even after a failure: none is left writing into the model
+        for future in futures:
+            future.result()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _in_mode(inference: bool, task: Callable[[], None]) -> None:
+    with torch.inference_mode(inference), torch.no_grad():
+        task()
+
+
+def combine_chunked(items: Sequence[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]], workers: int) -> None:
+    """:func:`combine` for each ``(stacked (K, N), c, out (N,))`` held in memory, in
+    chunks of :data:`CHUNK` columns shared among ``workers`` threads."""
+    run_chunks([partial(combine, stacked[:, start:start + CHUNK], c, out[start:start + CHUNK])
+                for stacked, c, out in items for start in range(0, out.numel(), CHUNK)], workers)
+
+
+class ChunkedCombiner:
+    """Builds tensors from the experts' files: K chunks read into a reused
+    buffer, combined straight into the destination.
+
+    Memory: ``K * chunk`` elements of buffer per worker, whatever the model
+    size. Reading into fresh memory every time would cost page faults worth
+    more than the read; chunking keeps the buffer small next to the largest
+    tensor (the embeddings). Each output element is the same K-term
+    combination :func:`combine` computes on whole tensors, so every mode builds
+    the same weights.
+
+    On the CPU the chunks are shared among :func:`build_workers` threads
+    (:func:`run_chunks`), each with its own buffer. On CUDA they go through two
+    pinned buffers in turn, so reading the next chunk overlaps the copy of the
+    last one to the GPU, and a buffer is refilled only once its copy is done.
     """
 
-    # Elements read per expert at a time (1 MiB in float32): small enough that the K chunks just
-    # read are still in cache when they are combined. On the demo's experts (2 CPU cores, 32 MiB
-    # L3) a one-model rebuild took 0.56 s with 4 Mi-element chunks and 0.45 s with these.
-    CHUNK = 256 * 1024
-
-    def __init__(self, experts: Sequence[Expert], *, dtype: torch.dtype, device: torch.device):
+    def __init__(self, experts: Sequence[Expert], *, dtype: torch.dtype, device: torch.device,
+                 workers: Optional[int] = None):
         self.experts = list(experts)
         self.dtype = dtype
         self.device = device
         self.reader = TensorReader()
         self.bytes_read = 0  # expert bytes read so far (for tests and the benchmark)
-        self.chunk = min(self.CHUNK, max(t.numel for t in experts[0].tensors.values()))
-        self.scratch = torch.empty(len(self.experts) * self.chunk, dtype=dtype,
-                                   pin_memory=device.type == "cuda")
+        self.chunk = min(CHUNK, max(t.numel for t in experts[0].tensors.values()))
+        cuda = device.type == "cuda"
+        self.workers = (workers or build_workers(device)) if device.type == "cpu" else 1
+        buffers = 2 if cuda else self.workers
+        self.scratch = [torch.empty(len(self.experts) * self.chunk, dtype=dtype, pin_memory=cuda)
+                        for _ in range(buffers)]
+        self._copied = [None] * buffers  # CUDA: the event marking each pinned buffer's copy done
+        self._free: "queue.SimpleQueue[torch.Tensor]" = queue.SimpleQueue()
+        for buffer in self.scratch:
+            self._free.put(buffer)
+        for expert in self.experts:  # open every file now: the threads then only read
+            for info in expert.tensors.values():
+                self.reader.header(info.file)
 
     def combine_into(self, name: str, c: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """``out`` (flat, on the device) = ``sum_k c[k] * E_k[name]``."""
-        numel = self.experts[0].tensors[name].numel
-        for start in range(0, numel, self.chunk):
-            stop = min(start + self.chunk, numel)
-            stacked = read_stacked(self.reader, self.experts, name, self.dtype, scratch=self.scratch,
-                                   span=(start, stop))
-            self.bytes_read += stacked.numel() * stacked.element_size()
-            if self.device.type != "cpu":
-                stacked = stacked.to(self.device, non_blocking=True)
-            combine(stacked, c, out=out[start:stop])
+        self.combine_all([(name, c, out)])
         return out
+
+    def combine_all(self, items: Sequence[Tuple[str, torch.Tensor, torch.Tensor]]) -> None:
+        """:meth:`combine_into` for each ``(name, c, out)``; on the CPU the chunks of all of
+        them are shared among the workers."""
+        spans = [(name, c, out, start, min(start + self.chunk, out.numel()))
+                 for name, c, out in items for start in range(0, out.numel(), self.chunk)]
+        self.bytes_read += sum(len(self.experts) * (stop - start) for *_, start, stop in spans) \
+            * torch.tensor([], dtype=self.dtype).element_size()
+        if self.device.type == "cpu":
+            run_chunks([partial(self._cpu_span, *span) for span in spans], self.workers)
+            return
+        for i, span in enumerate(spans):
+            self._device_span(*span, buffer=i % len(self.scratch))
+
+    def _read(self, name: str, scratch: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        return read_stacked(self.reader, self.experts, name, self.dtype, scratch=scratch, span=(start, stop))
+
+    def _cpu_span(self, name, c, out, start, stop) -> None:
+        scratch = self._free.get()  # one buffer per worker: never waits
+        try:
+            combine(self._read(name, scratch, start, stop), c, out=out[start:stop])
+        finally:
+            self._free.put(scratch)
+
+    def _device_span(self, name, c, out, start, stop, *, buffer: int) -> None:
+        if self._copied[buffer] is not None:
+            self._copied[buffer].synchronize()  # its last copy to the device is done: safe to refill
+        stacked = self._read(name, self.scratch[buffer], start, stop).to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            self._copied[buffer] = torch.cuda.Event()
+            self._copied[buffer].record(torch.cuda.current_stream(self.device))
+        combine(stacked, c, out=out[start:stop])
 
     def close(self) -> None:
         self.reader.close()

@@ -1,12 +1,15 @@
 """Streaming evaluation: same scores as in-memory, weights held at once bounded
 to one module, expert tensors read once per forward."""
 
+import struct
+
 import numpy as np
 import pytest
 import torch
 
 import tiny
 from swarm_merge import evaluate, experts as experts_mod, objectives, space, weights
+from swarm_merge.errors import EvaluationError
 from swarm_merge.recipe import Objective
 
 COEFFS = [np.array([[0.2, 0.5, 0.3]]), np.array([[1.4, -0.6, 0.2]]), np.array([[1 / 3, 1 / 3, 1 / 3]])]
@@ -33,8 +36,19 @@ def data(tmp_path, kind):
     return objectives.load_examples(str(path), kind), Objective(type=kind, dev=str(path), batch_size=4, max_new_tokens=3)
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_streaming_scores_equal_in_memory(tmp_path, tie):
+@pytest.fixture
+def two_threads():
+    """At least two torch threads, so the combiner runs two reader threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("tie, chunk", [(False, None), (True, None), (True, 700)])
+def test_streaming_scores_equal_in_memory(tmp_path, tie, chunk, monkeypatch, two_threads):
+    if chunk:  # several chunks a tensor: the reader threads build inside the forward's inference mode
+        monkeypatch.setattr(weights, "CHUNK", chunk)
     paths = tiny.make_experts(tmp_path / "e", 3, tie=tie)
     experts, groups, labels, mem, stream = build(paths)
     for kind in ("loglik", "exact_match", "multiple_choice"):
@@ -55,6 +69,7 @@ def test_streaming_scores_equal_in_memory(tmp_path, tie):
         assert torch.equal(stream.weights[name], state[name])
     if tie:
         assert "lm_head.weight" in stream.weights.aliases
+    assert stream.weights.combiner.workers >= 2
 
 
 def test_bfloat16_parity_and_layer_groups(tmp_path):
@@ -174,7 +189,7 @@ def test_cli_eval_mode_flags(tiny_recipe, capsys):
 
 
 def test_chunked_reads_build_the_same_weights(tmp_path, monkeypatch):
-    monkeypatch.setattr(weights.ChunkedCombiner, "CHUNK", 1000)  # several chunks a tensor
+    monkeypatch.setattr(weights, "CHUNK", 1000)  # several chunks a tensor
     paths = tiny.make_experts(tmp_path / "e", 3, tie=True)
     experts, groups, labels, mem, stream = build(paths)
     assert stream.weights.combiner.chunk == 1000
@@ -190,8 +205,8 @@ def test_chunked_reads_build_the_same_weights(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("tie, dtype", [(False, "float32"), (True, "float32"), (False, "bfloat16")])
-def test_one_model_builds_the_same_weights_and_scores_as_in_memory(tmp_path, tie, dtype, monkeypatch):
-    monkeypatch.setattr(weights.ChunkedCombiner, "CHUNK", 1000)  # several chunks a tensor
+def test_one_model_builds_the_same_weights_and_scores_as_in_memory(tmp_path, tie, dtype, monkeypatch, two_threads):
+    monkeypatch.setattr(weights, "CHUNK", 1000)  # several chunks a tensor
     paths = tiny.make_experts(tmp_path / "e", 3, tie=tie)
     experts, groups, labels, mem, _ = build(paths, dtype=dtype)
     one = evaluate.OneModelEvaluator(experts, groups, dtype=dtype, device=torch.device("cpu"))
@@ -209,6 +224,43 @@ def test_one_model_builds_the_same_weights_and_scores_as_in_memory(tmp_path, tie
             assert x.utility == y.utility and x.groups == y.groups, (kind, c)
 
 
+@pytest.mark.parametrize("workers", [1, 3])
+def test_chunks_shared_among_reader_threads_build_the_same_weights(tmp_path, monkeypatch, workers):
+    monkeypatch.setattr(weights, "CHUNK", 700)  # many chunks a tensor, some short
+    paths = tiny.make_experts(tmp_path / "e", 3, tie=True)
+    experts, groups, labels, mem, _ = build(paths)
+    combiner = weights.ChunkedCombiner(experts, dtype=torch.float32, device=torch.device("cpu"), workers=workers)
+    threads = torch.get_num_threads()
+    for c in COEFFS:
+        mem.build(c)
+        rows = weights.coefficient_rows(c, "cpu")
+        outs = {n: torch.full((experts[0].tensors[n].numel,), float("nan")) for n in mem.targets}
+        combiner.combine_all([(n, rows[groups[n]], out) for n, out in outs.items()])
+        for name, target in mem.targets.items():
+            assert torch.equal(outs[name], target.data.view(-1)), (name, c)
+        assert torch.get_num_threads() == threads  # single-threaded torch only while the readers run
+    assert len(combiner.scratch) == workers  # one buffer per reader, taken in turn
+    combiner.close()
+
+
+def test_a_failing_read_in_a_reader_thread_stops_the_build(tmp_path, monkeypatch):
+    monkeypatch.setattr(weights, "CHUNK", 700)
+    paths = tiny.make_experts(tmp_path / "e", 3)
+    experts, groups, *_ = build(paths)
+    combiner = weights.ChunkedCombiner(experts, dtype=torch.float32, device=torch.device("cpu"), workers=2)
+    name = max(experts[0].tensors, key=lambda n: experts[0].tensors[n].numel)
+    path = experts[1].tensors[name].file
+    begin, _ = weights.TensorReader().header(path)[name]["data_offsets"]
+    with open(path, "r+b") as fh:  # cut expert 1's file a few chunks into that tensor
+        fh.truncate(8 + struct.unpack("<Q", fh.read(8))[0] + begin + 4 * 2000)
+    threads = torch.get_num_threads()
+    out = torch.empty(experts[0].tensors[name].numel)
+    with pytest.raises(EvaluationError, match="truncated"):
+        combiner.combine_all([(name, torch.tensor([0.2, 0.3, 0.5]), out)])
+    assert torch.get_num_threads() == threads
+    combiner.close()
+
+
 def test_one_model_reads_each_expert_tensor_once_per_evaluation(tmp_path):
     paths = tiny.make_experts(tmp_path / "e", 3)
     experts, groups, labels, _, _ = build(paths)
@@ -219,8 +271,10 @@ def test_one_model_reads_each_expert_tensor_once_per_evaluation(tmp_path):
         before = one.combiner.bytes_read
         one.evaluate(COEFFS[1], rows, objective)
         assert one.combiner.bytes_read - before == per_model
-    # What it holds besides the model: K chunks of buffer, never a second copy of a tensor.
-    assert one.combiner.scratch.numel() == len(experts) * one.combiner.chunk
+    # What it holds besides the model: K chunks of buffer per reader thread, never a second copy of a tensor.
+    assert 1 <= one.combiner.workers <= torch.get_num_threads()
+    assert len(one.combiner.scratch) == one.combiner.workers
+    assert all(b.numel() == len(experts) * one.combiner.chunk for b in one.combiner.scratch)
 
 
 def test_one_model_from_the_cli_writes_the_same_merge(tiny_recipe, tmp_path):
