@@ -261,7 +261,7 @@ class OneModelEvaluator(Evaluator):
     into the model's parameter. Scoring then runs at full speed, generation
     included.
 
-    Memory: one model plus K chunks of buffer. I/O: K x the model per
+    Memory: one model plus K chunks of buffer per build thread. I/O: K x the model per
     evaluation (from the OS page cache when the experts fit in it).
     """
 

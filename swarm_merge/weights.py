@@ -15,6 +15,7 @@ import json
 import os
 import queue
 import struct
+import threading
 from collections.abc import Mapping
 from functools import partial
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
@@ -183,6 +184,10 @@ MAX_WORKERS = 8
 bandwidth, not the cores, is the limit."""
 
 _POOLS: Dict[int, "ThreadPoolExecutor"] = {}
+# torch's thread count is process-wide: one build at a time sets it to 1 and restores it.
+_BUILD_LOCK = threading.Lock()
+if hasattr(os, "register_at_fork"):  # a forked child has the pools but not their threads
+    os.register_at_fork(after_in_child=_POOLS.clear)
 
 
 def build_workers(device: torch.device) -> int:
@@ -200,7 +205,9 @@ def run_chunks(tasks: Sequence[Callable[[], None]], workers: int) -> None:
     single-threaded, so the cores are not oversubscribed. Each chunk is the
     same arithmetic as on one thread, so the weights are bit-identical.
     Grad and inference modes are per thread: the workers take the caller's
-    (streaming builds inside the forward's inference mode).
+    (streaming builds inside the forward's inference mode). Builds from
+    several threads run one at a time (torch's thread count is process-wide);
+    torch work on other threads runs single-threaded while one does.
     """
     if workers <= 1 or len(tasks) <= 1:
         for task in tasks:
@@ -208,19 +215,20 @@ def run_chunks(tasks: Sequence[Callable[[], None]], workers: int) -> None:
         return
     from concurrent.futures import ThreadPoolExecutor, wait
 
-    pool = _POOLS.get(workers)
-    if pool is None:
-        pool = _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="swarm-merge-build")
     inference = torch.is_inference_mode_enabled()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        futures = [pool.submit(_in_mode, inference, task) for task in tasks]
-        wait(futures)  # all of them, even after a failure: none is left writing into the model
-        for future in futures:
-            future.result()
-    finally:
-        torch.set_num_threads(threads)
+    with _BUILD_LOCK:
+        pool = _POOLS.get(workers)
+        if pool is None:
+            pool = _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="swarm-merge-build")
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            futures = [pool.submit(_in_mode, inference, task) for task in tasks]
+            wait(futures)  # all of them, even after a failure: none is left writing into the model
+            for future in futures:
+                future.result()
+        finally:
+            torch.set_num_threads(threads)
 
 
 def _in_mode(inference: bool, task: Callable[[], None]) -> None:
@@ -239,8 +247,8 @@ class ChunkedCombiner:
     """Builds tensors from the experts' files: K chunks read into a reused
     buffer, combined straight into the destination.
 
-    Memory: ``K * chunk`` elements of buffer per worker, whatever the model
-    size. Reading into fresh memory every time would cost page faults worth
+    Memory: ``K * chunk`` elements of buffer per worker (two on CUDA, in
+    pinned host memory), whatever the model size. Reading into fresh memory every time would cost page faults worth
     more than the read; chunking keeps the buffer small next to the largest
     tensor (the embeddings). Each output element is the same K-term
     combination :func:`combine` computes on whole tensors, so every mode builds
@@ -259,6 +267,7 @@ class ChunkedCombiner:
         self.device = device
         self.reader = TensorReader()
         self.bytes_read = 0  # expert bytes read so far (for tests and the benchmark)
+        self._counting = threading.Lock()
         self.chunk = min(CHUNK, max(t.numel for t in experts[0].tensors.values()))
         cuda = device.type == "cuda"
         self.workers = (workers or build_workers(device)) if device.type == "cpu" else 1
@@ -269,9 +278,8 @@ class ChunkedCombiner:
         self._free: "queue.SimpleQueue[torch.Tensor]" = queue.SimpleQueue()
         for buffer in self.scratch:
             self._free.put(buffer)
-        for expert in self.experts:  # open every file now: the threads then only read
-            for info in expert.tensors.values():
-                self.reader.header(info.file)
+        for path in {info.file for expert in self.experts for info in expert.tensors.values()}:
+            self.reader.header(path)  # open every file now: the threads then only read
 
     def combine_into(self, name: str, c: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """``out`` (flat, on the device) = ``sum_k c[k] * E_k[name]``."""
@@ -283,8 +291,6 @@ class ChunkedCombiner:
         them are shared among the workers."""
         spans = [(name, c, out, start, min(start + self.chunk, out.numel()))
                  for name, c, out in items for start in range(0, out.numel(), self.chunk)]
-        self.bytes_read += sum(len(self.experts) * (stop - start) for *_, start, stop in spans) \
-            * torch.tensor([], dtype=self.dtype).element_size()
         if self.device.type == "cpu":
             run_chunks([partial(self._cpu_span, *span) for span in spans], self.workers)
             return
@@ -292,7 +298,10 @@ class ChunkedCombiner:
             self._device_span(*span, buffer=i % len(self.scratch))
 
     def _read(self, name: str, scratch: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        return read_stacked(self.reader, self.experts, name, self.dtype, scratch=scratch, span=(start, stop))
+        stacked = read_stacked(self.reader, self.experts, name, self.dtype, scratch=scratch, span=(start, stop))
+        with self._counting:
+            self.bytes_read += stacked.numel() * stacked.element_size()
+        return stacked
 
     def _cpu_span(self, name, c, out, start, stop) -> None:
         scratch = self._free.get()  # one buffer per worker: never waits
@@ -304,8 +313,10 @@ class ChunkedCombiner:
     def _device_span(self, name, c, out, start, stop, *, buffer: int) -> None:
         if self._copied[buffer] is not None:
             self._copied[buffer].synchronize()  # its last copy to the device is done: safe to refill
-        stacked = self._read(name, self.scratch[buffer], start, stop).to(self.device, non_blocking=True)
-        if self.device.type == "cuda":
+        cuda = self.device.type == "cuda"
+        # non_blocking only from pinned memory on CUDA, where the event below guards the buffer
+        stacked = self._read(name, self.scratch[buffer], start, stop).to(self.device, non_blocking=cuda)
+        if cuda:
             self._copied[buffer] = torch.cuda.Event()
             self._copied[buffer].record(torch.cuda.current_stream(self.device))
         combine(stacked, c, out=out[start:stop])
@@ -319,7 +330,7 @@ class LazyMergedWeights(Mapping):
 
     accelerate's offload hooks read each module's tensors from it right before
     the module's forward and drop them right after, so at any time the process
-    holds one module's weights plus K chunks of the tensor being combined.
+    holds one module's weights plus K chunks (per build thread) of the tensor being combined.
     """
 
     def __init__(self, experts: Sequence[Expert], groups: Dict[str, int], aliases: Dict[str, str], *,

@@ -243,6 +243,41 @@ def test_chunks_shared_among_reader_threads_build_the_same_weights(tmp_path, mon
     combiner.close()
 
 
+def test_builds_from_two_threads_at_once_stay_right_and_restore_torch_threads(tmp_path, monkeypatch, two_threads):
+    import threading
+
+    monkeypatch.setattr(weights, "CHUNK", 700)
+    paths = tiny.make_experts(tmp_path / "e", 3)
+    experts, groups, labels, mem, _ = build(paths)
+    threads = torch.get_num_threads()
+    expected = {}
+    for i, c in enumerate(COEFFS[:2]):
+        mem.build(c)
+        expected[i] = {n: t.detach().clone().view(-1) for n, t in mem.targets.items()}
+    got, errors = {}, []
+
+    def run(i):
+        try:
+            combiner = weights.ChunkedCombiner(experts, dtype=torch.float32, device=torch.device("cpu"), workers=2)
+            rows = weights.coefficient_rows(COEFFS[i], "cpu")
+            for _ in range(5):
+                outs = {n: torch.empty(experts[0].tensors[n].numel) for n in mem.targets}
+                combiner.combine_all([(n, rows[groups[n]], out) for n, out in outs.items()])
+                got.setdefault(i, []).append(outs)
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    runners = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for r in runners:
+        r.start()
+    for r in runners:
+        r.join()
+    assert not errors
+    for i in range(2):
+        assert all(torch.equal(outs[n], expected[i][n]) for outs in got[i] for n in outs)
+    assert torch.get_num_threads() == threads  # never left at 1 by interleaved set/restore
+
+
 def test_a_failing_read_in_a_reader_thread_stops_the_build(tmp_path, monkeypatch):
     monkeypatch.setattr(weights, "CHUNK", 700)
     paths = tiny.make_experts(tmp_path / "e", 3)
