@@ -250,9 +250,9 @@ class ChunkedCombiner:
     Memory: ``K * chunk`` elements of buffer per worker (two on CUDA, in
     pinned host memory), whatever the model size. Reading into fresh memory
     every time would cost page faults worth more than the read; chunking keeps
-    the buffer small next to the largest tensor (the embeddings). Each output element is the same K-term
-    combination :func:`combine` computes on whole tensors, so every mode builds
-    the same weights.
+    the buffer small next to the largest tensor (the embeddings). Each output
+    element is the same K-term combination :func:`combine` computes on whole
+    tensors, so every mode builds the same weights.
 
     On the CPU the chunks are shared among :func:`build_workers` threads
     (:func:`run_chunks`), each with its own buffer. On CUDA they go through two

@@ -229,6 +229,9 @@ def test_chunks_shared_among_reader_threads_build_the_same_weights(tmp_path, mon
     monkeypatch.setattr(weights, "CHUNK", 700)  # many chunks a tensor, some short
     paths = tiny.make_experts(tmp_path / "e", 3, tie=True)
     experts, groups, labels, mem, _ = build(paths)
+    from safetensors.torch import load_file
+
+    files = [load_file(str(p / "model.safetensors")) for p in paths]
     combiner = weights.ChunkedCombiner(experts, dtype=torch.float32, device=torch.device("cpu"), workers=workers)
     threads = torch.get_num_threads()
     for c in COEFFS:
@@ -238,6 +241,9 @@ def test_chunks_shared_among_reader_threads_build_the_same_weights(tmp_path, mon
         combiner.combine_all([(n, rows[groups[n]], out) for n, out in outs.items()])
         for name, target in mem.targets.items():
             assert torch.equal(outs[name], target.data.view(-1)), (name, c)
+            # and both equal the sum written out, so a chunk lost or misplaced in both would show
+            want = sum(float(a) * f[name].double().view(-1) for a, f in zip(c[0], files))
+            assert torch.allclose(outs[name].double(), want, atol=1e-6), (name, c)
         assert torch.get_num_threads() == threads  # single-threaded torch only while the readers run
     assert len(combiner.scratch) == workers  # one buffer per reader, taken in turn
     combiner.close()
