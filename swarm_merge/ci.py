@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import io
 import logging
+import re
 import os
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from typing import List, Optional, Sequence
 import yaml
 
 from swarm_merge.errors import InputError, SwarmMergeError
+from swarm_merge.options import OneLineParser
 
 __all__ = ["changed_files", "recipe_files", "changed_recipes", "main"]
 
@@ -61,18 +63,48 @@ def changed_files(repo: Path, base: Optional[str], head: str = "HEAD") -> Option
 
 
 def _is_recipe(path: Path) -> bool:
+    """A YAML mapping with ``experts:``, read as load_recipe reads it (size and alias
+    bounds: a tracked file comes from a pull request)."""
+    from swarm_merge.recipe import MAX_RECIPE_BYTES, bounded_yaml
+
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            return True  # let the plan or run say what is wrong with it
+        data = bounded_yaml(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError):
         return True  # broken: let the plan or run say what is wrong with it
     return isinstance(data, dict) and "experts" in data
 
 
+def outside(repo: Path, path: Path) -> bool:
+    """Whether ``path`` (a tracked file, maybe a symlink) resolves to a place outside ``repo``."""
+    try:
+        path.resolve().relative_to(Path(repo).resolve())
+    except ValueError:
+        return True
+    return False
+
+
+def _outside_error(repo: Path, path: Path) -> InputError:
+    return InputError(f"{_shown(repo, path)} is a symlink to a file outside the repository; commit the recipe "
+                      "itself instead of a link")
+
+
+def _shown(repo: Path, path: Path) -> str:
+    """A tracked path relative to the repo as one safe line (control characters escaped)."""
+    try:
+        rel = Path(path).relative_to(repo).as_posix()
+    except ValueError:
+        rel = str(path)
+    return rel.encode("unicode_escape").decode("ascii") if not rel.isprintable() else rel
+
+
 def recipe_files(repo: Path, recipes_dir: str = "recipes") -> List[Path]:
-    """Every recipe file tracked under ``recipes_dir`` (sorted)."""
+    """Every recipe file tracked under ``recipes_dir`` (sorted); a tracked symlink that leads
+    outside the repo is listed unread (the plan and the run refuse it)."""
     out = _git(repo, "ls-files", "-z", "--", recipes_dir)
     paths = [repo / p for p in out.split("\0") if p.endswith((".yml", ".yaml"))]
-    return sorted(p for p in paths if p.is_file() and _is_recipe(p))
+    return sorted(p for p in paths if (p.is_symlink() and outside(repo, p)) or (p.is_file() and _is_recipe(p)))
 
 
 def _inputs(recipe_path: Path) -> List[Path]:
@@ -81,7 +113,7 @@ def _inputs(recipe_path: Path) -> List[Path]:
 
     try:
         recipe = load_recipe(recipe_path)
-    except SwarmMergeError:
+    except (SwarmMergeError, OSError):
         return []
     return [Path(p).expanduser().resolve() for _, p in recipe.local_inputs()]
 
@@ -93,11 +125,11 @@ def changed_recipes(repo: Path, base: Optional[str], head: str = "HEAD", recipes
     changed = changed_files(repo, base, head)
     if changed is None:
         return recipes
-    touched = {(repo / p).resolve() for p in changed}
+    touched = {repo / p for p in changed} | {(repo / p).resolve() for p in changed}
     found = []
     for recipe in recipes:
-        if recipe.resolve() in touched:
-            found.append(recipe)
+        if recipe in touched or recipe.resolve() in touched or outside(repo, recipe):
+            found.append(recipe)  # (a link leading outside is always planned: as refused)
             continue
         for inp in _inputs(recipe):
             if any(t == inp or inp in t.parents for t in touched):
@@ -135,20 +167,37 @@ def plan(repo: Path, recipes: Sequence[Path], summary: Optional[Path], out=None)
     if not recipes:
         lines.append("No recipe is touched by this change.")
     for recipe in recipes:
-        rel = recipe.resolve().relative_to(repo.resolve()).as_posix()
+        title = _code_span(_shown(repo, recipe))
         try:
+            if outside(repo, recipe):
+                raise _outside_error(repo, recipe)
             text = _plan(recipe)
         except SwarmMergeError as exc:
             failed += 1
-            lines += [f"### `{rel}`: refused", "", "```text", str(exc), "```", ""]
+            lines += [f"### {title}: refused", "", *_fenced(str(exc)), ""]
             continue
-        lines += [f"### `{rel}`", "", "```text", text.rstrip(), "```", ""]
+        lines += [f"### {title}", "", *_fenced(text.rstrip()), ""]
     markdown = "\n".join(lines) + "\n"
     out.write(markdown)
     if summary is not None:
         with open(summary, "a", encoding="utf-8") as f:
             f.write(markdown)
     return 1 if failed else 0
+
+
+# Everything in the plan comes from the pull request (file names, recipe values,
+# error messages quoting them): it goes into code spans and fences that it cannot
+# close, so nothing in it renders as Markdown or HTML in the job summary reviewers read.
+def _code_span(text: str) -> str:
+    text = " ".join(text.splitlines())
+    ticks = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{ticks}{pad}{text}{pad}{ticks}"
+
+
+def _fenced(text: str) -> List[str]:
+    fence = "`" * max(3, max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    return [f"{fence}text", text, fence]
 
 
 def run_recipes(repo: Path, recipes: Sequence[Path], out_root: Path, *, push: bool, recipes_dir: str) -> int:
@@ -158,6 +207,10 @@ def run_recipes(repo: Path, recipes: Sequence[Path], out_root: Path, *, push: bo
 
     failed = 0
     for recipe in recipes:
+        if outside(repo, recipe):
+            LOG.error("mergekit-swarm: error: %s", _outside_error(repo, recipe))
+            failed += 1
+            continue
         dest = Path(out_root) / _out_name(repo, recipe, recipes_dir)
         argv = [str(recipe), "--out", str(dest), "--no-progress"]
         if (dest / "swarm-state.json").is_file():
@@ -172,7 +225,7 @@ def run_recipes(repo: Path, recipes: Sequence[Path], out_root: Path, *, push: bo
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mergekit-swarm ci", description="Recipes run from CI (see the README).")
+    p = OneLineParser(prog="mergekit-swarm ci", description="Recipes run from CI (see the README).")
     sub = p.add_subparsers(dest="what", required=True)
     for name, text in (("changed", "print the recipes the change touches"),
                        ("plan", "print each touched recipe's --dry-run plan as Markdown"),
@@ -207,7 +260,7 @@ def main(argv: Sequence[str]) -> int:
         recipes = changed_recipes(repo, args.base, args.head, args.recipes_dir)
     if args.what == "changed":
         for r in recipes:
-            print(r.resolve().relative_to(repo).as_posix())
+            print(_shown(repo, r))
         return 0
     if args.what == "plan":
         return plan(repo, recipes, args.summary)

@@ -14,6 +14,7 @@ Exit codes: 0 success, 2 bad input (recipe, experts, data, output folder),
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -21,12 +22,13 @@ import sys
 from typing import List, Optional
 
 from swarm_merge.errors import InputError, SwarmMergeError
+from swarm_merge.options import OneLineParser
 
 LOG = logging.getLogger("swarm_merge")
 
 
 def _run_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="mergekit-swarm",
         description="Search merges of expert models with Model Swarms and write the best one with mergekit. "
         "`mergekit-swarm push OUT_DIR --repo org/name` pushes a finished run.",
@@ -58,6 +60,10 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--objective-code", metavar="PATH.py:FUNCTION",
                    help="the utility of `type: custom` objectives: FUNCTION(model, tokenizer, rows, device) -> float "
                    "(runs this code; a recipe can never name code)")
+    p.add_argument("--allow-task-code", action="store_true",
+                   help="let lm_eval task YAML files under an objective's include_path run their Python hooks "
+                   "(`!function`, `class`, dataset scripts); refused by default, since a recipe's task folder "
+                   "comes with the recipe")
     p.add_argument("--num-processes", type=int, metavar="N",
                    help="spread the evaluations over N processes on this machine (one per GPU, or CPU processes): "
                    "runs `accelerate launch` for you; the result equals one process's")
@@ -66,8 +72,11 @@ def _run_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _launch(argv: List[str], n: int) -> int:
-    """``--num-processes N``: the same command under ``accelerate launch`` (N > 1)."""
+def _launch(argv: List[str], n: int, args: argparse.Namespace) -> int:
+    """``--num-processes N``: the same command under ``accelerate launch`` (N > 1).
+
+    Bad input is found here first, by a quiet dry run in this one process: otherwise
+    every rank would report it, with the launcher's own error lines around them."""
     import subprocess
 
     from swarm_merge import distributed
@@ -86,6 +95,13 @@ def _launch(argv: List[str], n: int) -> int:
             rest.append(a)
     if n == 1:
         return main(rest)
+    if not args.dry_run:
+        import io
+
+        from swarm_merge.pipeline import run
+
+        recipe, options = _recipe_and_options(args)
+        run(recipe, dataclasses.replace(options, dry_run=True, progress=False), out=io.StringIO())
     code = subprocess.call(distributed.launch_command(n, rest))
     if code != 0:
         print(f"mergekit-swarm: error: a process of the {n}-process run failed (exit {code}; its own error is above); "
@@ -97,13 +113,16 @@ def _size(text: str) -> int:
     from swarm_merge.evaluate import parse_bytes
 
     try:
-        return parse_bytes(text)
+        size = parse_bytes(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    if size <= 0:  # 0 used to mean "no limit given" downstream: never silently
+        raise argparse.ArgumentTypeError(f"{text!r} is no memory at all; give a size such as 16GiB, or drop the flag")
+    return size
 
 
 def _push_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mergekit-swarm push", description="Push a finished run's output folder to the Hub.")
+    p = OneLineParser(prog="mergekit-swarm push", description="Push a finished run's output folder to the Hub.")
     p.add_argument("out_dir", help="the output folder of a finished run (holds swarm.json)")
     p.add_argument("--repo", required=True, metavar="ORG/NAME", help="the Hub repo to push to")
     p.add_argument("--private", action=argparse.BooleanOptionalAction, default=None,
@@ -146,7 +165,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             args = _run_parser().parse_args(argv)
         if args.num_processes is not None:
-            return _launch(argv, args.num_processes)
+            return _launch(argv, args.num_processes, args)
         return _run(args)
     except InputError as exc:
         _fail(exc, verbose)
@@ -176,6 +195,19 @@ def _fail(exc: BaseException, verbose: bool, prefix: str = "") -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from swarm_merge import distributed
+    from swarm_merge.pipeline import run
+
+    recipe, options = _recipe_and_options(args)
+    try:
+        run(recipe, options)
+    finally:
+        distributed.reset()
+    return 0
+
+
+def _recipe_and_options(args: argparse.Namespace):
+    """The recipe (overrides applied) and the RunOptions the flags say, validated."""
     from swarm_merge.options import RunOptions
     from swarm_merge.recipe import load_recipe
 
@@ -184,6 +216,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.seeds > 1 and not args.baselines:
         raise InputError("--seeds runs every method at several seeds, which needs --baselines "
                          "(or `mergekit-swarm compare RECIPE`)")
+    if args.out is not None and not args.out.strip():
+        raise InputError("--out is empty; give the output folder, or drop --out to use the recipe's output.dir")
     overrides = list(args.overrides)
     if args.seed is not None:
         overrides.append(f"swarm.seed={args.seed}")
@@ -201,17 +235,11 @@ def _run(args: argparse.Namespace) -> int:
         baselines=args.baselines,
         seeds=args.seeds,
         objective_code=args.objective_code,
+        allow_task_code=args.allow_task_code,
         # Bars on a terminal (or when asked); one log line per iteration otherwise.
         progress=not args.no_progress and (sys.stderr.isatty() or os.environ.get("SWARM_MERGE_PROGRESS") == "1"),
     )
-    from swarm_merge import distributed
-    from swarm_merge.pipeline import run
-
-    try:
-        run(recipe, options)
-    finally:
-        distributed.reset()
-    return 0
+    return recipe, options
 
 
 def _push(args: argparse.Namespace) -> int:

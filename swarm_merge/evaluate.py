@@ -32,7 +32,7 @@ from typing import Callable, Dict, Optional, Sequence
 import numpy as np
 import torch
 
-from swarm_merge.errors import EvaluationError
+from swarm_merge.errors import EvaluationError, InputError
 from swarm_merge.experts import Expert
 from swarm_merge.objectives import Example, Score, row_count, score
 from swarm_merge import weights
@@ -40,6 +40,7 @@ from swarm_merge.recipe import short_repr
 from swarm_merge.weights import (
     ChunkedCombiner,
     LazyMergedWeights,
+    NonFiniteWeights,
     TensorReader,
     coefficient_rows,
     combine,
@@ -112,7 +113,7 @@ def check_tokenizer(path, objective) -> None:
 def load_tokenizer(path):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -148,7 +149,9 @@ class Evaluator(abc.ABC):
         return min(n, self.max_rows) if self.max_rows else n
 
     def evaluate(self, coefficients: np.ndarray, examples: Sequence[Example], objective) -> Score:
-        """Build the particle and score it; a NaN utility (diverged weights) ranks it worst.
+        """Build the particle and score it; a NaN utility ranks it worst. Weights that come out
+        NaN or inf in the dtype (checked as they are built) or logits that do (checked by a
+        hook on the LM head) score NaN too, whatever the objective would make of the output.
 
         Raises:
             EvaluationError: scoring raised. Every particle runs the same code on
@@ -171,21 +174,74 @@ class Evaluator(abc.ABC):
     def _score(self, build: Callable[[], None], examples: Sequence[Example], objective) -> Score:
         try:
             build()
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _LogitsWatch(self.model) as logits:
                 warnings.simplefilter("ignore")
                 result = score(self.model, self.tokenizer, examples, objective, self.device, batch_size=self.batch_size,
                                share_prefix=self.share_prefix)
-        except EvaluationError:
+            # Streaming builds the weights during the forwards: their check is read after them.
+            streamed = getattr(self, "weights", None)
+            bad = streamed.nonfinite() if isinstance(streamed, LazyMergedWeights) else None
+            if bad is not None:
+                raise NonFiniteWeights(bad, self.dtype)
+        except NonFiniteWeights as exc:
+            LOG.warning("%s: the particle scores NaN (worst); if every particle does, use a wider dtype "
+                        "(bfloat16 or float32)", exc)
+            return Score(float("nan"), {}, row_count(examples))
+        except (EvaluationError, InputError):  # InputError: bad input met only now (exit 2)
             raise
         except Exception as exc:
             LOG.debug("evaluation traceback", exc_info=True)
             detail = " ".join(str(exc).split())[:200]
+            # What to run next depends on whether progress was saved: search.run_search says it.
             raise EvaluationError(f"evaluating a particle failed ({type(exc).__name__}: {detail}); fix the cause "
-                                  "(run with -v for the traceback), then run again with --resume") from exc
+                                  "(run with -v for the traceback)") from exc
+        if logits.bad:
+            # Garbage text from NaN logits scores 0 on an accuracy objective, like a sane but poor model.
+            LOG.warning("the particle's logits are NaN or inf: it scores NaN (worst), not what its garbage output "
+                        "would score")
+            return Score(float("nan"), {}, result.n)
         if not math.isfinite(result.utility):
             LOG.warning("utility is NaN (the merged weights may have blown up); the particle is scored worst")
             return Score(float("nan"), result.groups, result.n)
         return result
+
+
+class _LogitsWatch:
+    """Whether any logits ``model`` computes are NaN or inf: a forward hook on its output
+    embeddings (the LM head; the model itself when it has none), so every forward counts:
+    generate()'s steps, log-likelihoods, lm-eval's and custom objectives' own calls.
+
+    On the CPU each output is checked as it comes (:func:`weights.is_finite`, a sum); on a
+    GPU the flag stays on the device and is read once, after the scoring."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self._cpu_bad = False
+        self._flag: Optional[torch.Tensor] = None
+
+    def __enter__(self) -> "_LogitsWatch":
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        target = head if isinstance(head, torch.nn.Module) else self.model
+        self._handle = target.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self._handle.remove()
+        return False
+
+    def _hook(self, module, args, output) -> None:
+        logits = output if isinstance(output, torch.Tensor) else getattr(output, "logits", None)
+        if not isinstance(logits, torch.Tensor) or not logits.is_floating_point() or self._cpu_bad:
+            return
+        if logits.device.type == "cpu":
+            self._cpu_bad = not weights.is_finite(logits)
+            return
+        flag = ~torch.isfinite(logits).all()
+        self._flag = flag if self._flag is None else self._flag | flag
+
+    @property
+    def bad(self) -> bool:
+        return self._cpu_bad or (self._flag is not None and bool(self._flag))
 
 
 class InMemoryEvaluator(Evaluator):
@@ -207,6 +263,7 @@ class InMemoryEvaluator(Evaluator):
         self.device = device
         self.groups = groups
         self.dtype = torch_dtype(dtype)
+        weights.check_range(experts, self.dtype)
         self.tokenizer = load_tokenizer(tokenizer_path or experts[0].path)
         self.model, self.targets = _skeleton(experts, self.dtype, device)
         reader = TensorReader()
@@ -215,17 +272,29 @@ class InMemoryEvaluator(Evaluator):
         finally:
             reader.close()
         self.expert_bytes = sum(t.numel() * t.element_size() for t in self.stacked.values())
+        # Each expert's largest |value| per tensor: most particles provably build finite weights,
+        # whose chunks then skip the check (weights.may_overflow).
+        self.peaks = {n: weights.row_peaks(t) for n, t in self.stacked.items() if t.is_floating_point()}
 
     @torch.no_grad()
     def build(self, coefficients: np.ndarray) -> None:
         """Write ``sum_k a[g, k] E_k`` into every weight of the skeleton, in place."""
         rows = coefficient_rows(coefficients, self.device)
+        # The tensors this particle might overflow are checked finite as they are built (NonFiniteWeights: it scores NaN).
+        unsafe = weights.may_overflow(self.peaks, coefficients, self.groups, self.dtype)
         if self.device.type == "cpu":  # cache-sized chunks on every core: 0.119 -> 0.100 s on the demo
-            weights.combine_chunked([(self.stacked[name], rows[self.groups[name]], target.data.view(-1))
-                                     for name, target in self.targets.items()], weights.build_workers(self.device))
+            weights.combine_chunked([(name if name in unsafe else None, self.stacked[name], rows[self.groups[name]],
+                                      target.data.view(-1)) for name, target in self.targets.items()],
+                                    weights.build_workers(self.device))
             return
+        check = weights.FiniteCheck()
         for name, target in self.targets.items():
             combine(self.stacked[name], rows[self.groups[name]], out=target.data.view(-1))
+            if name in unsafe:
+                check.add(name, target)
+        bad = check.first()
+        if bad is not None:
+            raise NonFiniteWeights(bad, self.dtype)
 
     def expert_rows(self, name: str) -> torch.Tensor:
         """The K experts' tensor ``name``, ``(K, numel)``."""
@@ -235,6 +304,8 @@ class InMemoryEvaluator(Evaluator):
     def load(self, tensor_of) -> None:
         for name, target in self.targets.items():
             target.data.copy_(tensor_of(name).reshape(target.shape))
+            if target.is_floating_point() and not weights.is_finite(target):
+                raise NonFiniteWeights(name, self.dtype)
 
 
 def _skeleton(experts: Sequence[Expert], dtype: torch.dtype, device: torch.device):
@@ -242,7 +313,7 @@ def _skeleton(experts: Sequence[Expert], dtype: torch.dtype, device: torch.devic
     per particle) and the parameters to write: (model, stored name -> tensor)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(experts[0].path), dtype=dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(experts[0].path), trust_remote_code=False, dtype=dtype).to(device).eval()
     targets: Dict[str, torch.Tensor] = {}
     seen = set()
     for name, tensor in model.state_dict(keep_vars=True).items():
@@ -272,6 +343,7 @@ class OneModelEvaluator(Evaluator):
         self.device = device
         self.groups = groups
         self.dtype = torch_dtype(dtype)
+        weights.check_range(experts, self.dtype)
         self.tokenizer = load_tokenizer(tokenizer_path or experts[0].path)
         self.model, self.targets = _skeleton(experts, self.dtype, device)
         self.combiner = ChunkedCombiner(experts, dtype=self.dtype, device=device)
@@ -279,8 +351,14 @@ class OneModelEvaluator(Evaluator):
     @torch.no_grad()
     def build(self, coefficients: np.ndarray) -> None:
         rows = coefficient_rows(coefficients, self.device)
+        # The tensors this particle might overflow are checked finite as they are built (NonFiniteWeights: it scores NaN).
+        peaks = self.combiner.peaks  # learnt by the first build
+        self.combiner.skip = set(peaks) - weights.may_overflow(peaks, coefficients, self.groups, self.dtype)
         self.combiner.combine_all([(name, rows[self.groups[name]], target.data.view(-1))
                                    for name, target in self.targets.items()])
+        bad = self.combiner.check.first()
+        if bad is not None:
+            raise NonFiniteWeights(bad, self.dtype)
 
     def expert_rows(self, name: str) -> torch.Tensor:
         return read_stacked(self.combiner.reader, self.combiner.experts, name, self.dtype)
@@ -306,8 +384,9 @@ class StreamingEvaluator(Evaluator):
 
         self.device = device
         self.dtype = torch_dtype(dtype)
+        weights.check_range(experts, self.dtype)
         self.tokenizer = load_tokenizer(tokenizer_path or experts[0].path)
-        config = AutoConfig.from_pretrained(str(experts[0].path))
+        config = AutoConfig.from_pretrained(str(experts[0].path), trust_remote_code=False)
         with init_empty_weights():  # buffers (e.g. rotary frequencies) are still built for real
             model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
         model.tie_weights()  # from_config on meta leaves tied parameters as separate objects

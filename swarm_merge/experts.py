@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -122,6 +123,9 @@ def _read_json(file: Path, label: str):
                           "re-save it as UTF-8 JSON (save_pretrained does)") from None
     except json.JSONDecodeError as exc:
         raise ExpertError(f"expert {label}: {file} is not valid JSON ({exc}); re-download or re-save the model") from None
+    except (ValueError, RecursionError) as exc:  # an integer too long to convert, nesting too deep
+        raise ExpertError(f"expert {label}: {file} holds an unreadable JSON value ({str(exc)[:80]}); "
+                          "re-download or re-save the model") from None
     except OSError as exc:
         raise ExpertError(f"expert {label}: cannot read {file} ({exc.strerror or type(exc).__name__}); "
                           "check the file's permissions") from None
@@ -211,9 +215,18 @@ def _weight_files(path: Path) -> List[Path]:
     return [path / n for n in names if (path / n).is_file()]
 
 
-def index_folder(path: Path, label: str) -> Tuple[dict, Dict[str, TensorInfo]]:
-    """Read config.json and the safetensors headers of a model folder's weight files (see weight_names)."""
+def index_folder(path: Path, label: str, *, who: Optional[str] = None) -> Tuple[dict, Dict[str, TensorInfo]]:
+    """Read config.json and the safetensors headers of a model folder's weight files (see weight_names),
+    and check them against the architecture (:func:`check_weights`; ``who`` names the model there,
+    default ``expert <label>``)."""
     config = _read_config(path, label)
+    tensors = read_headers(path, label)
+    check_weights(path, tensors, who or f"expert {label}")
+    return config, tensors
+
+
+def read_headers(path: Path, label: str) -> Dict[str, TensorInfo]:
+    """The tensors of a model folder's weight files (see weight_names), from their safetensors headers."""
     shard_names, weight_map = weight_names((p.name for p in path.iterdir()), label, lambda: _read_index(path, label))
     if not shard_names:
         bins = sorted(p.name for p in path.glob("*.bin"))
@@ -241,7 +254,7 @@ def index_folder(path: Path, label: str) -> Tuple[dict, Dict[str, TensorInfo]]:
             if info.dtype not in _DTYPE_BYTES:
                 raise ExpertError(f"expert {label}: tensor {key!r} is stored as {info.dtype}, which swarm_merge "
                                   f"cannot merge; use experts saved in {', '.join(_DTYPE_BYTES)}")
-    return config, _tensors(found, weight_map, label, where=str(path))
+    return _tensors(found, weight_map, label, where=str(path))
 
 
 def _tensors(found: Dict[str, Dict[str, TensorInfo]], weight_map: Optional[Dict[str, str]], label: str,
@@ -259,6 +272,122 @@ def _tensors(found: Dict[str, Dict[str, TensorInfo]], weight_map: Optional[Dict[
     # Tensors a shard holds beyond the index are left out: mergekit, which
     # writes the merge, reads only the weight_map's.
     return tensors
+
+
+def check_weights(path: Path, tensors: Dict[str, TensorInfo], who: str, *, task: str = "causal-lm") -> None:
+    """Refuse a checkpoint that lacks a tensor its architecture needs, or holds one of another shape.
+
+    transformers fills a missing tensor with random values and only logs it (the
+    CLI silences that log), so the run would go on with a model that differs from
+    one run to the next. What the architecture needs is what transformers loads:
+    the state_dict of the model class for ``path``'s config.json, built on the meta
+    device (no memory; non-persistent buffers are not in it), less the tied
+    parameters one of whose group is stored (transformers ties them to it) and the
+    keys the class ignores when missing. A tensor stored under a name transformers
+    renames or converts when it loads (a legacy name, no ``model.`` prefix, GPT-NeoX's
+    ``embed_out``, per-expert MoE tensors it fuses) is there: it is loaded, not made up.
+    Headers and config only, so a dry run checks it too. Extra tensors are left alone
+    (mergekit and transformers skip them).
+
+    Args:
+        who: the model for the message, e.g. ``expert './a'``.
+        task: ``causal-lm`` (experts, bases, judges) or ``sequence-classification`` (reward models).
+
+    Raises:
+        ExpertError: one line naming the model, the tensor and the fix.
+    """
+    built = _meta_model(Path(path), task)
+    if built is None:
+        return  # transformers cannot build it from this config: its own load fails loudly
+    model, needed, tied, ignore = built
+    arch = type(model).__name__
+    stored = set(tensors)
+    present = stored & set(needed)
+    for name in (n for n in needed if n in present):
+        if tuple(tensors[name].shape) != needed[name]:
+            raise ExpertError(f"{who}: tensor {name!r} is {list(tensors[name].shape)} but {arch}, built from its "
+                              f"config.json, needs {list(needed[name])}; the weights and config.json do not belong "
+                              "together: use the config.json the weights were saved with")
+    present |= {t for targets in _renamed(model, needed, stored).values() for t in targets if t in needed}
+    covered = set(present)
+    for group in tied:
+        if group & present:
+            covered |= group
+    missing = [n for n in needed if n not in covered and not (ignore is not None and ignore.search(n))]
+    if not missing:
+        return
+    name = missing[0]
+    more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    untied = (head is not None and name == next((f"{n}.weight" for n, m in model.named_modules() if m is head), None)
+              and not getattr(model.config, "tie_word_embeddings", True))
+    hint = (", or set tie_word_embeddings: true in config.json if its head is meant to share the input embeddings"
+            if untied else "")
+    raise ExpertError(f"{who}: lacks tensor {name!r}{more}, which {arch} (built from its config.json) needs: "
+                      "transformers would fill it with random values, another model on every run; use the complete "
+                      f"checkpoint (every shard, saved with save_pretrained){hint}")
+
+
+# config.json digest and task -> (meta model, needed {name: shape}, tied groups, ignored-when-missing regex)
+_META_MODELS: Dict[Tuple[str, str], tuple] = {}
+
+
+def _meta_model(path: Path, task: str):
+    """The model class for ``path``'s config.json built on the meta device, and what it loads;
+    None when transformers cannot build it (its own load then fails, loudly)."""
+    key = (hashlib.sha256((path / "config.json").read_bytes()).hexdigest(), task)
+    if key not in _META_MODELS:
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        auto = AutoModelForSequenceClassification if task == "sequence-classification" else AutoModelForCausalLM
+        try:
+            config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+            with init_empty_weights():  # parameters on meta: no memory, whatever the model size
+                model = auto.from_config(config)
+        except Exception as exc:
+            LOG.debug("no meta model for %s: %s", path, exc)
+            return None
+        # Persistent parameters and buffers, tied ones under every name (as a checkpoint may store either).
+        needed = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        groups: Dict[str, set] = {}
+        for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+            groups.setdefault(source, {source}).add(target)
+        patterns = list(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])
+        ignore = re.compile("|".join(f"({p})" for p in patterns)) if patterns else None
+        if len(_META_MODELS) >= 8:
+            _META_MODELS.clear()
+        _META_MODELS[key] = (model, needed, list(groups.values()), ignore)
+    return _META_MODELS[key]
+
+
+def _renamed(model, needed: Dict[str, tuple], stored) -> Dict[str, List[str]]:
+    """Stored name -> the model names transformers loads it into (its renames, base-model prefix
+    and conversions, as ``from_pretrained`` applies them); {} where this transformers lacks that API."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (
+            WeightConverter, WeightRenaming, dot_natural_key, rename_source_key,
+        )
+
+        transforms = get_model_conversion_mapping(model)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        by_pattern = {p: c for c in converters for p in c.source_patterns}
+        found: Dict[str, List[str]] = {}
+        for key in sorted(stored, key=dot_natural_key):  # transformers' order: some renames depend on it
+            new, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, needed)
+            if new not in needed and key in needed:
+                new, pattern = key, None
+            if pattern is None:
+                found[key] = [new]
+            else:  # a conversion (e.g. a fused tensor split in several) names every target it fills
+                targets = by_pattern[pattern].target_patterns
+                found[key] = [new.replace(targets[0], t) for t in targets]
+        return found
+    except Exception as exc:  # internal API of transformers 5: without it, names count as stored
+        LOG.debug("transformers' weight renames unavailable: %s", exc)
+        return {}
 
 
 def pull_expert(ref: ExpertRef, *, cache_dir: Optional[str] = None, what: str = "expert",
@@ -293,7 +422,7 @@ def pull_expert(ref: ExpertRef, *, cache_dir: Optional[str] = None, what: str = 
         path, pickled = _as_safetensors(path, label, allow_pickle=allow_pickle, convert=download)
         if pickled and not download:
             return Expert(ref=ref, path=path, revision=None, config=_read_config(path, label), tensors={}, pickled=True)
-        config, tensors = index_folder(path, label)
+        config, tensors = index_folder(path, label, who=f"{what} {label}")
         return Expert(ref=ref, path=path, revision=None, config=config, tensors=tensors, pickled=pickled)
     from swarm_merge import hub  # Hub calls live in one module
 
@@ -309,7 +438,7 @@ def pull_expert(ref: ExpertRef, *, cache_dir: Optional[str] = None, what: str = 
         if lora.is_adapter_folder(path):
             return _adapter(ref, path, label, revision=revision)
         path, pickled = _as_safetensors(path, label, allow_pickle=allow_pickle, key=f"{ref.model}@{revision}")
-        config, tensors = index_folder(path, label)
+        config, tensors = index_folder(path, label, who=f"{what} {label}")
         return Expert(ref=ref, path=path, revision=revision, config=config, tensors=tensors, pickled=pickled)
 
     if lora.is_adapter_listing(snapshot.files):
@@ -345,7 +474,7 @@ def pull_expert(ref: ExpertRef, *, cache_dir: Optional[str] = None, what: str = 
         raise HubError(f"{what} {label}: {ref.revision or 'main'} moved from {snapshot.commit[:12]} to "
                        f"{revision[:12]} during the pull; run again")
     path, pickled = _as_safetensors(path, label, allow_pickle=allow_pickle, key=f"{ref.model}@{revision}")
-    config, tensors = index_folder(path, label)
+    config, tensors = index_folder(path, label, who=f"{what} {label}")
     return Expert(ref=ref, path=path, revision=revision, config=config, tensors=tensors,
                   download_bytes=size, pickled=pickled)
 
@@ -464,6 +593,7 @@ def _planned(ref: ExpertRef, snapshot, path: Path, config: dict, shards: List[st
         found = {name: {t: TensorInfo(str(path / name), dtype, shape) for t, (dtype, shape) in entries.items()}
                  for name, entries in headers.items()}
         tensors = _tensors(found, weight_map, f"{str(ref)!r}", where=f"{ref.model}@{snapshot.commit[:12]}")
+        check_weights(path, tensors, f"{what} {str(ref)!r}")
     return Expert(ref=ref, path=path, revision=snapshot.commit, config=config, tensors=tensors,
                   download_bytes=size, pickled=pickled)
 

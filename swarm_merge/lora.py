@@ -36,9 +36,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from swarm_merge.errors import ExpertError, ExpertMismatchError
+from swarm_merge.errors import EvaluationError, ExpertError, ExpertMismatchError
 from swarm_merge.evaluate import Evaluator, load_tokenizer, offload, trim_heap
-from swarm_merge.weights import coefficient_rows, combine, torch_dtype
+from swarm_merge.weights import NonFiniteWeights, check_range, coefficient_rows, combine, is_finite, torch_dtype
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "MERGED_DIR", "LORA_SPACES", "AdapterInfo", "is_adapter_folder", "is_adapter_listing",
            "read_adapter_config", "index_adapter", "base_of", "AdapterBank", "LoraEvaluator", "write_adapter",
@@ -122,8 +122,12 @@ def index_adapter(path: Path, config: dict, label: str):
         raise refuse(f"saves full copies of {config['modules_to_save']} (modules_to_save)",
                      "use adapters without modules_to_save")
     r, alpha = config.get("r"), config.get("lora_alpha")
-    if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+    if (not isinstance(r, int) or isinstance(r, bool) or r < 1 or not isinstance(alpha, (int, float))
+            or isinstance(alpha, bool)):
         raise refuse(f"{ADAPTER_CONFIG} has r={r!r}, lora_alpha={alpha!r}", "re-save the adapter with PEFT")
+    if not math.isfinite(alpha) or alpha <= 0:  # 0 switches the adapter off; NaN/inf poison every merge
+        raise refuse(f"{ADAPTER_CONFIG} has lora_alpha={alpha!r}", "set a positive, finite lora_alpha "
+                     "(PEFT's default is 8)")
     file = path / ADAPTER_WEIGHTS
     if not file.is_file():
         hint = " (pickled adapter_model.bin: convert it to safetensors)" if (path / "adapter_model.bin").is_file() else ""
@@ -178,9 +182,11 @@ def base_of(experts, recipe_base) -> Tuple[object, Optional[str]]:
         base = e.adapter.base
         if base is None:
             continue
-        if _looks_local(base) or Path(base).expanduser().is_dir():
-            # A local base is named relative to the adapter's folder (or absolute).
-            candidate = (Path(e.path) / base).expanduser()
+        if _looks_local(base):
+            # A local base is named relative to the adapter's folder (or absolute);
+            # a name shaped like a Hub id is a Hub id, whatever folders the current
+            # directory or the adapter's folder happen to hold.
+            candidate = (Path(e.path) / Path(base).expanduser())
             base = str(candidate.resolve()) if candidate.is_dir() else base
         named[e.describe()] = base
     distinct = sorted(set(named.values()))
@@ -193,7 +199,8 @@ def base_of(experts, recipe_base) -> Tuple[object, Optional[str]]:
                         "set base_model to the adapters' base, or use adapters of that base")
         else:
             for who, base in named.items():
-                if Path(base).is_dir() and Path(base).resolve() != Path(recipe_base.model).expanduser().resolve():
+                if (_looks_local(base) and Path(base).is_dir()
+                        and Path(base).resolve() != Path(recipe_base.model).expanduser().resolve()):
                     raise ExpertMismatchError(
                         f"adapter {who} was trained on the folder {base!r} but the recipe's base_model is "
                         f"{recipe_base.model!r}; set base_model to the adapters' base")
@@ -207,12 +214,40 @@ def base_of(experts, recipe_base) -> Tuple[object, Optional[str]]:
         raise ExpertMismatchError(f"the adapters name different bases: {a[0]} is on {a[1]!r}, {b[0]} on {b[1]!r}; "
                                   "combine adapters of one base model (or set base_model)")
     base = distinct[0]
-    if Path(base).is_dir():
+    if _looks_local(base) and Path(base).is_dir():
         return ExpertRef(model=str(Path(base).resolve())), "adapters"
     if _looks_local(base):
         raise ExpertError(f"the adapters' base {base!r} is neither a folder here nor a Hub repo id; "
                           "set base_model in the recipe")
     return ExpertRef.model_validate(base), "adapters"
+
+
+def _check_linear(modules: Sequence[str], experts: Sequence, base) -> None:
+    """Every targeted module is a linear layer of the base's architecture (built on the
+    meta device from its config: no weights), as PEFT needs for factors named lora_A/lora_B.
+    An embedding also has a 2-D weight, so the shapes alone would pass it, and the run would
+    fail at its first evaluation; here it fails in the dry run."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    try:
+        config = AutoConfig.from_pretrained(str(base.path), trust_remote_code=False)
+        with init_empty_weights():
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except Exception as exc:  # the base's own checks report a bad config; this one only adds to them
+        LOG.debug("no meta model of the base to check adapter targets against: %s", exc)
+        return
+    for module in modules:
+        try:
+            layer = skeleton.get_submodule(module)
+        except AttributeError:
+            continue  # a name transformers maps differently: the shape checks above cover it
+        if not isinstance(layer, (torch.nn.Linear, Conv1D)):
+            who = next(e for e in experts if module in e.adapter.modules)
+            raise ExpertMismatchError(
+                f"adapter {who.describe()} has LoRA factors for {module!r}, which is a {type(layer).__name__}, not "
+                "a linear layer, in the base's architecture; use adapters on linear layers (q_proj, v_proj, ...)")
 
 
 class AdapterBank:
@@ -257,6 +292,7 @@ class AdapterBank:
                     raise ExpertMismatchError(
                         f"adapter {e.describe()} has {module!r} for a {a[1]}->{b[0]} layer but the base "
                         f"{base.describe()} has {in_f}->{out_f}; the adapter was trained on another base")
+        _check_linear(self.modules, self.experts, base)
         ranks = [info.r for info in infos]
         scalings = [info.scaling for info in infos]
         same = len({(i.r, i.alpha, i.rslora) for i in infos}) == 1
@@ -390,15 +426,17 @@ class LoraEvaluator(Evaluator):
         self.mode = "streaming" if streaming else "in-memory"
         self.bank, self.groups, self.device = bank, groups, device
         self.dtype = torch_dtype(dtype)
+        check_range([base], self.dtype, what="base_model")  # a base the dtype cannot hold: every particle inf
         self.tokenizer = load_tokenizer(tokenizer_path or base.path)
         if streaming:
             from accelerate import init_empty_weights
 
             with init_empty_weights():
-                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(base.path)), dtype=self.dtype)
+                config = AutoConfig.from_pretrained(str(base.path), trust_remote_code=False)
+                model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
             model.tie_weights()
         else:
-            model = AutoModelForCausalLM.from_pretrained(str(base.path), dtype=self.dtype).to(device)
+            model = AutoModelForCausalLM.from_pretrained(str(base.path), trust_remote_code=False, dtype=self.dtype).to(device)
         model.eval()
         # The same wrapping PeftModel.from_pretrained does (LoRA factors upcast to
         # float32 on a 16-bit base), so the written adapter scores the same.
@@ -434,6 +472,8 @@ class LoraEvaluator(Evaluator):
     @torch.no_grad()
     def build(self, coefficients: np.ndarray) -> None:
         for module, (a, b) in self.bank.particle(coefficients, self.groups).items():
+            if not (is_finite(a) and is_finite(b)):  # float32 factors: only absurd adapters overflow them
+                raise NonFiniteWeights(f"{module}.lora_{'A' if not is_finite(a) else 'B'}", torch.float32)
             a_name, b_name, a_param, b_param = self.slots[module]
             if self.factors is not None:
                 self.factors[a_name], self.factors[b_name] = a, b
@@ -477,8 +517,15 @@ def merge_adapter(adapter_dir: Path, base, out_dir: Path, *, dtype: str) -> None
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(base.path), dtype=torch_dtype(dtype))
+    model = AutoModelForCausalLM.from_pretrained(str(base.path), trust_remote_code=False, dtype=torch_dtype(dtype))
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    # The search scored base(x) + lora(x), never W + s B A itself: a weight near the dtype's limit
+    # plus the update can overflow here alone. Never write inf.
+    for name, param in merged.state_dict().items():
+        if param.is_floating_point() and not is_finite(param):
+            raise EvaluationError(f"merging the winning adapter into the base makes tensor {name!r} NaN or inf in "
+                                  f"{dtype} (the adapter itself is fine); set dtype: float32 in the recipe, or drop "
+                                  "output.merge_adapter")
     merged.save_pretrained(str(out_dir))
     load_tokenizer(base.path).save_pretrained(str(out_dir))
     del merged, model

@@ -265,6 +265,23 @@ def score_exact_match(model, tokenizer, examples, objective, device, batch_size=
 _OBJECTIVE_MODELS: Dict[Tuple[str, str], Tuple[Any, Any]] = {}
 
 
+def _refuse_made_up_weights(info: dict, who: str) -> None:
+    """transformers' own report of a load (``output_loading_info``): a tensor the checkpoint lacks, or holds
+    in another shape, was filled with random values (it only logs that, and the CLI silences the log)."""
+    from swarm_merge.errors import ExpertError
+
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = sorted(info.get("mismatched_keys") or [])
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ExpertError(f"{who}: transformers found no tensor {missing[0]!r}{more} in it and would score with "
+                          "random values; use the complete checkpoint (every shard, saved with save_pretrained)")
+    if mismatched:
+        name = mismatched[0][0] if isinstance(mismatched[0], tuple) else mismatched[0]
+        raise ExpertError(f"{who}: tensor {name!r} does not have the shape its config.json gives it; use the "
+                          "config.json the weights were saved with")
+
+
 def reward_model(path: str, device, dtype=None):
     """The reward model in ``path`` (AutoModelForSequenceClassification with one output), loaded once."""
     key = (str(path), str(device))
@@ -273,11 +290,14 @@ def reward_model(path: str, device, dtype=None):
 
         from swarm_merge.errors import InputError
 
-        model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=dtype).to(device).eval()
+        model, info = AutoModelForSequenceClassification.from_pretrained(str(path), trust_remote_code=False, dtype=dtype,
+                                                                         output_loading_info=True)
+        _refuse_made_up_weights(info, f"reward model {str(path)!r}")
+        model = model.to(device).eval()
         if model.config.num_labels != 1:
             raise InputError(f"reward model {str(path)!r} has {model.config.num_labels} outputs; use a reward model "
                              "with one (num_labels: 1, a scalar reward head)")
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "right"
@@ -444,8 +464,10 @@ def judge_model(path: str, device):
     if key not in _OBJECTIVE_MODELS:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(str(path)).to(device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        model, info = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=False, output_loading_info=True)
+        _refuse_made_up_weights(info, f"judge model {str(path)!r}")
+        model = model.to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"
@@ -520,13 +542,190 @@ def _in_task_folder(include_path: Optional[str]):
         os.chdir(here)
 
 
-def check_lm_eval(objective) -> None:
-    """The harness is installed and knows the task names (before the search)."""
+class _TaskCode:
+    """A task YAML value under a tag that is not plain data (``!function utils.x``,
+    ``!!python/name:...``): lm-evaluation-harness's loader would import and run it."""
+
+    def __init__(self, tag: str, text: str):
+        self.tag, self.text = tag.replace("tag:yaml.org,2002:", "!!"), text
+
+    def __str__(self) -> str:
+        return f"{self.tag} {self.text}".strip()
+
+
+def _task_yaml_loader():
+    """yaml's safe loader on the parser the harness uses (libyaml when present, as in
+    lm_eval/tasks/_yaml_loader.py, so both read the same tree), keeping any other tag as
+    :class:`_TaskCode` data instead of resolving it."""
+    import yaml
+
+    class Loader(yaml.CSafeLoader if getattr(yaml, "__with_libyaml__", False) else yaml.SafeLoader):
+        pass
+
+    def tagged(loader, node):
+        return _TaskCode(node.tag, loader.construct_scalar(node) if isinstance(node, yaml.ScalarNode) else "")
+
+    Loader.add_constructor(None, tagged)  # None: every tag the safe loader does not know
+    return Loader
+
+
+# Task config keys that make the harness run code other than its own (lm_eval/tasks/_factory.py,
+# lm_eval/api/task.py, datasets, transformers' generate), whatever their value...
+_CODE_KEYS = {
+    "class": "class (a Python task class)",
+    "custom_dataset": "custom_dataset (a Python function building the dataset)",
+    "custom_generate": "custom_generate (generation code from a repository)",
+}
+# ...and the ones that do when true.
+_CODE_SWITCHES = {
+    "trust_remote_code": "trust_remote_code (a dataset's or model's own code)",
+    "unsafe_code": "unsafe_code (runs the code the model writes)",
+    "hf_evaluate": "hf_evaluate (HF evaluate downloads and runs the metric's script)",
+}
+
+
+def _is_dataset_script(value: str, folders: Sequence[Path]) -> bool:
+    """``dataset_path`` naming a loading script: a .py file, or a folder holding one
+    (datasets resolves it from the working directory: include_path while scoring)."""
+    if value.endswith(".py"):
+        return True
+    return any((folder / Path(value).expanduser()).is_dir() and any((folder / Path(value).expanduser()).glob("*.py"))
+               for folder in folders)
+
+
+def _hook_in(value, key: str, folders: Sequence[Path], metrics, seen: set) -> Optional[str]:
+    """The first code hook in a task config ``value`` (at ``key``), described; None when it is all data."""
+    if isinstance(value, _TaskCode):
+        return f"{key}: {value}"
+    if isinstance(value, (dict, list)):
+        if id(value) in seen:  # YAML aliases share objects: walk each once
+            return None
+        seen.add(id(value))
+    if isinstance(value, list):
+        return next(filter(None, (_hook_in(v, key, folders, metrics, seen) for v in value)), None)
+    if not isinstance(value, dict):
+        return None
+    for k, v in value.items():
+        if isinstance(k, _TaskCode):
+            return f"the key {k}"
+        if k in _CODE_KEYS:
+            return _CODE_KEYS[k]
+        if k in _CODE_SWITCHES and v:
+            return _CODE_SWITCHES[k]
+        if k == "metric_list" and isinstance(v, list):
+            for m in v:
+                # A name the harness does not know goes to evaluate.load(name): a metric script, run.
+                if isinstance(m, dict) and isinstance(m.get("metric"), str) and m["metric"] not in metrics:
+                    return (f"metric: {m['metric']} (not one of the harness's own metrics, so HF evaluate would "
+                            "load and run its script)")
+        if k == "dataset_path" and isinstance(v, str) and _is_dataset_script(v, folders):
+            return f"dataset_path: {v} (a dataset loading script)"
+        if k == "use_prompt" and isinstance(v, str) and ".yaml" in v.split(":")[0]:
+            return f"use_prompt: {v} (a prompt file read with PyYAML's full loader)"
+        found = _hook_in(v, str(k), folders, metrics, seen)
+        if found:
+            return found
+    return None
+
+
+def _refuse_task_code(include_path: str) -> None:
+    """Refuse a task folder that would make lm-evaluation-harness run code: every *.yaml/*.yml
+    under ``include_path`` (the harness indexes them all) and what they ``include:``, read as data.
+
+    Raises:
+        InputError: a code hook (named with its file), an include outside ``include_path`` and
+            the harness's own tasks folder, or a file that does not parse.
+    """
+    import yaml
+
+    from swarm_merge.errors import InputError
+
+    try:
+        import lm_eval
+        import lm_eval.api.metrics  # noqa: F401  (registers the harness's metrics)
+        from lm_eval.api.registry import metric_registry
+    except ImportError:
+        raise InputError(f"objective type lm_eval needs lm-evaluation-harness: {LM_EVAL_INSTALL}") from None
+    root = Path(include_path).resolve()
+    builtin = (Path(lm_eval.__file__).parent / "tasks").resolve()  # the installed package's own tasks: its code
+    loader = _task_yaml_loader()
+    done: set = set()
+
+    def refuse(path: Path, hook: str):
+        return InputError(f"lm-eval task file {path} uses {hook}; a recipe's task folder runs no code of its own: "
+                          "drop it, or pass --allow-task-code if you trust this folder")
+
+    def scan(path: Path) -> None:
+        path = path.expanduser().resolve()  # as lm_eval's load_yaml: includes are relative to the real file
+        if path in done:
+            return
+        done.add(path)
+        try:
+            with path.open("rb") as fh:
+                cfg = yaml.load(fh, Loader=loader)  # noqa: S506 (a safe loader: other tags stay data)
+            hook = _hook_in(cfg, "", (root, path.parent), metric_registry, set())
+        except (OSError, yaml.YAMLError, RecursionError) as exc:
+            detail = " ".join(str(exc).split())[:160]
+            raise InputError(f"lm-eval task file {path} cannot be read as YAML ({detail}); fix or remove it") from None
+        if hook:
+            raise refuse(path, hook.lstrip(": "))
+        includes = cfg.get("include") if isinstance(cfg, dict) else None
+        for inc in includes if isinstance(includes, list) else [] if includes is None else [includes]:
+            if not isinstance(inc, str):
+                continue  # the harness cannot follow it either
+            target = (Path(inc) if Path(inc).is_absolute() else path.parent / inc).expanduser().resolve()
+            if target.is_relative_to(root):
+                scan(target)
+            elif not target.is_relative_to(builtin):
+                raise refuse(path, f"include: {inc} (a file outside include_path, unchecked)")
+
+    if root.is_relative_to(builtin):
+        return  # the harness's own tasks folder
+    for found in sorted({p for pattern in ("**/*.yaml", "**/*.yml") for p in Path(include_path).glob(pattern)}):
+        scan(found)
+
+
+@contextlib.contextmanager
+def _sandboxed_templates():
+    """Task templates (doc_to_text, doc_to_target, doc_to_choice, description, ...) rendered in
+    jinja2's immutable sandbox while the harness scores: a template can read the row's fields,
+    not reach Python internals (``cycler.__init__.__globals__.os``).
+
+    The harness renders every task template through ``lm_eval.utils.apply_template``, which
+    reads the module-level ``lm_eval.utils.env`` at each call; that Environment is swapped for
+    a sandboxed one with the same options and filters for the duration, then put back, so the
+    harness is unchanged for anything else in the process. Flag or no flag: templates are data.
+    """
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from lm_eval import utils as harness
+
+    plain = harness.env
+    options = ("block_start_string", "block_end_string", "variable_start_string", "variable_end_string",
+               "comment_start_string", "comment_end_string", "line_statement_prefix", "line_comment_prefix",
+               "trim_blocks", "lstrip_blocks", "newline_sequence", "keep_trailing_newline", "undefined", "finalize",
+               "autoescape", "loader")
+    sandbox = ImmutableSandboxedEnvironment(**{name: getattr(plain, name) for name in options})
+    sandbox.filters.update(plain.filters)  # the harness's regex_replace
+    sandbox.tests.update(plain.tests)
+    harness.env = sandbox
+    try:
+        yield
+    finally:
+        harness.env = plain
+
+
+def check_lm_eval(objective, allow_code: bool = False) -> None:
+    """The harness is installed and knows the task names (before the search), and the task
+    folder runs no code unless ``allow_code`` (``--allow-task-code``)."""
     from swarm_merge.errors import InputError
 
     if objective.include_path and not Path(objective.include_path).is_dir():
         raise InputError(f"objective include_path {objective.include_path!r} is not a folder; point at the folder "
                          "holding your task YAML files")
+    if objective.include_path and not allow_code:
+        # Before the TaskManager reads the folder (its index reads YAML without importing, but
+        # nothing of the folder should reach the harness's own loader before this check).
+        _refuse_task_code(objective.include_path)
     manager = lm_eval_tasks(objective.include_path)
     for task in filter(None, (objective.task, objective.test_task)):
         if task not in manager.all_tasks:
@@ -538,6 +737,7 @@ def check_lm_eval(objective) -> None:
 def score_lm_eval(model, tokenizer, examples, objective, device, batch_size=None) -> Score:
     """The task's metric, computed by lm-evaluation-harness on the live model (nothing written or reloaded)."""
     import lm_eval
+    from jinja2.exceptions import SecurityError
     from lm_eval.models.huggingface import HFLM
 
     from swarm_merge.errors import EvaluationError
@@ -545,10 +745,15 @@ def score_lm_eval(model, tokenizer, examples, objective, device, batch_size=None
     task = examples[0].raw["task"]
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size or objective.batch_size)
     manager = lm_eval_tasks(objective.include_path)
-    with _in_task_folder(objective.include_path):
-        result = lm_eval.simple_evaluate(
-            model=lm, tasks=[task], task_manager=manager, num_fewshot=objective.num_fewshot,
-            limit=objective.limit, log_samples=False, bootstrap_iters=0, verbosity="ERROR")
+    with _in_task_folder(objective.include_path), _sandboxed_templates():
+        try:
+            result = lm_eval.simple_evaluate(
+                model=lm, tasks=[task], task_manager=manager, num_fewshot=objective.num_fewshot,
+                limit=objective.limit, log_samples=False, bootstrap_iters=0, verbosity="ERROR")
+        except SecurityError as exc:
+            raise EvaluationError(f"lm-eval task {task!r}: a template reached outside jinja2's sandbox "
+                                  f"({' '.join(str(exc).split())[:160]}); task templates render sandboxed (the row's "
+                                  "fields, no Python internals): fix the template") from None
     found = result["results"][task]
     key = objective.metric if "," in objective.metric else f"{objective.metric},none"
     if key not in found:
@@ -678,13 +883,15 @@ def score(model, tokenizer, examples: Sequence[Example], objective, device, *, b
     return OBJECTIVES[objective.type](model, tokenizer, examples, objective, device, batch_size=batch_size, **kwargs)
 
 
-def task_of(recipe, code: Optional[Callable] = None):
+def task_of(recipe, code: Optional[Callable] = None, *, allow_task_code: bool = False):
     """What the evaluator scores: ``(objective, dev rows, test rows or None)``: the recipe's
     objective and its rows, or, for an ``objectives:`` list, a :class:`Suite` and each
-    component's rows. ``type: custom`` objectives get ``code`` (``--objective-code``).
+    component's rows. ``type: custom`` objectives get ``code`` (``--objective-code``);
+    ``allow_task_code`` (``--allow-task-code``) lets lm_eval task folders run their hooks.
 
     Raises:
-        InputError: a custom objective without ``--objective-code``, or the flag without one.
+        InputError: a custom objective without ``--objective-code``, or the flag without one; an
+            lm_eval task folder with code hooks (see :func:`check_lm_eval`).
     """
     from swarm_merge.errors import InputError
 
@@ -702,13 +909,13 @@ def task_of(recipe, code: Optional[Callable] = None):
     if recipe.objectives is None:
         o = recipe.objective
         if o.type == "lm_eval":
-            check_lm_eval(o)
+            check_lm_eval(o, allow_task_code)
             return o, lm_eval_rows(o.task), lm_eval_rows(o.test_task) if o.test_task else None
         return runtime(o), load_examples(o.dev, o.type, o.group_by), (load_examples(o.test, o.type, o.group_by)
                                                                       if o.test else None)
     for o in recipe.components:
         if o.type == "lm_eval":
-            check_lm_eval(o)
+            check_lm_eval(o, allow_task_code)
     suite = Suite(tuple(runtime(o) for o in recipe.components), recipe.combine)
     return suite, suite.load("dev"), suite.load("test")
 

@@ -3,10 +3,20 @@ says only what to search and travels between machines."""
 
 from __future__ import annotations
 
+import argparse
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
-__all__ = ["RunOptions"]
+__all__ = ["RunOptions", "OneLineParser"]
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (like every other error of the tool) and exit 2."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {' '.join(message.split())}; see {self.prog} --help", file=sys.stderr)
+        sys.exit(2)
 
 
 @dataclass(frozen=True)
@@ -26,4 +36,5 @@ class RunOptions:
     baselines: bool = False  # also run random search and CMA-ES at the swarm's budget (`compare`)
     seeds: int = 1  # with baselines: every stochastic method at this many seeds
     objective_code: Optional[str] = None  # path.py:function for `type: custom` objectives (never from a recipe)
+    allow_task_code: bool = False  # lm_eval task YAML may run its Python hooks (`!function`); never from a recipe
     check_token: bool = True  # a push needs a Hub token; `ci plan` (a pull request: no secrets) plans without one

@@ -11,40 +11,57 @@ A finished run's folder::
     .swarm-merge.json                                   the manifest: what this tool wrote here
     .swarm-merge.lock                                   one run at a time (never pushed)
 
+(A LoRA run writes adapter_config.json and adapter_model.safetensors instead of
+the model, and with ``output.merge_adapter`` a full model in ``merged/``.)
+
 The rules:
 
 - The output folder may not be, hold or lie inside an input (an expert, the
   base model, a data file, the Hub cache), the recipe's folder, the working
   directory or one of its parents, the home folder, or a system folder; no flag
   overrides this. (It may lie inside the recipe's folder or the working
-  directory: ``out/<name>`` beside a recipe is the usual layout.)
+  directory: ``out/<name>`` beside a recipe is the usual layout.) A shared
+  folder anyone can write to (``/tmp``, ``/var/tmp``) is refused too; a folder
+  of its own inside one is fine.
+- The manifest is validated whole (:class:`Manifest`): it may name only files
+  this tool writes, at the top or in ``merged/``; any other manifest is refused,
+  never partly used.
 - The tool deletes only files that the manifest of an earlier run lists, its
   own temporary files, and its own (marked) staging folder; never a folder
   wholesale. A folder holding anything else is refused, ``--force`` or not.
 - One run per folder at a time: an advisory lock (``flock``) that the kernel
   drops when its process dies, so a crashed run never leaves it stuck.
 - Publishing is atomic as a user sees it: files move in from the staging
-  folder with ``swarm.json`` next to last and ``config.json`` last, so until
-  the report is in place nothing in the folder loads as a model; the manifest
-  says ``complete`` only after that. ``--resume`` repairs an interrupted publish.
+  folder, the plain files first, then ``swarm.json``, then ``merged/`` (its
+  ``config.json`` last), then the top-level ``config.json`` (or
+  ``adapter_config.json``): until the report is in place no folder loads as a
+  model; the manifest says ``complete`` only after that. ``--resume`` repairs an
+  interrupted publish.
+- A push uploads what the complete manifest lists, less the checkpoint, each
+  a regular file in the folder (:func:`push_files`); a symlink is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import socket
+import stat
 import time
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence
+from typing import BinaryIO, Dict, Iterable, Iterator, List, Literal, Optional, Sequence
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from swarm_merge.errors import OutputError
 
 __all__ = [
     "REPORT_FILE", "STATE_FILE", "MERGEKIT_FILE", "CARD_FILE", "PLOT_FILE", "MANIFEST_FILE", "LOCK_FILE", "STAGING",
-    "PUSH_IGNORE", "check_flags", "check_path", "check_contents", "OutputFolder", "Unclaimed", "write_json_atomic", "is_finished",
+    "MERGED_DIR", "Manifest", "check_flags", "check_path", "check_contents", "OutputFolder", "Unclaimed",
+    "write_json_atomic", "is_finished", "push_files", "open_files",
 ]
 
 REPORT_FILE = "swarm.json"
@@ -58,13 +75,32 @@ STAGING = ".swarm-staging"
 STAGING_MARK = ".swarm-merge-staging"  # inside the staging folder: it is ours
 # Published last: without them nothing loads as a model (a full model, or a PEFT adapter).
 GATE_FILES = ("config.json", "adapter_config.json")
-# Never uploaded: the checkpoint (only useful here), the bookkeeping, a staging folder.
-PUSH_IGNORE = [STATE_FILE, MANIFEST_FILE, LOCK_FILE, f"{STAGING}/*", ".cache/*", ".*.tmp"]
+# lora.MERGED_DIR, the one subfolder this tool writes (output.merge_adapter); named
+# here too so that checking a folder imports no torch.
+MERGED_DIR = "merged"
+
+# What this tool writes, and so all a manifest may name. A model folder (the
+# merge, or merged/) holds what mergekit and transformers write: the config, the
+# weights and their index, and the tokenizer files they copy or save (mergekit's
+# _copy_tokenizer and tagalong lists, transformers' vocab_files_names).
+_MODEL_FILES = frozenset({
+    "config.json", "generation_config.json", "model.safetensors.index.json", CARD_FILE,
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
+    "vocab.json", "vocab.txt", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "sentencepiece.model",
+    "spm.model", "bpe.codes", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
+    "processor_config.json", "video_preprocessor_config.json", "normalizer.json",
+})
+_TOP_FILES = _MODEL_FILES | {REPORT_FILE, STATE_FILE, MERGEKIT_FILE, PLOT_FILE, "adapter_config.json",
+                             "adapter_model.safetensors"}
+_WEIGHTS = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")  # mergekit's and transformers' shard names
 
 # Temporary files of write_json_atomic for our own files (left by a kill).
 _OUR_TMP = re.compile(r"^\.(swarm-state\.json|swarm\.json|\.swarm-merge\.json|README\.md)\..+\.tmp$")
 # Where a run's output never goes: system folders and everything under them.
 _SYSTEM = ("/proc", "/sys", "/dev", "/etc", "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/boot", "/run")
+# Shared scratch folders: anyone may write there, so a run's files could be swapped
+# before a push or a load. (Any folder with the sticky bit and o+w counts too.)
+_SHARED = ("/tmp", "/var/tmp", "/dev/shm", "/var/lock", "/run/lock", "/private/tmp", "/private/var/tmp")
 _MANIFEST_VERSION = 1
 
 
@@ -91,6 +127,15 @@ def write_json_atomic(path: Path, data) -> None:
 
 def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
+
+
+def _shared(path: Path) -> bool:
+    """A world-writable folder with the sticky bit: the mark of a shared scratch folder."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return False
+    return stat.S_ISDIR(mode) and bool(mode & stat.S_IWOTH) and bool(mode & stat.S_ISVTX)
 
 
 def check_path(out_dir, *, inputs: Sequence[tuple] = (), recipe_dir: Optional[Path] = None) -> Path:
@@ -129,6 +174,9 @@ def check_path(out_dir, *, inputs: Sequence[tuple] = (), recipe_dir: Optional[Pa
             break
     if len(resolved.parts) <= 2 or any(_inside(resolved, Path(s)) for s in _SYSTEM):
         raise OutputError(f"output folder {str(resolved)!r} is a system folder or lies in one; {fix}")
+    if str(resolved) in _SHARED or _shared(resolved):
+        raise OutputError(f"output folder {str(resolved)!r} is a shared system folder that anyone can write to; "
+                          f"choose a folder of its own inside it (e.g. {str(resolved / 'swarm-out')!r}) with --out")
     protected = [("the home folder", Path.home().resolve()), ("the working directory", Path.cwd().resolve())]
     for label, folder in protected:
         if _inside(folder, resolved):
@@ -150,50 +198,72 @@ def check_path(out_dir, *, inputs: Sequence[tuple] = (), recipe_dir: Optional[Pa
 # -------------------------------------------------------------- the contents
 
 
-def _read_manifest(out_dir: Path) -> Optional[dict]:
+class Manifest(BaseModel):
+    """``.swarm-merge.json``: what this tool wrote into the folder, and how far the run got.
+
+    Trusted only as far as it validates: every entry must be a file this tool
+    writes, at the top or in ``merged/`` (never a bare folder, which would vouch
+    for whatever is in it). A manifest that does not validate is refused whole.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    tool: Literal["swarm_merge"]
+    version: Literal[1]
+    status: Literal["searching", "publishing", "complete"]
+    files: List[str]
+
+    @field_validator("files")
+    @classmethod
+    def _ours(cls, files: List[str]) -> List[str]:
+        for name in files:
+            if not _writable(name):
+                raise ValueError(f"{name!r} is not a file this tool writes")
+        return files
+
+
+def _writable(name: str) -> bool:
+    """A file name this tool writes: ``<file>`` or ``merged/<file>``."""
+    folder, _, base = name.rpartition("/")
+    if folder == "":
+        return base in _TOP_FILES or bool(_WEIGHTS.fullmatch(base))
+    return folder == MERGED_DIR and (base in _MODEL_FILES or bool(_WEIGHTS.fullmatch(base)))
+
+
+def _read_manifest(out_dir: Path) -> Optional[Manifest]:
     path = out_dir / MANIFEST_FILE
-    if not path.is_file():
+    if not os.path.lexists(path):
         return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        raise OutputError(f"{path} is unreadable; this folder's bookkeeping is damaged: choose a new --out folder") from None
-    if not isinstance(data, dict) or data.get("tool") != "swarm_merge" or not isinstance(data.get("files"), list):
-        raise OutputError(f"{path} is not a swarm_merge manifest; choose a new --out folder")
-    return data
+        if path.is_symlink() or not path.is_file():
+            raise ValueError("not a regular file")
+        return Manifest.model_validate_json(path.read_bytes())
+    except (OSError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+        reason = (f"{exc.error_count()} problem(s), first: {exc.errors()[0]['msg']}" if isinstance(exc, ValidationError)
+                  else getattr(exc, "strerror", None) or str(exc))
+        raise OutputError(f"{path} is not a swarm_merge manifest, or it is damaged ({' '.join(reason.split())[:160]}); "
+                          "this tool trusts no part of it: choose a new --out folder") from None
 
 
-def _entry_ok(name: object) -> bool:
-    """A manifest entry: a file name, or ``folder/file`` one level down (e.g. ``merged/config.json``)."""
-    if not isinstance(name, str):
-        return False
-    parts = name.split("/")
-    return len(parts) <= 2 and all(p not in ("", ".", "..") and "\\" not in p for p in parts)
+def _files(manifest: Optional[Manifest]) -> List[str]:
+    return list(manifest.files) if manifest else []
 
 
-def _entries(manifest: Optional[dict]) -> List[str]:
-    return [n for n in (manifest or {"files": []})["files"] if _entry_ok(n)]
-
-
-def _ours(out_dir: Path, manifest: Optional[dict]) -> set:
-    names = {MANIFEST_FILE, LOCK_FILE}
-    names |= {n.split("/")[0] for n in _entries(manifest)}
-    staging = out_dir / STAGING
-    if (staging / STAGING_MARK).is_file():
-        names.add(STAGING)
-    return names
-
-
-def _foreign(out_dir: Path, manifest: Optional[dict]) -> List[str]:
-    ours = _ours(out_dir, manifest)
-    found = [p.name for p in out_dir.iterdir() if p.name not in ours and not _OUR_TMP.match(p.name)]
-    listed = set(_entries(manifest))
-    for folder in {n.split("/")[0] for n in listed if "/" in n}:  # our subfolders hold only our files
-        path = out_dir / folder
-        if path.is_dir() and not path.is_symlink():
-            found += [f"{folder}/{p.name}" for p in path.iterdir() if f"{folder}/{p.name}" not in listed]
-        elif path.exists() or path.is_symlink():
-            found.append(folder)
+def _foreign(out_dir: Path, manifest: Optional[Manifest]) -> List[str]:
+    """What the folder holds that this tool did not write (and so never deletes)."""
+    listed = set(_files(manifest))
+    folders = {n.split("/")[0] for n in listed if "/" in n}  # merged/, when the manifest lists files in it
+    found = []
+    for p in out_dir.iterdir():
+        name, real_dir = p.name, p.is_dir() and not p.is_symlink()
+        if name in (MANIFEST_FILE, LOCK_FILE) or _OUR_TMP.match(name):
+            continue
+        if name == STAGING and real_dir and (p / STAGING_MARK).is_file():
+            continue
+        if name in folders and real_dir:  # our subfolder holds only our files
+            found += [f"{name}/{q.name}" for q in p.iterdir() if f"{name}/{q.name}" not in listed]
+        elif name not in listed or real_dir:  # a folder under a file's name is not ours either
+            found.append(name)
     return sorted(found)
 
 
@@ -204,16 +274,38 @@ def is_finished(out_dir: Path) -> bool:
         manifest = _read_manifest(out_dir)
     except OutputError:
         return False
-    return (bool(manifest) and manifest.get("status") == "complete"
+    return (manifest is not None and manifest.status == "complete"
             and (out_dir / REPORT_FILE).is_file() and any((out_dir / g).is_file() for g in GATE_FILES))
 
 
-def _earlier_run(out_dir: Path, manifest: Optional[dict]) -> bool:
+def _earlier_run(out_dir: Path, manifest: Optional[Manifest]) -> bool:
     """A manifest of a run that got somewhere. A run killed before its first
-    checkpoint (status 'searching', no state file) left nothing to keep."""
+    checkpoint (status 'searching', nothing it lists on disk) left nothing to
+    keep; a 'searching' manifest whose files are there (a kill while starting
+    over, or a hand-made one) is kept until --force says otherwise."""
     if manifest is None:
         return False
-    return manifest.get("status") != "searching" or (out_dir / STATE_FILE).exists()
+    return manifest.status != "searching" or any(os.path.lexists(out_dir / n) for n in manifest.files)
+
+
+def _is_gate(name: str) -> bool:
+    return name.rsplit("/", 1)[-1] in GATE_FILES
+
+
+def _gates_and_report(names: Iterable[str]) -> List[str]:
+    """What goes first when a folder's files are replaced: the top-level gates, the
+    nested ones (``merged/config.json``), then the report."""
+    return [*GATE_FILES, *(n for n in names if "/" in n and _is_gate(n)), REPORT_FILE]
+
+
+def _publish_order(names: Sequence[str]) -> List[str]:
+    """The plain files, the report, each subfolder with its gate last, the top-level gate
+    last: a folder loads as a model only once ``swarm.json`` is in place."""
+    top = [n for n in names if "/" not in n]
+    nested = [n for n in names if "/" in n]
+    return ([n for n in top if n != REPORT_FILE and not _is_gate(n)] + [n for n in top if n == REPORT_FILE]
+            + [n for n in nested if not _is_gate(n)] + [n for n in nested if _is_gate(n)]
+            + [n for n in top if _is_gate(n)])
 
 
 def check_flags(*, resume: bool, force: bool) -> None:
@@ -349,11 +441,11 @@ class OutputFolder:
             check_contents(self.path, resume=self.resume, force=self.force, probe_lock=False)
             manifest = _read_manifest(self.path)
             if manifest is not None and (self.force or not _earlier_run(self.path, manifest)):
-                # Starting over. The gate and the report go first, so a kill
+                # Starting over. The gates and the report go first, so a kill
                 # midway never leaves the old model looking finished.
-                self._write_manifest("searching", manifest["files"])
-                self._remove([*GATE_FILES, REPORT_FILE])
-                self._remove(manifest["files"])
+                self._write_manifest("searching", manifest.files)
+                self._remove(_gates_and_report(manifest.files))
+                self._remove(manifest.files)
                 manifest = None
             self._clear_leftovers()
             if manifest is None:
@@ -370,7 +462,7 @@ class OutputFolder:
             # Nothing worth keeping was written: leave the folder as we found it.
             self._clear_leftovers()
             manifest = _read_manifest(self.path)
-            if manifest is not None and manifest.get("status") == "searching":
+            if manifest is not None and manifest.status == "searching":
                 (self.path / MANIFEST_FILE).unlink()
             self._unlock(remove=True)
             if self._created:
@@ -425,17 +517,15 @@ class OutputFolder:
     # -- bookkeeping
 
     def _write_manifest(self, status: str, files: Iterable[str]) -> None:
-        write_json_atomic(self.path / MANIFEST_FILE, {
-            "tool": "swarm_merge", "version": _MANIFEST_VERSION, "status": status, "files": sorted(set(files)),
-        })
+        # Validated as it is written: this tool never writes a manifest it would refuse to read.
+        manifest = Manifest(tool="swarm_merge", version=_MANIFEST_VERSION, status=status, files=sorted(set(files)))
+        write_json_atomic(self.path / MANIFEST_FILE, manifest.model_dump(mode="json"))
 
     def _remove(self, names: Iterable[str]) -> None:
-        """Delete files this tool wrote (names from a manifest); a subfolder only once
-        it is empty (a file someone else put there keeps it)."""
+        """Delete files this tool wrote (names from a validated manifest); a subfolder
+        only once it is empty (a file someone else put there keeps it)."""
         folders = set()
         for name in names:
-            if not _entry_ok(name):
-                continue
             path = self.path / name
             if "/" in name:
                 if path.parent.is_symlink() or not path.parent.is_dir():
@@ -452,7 +542,7 @@ class OutputFolder:
             if _OUR_TMP.match(p.name):
                 p.unlink()
         staging = self.path / STAGING
-        if (staging / STAGING_MARK).is_file():
+        if not staging.is_symlink() and (staging / STAGING_MARK).is_file():
             shutil.rmtree(staging)
 
     # -- publishing
@@ -460,8 +550,8 @@ class OutputFolder:
     def new_stage(self) -> Path:
         """An empty, marked staging folder inside the output folder."""
         stage = self.path / STAGING
-        if stage.exists():
-            if not (stage / STAGING_MARK).is_file():
+        if stage.exists() or stage.is_symlink():
+            if stage.is_symlink() or not (stage / STAGING_MARK).is_file():
                 raise OutputError(f"{stage} exists and is not this tool's; remove it or choose another --out")
             shutil.rmtree(stage)
         stage.mkdir()
@@ -469,8 +559,10 @@ class OutputFolder:
         return stage
 
     def publish(self, stage: Path) -> None:
-        """Move the staged files in: the report next to last, the gate (``config.json``
-        or ``adapter_config.json``) last. A staged subfolder (``merged/``) moves file by file."""
+        """Move the staged files in: the plain files, the report, ``merged/`` (its
+        ``config.json`` last), the top-level gate (``config.json`` or
+        ``adapter_config.json``) last. At no point does a folder, the top one or
+        ``merged/``, load as a model without ``swarm.json`` beside it."""
         new = []
         for p in sorted(stage.iterdir()):
             if p.name == STAGING_MARK:
@@ -481,17 +573,23 @@ class OutputFolder:
                 new += [f"{p.name}/{q.name}" for q in sorted(p.iterdir())]
             else:
                 new.append(p.name)
-        old = _entries(_read_manifest(self.path))
+        unnamed = [n for n in new if not _writable(n)]
+        if unnamed:  # a bug, not bad input: caught before anything moves
+            raise RuntimeError(f"the run staged {', '.join(unnamed)}, which the manifest cannot name; nothing was "
+                               "published: report this as a swarm_merge bug")
+        for folder in {n.split("/")[0] for n in new if "/" in n}:
+            path = self.path / folder
+            if path.is_symlink() or (path.exists() and not path.is_dir()):  # appeared during the search
+                raise OutputError(f"{path} is a symlink or a file, where this run writes its {folder}/ folder; "
+                                  "remove it, then run again with --resume")
+        old = _files(_read_manifest(self.path))
         # Recorded first, so that a kill anywhere below leaves every file recognisable.
         self._write_manifest("publishing", set(old) | set(new) | {STATE_FILE})
-        # Take the gate and the old report away first: from here until the end
-        # the folder does not load as a model, old or new.
-        self._remove([*GATE_FILES, REPORT_FILE])
+        # Take every gate (merged/'s too) and then the old report away first: from
+        # here until the end no folder loads as a model, old or new.
+        self._remove(_gates_and_report(old))
         self._remove([n for n in old if n not in new and n != STATE_FILE])  # e.g. shards of an earlier write
-        last = [n for n in (REPORT_FILE, *GATE_FILES) if n in new]
-        nested_gates = [n for n in new if "/" in n and n.rsplit("/", 1)[1] in GATE_FILES]
-        order = [n for n in new if n not in last and n not in nested_gates] + nested_gates + last
-        for name in order:
+        for name in _publish_order(new):
             if "/" in name:
                 (self.path / name).parent.mkdir(exist_ok=True)
             os.replace(stage / name, self.path / name)
@@ -501,3 +599,77 @@ class OutputFolder:
                 p.rmdir()
         (stage / STAGING_MARK).unlink()
         stage.rmdir()
+
+
+# ---------------------------------------------------------------- the push
+
+
+def push_files(out_dir: Path) -> List[str]:
+    """The files a push uploads: what the complete manifest lists, less the checkpoint.
+
+    Nothing else in the folder (a ``.env``, notes, a file that appeared during
+    the search or after it) is ever uploaded, and every listed file must be a
+    regular file in the folder (checked here, and again as it is opened).
+
+    Raises:
+        OutputError: the run's publish did not complete; the manifest is damaged;
+            a listed file is missing, a symlink (at any level) or not a regular file.
+    """
+    out_dir = Path(out_dir)
+    manifest = _read_manifest(out_dir)
+    if manifest is None or manifest.status != "complete":
+        raise OutputError(f"{out_dir} is not a finished mergekit-swarm run (no complete {MANIFEST_FILE}); "
+                          "run the recipe again with --resume first")
+    names = [n for n in manifest.files if n != STATE_FILE]
+    with open_files(out_dir, names):
+        pass
+    return names
+
+
+@contextlib.contextmanager
+def open_files(out_dir: Path, names: Sequence[str]) -> Iterator[Dict[str, BinaryIO]]:
+    """``names`` (from :func:`push_files`) opened for reading, never through a symlink.
+
+    ``merged/`` and each file are opened relative to their folder with
+    ``O_NOFOLLOW``, and checked to be regular files once open: what is read is
+    the file that was checked, whatever its name points at a moment later.
+    """
+    out_dir = Path(out_dir)
+    # O_NONBLOCK: opening a FIFO planted under a listed name returns at once (then fails the check).
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+
+    def refuse(name: str, why: str) -> OutputError:
+        return OutputError(f"{out_dir / name} {why}; a push uploads only the regular files the run wrote: "
+                           "put the run's own file back (or run the recipe again with --resume), then push again")
+
+    def open_in(folder_fd: int, name: str, shown: str, directory: bool = False) -> int:
+        try:
+            fd = os.open(name, flags | (os.O_DIRECTORY if directory else 0), dir_fd=folder_fd)
+        except FileNotFoundError:
+            raise refuse(shown, "is missing") from None
+        except OSError as exc:
+            try:
+                link = stat.S_ISLNK(os.stat(name, dir_fd=folder_fd, follow_symlinks=False).st_mode)
+            except OSError:
+                link = False
+            raise refuse(shown, "is a symlink (it could point anywhere)" if link
+                         else f"cannot be opened ({exc.strerror})") from None
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISDIR(mode) if directory else stat.S_ISREG(mode)):
+            os.close(fd)
+            raise refuse(shown, "is not a folder" if directory else "is not a regular file")
+        return fd
+
+    with contextlib.ExitStack() as stack:
+        root = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+        stack.callback(os.close, root)
+        folders: Dict[str, int] = {}
+        files: Dict[str, BinaryIO] = {}
+        for name in names:
+            folder, _, base = name.rpartition("/")
+            if folder and folder not in folders:
+                folders[folder] = open_in(root, folder, folder, directory=True)
+                stack.callback(os.close, folders[folder])
+            fd = open_in(folders[folder] if folder else root, base, name)
+            files[name] = stack.enter_context(os.fdopen(fd, "rb"))
+        yield files

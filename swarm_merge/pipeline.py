@@ -26,7 +26,7 @@ import sys
 import time
 import zlib
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import numpy as np
 import yaml
@@ -95,7 +95,7 @@ def run(recipe: Recipe, options: RunOptions = RunOptions(), *, out=None) -> Opti
     )
     # One objective and its rows, or a Suite of several and each one's rows.
     code = objectives.load_code(options.objective_code) if options.objective_code else None
-    objective, dev, test = objectives.task_of(recipe, code)
+    objective, dev, test = objectives.task_of(recipe, code, allow_task_code=options.allow_task_code)
     with ranks.local_main_first():
         objective, objective_models = _pull_objective_models(objective, options)
     test_in_dev = _overlap(dev, test)
@@ -137,7 +137,9 @@ def run(recipe: Recipe, options: RunOptions = RunOptions(), *, out=None) -> Opti
             num_groups=len(group_labels),
             evaluate=functools.partial(evaluator.evaluate, examples=dev, objective=objective),
             checkpoint=folder.state_path,
-            fingerprint=_fingerprint(recipe, digests + ([base_digest] if base_digest else []), options),
+            fingerprint=_fingerprint(recipe, digests + ([base_digest] if base_digest else []), options,
+                                     folders=[e.path for e in experts] + ([base.path] if base else []),
+                                     objective_models=[(m[1], m[2]) for m in objective_models]),
             resume=options.resume,
             progress=options.progress,
             started=started,
@@ -177,6 +179,7 @@ def run(recipe: Recipe, options: RunOptions = RunOptions(), *, out=None) -> Opti
                 stage, device=str(device) if device.type == "cuda" else "cpu",
                 shard_bytes=_shard_bytes(mode, experts, recipe),
             )
+            _check_written(stage)
             mergekit_yaml = yaml.safe_dump(
                 merge.mergekit_config(experts, result.best, groups, dtype=recipe.dtype, portable=True,
                                       relative_to=recipe.base_dir),
@@ -312,8 +315,8 @@ def _pull_objective_models(objective, options: RunOptions):
                                         allow_patterns=experts_mod.SMALL_PATTERNS + ["*.safetensors"])
         if kind == "reward":
             _check_reward_config(path, ref)
-        else:  # a causal LM transformers builds without remote code, with safetensors weights
-            experts_mod.index_folder(Path(path), f"judge model {str(ref)!r}")
+        else:  # a causal LM transformers builds without remote code, with safetensors weights, none missing
+            experts_mod.index_folder(Path(path), f"judge model {str(ref)!r}", who=f"judge model {str(ref)!r}")
         size = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
         found.append((ref, Path(path), commit, size))
         return o.model_copy(update={key: ExpertRef(model=str(path))})
@@ -342,6 +345,29 @@ def _check_reward_config(path: Path, ref) -> None:
     if labels != 1:
         raise experts_mod.ExpertError(f"reward model {str(ref)!r} has {labels} outputs; use a reward model with one "
                                       "(num_labels: 1, a scalar reward head)")
+    # Its score head and every other tensor its architecture needs (transformers would make up a missing one).
+    label = f"reward model {str(ref)!r}"
+    experts_mod.check_weights(Path(path), experts_mod.read_headers(Path(path), label), label,
+                              task="sequence-classification")
+
+
+def _check_written(folder: Path) -> None:
+    """The model mergekit wrote is finite, read back tensor by tensor (one read of one model).
+    The winner's build passed the same check during the search, but mergekit reads the experts
+    in float32 where the evaluators read them converted to the recipe's dtype: near float16's
+    limit the two roundings can differ, and a model with inf must never be published."""
+    from safetensors import safe_open
+
+    from swarm_merge.errors import EvaluationError
+
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            for name in f.keys():
+                tensor = f.get_tensor(name)
+                if tensor.is_floating_point() and not weights.is_finite(tensor):
+                    raise EvaluationError(f"the merge mergekit wrote holds NaN or inf in {name!r} (the winner's "
+                                          "weights overflow the recipe's dtype); use dtype: float32 or bfloat16, "
+                                          "then run again with --force")
 
 
 def _free(device) -> None:
@@ -379,23 +405,48 @@ def _overlap(dev, test) -> int:
     return n
 
 
-def _fingerprint(recipe: Recipe, digests: List[str], options: RunOptions = RunOptions()) -> str:
-    """What a checkpoint must match to be resumed: the search inputs (the recipe
-    without its output settings, the experts' weight bytes, the dev rows)."""
+def _fingerprint(recipe: Recipe, digests: List[str], options: RunOptions = RunOptions(), *,
+                 folders: Sequence[Path] = (), objective_models: Sequence[tuple] = ()) -> str:
+    """What a checkpoint must match to be resumed: everything that changes a score. The
+    recipe without its output settings, the experts' weight bytes (``digests``), the
+    small files of every model folder the run reads (``folders``: the experts' and the
+    base's configs, tokenizer files, chat templates, generation config), the reward and
+    judge models (``objective_models``: (folder, commit)): a Hub commit names its content,
+    a local folder is hashed whole), the dev rows, lm-eval task folders and
+    ``--objective-code``. Changing any of them between a kill and ``--resume`` would
+    mix utilities of two different searches in one memo."""
     h = hashlib.sha256()
     h.update(json.dumps(recipe.portable().model_dump(mode="json", exclude={"output"}), sort_keys=True).encode())
     for digest in digests:
         h.update(digest.encode())
+    for i, folder in enumerate(folders):
+        _hash_files(h, f"model {i}", Path(folder), experts_mod.SMALL_PATTERNS, skip=("README.md",))
+    for i, (folder, commit) in enumerate(objective_models):
+        if commit:
+            h.update(f"objective model {i}@{commit};".encode())
+            continue
+        _hash_files(h, f"objective model {i}", Path(folder), experts_mod.SMALL_PATTERNS + ["*.safetensors"],
+                    skip=("README.md",))
     for component in recipe.components:
         if component.dev:
             h.update(Path(component.dev).read_bytes())
-        if component.include_path:  # an lm-eval task's YAML files
-            for f in sorted(Path(component.include_path).rglob("*")):
-                if f.is_file():
-                    h.update(f.name.encode() + f.read_bytes())
+        if component.include_path:  # an lm-eval task's YAML and data files
+            _hash_files(h, "task folder", Path(component.include_path), ["**/*"])
     if options.objective_code:  # another utility function: another search
         h.update(Path(options.objective_code.rpartition(":")[0]).read_bytes() + options.objective_code.encode())
     return h.hexdigest()
+
+
+def _hash_files(h, label: str, folder: Path, patterns: Sequence[str], *, skip: Sequence[str] = ()) -> None:
+    """Every regular file in ``folder`` matching ``patterns``, by relative name and content,
+    in a fixed order (a file added, removed, renamed or edited changes the hash)."""
+    found = sorted({f for pattern in patterns for f in folder.glob(pattern) if f.is_file() and f.name not in skip})
+    h.update(f"{label}:{len(found)};".encode())
+    for f in found:
+        h.update(f"{f.relative_to(folder).as_posix()}:{f.stat().st_size};".encode())
+        with open(f, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                h.update(block)
 
 
 def _spread(ranks, evaluator, objective, jobs):

@@ -62,7 +62,9 @@ def short_repr(value: Any, limit: int = 60) -> str:
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # allow_inf_nan=False: `.inf` / `.nan` in a recipe or --set is refused at its own key,
+    # not found after a whole search (or never: strict JSON writes none of them).
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class ExpertRef(_Frozen):
@@ -94,7 +96,10 @@ class ExpertRef(_Frozen):
 
     @property
     def is_local(self) -> bool:
-        return _looks_local(self.model) or os.path.isdir(self.model)
+        # Decided by the name alone, never by what the current directory holds: a
+        # Hub id ``org/name`` stays a Hub id even where a folder ``org/name`` exists
+        # (load_recipe has already made the recipe's own relative folders absolute).
+        return _looks_local(self.model)
 
     def __str__(self) -> str:
         return self.model + (f"@{self.revision}" if self.revision else "")
@@ -111,7 +116,7 @@ class Objective(_Frozen):
     dev: Optional[str] = None  # a JSONL file (every type but lm_eval)
     test: Optional[str] = None
     max_new_tokens: int = Field(8, ge=1, le=4096)
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1, le=65536)
     # exact_match: how the stripped greedy completion is compared with the answer.
     match: Literal["exact", "prefix", "contains"] = "prefix"
     # Rows carrying this field get per-group scores in the report.
@@ -120,7 +125,7 @@ class Objective(_Frozen):
     chat_template: bool = False
     # In an `objectives:` list: the component's label (default: its dev file's name) and its weight.
     name: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-    weight: float = Field(1.0, gt=0)
+    weight: float = Field(1.0, gt=0, le=1e6)
     # type reward: the reward model (AutoModelForSequenceClassification, one output), a folder or Hub repo.
     reward_model: Optional[ExpertRef] = None
 
@@ -136,8 +141,8 @@ class Objective(_Frozen):
     test_task: Optional[str] = Field(None, min_length=1, max_length=200)
     include_path: Optional[str] = None
     metric: str = Field("acc", min_length=1, max_length=100)
-    num_fewshot: Optional[int] = Field(None, ge=0)
-    limit: Optional[int] = Field(None, ge=1)
+    num_fewshot: Optional[int] = Field(None, ge=0, le=1000)
+    limit: Optional[int] = Field(None, ge=1, le=10_000_000)
 
     @model_validator(mode="after")
     def _data(self) -> "Objective":
@@ -193,20 +198,22 @@ class SwarmSettings(_Frozen):
     code's argparse defaults.
     """
 
-    size: int = Field(10, ge=2, description="particles: the experts, the soup, then children")
+    # Upper bounds are generous: past them a value is a typo, and would overflow
+    # positions or the patience counts long after the run started.
+    size: int = Field(10, ge=2, le=10_000, description="particles: the experts, the soup, then children")
     granularity: Literal["model", "layer"] = "model"
     # layer granularity: number of contiguous layer groups (null: one per layer).
-    layer_groups: Optional[int] = Field(None, ge=1)
-    inertia: float = Field(0.2, ge=0)
-    cognitive: float = Field(0.3, ge=0)
-    social: float = Field(0.4, ge=0)
-    repel: float = Field(0.05, ge=0)
-    step_length: float = Field(0.5, gt=0)
+    layer_groups: Optional[int] = Field(None, ge=1, le=100_000)
+    inertia: float = Field(0.2, ge=0, le=1e6)
+    cognitive: float = Field(0.3, ge=0, le=1e6)
+    social: float = Field(0.4, ge=0, le=1e6)
+    repel: float = Field(0.05, ge=0, le=1e6)
+    step_length: float = Field(0.5, gt=0, le=100)
     step_length_decay: float = Field(0.95, gt=0, le=1)
-    min_step_length: float = Field(0.1, ge=0)
-    patience: int = Field(10, ge=1)
-    restart_patience: float = Field(0.67, gt=0)
-    max_iterations: int = Field(200, ge=0)
+    min_step_length: float = Field(0.1, ge=0, le=100)
+    patience: int = Field(10, ge=1, le=1_000_000)
+    restart_patience: float = Field(0.67, gt=0, le=1_000_000)
+    max_iterations: int = Field(200, ge=0, le=1_000_000)
     drop_k: float = Field(0.0, ge=0, le=1)
     drop_n: float = Field(0.0, ge=0, le=1)
     init_velocity: Literal["random", "zero", "best"] = "random"
@@ -217,7 +224,7 @@ class SwarmSettings(_Frozen):
     # to sum 1) or the paper's random inter/extrapolations of pairs ("paper"). bench/bench_selection.py (issue 12):
     # "soup" wins on held-out rows; init: paper with seed_soup: false is the paper exactly.
     init: Literal["soup", "paper"] = "soup"
-    init_spread: float = Field(0.3, gt=0)
+    init_spread: float = Field(0.3, gt=0, le=100)
     seed: int = Field(42, ge=0, lt=2**63)
 
     @model_validator(mode="after")
@@ -399,9 +406,11 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
         if not keys:
             raise RecipeError(f"--set {item!r} has an empty key; write e.g. --set swarm.size=8")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = bounded_yaml(raw) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
+        except RecursionError:
+            raise RecipeError(f"--set {path}: the value is nested too deeply; give a plain value") from None
         node: Any = data
         for i, key in enumerate(keys):
             last = i == len(keys) - 1
@@ -446,7 +455,9 @@ def load_recipe(path: Union[str, os.PathLike], overrides: Sequence[str] = ()) ->
     except UnicodeDecodeError as exc:
         raise RecipeError(f"{path}: not UTF-8 text (byte {exc.start}); save the recipe as UTF-8") from None
     try:
-        data = yaml.load(text, Loader=_BoundedLoader)
+        data = bounded_yaml(text)
+    except RecursionError:
+        raise RecipeError(f"{path}: the YAML is nested too deeply; a recipe is a few levels of keys") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -460,8 +471,13 @@ def load_recipe(path: Union[str, os.PathLike], overrides: Sequence[str] = ()) ->
     return parse_recipe(data, base_dir=path.resolve().parent, source=str(path))
 
 
+MAX_DEPTH = 32  # a recipe is a few levels deep; far deeper nesting is an attack on the parser
+
+
 class _BoundedLoader(yaml.SafeLoader):
-    """yaml's safe loader, refusing recipes with more than MAX_ALIASES alias uses."""
+    """yaml's safe loader, refusing more than MAX_ALIASES alias uses, nesting deeper than
+    MAX_DEPTH, and a key given twice in one mapping (PyYAML keeps the last silently, so
+    a reviewer reading the first would be misled)."""
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
@@ -470,7 +486,34 @@ class _BoundedLoader(yaml.SafeLoader):
                 mark = self.peek_event().start_mark
                 raise yaml.constructor.ConstructorError(
                     None, None, f"more than {MAX_ALIASES} YAML aliases (*name); write the values out", mark)
-        return super().compose_node(parent, index)
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"nested more than {MAX_DEPTH} levels deep; a recipe is a few levels of keys", mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: the base class says so
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {short_repr(key)} appears twice in one mapping; keep one", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def bounded_yaml(text: str) -> Any:
+    """``text`` parsed as load_recipe parses a recipe (safe, bounded; see _BoundedLoader)."""
+    return yaml.load(text, Loader=_BoundedLoader)
 
 
 def parse_recipe(data: dict, *, base_dir: Union[str, os.PathLike, None] = None, source: str = "recipe") -> Recipe:

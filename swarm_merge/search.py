@@ -112,16 +112,21 @@ class _Run:
             raise OutputError(f"checkpoint {path} is not a swarm_merge checkpoint; pass --force to start over")
         if data.get("version") != CHECKPOINT_VERSION or data.get("fingerprint") != fingerprint:
             raise OutputError(
-                f"{path} was written by a different recipe, different expert weights or another swarm_merge "
-                "version; restore them to resume, or pass --force to start over"
+                f"{path} was written for different inputs (the recipe, a model's weights, config or tokenizer "
+                "files, the reward or judge model, the dev data) or by another swarm_merge version; restore them "
+                "to resume, or pass --force to start over"
             )
         try:
             run = cls(path=path, fingerprint=fingerprint, memo=dict(data["memo"]), history=list(data["history"]),
                       wall_started=wall_started)
             run.seconds_before = float(data.get("seconds", 0.0))
             run.wall_before = float(data.get("wall_seconds", 0.0))
-            for hit in run.memo.values():
+            for key, hit in run.memo.items():
+                if not isinstance(key, str) or not isinstance(hit, dict):
+                    raise TypeError("a memo entry is not a position and a score")
                 Score.from_dict(hit)
+            if not all(isinstance(h, dict) and isinstance(h.get("iteration"), int) for h in run.history):
+                raise TypeError("a history entry is not an iteration's record")
             if data.get("state") is not None:
                 run.state = swarm.SwarmState.from_dict(_unstrict(data["state"]))
                 run.rng_state = data["rng"]
@@ -178,6 +183,35 @@ def _load_or_start(checkpoint: Path, fingerprint: str, started: float, resume: b
     run = _Run.parse(found[1], checkpoint, fingerprint, started)
     run.resumed = True
     return run
+
+
+def _check_state(state: swarm.SwarmState, path: Path, *, n: int, groups: int, experts: int) -> None:
+    """A resumed swarm state has this search's shapes, finite positions and sane counters:
+    a checkpoint is a file in a folder others can write, and a malformed one must be
+    refused here with one line, not crash the update or a JSON write many evaluations later."""
+    def bad(what: str) -> OutputError:
+        return OutputError(f"checkpoint {path} is damaged ({what}); pass --force to start over")
+
+    shapes = {"x": (n, groups, experts), "v": (n, groups, experts), "p": (n, groups, experts),
+              "g": (groups, experts), "gw": (groups, experts), "score": (n,), "p_score": (n,), "stale": (n,)}
+    for name, shape in shapes.items():
+        value = getattr(state, name)
+        if not isinstance(value, np.ndarray) or value.shape != shape:
+            raise bad(f"{name} is not an array of shape {list(shape)}")
+        if name not in ("score", "p_score") and not np.isfinite(value).all():
+            raise bad(f"{name} is not finite")
+    for name in ("g_score", "gw_score", "step_length"):
+        value = getattr(state, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            raise bad(f"{name} is not a number")
+    if not 0 < state.step_length < math.inf:
+        raise bad("step_length is not a positive number")
+    for name in ("iteration", "since_global", "evaluations"):
+        value = getattr(state, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise bad(f"{name} is not a count")
+    if (state.stale < 0).any():
+        raise bad("stale is not a count")
 
 
 def _stats(values: np.ndarray) -> Dict[str, Optional[float]]:
@@ -242,7 +276,14 @@ def run_search(
             run.memo[keys[i]] = score.to_dict()
             save()
 
-        ranks.map(evaluate, [todo[k] for k in keys], on_done=done)
+        try:
+            ranks.map(evaluate, [todo[k] for k in keys], on_done=done)
+        except EvaluationError as exc:
+            # The one advice that helps: --resume only once a checkpoint holds progress.
+            saved = bool(run.memo) or run.state is not None
+            then = ("then run again with --resume to continue from the checkpoint" if saved else
+                    "then run the same command again (nothing was saved yet)")
+            raise EvaluationError(f"{str(exc).rstrip('; ')}, {then}") from exc
         return [Score.from_dict(run.memo[position_key(x)]).utility for x in xs]
 
     # The initial swarm is drawn again from the seed on resume (same positions),
@@ -265,6 +306,7 @@ def run_search(
                         "evaluations": state.evaluations, "seconds": round(run.seconds, 3)}]
         save()
     state = run.state
+    _check_state(state, checkpoint, n=len(x0), groups=num_groups, experts=num_experts)
     rng.bit_generator.state = run.rng_state
 
     bar = tqdm(total=settings.max_iterations, initial=state.iteration, desc="swarm", unit="it", disable=not progress)
