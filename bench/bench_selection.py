@@ -19,11 +19,17 @@ winner is chosen differ:
              (ties between equal accuracies broken by a smooth signal; never
              reorders different accuracies); winner by that key
   A+B        both (e.g. paper+holdout)
+  KEY=VALUE  a swarm setting (e.g. spso+budget+anchors=false); BUNDLES names a few (old: the default
+             before the SPSO change, anchors, spso, budget)
+
+--budget N gives the baselines N distinct evaluations (else the default lever's most); --threads 1 runs
+much faster than 2 when other jobs share the two cores. The score cache records each position ("x") and
+merges with what another bench process saved.
 
 Asserts nothing; prints Markdown tables.
 
     .venv/bin/python bench/bench_selection.py [--recipe recipes/demo.yml] [--seeds 42,43,44] [--levers ...]
-        [--set swarm.max_iterations=12 ...] [--baselines]
+        [--set swarm.max_iterations=12 ...] [--baselines] [--budget N] [--threads N]
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -39,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -48,6 +56,13 @@ from swarm_merge.objectives import Score  # noqa: E402
 from swarm_merge.recipe import load_recipe  # noqa: E402
 
 FINALISTS = 5
+# Lever tokens that set several swarm settings (any other token KEY=VALUE sets swarm.KEY).
+BUNDLES = {
+    "old": {"anchors": False, "update": "paper", "stop": "patience"},  # the default before this change
+    "anchors": {"anchors": True},
+    "spso": {"update": "spso"},
+    "budget": {"stop": "budget"},
+}
 
 
 def holdout_split(examples, seed: int, fraction: float = 0.25):
@@ -96,7 +111,15 @@ class Bench:
         return self.cache.setdefault(search.position_key(x), {})
 
     def _save(self) -> None:
-        tmp = self.cache_path.with_suffix(".tmp")
+        # Merge what another bench process saved meanwhile (same positions, same scores), then write.
+        try:
+            disk = json.loads(self.cache_path.read_text()) if self.cache_path.exists() else {}
+        except ValueError:
+            disk = {}
+        for key, entry in disk.items():
+            for field, value in entry.items():
+                self.cache.setdefault(key, {}).setdefault(field, value)
+        tmp = self.cache_path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(self.cache))
         tmp.replace(self.cache_path)
 
@@ -105,6 +128,7 @@ class Bench:
         if "dev" not in e or (need_ll and "ll" not in e and self.objective.type == "exact_match"):
             self.ev.build(x)
             if "dev" not in e:
+                e["x"] = np.asarray(x, dtype=float).tolist()  # the position, for offline analysis
                 e["dev"] = objectives.score(self.ev.model, self.ev.tokenizer, self.dev, self.objective,
                                             self.ev.device).rows
                 self.evaluations += 1
@@ -139,8 +163,16 @@ class Bench:
             positions.setdefault(search.position_key(x), np.array(x))
             return Score(key_of(x))
 
-        settings = self.recipe.swarm.model_copy(update={"seed": seed, **({"init": "paper"} if "paper" in lever
-                                                                          else {})})
+        update = {"seed": seed, **({"init": "paper"} if "paper" in lever.split("+") else {})}
+        for token in lever.split("+"):  # swarm settings as key=value, and named bundles
+            if "=" in token:
+                key, value = token.split("=", 1)
+                update[key] = yaml.safe_load(value)
+            elif token in BUNDLES:
+                update.update(BUNDLES[token])
+            elif token not in ("default", "paper", "holdout", "tiebreak"):
+                raise SystemExit(f"unknown lever token {token!r}")
+        settings = type(self.recipe.swarm).model_validate({**self.recipe.swarm.model_dump(), **update})
         memo_path = Path(f"/tmp/bench-selection-{lever}-{seed}.json")
         memo_path.unlink(missing_ok=True)
         result = search.run_search(settings, num_experts=self.k, num_groups=self.g, evaluate=scored,
@@ -169,8 +201,12 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="swarm.KEY=VALUE",
                     help="override a swarm setting (e.g. swarm.max_iterations=12); repeatable")
     ap.add_argument("--baselines", action="store_true", help="also random search and CMA-ES at the default's budget")
+    ap.add_argument("--budget", type=int, default=None,
+                    help="the baselines' budget (default: the most distinct dev evaluations of the default lever)")
+    ap.add_argument("--threads", type=int, default=2,
+                    help="torch threads (1 is faster when other jobs share the cores: no spinning at barriers)")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
     if any(not o.startswith("swarm.") for o in args.set):
         raise SystemExit("--set takes swarm.* settings only (the score cache is per recipe's data and experts)")
@@ -187,9 +223,9 @@ def main() -> None:
     for name, x in fixed:
         print(f"| {name} | {np.mean(bench.rows(x)[0]):.3f} | {bench.test_utility(x):.3f} |")
     results = {}
-    for lever in args.levers.split(","):
+    for lever in filter(None, args.levers.split(",")):
         results[lever] = [bench.run(lever, seed) for seed in seeds]
-    budget = max(r["evaluations"] for r in results.get("default", results[next(iter(results))]))
+    budget = args.budget or max(r["evaluations"] for r in results.get("default", results[next(iter(results))]))
     if args.baselines:
         for name, fn in (("random search", baselines.random_search), ("CMA-ES", baselines.cmaes_search)):
             rows = []

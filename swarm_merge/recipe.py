@@ -213,7 +213,9 @@ class SwarmSettings(_Frozen):
     min_step_length: float = Field(0.1, ge=0, le=100)
     patience: int = Field(10, ge=1, le=1_000_000)
     restart_patience: float = Field(0.67, gt=0, le=1_000_000)
-    max_iterations: int = Field(200, ge=0, le=1_000_000)
+    # With the default stop: budget a run spends size * (1 + max_iterations) evaluations: 20 keeps an
+    # unset recipe near what the patience stop used to spend (the official code's 200 is a hard cap there).
+    max_iterations: int = Field(20, ge=0, le=1_000_000)
     drop_k: float = Field(0.0, ge=0, le=1)
     drop_n: float = Field(0.0, ge=0, le=1)
     init_velocity: Literal["random", "zero", "best"] = "random"
@@ -225,6 +227,15 @@ class SwarmSettings(_Frozen):
     # "soup" wins on held-out rows; init: paper with seed_soup: false is the paper exactly.
     init: Literal["soup", "paper"] = "soup"
     init_spread: float = Field(0.3, gt=0, le=100)
+    # Levers beyond the paper (swarm_merge/swarm.py; measured in bench/RESULTS.md, "Swarm against CMA-ES").
+    # Paper values: anchors false, update paper, stop patience (with init: paper, seed_soup: false: the paper).
+    # anchors: the experts are scored once and stay put (they set the global best and worst); the soup and
+    # children move. update spso: SPSO-2011 constants, a random weight per coefficient, no normaliser, no
+    # restarts (inertia, cognitive, social, repel, step_length* and restart_patience are then unused).
+    # stop budget: no patience stop; spend size * (1 + max_iterations) evaluations, the experts' included.
+    anchors: bool = True
+    update: Literal["paper", "spso"] = "spso"
+    stop: Literal["patience", "budget"] = "budget"
     seed: int = Field(42, ge=0, lt=2**63)
 
     @model_validator(mode="after")

@@ -309,7 +309,11 @@ def run_search(
     _check_state(state, checkpoint, n=len(x0), groups=num_groups, experts=num_experts)
     rng.bit_generator.state = run.rng_state
 
-    bar = tqdm(total=settings.max_iterations, initial=state.iteration, desc="swarm", unit="it", disable=not progress)
+    planned = settings.max_iterations
+    if getattr(settings, "stop", "patience") == "budget":  # (drop-K/N aside) the iterations the budget buys
+        moving = len(x0) - (num_experts if getattr(settings, "anchors", False) else 0)
+        planned = math.ceil(max(swarm.budget(settings) - len(x0), 0) / max(moving, 1))
+    bar = tqdm(total=planned, initial=state.iteration, desc="swarm", unit="it", disable=not progress)
     bar.set_postfix(best=f"{state.g_score:.4f}", evals=state.evaluations)
     while not swarm.finished(state, settings):
         proposal = swarm.propose(state, settings, rng)
@@ -327,11 +331,14 @@ def run_search(
         mean = stats["mean"]
         bar.set_postfix(best=f"{state.g_score:.4f}", mean="-" if mean is None else f"{mean:.4f}", evals=state.evaluations)
         if not progress and ranks.is_main:
-            LOG.info("iteration %d/%d: best %.4f, mean %s, %d evaluations", state.iteration, settings.max_iterations,
+            LOG.info("iteration %d/%d: best %.4f, mean %s, %d evaluations", state.iteration, planned,
                      state.g_score, "-" if mean is None else f"{mean:.4f}", state.evaluations)
     bar.close()
-    reason = "max_iterations reached" if state.iteration >= settings.max_iterations else (
-        f"global best unchanged for {settings.patience} iterations")
+    if getattr(settings, "stop", "patience") == "budget":
+        reason = f"budget of {swarm.budget(settings)} evaluations spent"
+    else:
+        reason = "max_iterations reached" if state.iteration >= settings.max_iterations else (
+            f"global best unchanged for {settings.patience} iterations")
     best_hit = run.memo[position_key(state.g)]
     return SearchResult(
         best=state.g.copy(),

@@ -22,12 +22,28 @@ The random draws, in order, so a weight-space reference can replay them:
 replace=False)`` then ``rng.uniform(0, 2, size=groups)``; ``initial_velocities`` ("random"):
 per particle ``rng.integers(n - 1)``; ``propose``: ``rng.random((n, groups, 4))``
 (r_v, r_p, r_g, r_w), then ``rng.random()`` (drop-K), then ``rng.random(n)``
-(drop-N).
+(drop-N). With ``update: spso`` ``propose`` draws ``rng.random((n, groups, K, 2))`` (r_p, r_g per
+coefficient) in place of the four scalars; with ``anchors`` ``initial_velocities`` draws for the moving
+particles only.
+
+Levers beyond the paper (each a SwarmSettings field; their paper values give the paper's algorithm):
+
+- ``anchors``: the experts (the first K rows of the initial swarm) are scored once and then stay put: they
+  set the global best and worst but never move and are never scored again; the remaining ``size - K``
+  particles (the soup and the children) move.
+- ``update: spso``: the SPSO-2011 constants (inertia 1/(2 ln 2), cognitive = social = 0.5 + ln 2), a random
+  weight per coefficient, the velocity NOT divided by the sum of the weights, and no step length (x + v);
+  the per-coefficient weights would break ``sum b_k = 0``, so the new velocity is projected back onto it
+  (its mean over the K coefficients is subtracted: still a linear combination of the experts). No restarts
+  (``restart_patience`` applies to the paper's update only).
+- ``stop: budget``: no patience stop; the search runs until ``budget(settings)`` evaluations are spent (the
+  last iteration scores only the particles that still fit).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
@@ -47,7 +63,15 @@ __all__ = [
 # The settings this module reads; :class:`swarm_merge.recipe.SwarmSettings` has them all.
 # inertia, cognitive, social, repel, step_length, step_length_decay,
 # min_step_length, patience, restart_patience, max_iterations, drop_k, drop_n,
-# init_velocity.
+# init_velocity, anchors, update, stop (the last three read with getattr: paper values when absent).
+
+SPSO_INERTIA = 1.0 / (2.0 * math.log(2.0))  # 0.721
+SPSO_ACCELERATION = 0.5 + math.log(2.0)  # 1.193, cognitive and social
+
+
+def _anchors(settings: Any, num_experts: int) -> int:
+    """How many leading rows of the swarm are fixed anchors (the experts), not moving particles."""
+    return num_experts if getattr(settings, "anchors", False) else 0
 
 
 def initial_positions(
@@ -164,7 +188,13 @@ def init_state(x: np.ndarray, scores: np.ndarray, settings: Any, rng: np.random.
     """The state after evaluating the initial swarm ``x`` (scores, NaN = failed)."""
     s = _nan_worst(np.asarray(scores, dtype=float))
     best, worst = int(np.argmax(s)), int(np.argmin(s))
-    v = initial_velocities(x, settings.init_velocity, rng, best=x[best])
+    fixed = _anchors(settings, x.shape[-1])
+    if fixed:  # the anchors rest; the moving particles draw their velocities among themselves
+        v = np.zeros_like(x)
+        if len(x) - fixed > 1 or settings.init_velocity != "random":
+            v[fixed:] = initial_velocities(x[fixed:], settings.init_velocity, rng, best=x[best])
+    else:
+        v = initial_velocities(x, settings.init_velocity, rng, best=x[best])
     return SwarmState(
         x=x.copy(),
         v=v,
@@ -190,27 +220,46 @@ class Proposal:
 
 
 def propose(state: SwarmState, settings: Any, rng: np.random.Generator) -> Proposal:
-    """Move every particle one step (the paper's velocity and position update)."""
+    """Move every particle one step (the paper's velocity and position update, or SPSO's; anchors stay)."""
     x, v = state.x.copy(), state.v.copy()
+    n = len(x)
+    moving = np.arange(n) >= _anchors(settings, x.shape[-1])
     # Restart: a particle whose personal best has not improved for
     # restart_patience * patience evaluations goes back to it, at rest; the
     # normal update below still runs this iteration.
-    restarted = state.stale >= settings.restart_patience * settings.patience
+    spso = getattr(settings, "update", "paper") == "spso"
+    # (Not under spso, which has no restarts: the particle holding g would go back to it at rest and stay
+    # there, scoring the same position again and again.)
+    restarted = moving & (state.stale >= settings.restart_patience * settings.patience) & (not spso)
     x[restarted] = state.p[restarted]
     v[restarted] = 0.0
 
-    phi = np.array([settings.inertia, settings.cognitive, settings.social, settings.repel])
-    # One scalar per term, per particle (and per group), shared by every tensor.
-    r = rng.random((len(x), x.shape[1], 4))
-    rv, rp, rg, rw = (r[..., t : t + 1] * phi[t] for t in range(4))
-    # The normaliser makes the new velocity an affine mix of the four terms.
-    c = rv + rp + rg + rw
-    v = (rv * v + rp * (state.p - x) + rg * (state.g[None] - x) + rw * (x - state.gw[None])) / c
-    x = x + state.step_length * v
+    if spso:
+        # SPSO-2011 constants, one random weight per coefficient, no normaliser, no step length.
+        r = rng.random((n, x.shape[1], x.shape[2], 2))
+        v = (SPSO_INERTIA * v + SPSO_ACCELERATION * r[..., 0] * (state.p - x)
+             + SPSO_ACCELERATION * r[..., 1] * (state.g[None] - x))
+        v = v - v.mean(axis=-1, keepdims=True)  # back onto sum_k b_k = 0
+        x = x + v
+    else:
+        phi = np.array([settings.inertia, settings.cognitive, settings.social, settings.repel])
+        # One scalar per term, per particle (and per group), shared by every tensor.
+        r = rng.random((n, x.shape[1], 4))
+        rv, rp, rg, rw = (r[..., t : t + 1] * phi[t] for t in range(4))
+        # The normaliser makes the new velocity an affine mix of the four terms.
+        c = rv + rp + rg + rw
+        v = (rv * v + rp * (state.p - x) + rg * (state.g[None] - x) + rw * (x - state.gw[None])) / c
+        x = x + state.step_length * v
+    # Anchors stay where they are, at rest.
+    x[~moving], v[~moving] = state.x[~moving], 0.0
 
     skip_all = rng.random() < settings.drop_k
-    skip_one = rng.random(len(x)) < settings.drop_n
-    evaluate = ~skip_one & (not skip_all)
+    skip_one = rng.random(n) < settings.drop_n
+    evaluate = ~skip_one & (not skip_all) & moving
+    if getattr(settings, "stop", "patience") == "budget":
+        # The last iteration scores only the particles that still fit in the budget.
+        left = max(budget(settings) - state.evaluations, 0)
+        evaluate &= np.cumsum(evaluate) <= left
     return Proposal(x=x, v=v, evaluate=evaluate, restarted=restarted)
 
 
@@ -254,11 +303,15 @@ def update(state: SwarmState, proposal: Proposal, scores: np.ndarray, settings: 
 
 
 def finished(state: SwarmState, settings: Any) -> bool:
-    """Stop when g has not changed for ``patience`` iterations, or at ``max_iterations``."""
+    """Stop when g has not changed for ``patience`` iterations, or at ``max_iterations``; with
+    ``stop: budget``, when ``budget(settings)`` evaluations are spent (or nothing can move)."""
+    if getattr(settings, "stop", "patience") == "budget":
+        return state.evaluations >= budget(settings) or len(state.x) <= _anchors(settings, state.x.shape[-1])
     return state.iteration >= settings.max_iterations or state.since_global >= settings.patience
 
 
 def budget(settings: Any) -> int:
-    """The most evaluations a run can make: the initial swarm plus every iteration."""
+    """The most evaluations a run can make: the initial swarm plus ``max_iterations`` iterations of it
+    (``stop: budget`` spends exactly this many; with anchors it takes more, smaller iterations)."""
     return settings.size * (1 + settings.max_iterations)
 

@@ -1,6 +1,7 @@
 """The pure optimiser: exact equivalence with a weight-space run, invariants,
 restart, patience, Drop-K/N and determinism."""
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -10,8 +11,13 @@ from swarm_merge import swarm
 from swarm_merge.recipe import SwarmSettings
 
 
+# The paper's values of the levers beyond the paper: the tests below that predate them test the paper's
+# update, stop rule and moving experts whatever the product defaults are.
+PAPER_LEVERS = {"anchors": False, "update": "paper", "stop": "patience"}
+
+
 def settings(**kw):
-    return SwarmSettings(**{"size": 8, "max_iterations": 12, "patience": 4, **kw})
+    return SwarmSettings(**{"size": 8, "max_iterations": 12, "patience": 4, **PAPER_LEVERS, **kw})
 
 
 def utility(weights: np.ndarray) -> float:
@@ -247,3 +253,121 @@ def test_settings_object_is_duck_typed():
     state = swarm.init_state(x0, np.zeros(3), s, rng)
     state = swarm.update(state, swarm.propose(state, s, rng), np.ones(3), s)
     assert state.iteration == 1 and state.g_score == 1.0
+
+
+# ----------------------------------------------------------------- levers beyond the paper
+
+
+def drive(s, experts, rng, *, steps=None, state=None):
+    """Run the pure optimiser against ``utility`` until finished (or ``steps`` iterations);
+    returns the state and the number of positions scored."""
+    k = len(experts)
+    score = lambda a: utility(np.tensordot(a[0], experts, axes=1))  # noqa: E731
+    scored = 0
+    if state is None:
+        x0 = swarm.initial_positions(k, s.size, seed_soup=s.seed_soup, rng=rng, init=s.init, spread=s.init_spread)
+        state = swarm.init_state(x0, np.array([score(x) for x in x0]), s, rng)
+        scored = len(x0)
+    done = 0
+    while not swarm.finished(state, s) and (steps is None or done < steps):
+        prop = swarm.propose(state, s, rng)
+        scores = np.array([score(x) if e else np.nan for x, e in zip(prop.x, prop.evaluate)])
+        scored += int(prop.evaluate.sum())
+        state = swarm.update(state, prop, scores, s)
+        done += 1
+    return state, scored
+
+
+NEW = {"anchors": True, "update": "spso", "stop": "budget"}
+
+
+def test_product_defaults_are_the_new_levers_and_paper_values_select_the_paper():
+    # The product's defaults (bench/RESULTS.md, "Swarm against CMA-ES"); init: paper, seed_soup: false and
+    # the levers at their paper values is the paper's algorithm (the weight-space reference test runs it).
+    d = SwarmSettings()
+    assert (d.anchors, d.update, d.stop) == (True, "spso", "budget")
+    s = SwarmSettings(init="paper", seed_soup=False, **PAPER_LEVERS)
+    assert (s.anchors, s.update, s.stop) == (False, "paper", "patience")
+
+
+def test_anchors_stay_put_and_are_scored_once():
+    s = settings(**NEW)
+    experts = np.random.default_rng(7).normal(size=(4, 30))
+    rng = np.random.default_rng(3)
+    x0 = swarm.initial_positions(4, s.size, seed_soup=True, rng=rng, init=s.init, spread=s.init_spread)
+    scores = np.array([utility(np.tensordot(x[0], experts, axes=1)) for x in x0])
+    scores[2] = 10.0  # an expert is the best: it stays the global best until beaten
+    state = swarm.init_state(x0, scores, s, rng)
+    assert np.allclose(state.v[:4], 0) and not np.allclose(state.v[4:], 0)
+    assert np.allclose(state.g, x0[2])
+    for _ in range(5):
+        prop = swarm.propose(state, s, rng)
+        assert not prop.evaluate[:4].any() and prop.evaluate[4:].all()
+        assert np.array_equal(prop.x[:4], x0[:4]) and np.allclose(prop.v[:4], 0)
+        state = swarm.update(state, prop, np.where(prop.evaluate, 0.0, np.nan), s)
+    assert np.allclose(state.g, x0[2]) and state.g_score == 10.0
+    assert np.array_equal(state.score[:4], scores[:4])
+
+
+def test_spso_update_keeps_positions_affine_and_moves():
+    s = settings(**NEW, size=10)
+    rng = np.random.default_rng(0)
+    x0 = swarm.initial_positions(5, s.size, groups=3, seed_soup=True, rng=rng, init=s.init, spread=s.init_spread)
+    state = swarm.init_state(x0, rng.normal(size=s.size), s, rng)
+    for _ in range(20):
+        prop = swarm.propose(state, s, rng)
+        assert np.allclose(prop.x.sum(-1), 1.0, atol=1e-9) and np.allclose(prop.v.sum(-1), 0.0, atol=1e-9)
+        state = swarm.update(state, prop, np.where(prop.evaluate, rng.normal(size=s.size), np.nan), s)
+    assert np.allclose(state.p.sum(-1), 1.0, atol=1e-9)
+
+
+def test_spso_velocity_is_not_normalised():
+    # One moving particle at rest on its personal best, g elsewhere: v = c * r (g - x), projected; with the
+    # paper's normaliser the step could never pass g, here it can (c > 1).
+    s = settings(**NEW, size=5)
+    x0 = swarm.initial_positions(4, 5, seed_soup=True, rng=np.random.default_rng(0), init="soup")
+    state = swarm.init_state(x0, np.array([1.0, 0, 0, 0, 0.5]), s, np.random.default_rng(0))
+    assert np.allclose(state.v, 0)  # one moving particle: nothing to draw its velocity from
+    overshoot = 0
+    for seed in range(50):
+        prop = swarm.propose(state, s, np.random.default_rng(seed))
+        d = prop.x[4, 0] - x0[4, 0]
+        overshoot += np.linalg.norm(d) > np.linalg.norm(x0[0, 0] - x0[4, 0])
+    assert overshoot > 0
+
+
+def test_budget_stop_spends_exactly_the_budget():
+    experts = np.random.default_rng(1).normal(size=(4, 20))
+    for size, iters in ((8, 8), (7, 3), (5, 2)):
+        s = settings(**NEW, size=size, max_iterations=iters, patience=1)
+        state, scored = drive(s, experts, np.random.default_rng(2))
+        assert scored == state.evaluations == swarm.budget(s) == size * (1 + iters)
+    # without anchors too, and the patience stop is off
+    s = settings(stop="budget", size=8, max_iterations=4, patience=1)
+    state, scored = drive(s, experts, np.random.default_rng(2))
+    assert scored == swarm.budget(s) and state.iteration == 4
+
+
+def test_new_levers_deterministic_per_seed_and_resume_exact():
+    experts = np.random.default_rng(1).normal(size=(4, 20))
+    s = settings(**NEW)
+    a, _ = drive(s, experts, np.random.default_rng(5))
+    b, _ = drive(s, experts, np.random.default_rng(5))
+    c, _ = drive(s, experts, np.random.default_rng(6))
+    assert np.array_equal(a.x, b.x) and np.array_equal(a.g, b.g) and a.g_score == b.g_score
+    assert not np.array_equal(a.x, c.x)
+    # Stop after 3 iterations, checkpoint the state and the generator as JSON, resume: same end.
+    rng = np.random.default_rng(5)
+    half, _ = drive(s, experts, rng, steps=3)
+    saved = json.dumps({"state": half.to_dict(), "rng": rng.bit_generator.state})
+    data = json.loads(saved)
+    rng2 = np.random.default_rng(0)
+    rng2.bit_generator.state = data["rng"]
+    end, _ = drive(s, experts, rng2, state=swarm.SwarmState.from_dict(data["state"]))
+    assert np.array_equal(end.x, a.x) and np.array_equal(end.p, a.p) and end.g_score == a.g_score
+    assert end.evaluations == a.evaluations == swarm.budget(s)
+    from swarm_merge import search
+
+    search._check_state(swarm.SwarmState.from_dict(search._unstrict(json.loads(json.dumps(search._strict(
+        half.to_dict()))))), "c.json", n=s.size, groups=1, experts=4)  # what search.py checkpoints passes its check
+
