@@ -8,7 +8,6 @@ import json
 import shutil
 
 import pytest
-import torch
 
 import tiny
 from swarm_merge.cli import main
@@ -18,16 +17,7 @@ SETTINGS = ["--set", "swarm.size=4", "--set", "swarm.max_iterations=1", "--no-pr
 
 @pytest.fixture(scope="module")
 def reward_model(tmp_path_factory):
-    from transformers import LlamaForSequenceClassification
-
-    tok = tiny.make_tokenizer()
-    config = tiny.make_config(len(tok))
-    config.num_labels = 1
-    torch.manual_seed(7)
-    path = tmp_path_factory.mktemp("reward") / "rm"
-    LlamaForSequenceClassification(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return tiny.make_reward_model(tmp_path_factory.mktemp("reward"))
 
 
 @pytest.fixture

@@ -13,17 +13,7 @@ from swarm_merge import cli, report as report_mod
 
 @pytest.fixture(scope="module")
 def reward_model(tmp_path_factory):
-    from transformers import LlamaForSequenceClassification
-
-    tok = tiny.make_tokenizer()
-    config = tiny.make_config(len(tok))
-    config.num_labels = 1
-    torch.manual_seed(7)
-    model = LlamaForSequenceClassification(config)
-    path = tmp_path_factory.mktemp("reward") / "rm"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return tiny.make_reward_model(tmp_path_factory.mktemp("reward"))
 
 
 def write(tmp_path, experts, objective: str):

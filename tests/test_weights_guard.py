@@ -140,16 +140,7 @@ def test_tied_and_complete_checkpoints_pass(tmp_path):
 
 @pytest.fixture(scope="module")
 def reward_model(tmp_path_factory):
-    from transformers import LlamaForSequenceClassification
-
-    tok = tiny.make_tokenizer()
-    config = tiny.make_config(len(tok))
-    config.num_labels = 1
-    torch.manual_seed(7)
-    path = tmp_path_factory.mktemp("reward") / "rm"
-    LlamaForSequenceClassification(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return tiny.make_reward_model(tmp_path_factory.mktemp("reward"))
 
 
 RUBRIC = "Question: {prompt}\nAnswer: {response}\nHow good is the answer, 1 to 3? Rating:"

@@ -133,3 +133,17 @@ def make_adapters(root: Path, base: Path, n: int = 3, *, ranks=None, alphas=None
         cfg_file.write_text(json.dumps(data, indent=2))
         paths.append(path)
     return paths
+
+
+def make_reward_model(root: Path, name: str = "rm") -> Path:
+    """A tiny reward model (Llama sequence classifier, one output, seeded), saved with the tokenizer."""
+    from transformers import LlamaForSequenceClassification
+
+    tok = make_tokenizer()
+    config = make_config(len(tok))
+    config.num_labels = 1
+    torch.manual_seed(7)
+    path = Path(root) / name
+    LlamaForSequenceClassification(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
