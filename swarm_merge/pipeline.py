@@ -764,8 +764,13 @@ def _print_plan(recipe, experts, group_labels, dev, test, device, out_dir, push_
         if e.pickled:
             print("    pickled weights (allow_pickle): assumed to match the others; checked after the download", file=out)
     s = recipe.swarm
+    if s.stop == "budget":  # iterations follow from the budget and the particles that move
+        moving = s.size - (k if s.anchors else 0)
+        how = f"{moving} moving particle(s){', the experts as fixed anchors' if s.anchors else ''}, until the budget"
+    else:
+        how = f"at most {s.max_iterations} iterations"
     print(f"swarm: size {s.size}, granularity {s.granularity} ({len(group_labels)} group(s), "
-          f"{len(group_labels) * k} coefficients), at most {s.max_iterations} iterations", file=out)
+          f"{len(group_labels) * k} coefficients), {s.update} update, {how}", file=out)
     from swarm_merge.swarm import budget
 
     print(f"evaluations: at most {budget(s)} on {objectives.row_count(dev)} dev rows ({objective.type})"
