@@ -22,7 +22,8 @@ winner is chosen differ:
   KEY=VALUE  a swarm setting (e.g. spso+budget+anchors=false); BUNDLES names a few (old: the default
              before the SPSO change, anchors, spso, budget)
 
---budget N gives the baselines N distinct evaluations (else the default lever's most); --threads 1 runs
+--budget N gives the baselines N whole-dev-set evaluations (else, at each seed, the dev rows the first lever's
+swarm scored at that seed, over the dev rows: the same item budget); --threads 1 runs
 much faster than 2 when other jobs share the two cores. The score cache records each position ("x") and
 merges with what another bench process saved.
 
@@ -51,7 +52,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from swarm_merge import baselines, evaluate, experts as experts_mod, objectives, search, space  # noqa: E402
+from swarm_merge import baselines, evaluate, experts as experts_mod, objectives, racing, search, space  # noqa: E402
 from swarm_merge.objectives import Score  # noqa: E402
 from swarm_merge.recipe import load_recipe  # noqa: E402
 
@@ -161,6 +162,8 @@ class Bench:
 
         def scored(x):
             positions.setdefault(search.position_key(x), np.array(x))
+            if search_idx == list(range(n)) and "tiebreak" not in lever:  # with rows and weights (racing's memo)
+                return objectives.aggregate(self.rows(x)[0], [1.0] * n, self.dev)
             return Score(key_of(x))
 
         update = {"seed": seed, **({"init": "paper"} if "paper" in lever.split("+") else {})}
@@ -173,12 +176,26 @@ class Bench:
             elif token not in ("default", "paper", "holdout", "tiebreak"):
                 raise SystemExit(f"unknown lever token {token!r}")
         settings = type(self.recipe.swarm).model_validate({**self.recipe.swarm.model_dump(), **update})
+        race = None
+        if "holdout" not in lever and "tiebreak" not in lever:
+            race = racing.race_of(settings, self.objective, self.dev)
+
+        def part(x, which):
+            # The slice's or the other rows' score, from the position's cached rows (every row is
+            # computed once for the cache; the search counts only the rows racing asked for).
+            positions.setdefault(search.position_key(x), np.array(x))
+            idx = race.parts[which]
+            values = self.rows(x)[0]
+            return objectives.aggregate([values[i] for i in idx], [1.0] * len(idx), race.rows(which))
+
         memo_path = Path(f"/tmp/bench-selection-{lever}-{seed}.json")
         memo_path.unlink(missing_ok=True)
         result = search.run_search(settings, num_experts=self.k, num_groups=self.g, evaluate=scored,
-                                   checkpoint=memo_path, fingerprint=lever, progress=False)
+                                   checkpoint=memo_path, fingerprint=lever, progress=False, race=race,
+                                   evaluate_rows=part if race else None)
         memo_path.unlink(missing_ok=True)
-        ranked = sorted(positions.values(), key=lambda p: -key_of(p))
+        full = [p for k, p in positions.items() if k in result.memo]  # scored on every row (not raced out)
+        ranked = sorted(full, key=lambda p: -key_of(p))
         if "holdout" in lever:
             finalists = ranked[:FINALISTS]
             winner = max(finalists, key=lambda p: (mean_of(self.rows(p)[0], held_idx), key_of(p)))
@@ -186,7 +203,8 @@ class Bench:
             winner = result.best
         dev = float(np.mean(self.rows(winner)[0]))
         return {"dev": dev, "test": self.test_utility(winner), "coefficients": np.round(winner, 3).tolist(),
-                "evaluations": len(positions)}
+                "evaluations": len(positions), "items": result.items,
+                "dropped": result.raced["dropped"] if result.raced else 0}
 
 
 def summarize(values):
@@ -225,11 +243,16 @@ def main() -> None:
     results = {}
     for lever in filter(None, args.levers.split(",")):
         results[lever] = [bench.run(lever, seed) for seed in seeds]
-    budget = args.budget or max(r["evaluations"] for r in results.get("default", results[next(iter(results))]))
+    # Each baseline at seed i gets the swarm's (first lever's) item budget at seed i: the dev rows it
+    # scored buy that many whole-dev-set evaluations.
+    first = results.get("default", results[next(iter(results))])
+    budgets = [args.budget or max(1, r["items"] // len(bench.dev)) for r in first]
     if args.baselines:
-        for name, fn in (("random search", baselines.random_search), ("CMA-ES", baselines.cmaes_search)):
+        methods = (("random search", baselines.random_search), ("CMA-ES", baselines.cmaes_search),
+                   ("GP (Optuna)", baselines.gp_search), ("NGOpt (Nevergrad)", baselines.ngopt_search))
+        for name, fn in methods:
             rows = []
-            for seed in seeds:
+            for seed, budget in zip(seeds, budgets):
                 memo = {}
 
                 def score_full(x):
@@ -241,18 +264,22 @@ def main() -> None:
                 run = fn(baselines.Budgeted(score_full, memo), num_experts=k, num_groups=g, budget=budget, seed=seed,
                          **draws)
                 rows.append({"dev": run.dev.utility, "test": bench.test_utility(run.best),
-                             "coefficients": np.round(run.best, 3).tolist(), "evaluations": run.evaluations})
+                             "coefficients": np.round(run.best, 3).tolist(), "evaluations": run.evaluations,
+                             "items": run.evaluations * len(bench.dev), "dropped": 0})
             results[name] = rows
     uniform_test = bench.test_utility(np.full((g, k), 1.0 / k))
-    print("\n| method | dev mean ± std | test mean ± std | test per seed | seeds below uniform test | evaluations |")
-    print("|---|---|---|---|---|---|")
+    print("\n| method | dev mean ± std | test mean ± std | dev per seed | test per seed | seeds below uniform test "
+          "| evaluations | dev rows scored (mean) | dropped by racing |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for lever, rows in results.items():
         dm, ds = summarize([r["dev"] for r in rows])
         tm, ts = summarize([r["test"] for r in rows])
         below = sum(r["test"] < uniform_test for r in rows)
         per = " / ".join(f"{r['test']:.3f}" for r in rows)
-        print(f"| {lever} | {dm:.3f} ± {ds:.3f} | {tm:.3f} ± {ts:.3f} | {per} | {below} of {len(rows)} | "
-              f"{max(r['evaluations'] for r in rows)} |")
+        per_dev = " / ".join(f"{r['dev']:.3f}" for r in rows)
+        items = statistics.mean(r["items"] for r in rows)
+        print(f"| {lever} | {dm:.3f} ± {ds:.3f} | {tm:.3f} ± {ts:.3f} | {per_dev} | {per} | {below} of {len(rows)} | "
+              f"{max(r['evaluations'] for r in rows)} | {items:.0f} | {sum(r['dropped'] for r in rows)} |")
     print("\nwinners' coefficients:")
     for lever, rows in results.items():
         print(f"  {lever}: " + "; ".join(str(r["coefficients"]) for r in rows))

@@ -14,6 +14,11 @@ budget, once.
 - ``CMA-ES`` (the ``cmaes`` package): over the free coefficients (each group's
   last one is ``1 - sum`` of the others), started at the soup with step 0.3,
   default population; the last generation is cut at the budget.
+- ``GP (Optuna)`` (the ``search`` extra): Bayesian optimisation with Optuna's
+  ``GPSampler`` over the same free coefficients, in the box ``1/k +- 3 * 0.3``
+  around the soup (a GP needs a bounded box), its first trial at the soup.
+- ``NGOpt (Nevergrad)`` (the ``search`` extra): Nevergrad's NGOpt, the
+  optimiser LoraHub uses, over the same free coefficients and box, from the soup.
 - ``swarm`` with other seeds (``--seeds N``).
 
 Analyses (:func:`weak_to_strong`, :func:`emergence`) follow the paper's:
@@ -26,20 +31,26 @@ import logging
 import math
 import statistics
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
 from swarm_merge import swarm
+from swarm_merge.errors import InputError
 from swarm_merge.objectives import Score
 from swarm_merge.search import position_key
 
-__all__ = ["Budgeted", "MethodRun", "random_search", "cmaes_search", "weak_to_strong", "emergence", "summarize",
-           "CMAES_SIGMA"]
+__all__ = ["Budgeted", "MethodRun", "random_search", "cmaes_search", "gp_search", "ngopt_search", "weak_to_strong",
+           "emergence", "summarize", "CMAES_SIGMA", "GP_STARTUP", "SEARCH_EXTRA"]
 
 LOG = logging.getLogger(__name__)
 CMAES_SIGMA = 0.3  # initial step of CMA-ES around the soup, in coefficient units
+# GP and NGOpt give up after MAX_ASKS * budget asks (a converged optimiser proposes the same position
+# again and again: each repeat costs no evaluation but a GP fit).
+MAX_ASKS = 3
+GP_STARTUP = 10  # GPSampler's random trials (the soup first) before its GP proposes: Optuna's default
 
 
 class Budgeted:
@@ -95,6 +106,7 @@ class MethodRun:
     dev: Score
     evaluations: int  # distinct positions scored on dev
     seconds: float  # wall time this method spent (memo hits cost nothing)
+    items: Optional[int] = None  # dev rows scored (None: evaluations times the dev rows)
 
 
 def _utility(score: Score) -> float:
@@ -157,6 +169,155 @@ def cmaes_search(score: Budgeted, *, num_experts: int, num_groups: int, budget: 
             break  # the budget ends inside a generation: its last members are not told
         optimizer.tell(told)
     return MethodRun("CMA-ES", seed, best, best_score, score.used, time.monotonic() - start)
+
+
+SEARCH_EXTRA = "compare's GP and NGOpt baselines need optuna and nevergrad: pip install 'swarm-merge[search]'"
+
+
+def _import_search(name: str):
+    """``optuna`` or ``nevergrad``, or the one-line InputError that says how to install them."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise InputError(SEARCH_EXTRA) from None
+
+
+def _free_box(num_experts: int) -> tuple:
+    """The box the GP and NGOpt search the free coefficients in: the soup ``1/k`` plus or minus
+    three CMA-ES steps (``3 * CMAES_SIGMA``), the region CMA-ES explores from the soup."""
+    centre = 1.0 / num_experts
+    return centre - 3 * CMAES_SIGMA, centre + 3 * CMAES_SIGMA
+
+
+def _affine(z: Sequence[float], num_groups: int, num_experts: int) -> np.ndarray:
+    """The position ``(G, K)`` of free coefficients ``z`` (``G * (K - 1)``): each group's last
+    coefficient is 1 minus the sum of the others, so every row sums to 1."""
+    free = np.asarray(z, dtype=float).reshape(num_groups, num_experts - 1)
+    return np.concatenate([free, 1.0 - free.sum(axis=1, keepdims=True)], axis=1)
+
+
+def gp_search(score: Budgeted, *, num_experts: int, num_groups: int, budget: int, seed: int) -> MethodRun:
+    """Bayesian optimisation (Optuna's ``GPSampler``) over the free coefficients, for exactly
+    ``budget`` distinct positions.
+
+    A GP needs a bounded box: each free coefficient lies in ``1/k +- 3 * CMAES_SIGMA``, centred on
+    the soup, the region CMA-ES explores from it. The first trial is the soup (where CMA-ES
+    starts), then the sampler's random startup trials (scored at once, over the ranks), then one
+    GP-chosen position at a time. A non-finite utility is told as ``-inf``, which the sampler
+    clips to the worst finite value seen before fitting: the point counts as the worst yet,
+    without a huge constant (say -1e9) flattening the standardised values the GP is fitted to,
+    and without a failed trial that the GP ignores and may propose again."""
+    optuna = _import_search("optuna")
+    start = time.monotonic()
+    k, g = num_experts, num_groups
+    lo, hi = _free_box(k)
+    names = [f"z{i}" for i in range(g * (k - 1))]
+    space = {n: optuna.distributions.FloatDistribution(lo, hi) for n in names}
+    best, best_score = None, None
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            # GPSampler was experimental before Optuna 5; a -inf value warns that it is clipped.
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            warnings.filterwarnings("ignore", message="Clip non-finite values")
+            sampler = optuna.samplers.GPSampler(seed=seed, n_startup_trials=GP_STARTUP)
+            study = optuna.create_study(direction="maximize", sampler=sampler)
+            study.enqueue_trial({n: 1.0 / k for n in names})
+            # The startup trials (the soup, then random ones) do not depend on what is told: ask
+            # them together and score them at once (the same positions, in the same order).
+            startup = max(1, min(budget, GP_STARTUP))
+            pending = [study.ask(space) for _ in range(startup)]
+            score.prefetch([_affine([t.params[n] for n in names], g, k) for t in pending], budget)
+            asks = len(pending)
+            while score.used < budget:
+                if not pending:
+                    if asks >= MAX_ASKS * budget:  # only duplicates for a long time: give up
+                        LOG.warning("GP (Optuna): %d asks found only %d distinct positions", asks, score.used)
+                        break
+                    pending.append(study.ask(space))
+                    asks += 1
+                trial = pending.pop(0)
+                x = _affine([trial.params[n] for n in names], g, k)
+                s = score(x)
+                study.tell(trial, _utility(s))  # -inf when not finite (see above)
+                if best is None or _utility(s) > _utility(best_score):
+                    best, best_score = x, s
+            for trial in pending:  # asked but beyond the budget
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    return MethodRun("GP (Optuna)", seed, best, best_score, score.used, time.monotonic() - start)
+
+
+def _stop_recast_threads(optimizer, optimizer_class, timeout: float = 10.0) -> None:
+    """Stop the threads of Nevergrad's recast optimizers (Cobyla, ...) inside ``optimizer``, and wait
+    for them to end. Each runs scipy in a non-daemon thread that waits for its next value: left
+    alone it keeps the interpreter from exiting until the optimizer is garbage-collected, and it
+    may still warn after the search returns."""
+    threads, seen, todo = [], set(), [optimizer]
+    while todo:
+        opt = todo.pop()
+        if id(opt) in seen:
+            continue
+        seen.add(id(opt))
+        thread = getattr(opt, "_messaging_thread", None)
+        if thread is not None:
+            thread.stop()
+            threads.append(thread)
+        for value in vars(opt).values():
+            todo.extend(v for v in (value if isinstance(value, (list, tuple)) else [value])
+                        if isinstance(v, optimizer_class))
+    deadline = time.monotonic() + timeout
+    while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
+def ngopt_search(score: Budgeted, *, num_experts: int, num_groups: int, budget: int, seed: int) -> MethodRun:
+    """Nevergrad's NGOpt (what LoraHub uses) over the free coefficients, from the soup, in the
+    GP's box (``1/k +- 3 * CMAES_SIGMA``) with CMA-ES's step (mutation sigma ``CMAES_SIGMA``),
+    for exactly ``budget`` distinct positions. A non-finite utility is told as a loss of 1e9, as to CMA-ES.
+
+    At compare's sizes (Nevergrad 1.0: up to a few hundred positions, or 8+ free coefficients)
+    NGOpt picks Cobyla, a deterministic local search from the soup: the seed then changes nothing
+    (every seed repeats the same run, which the shared memo makes free)."""
+    ng = _import_search("nevergrad")
+    start = time.monotonic()
+    k, g = num_experts, num_groups
+    lo, hi = _free_box(k)
+    # sigma before the bounds: the box is then 6 sigma wide (Nevergrad warns below 3)
+    parametrization = ng.p.Array(init=np.full(g * (k - 1), 1.0 / k)).set_mutation(sigma=CMAES_SIGMA)
+    parametrization.set_bounds(lo, hi)
+    parametrization.random_state = np.random.RandomState(seed)  # else seeded from np.random's global state
+    best, best_score = None, None
+    optimizer = None
+    with warnings.catch_warnings():
+        # NGOpt and its choice (Cobyla at small budgets) warn about settings, and when Cobyla
+        # converges before the budget (NGOpt then returns random points); not the evaluator's.
+        warnings.filterwarnings("ignore", category=ng.errors.NevergradWarning)
+        warnings.filterwarnings("ignore", module=r"nevergrad(\.|$)")
+        warnings.filterwarnings("ignore", message=r"COBYLA:")
+        try:
+            optimizer = ng.optimizers.NGOpt(parametrization=parametrization, budget=budget, num_workers=1)
+            asks = 0
+            while score.used < budget:
+                if asks >= MAX_ASKS * budget:  # only duplicates for a long time: give up
+                    LOG.warning("NGOpt (Nevergrad): %d asks found only %d distinct positions", asks, score.used)
+                    break
+                candidate = optimizer.ask()
+                asks += 1
+                x = _affine(candidate.value, g, k)
+                s = score(x)
+                u = _utility(s)
+                optimizer.tell(candidate, -u if math.isfinite(u) else 1e9)
+                if best is None or u > _utility(best_score):
+                    best, best_score = x, s
+        finally:
+            if optimizer is not None:  # (inside catch_warnings: the thread's last warnings too)
+                _stop_recast_threads(optimizer, ng.optimization.base.Optimizer)
+    return MethodRun("NGOpt (Nevergrad)", seed, best, best_score, score.used, time.monotonic() - start)
 
 
 def weak_to_strong(state: swarm.SwarmState, initial_scores: Sequence[float], names: Sequence[str], *,

@@ -44,6 +44,18 @@ def fmt(value: Optional[float]) -> str:
     return "-" if value is None or value != value else f"{value:.4f}"
 
 
+def cost(search) -> str:
+    """What the search spent, in dev rows scored (a report's SearchRecord), for the table and the card."""
+    if search.items is None:
+        return "dev rows scored not recorded"
+    text = f"{search.items} dev rows scored"
+    r = search.racing
+    if r is not None:
+        text += (f" (racing: {r.dropped} of {r.dropped + r.finished} moving particles dropped after a slice of "
+                 f"{r.slice_rows} of {r.rows} rows)")
+    return text
+
+
 def plot_history(history: List[HistoryEntry], path: Path, *, title: str = "") -> Optional[Path]:
     """Best / mean / worst dev utility of each iteration, and the global best."""
     try:
@@ -203,6 +215,7 @@ def render_card(report: "Report", *, recipe_yaml: str, mergekit_yaml: str, repo_
         init=(f"around the uniform soup (soup + N(0, {recipe.swarm.init_spread}) per coefficient)"
               if recipe.swarm.init == "soup" else "the paper's (random inter/extrapolations of pairs)"),
         evaluations=search.evaluations,
+        cost=md(cost(search)),
         wall_time=f"{report.wall_seconds:.0f} s",
         hardware=md(report.hardware),
         plot=plot,
@@ -259,7 +272,8 @@ def _comparison_rows(report: "Report") -> List[Dict[str, str]]:
         return "-" if mean is None else f"{mean:.4f} ± {std:.4f}" if len(c.seeds) > 1 else f"{mean:.4f}"
 
     return [{"method": md(m.method), "dev": ms(m.dev_mean, m.dev_std), "test": ms(m.test_mean, m.test_std),
-             "evaluations": str(m.evaluations), "seconds": f"{m.seconds_mean:.0f}"} for m in c.summary]
+             "evaluations": str(m.evaluations), "items": "-" if m.items is None else str(m.items),
+             "seconds": f"{m.seconds_mean:.0f}"} for m in c.summary]
 
 
 def _comparison_note(report: "Report") -> str:
@@ -268,9 +282,12 @@ def _comparison_note(report: "Report") -> str:
         return ""
     seeds = (f"mean ± standard deviation over seeds {', '.join(map(str, c.seeds))}" if len(c.seeds) > 1
              else f"seed {c.seeds[0]}")
-    text = (f"Random search and CMA-ES searched the swarm's coefficients with the swarm's budget: {c.budget} "
-            f"distinct positions scored on dev ({seeds}). Random search draws positions the way the swarm draws its "
-            "initial particles; CMA-ES starts at the uniform average. Every method picked its winner by dev utility.")
+    budget = (f"{c.items} dev rows scored, {c.budget} whole-dev-set evaluations" if c.items is not None
+              else f"{c.budget} distinct positions scored on dev")
+    text = (f"Random search, CMA-ES, a Gaussian-process optimiser (Optuna) and NGOpt (Nevergrad) searched the swarm's "
+            f"coefficients with the swarm's budget: {budget} ({seeds}). Random search draws positions the way the "
+            "swarm draws its initial particles; the others start at the uniform average. Every method picked its "
+            "winner by dev utility.")
     if any(r.config for r in c.runs):
         text += (" Task arithmetic, TIES and DARE are mergekit's own methods against the base model, each tried at a "
                  "small grid of its hyperparameters (the evaluations column) and chosen on dev; swarm.json holds "

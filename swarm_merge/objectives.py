@@ -53,19 +53,32 @@ class Score:
     utility: float
     groups: Dict[str, float] = field(default_factory=dict)
     n: int = 0
-    # Each row's value (accuracy objectives: 0 or 1), in the data's order; not memoised.
+    # Each row's value (accuracy objectives: 0 or 1) and weight (loglik: its answer's tokens; else 1), in the
+    # data's order (a suite: its components' rows one after the other); not in to_dict (racing memoises them).
     rows: Optional[List[float]] = field(default=None, repr=False, compare=False)
+    weights: Optional[List[float]] = field(default=None, repr=False, compare=False)
 
-    def to_dict(self) -> Dict[str, Any]:
-        """Strict-JSON form: a utility that is not finite is None."""
-        return {"utility": finite(self.utility), "groups": {g: finite(v) for g, v in self.groups.items()}, "n": self.n}
+    def to_dict(self, *, rows: bool = False) -> Dict[str, Any]:
+        """Strict-JSON form: a utility that is not finite is None. ``rows``: with each row's value and
+        weight too (racing's memo), where the utility is finite (then so are they)."""
+        out = {"utility": finite(self.utility), "groups": {g: finite(v) for g, v in self.groups.items()}, "n": self.n}
+        if rows and out["utility"] is not None and self.rows is not None and self.weights is not None:
+            if all(math.isfinite(v) for v in self.rows) and all(math.isfinite(w) for w in self.weights):
+                out["rows"], out["weights"] = list(self.rows), list(self.weights)
+        return out
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "Score":
         def num(v):
             return float("nan") if v is None else float(v)
 
-        return cls(num(data["utility"]), {g: num(v) for g, v in data.get("groups", {}).items()}, int(data.get("n", 0)))
+        rows, weights = data.get("rows"), data.get("weights")
+        if rows is not None or weights is not None:  # (a checkpoint is input: check what racing will read)
+            if not isinstance(rows, list) or not isinstance(weights, list) or len(rows) != len(weights):
+                raise TypeError("rows and weights are not two lists of the same length")
+            rows, weights = [float(v) for v in rows], [float(w) for w in weights]
+        return cls(num(data["utility"]), {g: num(v) for g, v in data.get("groups", {}).items()}, int(data.get("n", 0)),
+                   rows=rows, weights=weights)
 
 
 
@@ -173,7 +186,8 @@ def _prepare(tokenizer, objective, text: str) -> str:
     return text
 
 
-def _aggregate(values: Sequence[float], weights: Sequence[float], examples: Sequence[Example]) -> Score:
+def aggregate(values: Sequence[float], weights: Sequence[float], examples: Sequence[Example]) -> Score:
+    """The utility of per-row ``values`` with ``weights`` (the weighted mean, also per row group)."""
     total = sum(w * v for v, w in zip(values, weights))
     mass = sum(weights)
     groups: Dict[str, List[float]] = defaultdict(lambda: [0.0, 0.0])
@@ -186,6 +200,7 @@ def _aggregate(values: Sequence[float], weights: Sequence[float], examples: Sequ
         groups={g: s / m for g, (s, m) in sorted(groups.items()) if m},
         n=len(examples),
         rows=[float(v) for v in values],
+        weights=[float(w) for w in weights],
     )
 
 
@@ -258,7 +273,7 @@ def _greedy(model, tokenizer, examples, objective, device, batch_size=None, *, o
 def score_exact_match(model, tokenizer, examples, objective, device, batch_size=None) -> Score:
     completions = _greedy(model, tokenizer, examples, objective, device, batch_size, one_line=True)
     hits = [float(_matches(text, ex.answer, objective.match)) for text, ex in zip(completions, examples)]
-    return _aggregate(hits, [1.0] * len(examples), examples)
+    return aggregate(hits, [1.0] * len(examples), examples)
 
 
 # The objective's own model (a reward model or a judge), loaded once per run: (folder, device) -> (model, tokenizer).
@@ -327,7 +342,7 @@ def score_reward(model, tokenizer, examples, objective, device, batch_size=None)
                           padding=True, truncation=True)
         logits = judge(**{k: v.to(device) for k, v in batch.items()}).logits
         rewards += logits[:, 0].float().cpu().tolist()
-    return _aggregate(rewards, [1.0] * len(examples), examples)
+    return aggregate(rewards, [1.0] * len(examples), examples)
 
 
 def _matches(completion: str, answer: str, how: str) -> bool:
@@ -441,7 +456,7 @@ def score_multiple_choice(model, tokenizer, examples, objective, device, batch_s
         # Length-normalised: longer choices are not penalised for their length.
         per_example[idx].append(logprob / max(count, 1))
     hits = [float(max(range(len(v)), key=v.__getitem__) == examples[i].answer) for i, v in sorted(per_example.items())]
-    return _aggregate(hits, [1.0] * len(examples), examples)
+    return aggregate(hits, [1.0] * len(examples), examples)
 
 
 @torch.inference_mode()
@@ -452,7 +467,7 @@ def score_loglik(model, tokenizer, examples, objective, device, batch_size=None,
     # Utility = minus mean NLL per token, pooled over tokens (and per group).
     values = [lp / n if n else 0.0 for lp, n in scored]
     weights = [float(n) for _, n in scored]
-    result = _aggregate(values, weights, examples)
+    result = aggregate(values, weights, examples)
     if not math.isfinite(result.utility):
         return Score(float("nan"), result.groups, result.n)
     return result
@@ -506,7 +521,7 @@ def score_judge(model, tokenizer, examples, objective, device, batch_size=None) 
         logp = torch.tensor([lp for lp, _ in scored[i * len(ratings):(i + 1) * len(ratings)]], dtype=torch.float64)
         probs = torch.softmax(logp, dim=0)
         values.append(float((probs * torch.tensor(ratings, dtype=torch.float64)).sum()))
-    return _aggregate(values, [1.0] * len(examples), examples)
+    return aggregate(values, [1.0] * len(examples), examples)
 
 
 _TASK_MANAGERS: Dict[Optional[str], Any] = {}
@@ -816,7 +831,10 @@ class Suite:
         for o, s in zip(self.parts, scores):
             groups[o.name] = s.utility
             groups.update({f"{o.name}/{g}": v for g, v in s.groups.items()})
-        return Score(utility, groups, sum(s.n for s in scores))
+        whole = all(s.rows is not None and s.weights is not None for s in scores)
+        return Score(utility, groups, sum(s.n for s in scores),
+                     rows=[v for s in scores for v in s.rows] if whole else None,
+                     weights=[w for s in scores for w in s.weights] if whole else None)
 
 
 class Custom:

@@ -32,7 +32,7 @@ import numpy as np
 import yaml
 
 from swarm_merge import card, evaluate, experts as experts_mod, merge, objectives, output, report as report_mod
-from swarm_merge import distributed, lora, search, space, weights
+from swarm_merge import distributed, lora, racing, search, space, weights
 from swarm_merge.errors import RecipeError
 from swarm_merge.options import RunOptions
 from swarm_merge.recipe import Recipe
@@ -96,6 +96,7 @@ def run(recipe: Recipe, options: RunOptions = RunOptions(), *, out=None) -> Opti
     # One objective and its rows, or a Suite of several and each one's rows.
     code = objectives.load_code(options.objective_code) if options.objective_code else None
     objective, dev, test = objectives.task_of(recipe, code, allow_task_code=options.allow_task_code)
+    race = racing.race_of(recipe.swarm, objective, dev)
     with ranks.local_main_first():
         objective, objective_models = _pull_objective_models(objective, options)
     test_in_dev = _overlap(dev, test)
@@ -109,7 +110,7 @@ def run(recipe: Recipe, options: RunOptions = RunOptions(), *, out=None) -> Opti
         evaluate.check_tokenizer(tokenizer_path, component)
     if options.dry_run:
         _print_plan(recipe, experts, group_labels, dev, test, device, out_dir, push_to, out, options, bank=bank,
-                    base=base, objective=objective, objective_models=objective_models, ranks=ranks)
+                    base=base, objective=objective, objective_models=objective_models, ranks=ranks, race=race)
         return None
     # Non-finite weights are bad input; the content goes into the fingerprint (read once, by the main rank).
     digests = ranks.broadcast(weights.scan_experts(experts + ([base] if bank else [])) if ranks.is_main else None)
@@ -124,6 +125,7 @@ def run(recipe: Recipe, options: RunOptions = RunOptions(), *, out=None) -> Opti
                           objective_bytes=sum(m[3] for m in objective_models), ranks=ranks)
         mode = ranks.broadcast(mode)  # the main rank's choice, on every rank
         LOG.info("evaluation: %s on %s", mode, device)
+        race = _streaming_race(race, mode, recipe)
         if bank is not None:
             evaluator = lora.LoraEvaluator(bank, base, groups, dtype=recipe.dtype, device=device,
                                            streaming=mode == "streaming", tokenizer_path=tokenizer_path)
@@ -144,6 +146,8 @@ def run(recipe: Recipe, options: RunOptions = RunOptions(), *, out=None) -> Opti
             progress=options.progress,
             started=started,
             ranks=ranks,
+            race=race,
+            evaluate_rows=_rows_scorer(evaluator, race, objective),
         )
 
         # 3. Score the experts, the uniform soup and the winner (dev from the memo).
@@ -152,7 +156,7 @@ def run(recipe: Recipe, options: RunOptions = RunOptions(), *, out=None) -> Opti
         comparison = None
         if options.baselines:
             comparison = _compare(recipe, objective, result, evaluator, dev, test, k, len(group_labels), options,
-                                  experts=experts, adapters=bank is not None, ranks=ranks)
+                                  experts=experts, adapters=bank is not None, ranks=ranks, race=race)
         analysis = _analysis(recipe, objective, experts, result, scores, test_rows, test, comparison)
         if not ranks.is_main:  # the main rank writes, publishes and pushes
             return None
@@ -449,6 +453,22 @@ def _hash_files(h, label: str, folder: Path, patterns: Sequence[str], *, skip: S
                 h.update(block)
 
 
+def _streaming_race(race, mode: str, recipe: Recipe):
+    """Streaming rebuilds every weight on each forward: a raced stage would cost another pass over the
+    experts' weights, so ``racing: auto`` races only in the modes that build a particle once."""
+    if race is not None and mode == "streaming" and recipe.swarm.racing == "auto":
+        LOG.info("racing: off in streaming mode (each stage would read every weight again)")
+        return None
+    return race
+
+
+def _rows_scorer(evaluator, race, objective):
+    """Racing's scorer: ``(coefficients, stage) -> Score`` on that stage's dev rows (racing.Race.rows)."""
+    if race is None:
+        return None
+    return lambda x, stage: evaluator.evaluate(x, race.rows(stage), objective)
+
+
 def _spread(ranks, evaluator, objective, jobs):
     """Scores of ``jobs`` [(coefficients, rows)], spread over the ranks."""
     ranks = ranks or distributed.Ranks()
@@ -478,38 +498,60 @@ def _scores(objective, experts, result, evaluator, dev, test, num_groups, ranks=
 
 
 def _compare(recipe, objective, result, evaluator, dev, test, k: int, g: int, options: RunOptions, *, experts,
-             adapters: bool, ranks=None) -> report_mod.Comparison:
-    """Random search and CMA-ES (and the swarm at other seeds) at the swarm's budget, through
-    the run's evaluator and one memo shared with the swarm's (baselines.py)."""
+             adapters: bool, ranks=None, race=None) -> report_mod.Comparison:
+    """Random search, CMA-ES, a GP and NGOpt (and the swarm at other seeds) at the swarm's item budget
+    (the dev rows it scored), through the run's evaluator and one memo shared with the swarm's (baselines.py)."""
     import tempfile
 
     from swarm_merge import baselines
 
-    budget = len(result.memo)  # distinct positions the swarm scored on dev
+    # The swarm's cost in dev rows buys each baseline this many whole-dev-set evaluations (without
+    # racing: exactly the distinct positions the swarm scored).
+    rows = result.best_score.n or objectives.row_count(dev)
+    items = result.items
+    budget = max(1, items // rows)
     memo = dict(result.memo)
     seeds = [recipe.swarm.seed + i for i in range(options.seeds)]
 
     def score_dev(x):
         return evaluator.evaluate(x, dev, objective)
 
-    runs = [baselines.MethodRun("swarm", seeds[0], result.best, result.best_score, budget, result.seconds)]
+    def distinct(r) -> int:
+        return len(r.memo) + (r.raced["sliced_only"] if r.raced else 0)
+
+    runs = [baselines.MethodRun("swarm", seeds[0], result.best, result.best_score, distinct(result), result.seconds,
+                                items=items)]
     with tempfile.TemporaryDirectory(prefix="swarm-merge-seeds-") as tmp:
         for seed in seeds[1:]:
             LOG.info("comparison: the swarm at seed %d", seed)
-            counted = baselines.Budgeted(score_dev, memo)
+            settings = recipe.swarm.model_copy(update={"seed": seed})
+            other_race = racing.race_of(settings, objective, dev) if race is not None else None
             start = time.monotonic()
-            other = search.run_search(recipe.swarm.model_copy(update={"seed": seed}), num_experts=k, num_groups=g,
-                                      evaluate=counted, checkpoint=Path(tmp) / f"seed-{seed}.json",
-                                      fingerprint="comparison", progress=options.progress, ranks=ranks)
-            runs.append(baselines.MethodRun("swarm", seed, other.best, other.best_score, counted.used,
-                                            time.monotonic() - start))
+            other = search.run_search(
+                settings, num_experts=k, num_groups=g, evaluate=baselines.Budgeted(score_dev, memo),
+                checkpoint=Path(tmp) / f"seed-{seed}.json", fingerprint="comparison", progress=options.progress,
+                ranks=ranks, race=other_race, evaluate_rows=_rows_scorer(evaluator, other_race, objective))
+            runs.append(baselines.MethodRun("swarm", seed, other.best, other.best_score, distinct(other),
+                                            time.monotonic() - start, items=other.items))
+    optimisers = [baselines.cmaes_search, baselines.gp_search, baselines.ngopt_search]
+    import importlib.util
+
+    missing = [name for name in ("optuna", "nevergrad") if importlib.util.find_spec(name) is None]
+    if missing:  # an optional extra: the table goes on without them, and says so on the terminal
+        LOG.warning("compare: the GP and NGOpt baselines are skipped (%s not installed; pip install "
+                    "'swarm-merge[search]')", " and ".join(missing))
+        optimisers = optimisers[:1]
     for seed in seeds:
-        LOG.info("comparison: random search and CMA-ES at seed %d (%d dev evaluations each)", seed, budget)
+        LOG.info("comparison: random search, CMA-ES, GP and NGOpt at seed %d (%d dev evaluations each)", seed, budget)
         runs.append(baselines.random_search(baselines.Budgeted(score_dev, memo, ranks), num_experts=k, num_groups=g,
                                             budget=budget, seed=seed, seed_soup=recipe.swarm.seed_soup,
                                             init=recipe.swarm.init, spread=recipe.swarm.init_spread))
-        runs.append(baselines.cmaes_search(baselines.Budgeted(score_dev, memo, ranks), num_experts=k, num_groups=g,
-                                           budget=budget, seed=seed))
+        for optimiser in optimisers:
+            runs.append(optimiser(baselines.Budgeted(score_dev, memo, ranks), num_experts=k, num_groups=g,
+                                  budget=budget, seed=seed))
+    for r in runs:
+        if r.items is None:
+            r.items = r.evaluations * rows
     mergekit_runs = (_mergekit_baselines(recipe, objective, evaluator, dev, experts, seeds, options, ranks)
                      if not adapters else [])
     tests = {}
@@ -522,15 +564,17 @@ def _compare(recipe, objective, result, evaluator, dev, test, k: int, g: int, op
         records.append(report_mod.MethodResult(
             method=r.method, seed=r.seed, coefficients=np.asarray(r.best, dtype=float).tolist(),
             dev=report_mod.Split.of(r.dev), test=report_mod.Split.of(tests[key]) if test is not None else None,
-            evaluations=r.evaluations, seconds=round(r.seconds, 3)))
+            evaluations=r.evaluations, items=r.items, seconds=round(r.seconds, 3)))
     for name, seed, _point, config, dev_score, tensor_of, seconds in mergekit_runs:
         test_score = evaluator.evaluate_weights(tensor_of, test, objective) if test is not None else None
         records.append(report_mod.MethodResult(
             method=name, seed=seed, config=config, dev=report_mod.Split.of(dev_score),
             test=report_mod.Split.of(test_score) if test_score else None,
-            evaluations=len(baselines.MERGEKIT_GRID[name][1]), seconds=round(seconds, 3)))
+            evaluations=len(baselines.MERGEKIT_GRID[name][1]), items=len(baselines.MERGEKIT_GRID[name][1]) * rows,
+            seconds=round(seconds, 3)))
     summary = []
-    for method in ("swarm", "random search", "CMA-ES", "task arithmetic", "TIES", "DARE"):
+    for method in ("swarm", "random search", "CMA-ES", "GP (Optuna)", "NGOpt (Nevergrad)", "task arithmetic", "TIES",
+                   "DARE"):
         mine = [r for r in records if r.method == method]
         if not mine:
             continue
@@ -538,9 +582,9 @@ def _compare(recipe, objective, result, evaluator, dev, test, k: int, g: int, op
         test_s = baselines.summarize([r.test.utility if r.test else None for r in mine])
         summary.append(report_mod.MethodSummary(
             method=method, seeds=len(mine), dev_mean=dev_s["mean"], dev_std=dev_s["std"], test_mean=test_s["mean"],
-            test_std=test_s["std"], evaluations=max(r.evaluations for r in mine),
+            test_std=test_s["std"], evaluations=max(r.evaluations for r in mine), items=max(r.items for r in mine),
             seconds_mean=round(float(np.mean([r.seconds for r in mine])), 3)))
-    return report_mod.Comparison(budget=budget, seeds=seeds, runs=records, summary=summary)
+    return report_mod.Comparison(budget=budget, items=items, seeds=seeds, runs=records, summary=summary)
 
 
 def _mergekit_baselines(recipe, objective, evaluator, dev, experts, seeds, options: RunOptions, ranks=None) -> list:
@@ -707,9 +751,15 @@ def _report(recipe, experts, digests, base, result, scores, group_labels, device
         search=report_mod.SearchRecord(
             iterations=state.iteration,
             evaluations=state.evaluations,
-            distinct_positions_scored=len(result.memo),
+            distinct_positions_scored=len(result.memo) + (result.raced["sliced_only"] if result.raced else 0),
+            items=result.items,
+            racing=(report_mod.RacingRecord(slice_rows=result.raced["slice_rows"], rows=result.raced["rows"],
+                                            confidence=recipe.swarm.race_confidence,
+                                            dropped=result.raced["dropped"], finished=result.raced["finished"])
+                    if result.raced else None),
             stop_reason=result.stop_reason,
-            chosen_by=f"the best dev utility of the {len(result.memo)} distinct positions the swarm scored",
+            chosen_by=f"the best dev utility of the {len(result.memo)} distinct positions the swarm scored on "
+                      "every dev row",
             resumed=result.resumed,
             seconds=round(result.seconds, 3),
             history=result.history,
@@ -740,7 +790,7 @@ def _hardware(device) -> str:
 
 def _print_plan(recipe, experts, group_labels, dev, test, device, out_dir, push_to, out,
                 options: RunOptions = RunOptions(), *, bank=None, base=None, objective=None,
-                objective_models=(), ranks=None) -> None:
+                objective_models=(), ranks=None, race=None) -> None:
     k = len(experts)
     model_bytes = max(e.nbytes for e in experts)
     params = experts[0].num_parameters
@@ -787,6 +837,15 @@ def _print_plan(recipe, experts, group_labels, dev, test, device, out_dir, push_
               + "); taken off the budget", file=out)
         budget_bytes -= held
     mode = evaluate.choose_mode(options.eval_mode, estimate, budget_bytes)
+    race = _streaming_race(race, mode, recipe)
+    if race is not None:
+        seen = " -> ".join(str(len(race.seen(j))) for j in range(len(race.parts)))
+        print(f"racing: each moving particle is scored on {seen} dev rows, stopping where it cannot beat the "
+              f"global best ({race.confidence:g} confidence)", file=out)
+    elif s.racing is not False:
+        why = (f"{objective.type} scores a whole set at once" if not racing.can_race(objective) else
+               "streaming mode" if mode == "streaming" else "too few dev rows")
+        print(f"racing: off ({why})", file=out)
     print(f"device: {device}; dtype {recipe.dtype}; experts on disk {hb(k * model_bytes)}", file=out)
     print(f"estimated weight memory: in-memory {hb(estimate['in-memory'])}, one-model {hb(estimate['one-model'])}, "
           f"streaming {hb(estimate['streaming'])} (+ activations); budget {hb(budget_bytes)} -> eval mode: {mode}"
@@ -812,7 +871,7 @@ def _print_table(report: Report, out) -> None:
         print(f"warning: {report.data.test_rows_in_dev} of the {report.data.test_rows} test rows are also dev rows: "
               "the test column is not held out", file=out)
     s = report.search
-    print(f"search: {s.iterations} iterations, {s.evaluations} evaluations, {s.stop_reason}, "
+    print(f"search: {s.iterations} iterations, {s.evaluations} evaluations, {card.cost(s)}, {s.stop_reason}, "
           f"{report.wall_seconds:.0f} s", file=out)
     a = report.analysis
     if a is not None:
@@ -833,13 +892,13 @@ def _print_table(report: Report, out) -> None:
     c = report.comparison
     if c is not None:
         seeds = f"{len(c.seeds)} seeds" if len(c.seeds) > 1 else f"seed {c.seeds[0]}"
-        print(f"\nat equal budget ({c.budget} distinct dev evaluations per method and seed, {seeds}; "
-              "mean +- std over seeds):", file=out)
-        print(f"{'method':<16}{'dev':>18}{'test':>18}{'evals':>8}{'s':>8}", file=out)
+        spent = f"{c.items} dev rows" if c.items is not None else f"{c.budget} distinct dev evaluations"
+        print(f"\nat equal budget ({spent} per method and seed, {seeds}; mean +- std over seeds):", file=out)
+        print(f"{'method':<19}{'dev':>18}{'test':>18}{'evals':>7}{'rows':>8}{'s':>7}", file=out)
 
         def ms(mean, std):
             return "-" if mean is None else f"{mean:.4f} +- {std:.4f}"
 
         for m in c.summary:
-            print(f"{m.method:<16}{ms(m.dev_mean, m.dev_std):>18}{ms(m.test_mean, m.test_std):>18}"
-                  f"{m.evaluations:>8}{m.seconds_mean:>8.0f}", file=out)
+            print(f"{m.method:<19}{ms(m.dev_mean, m.dev_std):>18}{ms(m.test_mean, m.test_std):>18}"
+                  f"{m.evaluations:>7}{'-' if m.items is None else m.items:>8}{m.seconds_mean:>7.0f}", file=out)

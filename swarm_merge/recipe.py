@@ -236,6 +236,12 @@ class SwarmSettings(_Frozen):
     anchors: bool = True
     update: Literal["paper", "spso"] = "spso"
     stop: Literal["patience", "budget"] = "budget"
+    # Racing (swarm_merge/racing.py): a moving particle is scored on race_slice of the dev rows first and
+    # finished only if it may still beat its personal best (dropped when its paired estimate is below it at
+    # race_confidence). auto: on where the objective's utility is a mean over rows (not lm_eval or custom).
+    racing: Union[bool, Literal["auto"]] = "auto"
+    race_slice: float = Field(0.25, gt=0, lt=1)
+    race_confidence: float = Field(0.95, gt=0.5, lt=1)
     seed: int = Field(42, ge=0, lt=2**63)
 
     @model_validator(mode="after")

@@ -31,7 +31,7 @@ from swarm_merge.recipe import Recipe
 
 __all__ = [
     "SCHEMA_VERSION", "Split", "ScoreRow", "Scores", "AdapterRecord", "ExpertRecord", "BaseModelRecord", "LoraRecord", "Coefficients",
-    "HistoryEntry", "SearchRecord", "DataRecord", "MethodResult", "MethodSummary", "Comparison", "WeakToStrong",
+    "HistoryEntry", "RacingRecord", "SearchRecord", "DataRecord", "MethodResult", "MethodSummary", "Comparison", "WeakToStrong",
     "Emergence", "Analysis", "Report", "ReportError", "read", "write", "json_schema", "finite",
 ]
 
@@ -162,13 +162,27 @@ class HistoryEntry(_Model):
     worst: Optional[float] = None
     global_best: Optional[float] = None
     evaluations: int
+    items: Optional[int] = Field(None, description="dev rows scored so far (item-evaluations)")
     seconds: float
+
+
+class RacingRecord(_Model):
+    """Racing (``swarm.racing``): moving particles scored on a slice of the dev rows first."""
+
+    slice_rows: int = Field(description="dev rows in the slice every new moving particle is scored on first")
+    rows: int = Field(description="dev rows in all")
+    confidence: float = Field(description="one-sided confidence that a dropped particle would not have beaten "
+                              "its personal best")
+    dropped: int = Field(description="particles dropped after the slice")
+    finished: int = Field(description="particles scored on the other rows too")
 
 
 class SearchRecord(_Model):
     iterations: int
     evaluations: int
     distinct_positions_scored: int
+    items: Optional[int] = Field(None, description="dev rows scored by the search (item-evaluations): its cost")
+    racing: Optional[RacingRecord] = None
     stop_reason: str
     chosen_by: Optional[str] = Field(None, description="how the winner was chosen among the positions scored")
     resumed: bool
@@ -185,7 +199,8 @@ class DataRecord(_Model):
 class MethodResult(_Model):
     """One search method at one seed (``--baselines``): its winner, chosen on dev."""
 
-    method: Literal["swarm", "random search", "CMA-ES", "task arithmetic", "TIES", "DARE"]
+    method: Literal["swarm", "random search", "CMA-ES", "GP (Optuna)", "NGOpt (Nevergrad)", "task arithmetic", "TIES",
+                    "DARE"]
     seed: Optional[int] = Field(None, description="null for a deterministic method")
     coefficients: Optional[List[List[float]]] = Field(None, description="the winner's (G, K) coefficients "
                                                       "(the coefficient searches)")
@@ -193,7 +208,8 @@ class MethodResult(_Model):
                                              "(the mergekit baselines)")
     dev: Split
     test: Optional[Split] = None
-    evaluations: int = Field(description="distinct positions scored on dev (the shared budget)")
+    evaluations: int = Field(description="distinct positions scored on dev")
+    items: Optional[int] = Field(None, description="dev rows scored (item-evaluations; the shared budget)")
     seconds: float = Field(description="wall time of the method (positions another method scored first cost nothing)")
 
 
@@ -207,13 +223,17 @@ class MethodSummary(_Model):
     test_mean: Optional[float] = None
     test_std: Optional[float] = None
     evaluations: int
+    items: Optional[int] = None
     seconds_mean: float
 
 
 class Comparison(_Model):
     """Other searches over the same coefficients at the swarm's budget (``--baselines`` / ``compare``)."""
 
-    budget: int = Field(description="distinct dev evaluations each method and seed was given: the swarm's")
+    budget: int = Field(description="whole dev-set evaluations each baseline and seed was given: the swarm's "
+                        "item-evaluations over the dev rows")
+    items: Optional[int] = Field(None, description="dev rows each method and seed was given: the swarm's "
+                                 "item-evaluations")
     seeds: List[int]
     runs: List[MethodResult]
     summary: List[MethodSummary]

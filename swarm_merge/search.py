@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 
 from swarm_merge import distributed, swarm
+from swarm_merge.racing import Race
 from swarm_merge.errors import EvaluationError, OutputError
 from swarm_merge.objectives import Score
 from swarm_merge.output import write_json_atomic
@@ -36,7 +37,7 @@ from swarm_merge.report import finite
 __all__ = ["SearchResult", "run_search", "position_key"]
 
 LOG = logging.getLogger(__name__)
-CHECKPOINT_VERSION = 2  # 2: strict JSON (null for a failed utility), wall time
+CHECKPOINT_VERSION = 3  # 2: strict JSON (null for a failed utility), wall time; 3: items, raced slices
 
 
 def position_key(x: np.ndarray) -> str:
@@ -56,6 +57,8 @@ class SearchResult:
     resumed: bool = False
     stop_reason: str = ""
     wall_before: float = 0.0  # wall time of the earlier sessions of a resumed run
+    items: int = 0  # dev rows scored (a full evaluation costs every row; a raced-out one its slice)
+    raced: Optional[Dict[str, int]] = None  # racing: slice rows, particles dropped and finished
 
     def lookup(self, x: np.ndarray) -> Optional[Score]:
         hit = self.memo.get(position_key(x))
@@ -69,6 +72,11 @@ class _Run:
     path: Path
     fingerprint: str
     memo: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    # Racing: positions scored on the slice only (their slice score, rows included), and the counts.
+    partial: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    items: int = 0
+    dropped: int = 0
+    finished: int = 0
     history: List[Dict[str, Any]] = field(default_factory=list)
     state: Optional[swarm.SwarmState] = None
     rng_state: Optional[dict] = None
@@ -98,6 +106,10 @@ class _Run:
                 "state": _strict(self.state.to_dict()) if self.state is not None else None,
                 "history": self.history,
                 "memo": self.memo,
+                "partial": self.partial,
+                "items": self.items,
+                "dropped": self.dropped,
+                "finished": self.finished,
             },
         )
 
@@ -118,10 +130,15 @@ class _Run:
             )
         try:
             run = cls(path=path, fingerprint=fingerprint, memo=dict(data["memo"]), history=list(data["history"]),
-                      wall_started=wall_started)
+                      partial=dict(data["partial"]), wall_started=wall_started)
+            for name in ("items", "dropped", "finished"):
+                value = data[name]
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise TypeError(f"{name} is not a count")
+                setattr(run, name, value)
             run.seconds_before = float(data.get("seconds", 0.0))
             run.wall_before = float(data.get("wall_seconds", 0.0))
-            for key, hit in run.memo.items():
+            for key, hit in [*run.memo.items(), *run.partial.items()]:
                 if not isinstance(key, str) or not isinstance(hit, dict):
                     raise TypeError("a memo entry is not a position and a score")
                 Score.from_dict(hit)
@@ -214,6 +231,14 @@ def _check_state(state: swarm.SwarmState, path: Path, *, n: int, groups: int, ex
         raise bad("stale is not a count")
 
 
+def _is_score(entry: Any) -> bool:
+    try:
+        Score.from_dict(entry)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return False
+    return True
+
+
 def _stats(values: np.ndarray) -> Dict[str, Optional[float]]:
     """Best / mean / worst of the finite utilities (None when there are none: strict JSON)."""
     finite = values[np.isfinite(values)]
@@ -234,6 +259,8 @@ def run_search(
     progress: bool = True,
     started: Optional[float] = None,
     ranks: Optional[distributed.Ranks] = None,
+    race: Optional[Race] = None,
+    evaluate_rows: Optional[Callable[[np.ndarray, str], Score]] = None,
 ) -> SearchResult:
     """Run Model Swarms over coefficient arrays of shape ``(num_groups, num_experts)``.
 
@@ -245,6 +272,9 @@ def run_search(
         resume: continue from ``checkpoint`` when it exists.
         started: ``time.monotonic()`` when the run began (its wall time is checkpointed).
         ranks: the processes sharing the evaluations (default: this one alone).
+        race: racing (:mod:`swarm_merge.racing`): a moving particle is scored stage by stage
+            (``evaluate_rows(x, stage)``, the slice first) while it may still beat the global best.
+            None: every position is scored on every row.
 
     Raises:
         EvaluationError: no particle of the initial swarm scored a finite utility,
@@ -273,18 +303,69 @@ def run_search(
         keys = list(todo)
 
         def done(i: int, score: Score) -> None:
-            run.memo[keys[i]] = score.to_dict()
+            run.memo[keys[i]] = score.to_dict(rows=race is not None)
+            run.items += score.n
             save()
 
+        spread(evaluate, [todo[k] for k in keys], done)
+        return [Score.from_dict(run.memo[position_key(x)]).utility for x in xs]
+
+    def spread(fn, items, done) -> None:
         try:
-            ranks.map(evaluate, [todo[k] for k in keys], on_done=done)
+            ranks.map(fn, items, on_done=done)
         except EvaluationError as exc:
             # The one advice that helps: --resume only once a checkpoint holds progress.
             saved = bool(run.memo) or run.state is not None
             then = ("then run again with --resume to continue from the checkpoint" if saved else
                     "then run the same command again (nothing was saved yet)")
             raise EvaluationError(f"{str(exc).rstrip('; ')}, {then}") from exc
-        return [Score.from_dict(run.memo[position_key(x)]).utility for x in xs]
+
+    def raced_scores(xs, ref: np.ndarray) -> List[float]:
+        """Utilities of ``xs``, each raced against ``ref`` (the global best, scored on every row): scored
+        stage by stage (the slice first) until it is dropped (then its estimate) or every row is scored."""
+        ref_entry = run.memo.get(position_key(ref), {})
+        estimates: Dict[str, float] = {}
+        going: Dict[str, np.ndarray] = {}
+        for x in xs:
+            key = position_key(x)
+            if key not in run.memo:
+                going.setdefault(key, x)
+        for stage in range(len(race.parts)):
+            # Positions whose next stage is this one (on resume some are further on already).
+            todo = [k for k in going if run.partial.get(k, {}).get("stage", -1) == stage - 1]
+            last = stage == len(race.parts) - 1
+
+            def scored(i: int, score: Score, todo=todo, stage=stage, last=last) -> None:
+                key = todo[i]
+                before = run.partial.pop(key, None)
+                parts = [Score.from_dict(p) for p in before["parts"]] if before else []
+                parts.append(score)
+                if last:
+                    run.memo[key] = race.combine(parts).to_dict(rows=True)
+                    run.finished += 1
+                else:
+                    run.partial[key] = {**race.combine(parts).to_dict(rows=True), "stage": stage,
+                                        "parts": [p.to_dict(rows=True) for p in parts]}
+                run.items += score.n
+                save()
+
+            spread(lambda x, stage=stage: evaluate_rows(x, stage), [going[k] for k in todo], scored)
+            if last:
+                break
+            for key in list(going):
+                entry = run.partial.get(key)
+                if entry is None or entry["stage"] != stage:
+                    continue
+                verdict = race.verdict(Score.from_dict(entry), stage, ref_entry)
+                if verdict is not None:
+                    estimates[key] = verdict
+                    run.dropped += 1
+                    del going[key]
+        out = []
+        for x in xs:
+            key = position_key(x)
+            out.append(Score.from_dict(run.memo[key]).utility if key in run.memo else estimates[key])
+        return out
 
     # The initial swarm is drawn again from the seed on resume (same positions),
     # and its utilities come back from the memo.
@@ -303,10 +384,16 @@ def run_search(
         state = swarm.init_state(x0, np.array(scores), settings, rng)
         run.state, run.rng_state = state, rng.bit_generator.state
         run.history = [{"iteration": 0, **_stats(np.array(scores)), "global_best": finite(state.g_score),
-                        "evaluations": state.evaluations, "seconds": round(run.seconds, 3)}]
+                        "evaluations": state.evaluations, "items": run.items, "seconds": round(run.seconds, 3)}]
         save()
     state = run.state
     _check_state(state, checkpoint, n=len(x0), groups=num_groups, experts=num_experts)
+    stages = len(race.parts) if race is not None else 0
+    for entry in run.partial.values():  # (their scores were checked by _Run.parse)
+        stage, parts = entry.get("stage"), entry.get("parts")
+        if (isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage < stages - 1
+                or not isinstance(parts, list) or len(parts) != stage + 1 or not all(_is_score(p) for p in parts)):
+            raise OutputError(f"checkpoint {checkpoint} is damaged (a raced position's stage); pass --force to start over")
     rng.bit_generator.state = run.rng_state
 
     planned = settings.max_iterations
@@ -319,12 +406,15 @@ def run_search(
         proposal = swarm.propose(state, settings, rng)
         scores = np.full(len(proposal.x), np.nan)
         chosen = np.flatnonzero(proposal.evaluate)
-        scores[chosen] = scores_of([proposal.x[i] for i in chosen])
+        if race is not None:
+            scores[chosen] = raced_scores([proposal.x[i] for i in chosen], state.g)
+        else:
+            scores[chosen] = scores_of([proposal.x[i] for i in chosen])
         state = swarm.update(state, proposal, scores, settings)
         evaluated = scores[proposal.evaluate]
         stats = _stats(evaluated)
         run.history.append({"iteration": state.iteration, **stats, "global_best": finite(state.g_score),
-                            "evaluations": state.evaluations, "seconds": round(run.seconds, 3)})
+                            "evaluations": state.evaluations, "items": run.items, "seconds": round(run.seconds, 3)})
         run.state, run.rng_state = state, rng.bit_generator.state
         save()
         bar.update()
@@ -351,4 +441,8 @@ def run_search(
         resumed=resumed,
         stop_reason=reason,
         wall_before=run.wall_before,
+        items=run.items,
+        raced=None if race is None else {"slice_rows": race.slice_rows, "rows": race.total_rows,
+                                         "dropped": run.dropped, "finished": run.finished,
+                                         "sliced_only": len(run.partial)},
     )

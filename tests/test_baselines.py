@@ -103,15 +103,21 @@ def test_compare_reports_every_method_at_the_swarms_budget(tiny_recipe, capsys):
     data = json.loads((recipe.parent / "out" / "swarm.json").read_text())
     report = report_mod.read(recipe.parent / "out" / "swarm.json")
     c = report.comparison
-    assert c.budget == report.search.distinct_positions_scored and c.seeds == [42, 43]
-    assert sorted((r.method, r.seed) for r in c.runs) == sorted(
-        (m, s) for m in ("swarm", "random search", "CMA-ES") for s in (42, 43))
-    assert all(r.evaluations == c.budget for r in c.runs if r.method != "swarm" or r.seed == 42)
+    # The baselines get the swarm's item budget: the dev rows it scored buy whole-dev-set evaluations.
+    assert c.items == report.search.items and c.seeds == [42, 43]
+    assert c.budget == c.items // report.data.dev_rows <= report.search.distinct_positions_scored
+    methods = ("swarm", "random search", "CMA-ES", "GP (Optuna)", "NGOpt (Nevergrad)")
+    assert sorted((r.method, r.seed) for r in c.runs) == sorted((m, s) for m in methods for s in (42, 43))
+    assert all(r.evaluations == c.budget for r in c.runs if r.method in ("random search", "CMA-ES"))
+    # (a GP or NGOpt that keeps proposing the same position stops short of the budget, never past it)
+    assert all(0 < r.evaluations <= c.budget for r in c.runs if r.method != "swarm")
+    assert all(r.items == r.evaluations * report.data.dev_rows for r in c.runs if r.method != "swarm")
+    assert next(r for r in c.runs if r.method == "swarm" and r.seed == 42).items == report.search.items
     assert all(r.test is not None for r in c.runs)
     first = next(r for r in c.runs if r.method == "swarm" and r.seed == 42)
     assert first.coefficients == report.scores.winner.coefficients
     assert report.analysis.emergence is not None and report.analysis.weak_to_strong.size == 5
-    assert {m.method for m in c.summary} == {"swarm", "random search", "CMA-ES"}
+    assert {m.method for m in c.summary} == set(methods)
     assert data["comparison"]["summary"][0]["seeds"] == 2
     card = (recipe.parent / "out" / "README.md").read_text()
     assert "### Was the swarm worth it?" in card and "Weak to strong" in card

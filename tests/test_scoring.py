@@ -116,7 +116,7 @@ def first_line(text: str) -> str:
 
 
 def pooled(values: Sequence[Tuple[float, int]], groups: Sequence[Optional[str]]):
-    """Token-pooled mean log-likelihood, overall and per group (by hand, no _aggregate)."""
+    """Token-pooled mean log-likelihood, overall and per group (by hand, no aggregate)."""
     total_lp = sum(lp for lp, _ in values)
     total_n = sum(n for _, n in values)
     per_group = {}
@@ -471,7 +471,7 @@ def test_aggregate_hand_computed():
     examples = [Example("p", group=g) for g in ["a", "b", "a", None, "c", "b"]]
     values = [1.0, 0.0, 0.5, 0.25, 3.0, -1.0]
     weights = [1.0, 2.0, 3.0, 4.0, 0.0, 2.0]
-    result = objectives._aggregate(values, weights, examples)
+    result = objectives.aggregate(values, weights, examples)
     # total: 1 + 0 + 1.5 + 1 + 0 - 2 = 1.5 over mass 12.
     assert result.utility == pytest.approx(1.5 / 12)
     # a: (1 + 1.5) / 4; b: (0 - 2) / 4; c has zero weight: left out; None: no group.
@@ -483,13 +483,13 @@ def test_aggregate_hand_computed():
 
 def test_aggregate_unweighted_is_accuracy():
     examples = [Example("p", group=g) for g in ["x", "x", "y", "y", "y"]]
-    result = objectives._aggregate([1.0, 0.0, 1.0, 1.0, 0.0], [1.0] * 5, examples)
+    result = objectives.aggregate([1.0, 0.0, 1.0, 1.0, 0.0], [1.0] * 5, examples)
     assert result.utility == pytest.approx(0.6)
     assert result.groups == pytest.approx({"x": 0.5, "y": 2 / 3})
 
 
 def test_aggregate_zero_mass_is_nan():
-    result = objectives._aggregate([0.0, 0.0], [0.0, 0.0], [Example("p", group="a")] * 2)
+    result = objectives.aggregate([0.0, 0.0], [0.0, 0.0], [Example("p", group="a")] * 2)
     assert math.isnan(result.utility)
     assert result.groups == {}
     assert result.n == 2

@@ -1,0 +1,240 @@
+"""Racing: score a moving particle on a slice of the dev rows first, finish only those that can still matter.
+
+A particle's score matters to the swarm only if it beats the particle's personal best (and so, perhaps,
+the global best): every other score changes nothing in the update (SPSO; the paper's update also
+moves the global worst). So each new position is first scored on **the slice**, a fixed share of the
+dev rows drawn once per run from the seed, stratified by objective component and row group (the same
+rows for every particle, so comparisons are paired). Its rows are compared with the same rows of its
+personal best (scored in full earlier, its rows kept in the memo):
+
+- ``D`` = the estimated difference of the full-set utilities: per component, the weighted mean of the
+  paired row differences on the slice; components combined as the objective combines them (a harmonic
+  suite: linearised at the personal best).
+- ``SE`` = its standard error: per component, the weighted sample deviation of the differences over
+  ``sqrt(slice rows)``, times the finite-population factor ``sqrt(1 - slice / rows)`` (the slice is
+  a sample without replacement from the component's rows).
+- **Dropped** if ``D + z * SE < 0``, ``z`` the normal quantile of ``swarm.race_confidence`` (one-sided:
+  at 0.95 a particle exactly as good as its personal best is dropped about 5 % of the time). A dropped
+  particle's score is the estimate ``p_score + D`` (below its personal best, so it changes neither the
+  personal nor the global best); it is never reported as a winner.
+- Otherwise **finished**: the other rows are scored and merged with the slice's into the full score
+  (the same numbers a whole-set evaluation gives, up to batching round-off of log-likelihoods).
+
+A decision depends only on scores already in the memo, so a run is as deterministic with racing as
+without it, and ``--resume`` replays it. The experts, the soup, the initial swarm and anything with no
+personal best to race against are scored in full.
+
+Objectives that race: exact_match, multiple_choice, loglik, reward, judge and suites of them (a
+utility is a weighted mean of per-row values). lm_eval and custom objectives score a whole set at
+once and are never raced (``racing: auto`` leaves them alone; ``racing: true`` refuses them).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from statistics import NormalDist
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from swarm_merge.objectives import Custom, Score, Suite, aggregate
+
+__all__ = ["Race", "can_race", "plan_race", "race_of", "RACE_TYPES"]
+
+RACE_TYPES = ("exact_match", "multiple_choice", "loglik", "reward", "judge")
+
+
+def can_race(objective) -> bool:
+    """Whether the objective's utility is a weighted mean of per-row values (so a slice estimates it)."""
+    if isinstance(objective, Suite):
+        return all(can_race(o) for o in objective.parts)
+    return not isinstance(objective, Custom) and getattr(objective, "type", None) in RACE_TYPES
+
+
+def _components(objective, data) -> List[Sequence]:
+    return list(data) if isinstance(objective, Suite) else [data]
+
+
+@dataclass(frozen=True)
+class Race:
+    """The stages of a race as indices into the dev rows laid end to end (a suite's components one after
+    the other): ``parts[0]`` is the slice, each next part doubles the rows seen, the last ends the set."""
+
+    objective: Any
+    data: Any  # the dev rows in the objective's shape (a suite: a list per component)
+    parts: Tuple[np.ndarray, ...]
+    z: float
+    fraction: float
+    confidence: float
+    _rows: List[Any] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_rows", [self._subset(idx) for idx in self.parts])
+
+    def _subset(self, idx: np.ndarray) -> Any:
+        chosen, parts, start = set(idx.tolist()), [], 0
+        for part in _components(self.objective, self.data):
+            parts.append([ex for i, ex in enumerate(part) if start + i in chosen])
+            start += len(part)
+        return parts if isinstance(self.objective, Suite) else parts[0]
+
+    @property
+    def sizes(self) -> List[int]:
+        return [len(part) for part in _components(self.objective, self.data)]
+
+    @property
+    def slice_rows(self) -> int:
+        return len(self.parts[0])
+
+    @property
+    def total_rows(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+    def rows(self, stage: int) -> Any:
+        """The dev rows of stage ``stage`` (0: the slice), in the objective's shape."""
+        return self._rows[stage]
+
+    def seen(self, stage: int) -> np.ndarray:
+        """The rows scored once stages 0..``stage`` are, sorted."""
+        return np.sort(np.concatenate(self.parts[: stage + 1]))
+
+    def combine(self, scores: Sequence[Score]) -> Score:
+        """The score over every row the stage scores ``scores[0..j]`` cover: the whole set's score after the last
+        stage; before, the objective's score of the rows seen (rows in :meth:`seen` order)."""
+        stage = len(scores) - 1
+        if any(s.rows is None or s.weights is None or not math.isfinite(s.utility) for s in scores):
+            return Score(float("nan"), {}, sum(s.n for s in scores))  # a failed part fails the whole
+        n = self.total_rows
+        values, weights = np.zeros(n), np.zeros(n)
+        for idx, s in zip(self.parts, scores):
+            values[idx], weights[idx] = s.rows, s.weights
+        if stage == len(self.parts) - 1:
+            return self._score(values, weights)
+        seen = self.seen(stage)
+        mask = np.zeros(n, dtype=bool)
+        mask[seen] = True
+        partial, start = [], 0
+        for part in _components(self.objective, self.data):
+            stop = start + len(part)
+            keep = [i for i in range(start, stop) if mask[i]]
+            partial.append(aggregate(values[keep], weights[keep], [part[i - start] for i in keep]))
+            start = stop
+        combined = self.objective.combined(partial) if isinstance(self.objective, Suite) else partial[0]
+        return combined
+
+    def _score(self, values: np.ndarray, weights: np.ndarray) -> Score:
+        """The objective's score of the whole dev set from every row's value and weight."""
+        scores, start = [], 0
+        for part in _components(self.objective, self.data):
+            stop = start + len(part)
+            scores.append(aggregate(values[start:stop], weights[start:stop], part))
+            start = stop
+        return self.objective.combined(scores) if isinstance(self.objective, Suite) else scores[0]
+
+    def _component_means(self, values: np.ndarray, weights: np.ndarray) -> List[float]:
+        out, start = [], 0
+        for size in self.sizes:
+            w = weights[start:start + size]
+            out.append(float(np.dot(w, values[start:start + size]) / w.sum()) if w.sum() > 0 else math.nan)
+            start += size
+        return out
+
+    def verdict(self, candidate: Score, stage: int, reference: Dict[str, Any]) -> Optional[float]:
+        """None: go on with the candidate. A number: it is dropped, with this estimate of its full utility.
+
+        ``candidate``: its score on the rows of stages 0..``stage`` (:meth:`combine`). ``reference``: the
+        memo entry of the position it races (``utility``, ``rows`` and ``weights`` of every dev row)."""
+        if not math.isfinite(candidate.utility):
+            return math.nan  # a failed particle is failed on every row: nothing to finish
+        ref_u, ref_rows, ref_w = reference.get("utility"), reference.get("rows"), reference.get("weights")
+        if ref_u is None or ref_rows is None or ref_w is None or not math.isfinite(ref_u):
+            return None  # nothing to race against
+        ref_rows = np.asarray(ref_rows, dtype=float)
+        seen = self.seen(stage)
+        if len(ref_rows) != self.total_rows or candidate.rows is None or len(candidate.rows) != len(seen):
+            return None
+        if isinstance(self.objective, Suite) and self.objective.combine == "harmonic":
+            means = self._component_means(ref_rows, np.asarray(ref_w, dtype=float))
+            total = sum(o.weight for o in self.objective.parts)
+            if min(means) <= 0:
+                return None  # the harmonic mean is 0 there: no slope to linearise along
+            slopes = [o.weight * ref_u ** 2 / (total * m ** 2) for o, m in zip(self.objective.parts, means)]
+        elif isinstance(self.objective, Suite):
+            total = sum(o.weight for o in self.objective.parts)
+            slopes = [o.weight / total for o in self.objective.parts]
+        else:
+            slopes = [1.0]
+        d = np.asarray(candidate.rows, dtype=float) - ref_rows[seen]
+        w = np.asarray(candidate.weights, dtype=float)
+        part_of = np.searchsorted(np.cumsum(self.sizes), seen, side="right")
+        estimate, variance = 0.0, 0.0
+        for c, (slope, size) in enumerate(zip(slopes, self.sizes)):
+            mine = part_of == c
+            m, wc, dc = int(mine.sum()), w[mine], d[mine]
+            if m < 2 or wc.sum() <= 0:
+                return None  # too few rows seen in a component to say anything
+            mean = float(np.dot(wc, dc) / wc.sum())
+            var = float(np.dot(wc ** 2, (dc - mean) ** 2) / wc.sum() ** 2) * m / (m - 1) * (1 - m / size)
+            estimate += slope * mean
+            variance += slope ** 2 * var
+        if estimate + self.z * math.sqrt(variance) < 0:
+            return ref_u + estimate
+        return None
+
+
+def plan_race(objective, data, *, fraction: float, confidence: float, seed: int) -> Optional[Race]:
+    """The run's race: the slice is ``fraction`` of the rows of every (component, group) stratum (at least two),
+    each next stage doubles the share seen, the last takes the rest; drawn with a generator of its own
+    seeded from ``seed`` (the swarm's draws are untouched). None when some component would keep no
+    rows outside the slice (too few rows to race)."""
+    rng = np.random.default_rng([seed, 0x5ace])
+    shares = [fraction]
+    while shares[-1] * 2 < 1:
+        shares.append(shares[-1] * 2)
+    stages: List[List[int]] = [[] for _ in range(len(shares) + 1)]
+    start = 0
+    for part in _components(objective, data):
+        strata: Dict[Any, List[int]] = {}
+        for i, ex in enumerate(part):
+            strata.setdefault(ex.group, []).append(start + i)
+        for key in sorted(strata, key=str):
+            order = rng.permutation(strata[key]).tolist()
+            done = 0
+            for j, share in enumerate(shares):
+                upto = min(len(order), max(2 * (j + 1), round(share * len(order))))
+                stages[j] += order[done:upto]
+                done = max(done, upto)
+            stages[-1] += order[done:]
+        start += len(part)
+    parts = tuple(np.array(sorted(s), dtype=np.int64) for s in stages if s)
+    if len(parts) < 2 or len(parts) < len(stages):
+        return None
+    ends = np.cumsum([len(part) for part in _components(objective, data)])
+    if len(np.unique(np.searchsorted(ends, parts[-1], side="right"))) < len(ends):
+        return None
+    return Race(objective=objective, data=data, parts=parts, z=NormalDist().inv_cdf(confidence), fraction=fraction,
+                confidence=confidence)
+
+
+def race_of(settings, objective, data) -> Optional[Race]:
+    """The race a run's ``swarm`` settings ask for on this objective and dev set, or None (no racing).
+
+    Raises:
+        RecipeError: ``racing: true`` on an objective that scores a whole set at once (lm_eval, custom).
+    """
+    from swarm_merge.errors import RecipeError
+
+    if settings.racing is False:
+        return None
+    if not can_race(objective):
+        if settings.racing is True:
+            raise RecipeError(f"swarm.racing: true needs a utility that is a mean over dev rows, and {objective.type} "
+                              "scores a whole set at once; set swarm.racing: auto (or false)")
+        return None
+    race = plan_race(objective, data, fraction=settings.race_slice, confidence=settings.race_confidence,
+                     seed=settings.seed)
+    if race is None and settings.racing is True:
+        raise RecipeError(f"swarm.racing: true, but a slice of {settings.race_slice:g} of the dev rows (2 or more per "
+                          "row group) leaves no rows to finish with; add dev rows or lower swarm.race_slice")
+    return race

@@ -1,0 +1,238 @@
+"""Racing (swarm_merge/racing.py): moving particles scored stage by stage, dropped where they cannot
+beat the global best; the search stays exact, reproducible and resumable, and counts its dev rows."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from swarm_merge import cli, racing, search
+from swarm_merge.errors import EvaluationError, RecipeError
+from swarm_merge.objectives import Custom, Example, Score, Suite, aggregate
+from swarm_merge.recipe import SwarmSettings
+
+ROWS = 96
+DEV = [Example(prompt=f"q{i}", answer="a", group=f"task{i % 4}") for i in range(ROWS)]
+OBJECTIVE = SimpleNamespace(type="exact_match")
+TARGET = np.array([[0.6, 0.3, 0.1]])
+# Row r is solved by a position within reach_r of the target: the closer, the more rows (utility).
+REACH = np.random.default_rng(0).uniform(0.05, 0.9, ROWS)
+
+
+def row_values(x: np.ndarray) -> np.ndarray:
+    return (np.linalg.norm(np.asarray(x) - TARGET) < REACH).astype(float)
+
+
+def race_of(seed=42, fraction=0.25, confidence=0.95, data=DEV, objective=OBJECTIVE):
+    return racing.plan_race(objective, data, fraction=fraction, confidence=confidence, seed=seed)
+
+
+def score_rows(values, idx, race):
+    return aggregate([values[i] for i in idx], [1.0] * len(idx), [race.data[i] for i in idx])
+
+
+# ------------------------------------------------------------------ the race's rows
+
+
+def test_stages_are_nested_stratified_and_drawn_from_the_seed():
+    race = race_of()
+    seen = [race.seen(j) for j in range(len(race.parts))]
+    assert [len(s) for s in seen] == [24, 48, 96]  # a quarter, a half, all
+    everything = np.concatenate(race.parts)
+    assert sorted(everything.tolist()) == list(range(ROWS))  # disjoint parts that cover every row once
+    for group in range(4):  # each stage takes its share of every row group
+        assert sum(int(i) % 4 == group for i in race.parts[0]) == 6
+    assert all(np.array_equal(a, b) for a, b in zip(race.parts, race_of().parts))
+    assert not np.array_equal(race.parts[0], race_of(seed=43).parts[0])
+
+
+def test_too_few_rows_to_race_is_none_and_racing_true_says_so():
+    few = DEV[:4]
+    assert race_of(data=few) is None
+    settings = SwarmSettings(racing=True)
+    with pytest.raises(RecipeError, match="race_slice"):
+        racing.race_of(settings, OBJECTIVE, few)
+    assert racing.race_of(SwarmSettings(), OBJECTIVE, few) is None  # auto: quietly off
+
+
+def test_objectives_that_score_a_whole_set_never_race():
+    custom = Custom(SimpleNamespace(type="custom"), lambda *a: 0.0)
+    lm_eval = SimpleNamespace(type="lm_eval", name="t", weight=1.0)
+    mixed = Suite((SimpleNamespace(type="exact_match", name="e", weight=1.0), lm_eval))
+    for objective in (custom, lm_eval, mixed):
+        assert not racing.can_race(objective)
+        assert racing.race_of(SwarmSettings(), objective, DEV) is None
+        with pytest.raises(RecipeError, match="racing: auto"):
+            racing.race_of(SwarmSettings(racing=True), objective, DEV)
+    assert racing.race_of(SwarmSettings(racing=False), OBJECTIVE, DEV) is None
+
+
+def test_the_stages_combined_are_the_whole_sets_score():
+    race = race_of()
+    values = np.random.default_rng(1).integers(0, 2, ROWS).astype(float)
+    whole = aggregate(values, [1.0] * ROWS, DEV)
+    parts = [score_rows(values, idx, race) for idx in race.parts]
+    got = race.combine(parts)
+    assert got.utility == whole.utility and got.groups == whole.groups and got.n == ROWS
+    half = race.combine(parts[:2])  # before the last stage: the score of the rows seen
+    assert half.utility == pytest.approx(values[race.seen(1)].mean()) and half.n == 48
+    failed = race.combine([parts[0], Score(float("nan"), {}, 24)])
+    assert math.isnan(failed.utility)
+
+
+# ------------------------------------------------------------------ the rule
+
+
+def reference(values):
+    return aggregate(values, [1.0] * ROWS, DEV).to_dict(rows=True)
+
+
+def test_a_particle_as_good_as_the_best_goes_on_and_a_clearly_worse_one_is_dropped():
+    race = race_of()
+    best = np.ones(ROWS)
+    best[::3] = 0.0
+    ref = reference(best)
+    same = score_rows(best, race.seen(0), race)
+    assert race.verdict(same, 0, ref) is None
+    worse = best.copy()
+    worse[race.seen(0)[::2]] = 0.0  # half the slice lost
+    estimate = race.verdict(score_rows(worse, race.seen(0), race), 0, ref)
+    assert estimate is not None and estimate < ref["utility"]
+    diff = (worse - best)[race.seen(0)].mean()
+    assert estimate == pytest.approx(ref["utility"] + diff)
+    assert math.isnan(race.verdict(Score(float("nan"), {}, 24), 0, ref))  # failed: nothing to finish
+    assert race.verdict(same, 0, {"utility": 0.5}) is None  # a reference without rows: no race
+
+
+def test_one_row_worse_on_the_slice_is_not_enough_evidence():
+    race = race_of()
+    best = np.ones(ROWS)
+    best[::2] = 0.0
+    worse = best.copy()
+    worse[next(i for i in race.seen(0) if best[i] == 1)] = 0.0
+    assert race.verdict(score_rows(worse, race.seen(0), race), 0, reference(best)) is None
+
+
+def test_a_harmonic_suite_races_on_its_linearised_utility():
+    parts = (SimpleNamespace(type="exact_match", name="a", weight=1.0),
+             SimpleNamespace(type="exact_match", name="b", weight=1.0))
+    suite = Suite(parts, "harmonic")
+    data = [DEV[:48], DEV[48:]]
+    race = racing.plan_race(suite, data, fraction=0.25, confidence=0.95, seed=42)
+    assert race is not None and racing.can_race(suite)
+    best = np.ones(ROWS)
+    best[1::4] = 0.0
+
+    def scored(values, idx):
+        mine = [i for i in idx if i < 48], [i for i in idx if i >= 48]
+        return suite.combined([aggregate(values[m], [1.0] * len(m), [DEV[i] for i in m]) for m in mine])
+
+    ref = scored(best, np.arange(ROWS)).to_dict(rows=True)
+    assert ref["utility"] == pytest.approx(0.75)
+    worse = best.copy()
+    worse[[i for i in race.seen(0) if i >= 48]] = 0.0  # component b collapses on the slice
+    assert race.verdict(scored(worse, race.seen(0)), 0, ref) is not None
+    assert race.verdict(scored(best, race.seen(0)), 0, ref) is None
+
+
+# ------------------------------------------------------------------ the search
+
+
+class RowEvaluator:
+    """Scores positions on rows from :func:`row_values`; counts calls; can fail after ``fail_after``."""
+
+    def __init__(self, race, fail_after=None):
+        self.race, self.calls, self.fail_after = race, 0, fail_after
+
+    def tick(self):
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise EvaluationError("killed")
+
+    def full(self, x):
+        self.tick()
+        return aggregate(row_values(x), [1.0] * ROWS, DEV)
+
+    def rows(self, x, stage):
+        self.tick()
+        return score_rows(row_values(x), self.race.parts[stage], self.race)
+
+
+def swarm_settings(**update):
+    return SwarmSettings(size=7, max_iterations=8, **update)
+
+
+def run(tmp_path, name, settings, race, evaluator, resume=False):
+    return search.run_search(settings, num_experts=3, num_groups=1, evaluate=evaluator.full,
+                             checkpoint=tmp_path / f"{name}.json", fingerprint="t", progress=False, resume=resume,
+                             race=race, evaluate_rows=evaluator.rows if race else None)
+
+
+def test_racing_spends_fewer_rows_and_its_winner_is_scored_on_every_row(tmp_path):
+    settings = swarm_settings()
+    race = racing.race_of(settings, OBJECTIVE, DEV)
+    plain = run(tmp_path, "plain", settings, None, RowEvaluator(None))
+    raced = run(tmp_path, "raced", settings, race, RowEvaluator(race))
+    assert plain.items == ROWS * len(plain.memo) and plain.raced is None
+    assert raced.state.evaluations == plain.state.evaluations == 7 * 9  # the same positions budget
+    assert raced.raced["dropped"] > 0 and raced.items < plain.items
+    assert raced.items == ROWS * len(raced.memo) + sum(
+        len(race.seen(e["stage"])) for e in search._Run.parse(
+            (tmp_path / "raced.json").read_text(), tmp_path / "raced.json", "t", 0.0).partial.values())
+    # The winner (the global best) was scored on every row, and its score is the whole set's.
+    assert raced.best_score.n == ROWS
+    assert raced.best_score.utility == aggregate(row_values(raced.best), [1.0] * ROWS, DEV).utility
+    assert raced.history[-1]["items"] == raced.items
+
+
+def test_same_seed_same_winner_and_resume_equals_an_uninterrupted_run(tmp_path):
+    settings = swarm_settings()
+    race = racing.race_of(settings, OBJECTIVE, DEV)
+    whole = run(tmp_path, "whole", settings, race, RowEvaluator(race))
+    again = run(tmp_path, "again", settings, race, RowEvaluator(race))
+    assert np.array_equal(whole.best, again.best) and whole.items == again.items
+    # Killed in the middle of a race (after some slices were scored), then resumed until done.
+    calls, resumed = 40, None
+    for attempt in range(40):
+        try:
+            resumed = run(tmp_path, "killed", settings, race, RowEvaluator(race, fail_after=calls), resume=attempt > 0)
+            break
+        except EvaluationError:
+            continue
+    assert resumed is not None and resumed.resumed
+    assert np.array_equal(resumed.best, whole.best) and resumed.best_score.utility == whole.best_score.utility
+    assert resumed.items == whole.items and resumed.raced == whole.raced
+    assert resumed.memo == whole.memo
+
+
+def test_a_damaged_raced_entry_in_a_checkpoint_is_refused(tmp_path):
+    settings = swarm_settings()
+    race = racing.race_of(settings, OBJECTIVE, DEV)
+    with pytest.raises(EvaluationError):
+        run(tmp_path, "cp", settings, race, RowEvaluator(race, fail_after=30))
+    path = tmp_path / "cp.json"
+    data = json.loads(path.read_text())
+    assert data["partial"], "the kill should leave a raced position mid-race"
+    key = next(iter(data["partial"]))
+    data["partial"][key]["stage"] = 7
+    path.write_text(json.dumps(data))
+    from swarm_merge.errors import OutputError
+
+    with pytest.raises(OutputError, match="damaged"):
+        run(tmp_path, "cp", settings, race, RowEvaluator(race), resume=True)
+
+
+# ------------------------------------------------------------------ the command
+
+
+def test_the_run_reports_its_rows_and_the_plan_says_how_it_races(tiny_recipe, capsys):
+    recipe = tiny_recipe(objective="exact_match")
+    assert cli.main([str(recipe), "--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    assert "racing: " in plan
+    assert cli.main([str(recipe), "--set", "swarm.racing=false", "--dry-run"]) == 0
+    assert "racing: " not in capsys.readouterr().out
