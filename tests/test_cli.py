@@ -96,8 +96,12 @@ def test_run_writes_a_loadable_affine_merge_with_report_and_card(finished_run, t
     assert "model-swarms" in card.data.tags and "swarm winner" in card.text
     assert "the test set never was" in card.text
     # How the winner was chosen, and how the search started.
-    assert report.search.chosen_by == (f"the best dev utility of the {report.search.distinct_positions_scored} "
-                                       "distinct positions the swarm scored")
+    # (with racing, among the positions scored on every dev row: the ones not dropped after a stage)
+    s = report.search
+    full = s.distinct_positions_scored - (s.racing.dropped if s.racing else 0)
+    assert s.chosen_by == f"the best dev utility of the {full} distinct positions the swarm scored on every dev row"
+    assert s.racing is not None and 0 < s.racing.dropped + s.racing.finished <= s.evaluations - 5  # the moving ones
+    assert s.items < s.evaluations * report.data.dev_rows
     assert report.search.chosen_by in card.text
     assert "around the uniform soup (soup + N(0, 0.3) per coefficient)" in card.text
 
