@@ -149,8 +149,7 @@ def cmaes_search(score: Budgeted, *, num_experts: int, num_groups: int, budget: 
     k, g = num_experts, num_groups
 
     def position(z: np.ndarray) -> np.ndarray:
-        free = z.reshape(g, k - 1)
-        return np.concatenate([free, 1.0 - free.sum(axis=1, keepdims=True)], axis=1)
+        return _affine(z, g, k)
 
     optimizer = CMA(mean=np.full(g * (k - 1), 1.0 / k), sigma=CMAES_SIGMA, seed=seed)
     best, best_score = None, None

@@ -215,7 +215,7 @@ def render_card(report: "Report", *, recipe_yaml: str, mergekit_yaml: str, repo_
         init=(f"around the uniform soup (soup + N(0, {recipe.swarm.init_spread}) per coefficient)"
               if recipe.swarm.init == "soup" else "the paper's (random inter/extrapolations of pairs)"),
         evaluations=search.evaluations,
-        cost=md(cost(search)),
+        cost=cost(search),  # (our own words and numbers: nothing from the recipe)
         wall_time=f"{report.wall_seconds:.0f} s",
         hardware=md(report.hardware),
         plot=plot,

@@ -3,7 +3,8 @@
 recipe -> output folder checked (output.py) -> pull experts (experts.py) ->
 search space (space.py) -> inputs checked: data, tokenizer, finite weights
 (objectives.py, evaluate.py, weights.py) -> swarm search, each particle built
-and scored (search.py, swarm.py, weights.py, evaluate.py, objectives.py) ->
+and scored, raced on stages of the dev rows (search.py, swarm.py, racing.py,
+weights.py, evaluate.py, objectives.py) ->
 write the winner with mergekit (merge.py) -> report (report.py) -> card
 (card.py) -> publish (output.py) -> push (hub.py).
 

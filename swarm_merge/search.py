@@ -12,6 +12,13 @@ generator's state after the last finished iteration, plus every utility
 computed so far (memo). It is rewritten atomically after every evaluation, so
 a run killed at any point resumes without re-scoring anything and, since
 evaluation is deterministic, ends with the same result as an uninterrupted run.
+
+With racing (:mod:`swarm_merge.racing`) a moving particle is scored stage by
+stage against the global best; the checkpoint also holds the positions in the
+middle of a race (``partial``: the stages scored so far) and the dev rows scored
+(``items``: the search's cost, reported in swarm.json). A dropped particle's
+utility is the race's estimate: it can move its particle's personal best, never
+the global best, which is always scored on every row.
 """
 
 from __future__ import annotations
