@@ -269,7 +269,7 @@ def main() -> None:
             results[name] = rows
     uniform_test = bench.test_utility(np.full((g, k), 1.0 / k))
     print("\n| method | dev mean ± std | test mean ± std | dev per seed | test per seed | seeds below uniform test "
-          "| evaluations | dev rows scored (mean) | dropped by racing |")
+          "| evaluations | dev rows scored per seed | dropped by racing |")
     print("|---|---|---|---|---|---|---|---|---|")
     for lever, rows in results.items():
         dm, ds = summarize([r["dev"] for r in rows])
@@ -277,9 +277,9 @@ def main() -> None:
         below = sum(r["test"] < uniform_test for r in rows)
         per = " / ".join(f"{r['test']:.3f}" for r in rows)
         per_dev = " / ".join(f"{r['dev']:.3f}" for r in rows)
-        items = statistics.mean(r["items"] for r in rows)
+        items = " / ".join(str(r["items"]) for r in rows)
         print(f"| {lever} | {dm:.3f} ± {ds:.3f} | {tm:.3f} ± {ts:.3f} | {per_dev} | {per} | {below} of {len(rows)} | "
-              f"{max(r['evaluations'] for r in rows)} | {items:.0f} | {sum(r['dropped'] for r in rows)} |")
+              f"{max(r['evaluations'] for r in rows)} | {items} | {sum(r['dropped'] for r in rows)} |")
     print("\nwinners' coefficients:")
     for lever, rows in results.items():
         print(f"  {lever}: " + "; ".join(str(r["coefficients"]) for r in rows))
