@@ -518,7 +518,7 @@ def _compare(recipe, objective, result, evaluator, dev, test, k: int, g: int, op
         return evaluator.evaluate(x, dev, objective)
 
     def distinct(r) -> int:
-        return len(r.memo) + (r.raced["sliced_only"] if r.raced else 0)
+        return len(r.memo) + (r.raced["dropped"] if r.raced else 0)
 
     runs = [baselines.MethodRun("swarm", seeds[0], result.best, result.best_score, distinct(result), result.seconds,
                                 items=items)]
@@ -752,7 +752,7 @@ def _report(recipe, experts, digests, base, result, scores, group_labels, device
         search=report_mod.SearchRecord(
             iterations=state.iteration,
             evaluations=state.evaluations,
-            distinct_positions_scored=len(result.memo) + (result.raced["sliced_only"] if result.raced else 0),
+            distinct_positions_scored=len(result.memo) + (result.raced["dropped"] if result.raced else 0),
             items=result.items,
             racing=(report_mod.RacingRecord(slice_rows=result.raced["slice_rows"], rows=result.raced["rows"],
                                             confidence=recipe.swarm.race_confidence,

@@ -65,7 +65,7 @@ class SearchResult:
     stop_reason: str = ""
     wall_before: float = 0.0  # wall time of the earlier sessions of a resumed run
     items: int = 0  # dev rows scored (a full evaluation costs every row; a raced-out one its slice)
-    raced: Optional[Dict[str, int]] = None  # racing: slice rows, particles dropped and finished
+    raced: Optional[Dict[str, int]] = None  # racing: slice rows, positions dropped and finished
 
     def lookup(self, x: np.ndarray) -> Optional[Score]:
         hit = self.memo.get(position_key(x))
@@ -79,10 +79,10 @@ class _Run:
     path: Path
     fingerprint: str
     memo: Dict[str, Dict[str, Any]] = field(default_factory=dict)
-    # Racing: positions scored on the slice only (their slice score, rows included), and the counts.
+    # Racing: positions not scored on every row (mid-race, or dropped: at the end, every one of them),
+    # their stages' scores, rows included; and the positions raced to the last stage.
     partial: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     items: int = 0
-    dropped: int = 0
     finished: int = 0
     history: List[Dict[str, Any]] = field(default_factory=list)
     state: Optional[swarm.SwarmState] = None
@@ -115,7 +115,6 @@ class _Run:
                 "memo": self.memo,
                 "partial": self.partial,
                 "items": self.items,
-                "dropped": self.dropped,
                 "finished": self.finished,
             },
         )
@@ -138,7 +137,7 @@ class _Run:
         try:
             run = cls(path=path, fingerprint=fingerprint, memo=dict(data["memo"]), history=list(data["history"]),
                       partial=dict(data["partial"]), wall_started=wall_started)
-            for name in ("items", "dropped", "finished"):
+            for name in ("items", "finished"):
                 value = data[name]
                 if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                     raise TypeError(f"{name} is not a count")
@@ -267,7 +266,7 @@ def run_search(
     started: Optional[float] = None,
     ranks: Optional[distributed.Ranks] = None,
     race: Optional[Race] = None,
-    evaluate_rows: Optional[Callable[[np.ndarray, str], Score]] = None,
+    evaluate_rows: Optional[Callable[[np.ndarray, int], Score]] = None,
 ) -> SearchResult:
     """Run Model Swarms over coefficient arrays of shape ``(num_groups, num_experts)``.
 
@@ -364,9 +363,8 @@ def run_search(
                 if entry is None or entry["stage"] != stage:
                     continue
                 verdict = race.verdict(Score.from_dict(entry), stage, ref_entry)
-                if verdict is not None:
+                if verdict is not None:  # (counted at the end: a replayed iteration decides again)
                     estimates[key] = verdict
-                    run.dropped += 1
                     del going[key]
         out = []
         for x in xs:
@@ -450,6 +448,5 @@ def run_search(
         wall_before=run.wall_before,
         items=run.items,
         raced=None if race is None else {"slice_rows": race.slice_rows, "rows": race.total_rows,
-                                         "dropped": run.dropped, "finished": run.finished,
-                                         "sliced_only": len(run.partial)},
+                                         "dropped": len(run.partial), "finished": run.finished},
     )

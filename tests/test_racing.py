@@ -189,14 +189,16 @@ def test_racing_spends_fewer_rows_and_its_winner_is_scored_on_every_row(tmp_path
     assert raced.history[-1]["items"] == raced.items
 
 
-def test_same_seed_same_winner_and_resume_equals_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("calls", [7, 23, 40])
+def test_same_seed_same_winner_and_resume_equals_an_uninterrupted_run(tmp_path, calls):
     settings = swarm_settings()
     race = racing.race_of(settings, OBJECTIVE, DEV)
     whole = run(tmp_path, "whole", settings, race, RowEvaluator(race))
     again = run(tmp_path, "again", settings, race, RowEvaluator(race))
     assert np.array_equal(whole.best, again.best) and whole.items == again.items
-    # Killed in the middle of a race (after some slices were scored), then resumed until done.
-    calls, resumed = 40, None
+    # Killed every `calls` evaluations (in the middle of races, after drops were decided and saved),
+    # resumed each time until done.
+    resumed = None
     for attempt in range(40):
         try:
             resumed = run(tmp_path, "killed", settings, race, RowEvaluator(race, fail_after=calls), resume=attempt > 0)
