@@ -45,7 +45,7 @@ demo: demo-models
 	$(VENV)/bin/mergekit-swarm recipes/demo.yml --out out/demo --force
 
 test: demo-models
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
