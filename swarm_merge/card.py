@@ -51,8 +51,8 @@ def cost(search) -> str:
     text = f"{search.items} dev rows scored"
     r = search.racing
     if r is not None:
-        text += (f" (racing: {r.dropped} of {r.dropped + r.finished} moving particles dropped after a slice of "
-                 f"{r.slice_rows} of {r.rows} rows)")
+        text += (f" (racing: {r.dropped} of {r.dropped + r.finished} moving positions dropped before their last "
+                 f"stage; first stage {r.slice_rows} of {r.rows} rows)")
     return text
 
 

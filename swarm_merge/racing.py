@@ -1,28 +1,27 @@
-"""Racing: score a moving particle on a slice of the dev rows first, finish only those that can still matter.
+"""Racing: score a moving particle on stages of the dev rows, and stop where it cannot beat the global best.
 
-A particle's score matters to the swarm only if it beats the particle's personal best (and so, perhaps,
-the global best): every other score changes nothing in the update (SPSO; the paper's update also
-moves the global worst). So each new position is first scored on **the slice**, a fixed share of the
-dev rows drawn once per run from the seed, stratified by objective component and row group (the same
-rows for every particle, so comparisons are paired). Its rows are compared with the same rows of its
-personal best (scored in full earlier, its rows kept in the memo):
+The winner is the global best, so a moving particle's score matters to the result only if it may beat it.
+Each new position is scored stage by stage on a fixed draw of the dev rows, made once per run from the
+seed and stratified by objective component and row group (the same rows for every particle, so
+comparisons are paired): a ``race_slice`` share of every stratum (at least two rows), then twice that,
+and so on, then every row. After each stage but the last its rows are compared with the same rows of the
+global best (scored on every row earlier, its rows kept in the memo):
 
-- ``D`` = the estimated difference of the full-set utilities: per component, the weighted mean of the
-  paired row differences on the slice; components combined as the objective combines them (a harmonic
-  suite: linearised at the personal best).
+- ``D`` = the estimated difference of the whole-set utilities: per component, the weighted mean of the
+  paired row differences on the rows seen; components combined as the objective combines them (a
+  harmonic suite: linearised at the global best).
 - ``SE`` = its standard error: per component, the weighted sample deviation of the differences over
-  ``sqrt(slice rows)``, times the finite-population factor ``sqrt(1 - slice / rows)`` (the slice is
-  a sample without replacement from the component's rows).
+  ``sqrt(rows seen)``, times the finite-population factor ``sqrt(1 - seen / rows)``.
 - **Dropped** if ``D + z * SE < 0``, ``z`` the normal quantile of ``swarm.race_confidence`` (one-sided:
-  at 0.95 a particle exactly as good as its personal best is dropped about 5 % of the time). A dropped
-  particle's score is the estimate ``p_score + D`` (below its personal best, so it changes neither the
-  personal nor the global best); it is never reported as a winner.
-- Otherwise **finished**: the other rows are scored and merged with the slice's into the full score
-  (the same numbers a whole-set evaluation gives, up to batching round-off of log-likelihoods).
+  at 0.95 a particle exactly as good as the global best is dropped at a stage about 5 % of the time). A
+  dropped particle's score is the estimate ``g_score + D``: below the global best, so it never becomes
+  the winner, but it may still move its own personal best (the swarm's memory keeps working).
+- Otherwise the next stage is scored; after the last, the stages merge into the whole-set score (the same
+  numbers a whole-set evaluation gives, up to batching round-off of log-likelihoods).
 
 A decision depends only on scores already in the memo, so a run is as deterministic with racing as
-without it, and ``--resume`` replays it. The experts, the soup, the initial swarm and anything with no
-personal best to race against are scored in full.
+without it, and ``--resume`` replays it. The initial swarm (the experts, the soup, the children) is
+scored on every row.
 
 Objectives that race: exact_match, multiple_choice, loglik, reward, judge and suites of them (a
 utility is a weighted mean of per-row values). lm_eval and custom objectives score a whole set at
@@ -65,7 +64,6 @@ class Race:
     data: Any  # the dev rows in the objective's shape (a suite: a list per component)
     parts: Tuple[np.ndarray, ...]
     z: float
-    fraction: float
     confidence: float
     _rows: List[Any] = field(init=False, repr=False, compare=False)
 
@@ -100,37 +98,20 @@ class Race:
         return np.sort(np.concatenate(self.parts[: stage + 1]))
 
     def combine(self, scores: Sequence[Score]) -> Score:
-        """The score over every row the stage scores ``scores[0..j]`` cover: the whole set's score after the last
-        stage; before, the objective's score of the rows seen (rows in :meth:`seen` order)."""
-        stage = len(scores) - 1
+        """The objective's score of the rows stages 0..j cover, from the stage scores ``scores[0..j]``
+        (rows in :meth:`seen` order): after the last stage, the whole set's score."""
         if any(s.rows is None or s.weights is None or not math.isfinite(s.utility) for s in scores):
             return Score(float("nan"), {}, sum(s.n for s in scores))  # a failed part fails the whole
         n = self.total_rows
-        values, weights = np.zeros(n), np.zeros(n)
+        values, weights, seen = np.zeros(n), np.zeros(n), np.zeros(n, dtype=bool)
         for idx, s in zip(self.parts, scores):
-            values[idx], weights[idx] = s.rows, s.weights
-        if stage == len(self.parts) - 1:
-            return self._score(values, weights)
-        seen = self.seen(stage)
-        mask = np.zeros(n, dtype=bool)
-        mask[seen] = True
-        partial, start = [], 0
+            values[idx], weights[idx], seen[idx] = s.rows, s.weights, True
+        per_component, start = [], 0
         for part in _components(self.objective, self.data):
-            stop = start + len(part)
-            keep = [i for i in range(start, stop) if mask[i]]
-            partial.append(aggregate(values[keep], weights[keep], [part[i - start] for i in keep]))
-            start = stop
-        combined = self.objective.combined(partial) if isinstance(self.objective, Suite) else partial[0]
-        return combined
-
-    def _score(self, values: np.ndarray, weights: np.ndarray) -> Score:
-        """The objective's score of the whole dev set from every row's value and weight."""
-        scores, start = [], 0
-        for part in _components(self.objective, self.data):
-            stop = start + len(part)
-            scores.append(aggregate(values[start:stop], weights[start:stop], part))
-            start = stop
-        return self.objective.combined(scores) if isinstance(self.objective, Suite) else scores[0]
+            keep = [i for i in range(start, start + len(part)) if seen[i]]
+            per_component.append(aggregate(values[keep], weights[keep], [part[i - start] for i in keep]))
+            start += len(part)
+        return self.objective.combined(per_component) if isinstance(self.objective, Suite) else per_component[0]
 
     def _component_means(self, values: np.ndarray, weights: np.ndarray) -> List[float]:
         out, start = [], 0
@@ -213,8 +194,7 @@ def plan_race(objective, data, *, fraction: float, confidence: float, seed: int)
     ends = np.cumsum([len(part) for part in _components(objective, data)])
     if len(np.unique(np.searchsorted(ends, parts[-1], side="right"))) < len(ends):
         return None
-    return Race(objective=objective, data=data, parts=parts, z=NormalDist().inv_cdf(confidence), fraction=fraction,
-                confidence=confidence)
+    return Race(objective=objective, data=data, parts=parts, z=NormalDist().inv_cdf(confidence), confidence=confidence)
 
 
 def race_of(settings, objective, data) -> Optional[Race]:

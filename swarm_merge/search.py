@@ -64,7 +64,7 @@ class SearchResult:
     resumed: bool = False
     stop_reason: str = ""
     wall_before: float = 0.0  # wall time of the earlier sessions of a resumed run
-    items: int = 0  # dev rows scored (a full evaluation costs every row; a raced-out one its slice)
+    items: int = 0  # dev rows scored (a full evaluation costs every row; a raced-out one its stages' rows)
     raced: Optional[Dict[str, int]] = None  # racing: slice rows, positions dropped and finished
 
     def lookup(self, x: np.ndarray) -> Optional[Score]:

@@ -180,9 +180,10 @@ def test_racing_spends_fewer_rows_and_its_winner_is_scored_on_every_row(tmp_path
     assert plain.items == ROWS * len(plain.memo) and plain.raced is None
     assert raced.state.evaluations == plain.state.evaluations == 7 * 9  # the same positions budget
     assert raced.raced["dropped"] > 0 and raced.items < plain.items
-    assert raced.items == ROWS * len(raced.memo) + sum(
-        len(race.seen(e["stage"])) for e in search._Run.parse(
-            (tmp_path / "raced.json").read_text(), tmp_path / "raced.json", "t", 0.0).partial.values())
+    # Every row counted once: the positions scored on every row, plus the dropped ones' stages.
+    dropped = json.loads((tmp_path / "raced.json").read_text())["partial"]
+    assert raced.raced["dropped"] == len(dropped)
+    assert raced.items == ROWS * len(raced.memo) + sum(len(race.seen(e["stage"])) for e in dropped.values())
     # The winner (the global best) was scored on every row, and its score is the whole set's.
     assert raced.best_score.n == ROWS
     assert raced.best_score.utility == aggregate(row_values(raced.best), [1.0] * ROWS, DEV).utility
