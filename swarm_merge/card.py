@@ -190,6 +190,10 @@ def render_card(report: "Report", *, recipe_yaml: str, mergekit_yaml: str, repo_
                     "which the search optimised: the test column is not a held-out measure.")
     else:
         held_out = "The dev set was used by the search; the test set never was."
+    if data.benchmarks_searched:
+        held_out += (" **The search tuned on public benchmarks** (allowed with --allow-benchmark-tasks): "
+                     + "; ".join(md(b) for b in data.benchmarks_searched)
+                     + ". Their scores are not held out and are no benchmark results.")
     search = report.search
     template = resources.files("swarm_merge").joinpath("templates/model_card.md").read_text(encoding="utf-8")
     card = ModelCard.from_template(

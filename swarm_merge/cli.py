@@ -64,6 +64,10 @@ def _run_parser() -> argparse.ArgumentParser:
                    help="let lm_eval task YAML files under an objective's include_path run their Python hooks "
                    "(`!function`, `class`, dataset scripts); refused by default, since a recipe's task folder "
                    "comes with the recipe")
+    p.add_argument("--allow-benchmark-tasks", action="store_true",
+                   help="let an lm_eval objective search on a public benchmark (a task of lm-evaluation-harness's "
+                   "own, or its dataset and split): refused by default, since its scores would then not be held "
+                   "out; the card says the search saw it")
     p.add_argument("--num-processes", type=int, metavar="N",
                    help="spread the evaluations over N processes on this machine (one per GPU, or CPU processes): "
                    "runs `accelerate launch` for you; the result equals one process's")
@@ -236,6 +240,7 @@ def _recipe_and_options(args: argparse.Namespace):
         seeds=args.seeds,
         objective_code=args.objective_code,
         allow_task_code=args.allow_task_code,
+        allow_benchmark_tasks=args.allow_benchmark_tasks,
         # Bars on a terminal (or when asked); one log line per iteration otherwise.
         progress=not args.no_progress and (sys.stderr.isatty() or os.environ.get("SWARM_MERGE_PROGRESS") == "1"),
     )

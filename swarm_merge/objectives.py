@@ -729,9 +729,67 @@ def _sandboxed_templates():
         harness.env = plain
 
 
-def check_lm_eval(objective, allow_code: bool = False) -> None:
-    """The harness is installed and knows the task names (before the search), and the task
-    folder runs no code unless ``allow_code`` (``--allow-task-code``)."""
+# datasets' generic builders: what they read is in data_files, not in the name.
+GENERIC_BUILDERS = frozenset({"json", "csv", "parquet", "text", "arrow", "pandas", "webdataset", "xml", "sql"})
+
+
+def benchmark_of(manager, task: str) -> Optional[str]:
+    """Why searching on lm-eval ``task`` would tune on a public benchmark's scored split (None: it would not).
+
+    A benchmark is one of the harness's own tasks (its tasks folder holds public benchmarks), a tag or
+    group with one among its members, or a task of one's own that reads the dataset and split one of
+    the harness's own tasks scores (``cais/mmlu``'s ``test`` under another name). Like mergekit-evolve's
+    check, by what the task is, not by its name alone.
+    """
+    import lm_eval
+
+    builtin = (Path(lm_eval.__file__).parent / "tasks").resolve()
+    index = manager.task_index
+
+    def own(entry) -> bool:
+        return entry.yaml_path is not None and Path(entry.yaml_path).resolve().is_relative_to(builtin)
+
+    def source(cfg):
+        # A Hub dataset by its id; a generic builder (json, csv, ...) by the files it reads.
+        dataset = cfg.get("dataset_path")
+        if dataset in GENERIC_BUILDERS:
+            kwargs = cfg.get("dataset_kwargs")
+            return dataset, repr(kwargs.get("data_files") if isinstance(kwargs, dict) else None)
+        return dataset, None
+
+    def scored_split(cfg) -> Optional[str]:
+        return cfg.get("test_split") or cfg.get("validation_split")
+
+    def reason(name: str, seen: set) -> Optional[str]:
+        entry = index.get(name)
+        if entry is None or name in seen:
+            return None
+        seen.add(name)
+        if own(entry):
+            return f"{name} is one of lm-evaluation-harness's own tasks (a public benchmark)"
+        cfg = entry.cfg if isinstance(entry.cfg, dict) else {}
+        members = [e.name for e in index.values() if name in e.tags] if entry.kind.name == "TAG" else [
+            t for t in (cfg.get("task") or []) if isinstance(t, str)] if isinstance(cfg.get("task"), list) else []
+        for member in members:
+            found = reason(member, seen)
+            if found:
+                return f"{name} includes {found}"
+        dataset, split = cfg.get("dataset_path"), scored_split(cfg)
+        if isinstance(dataset, str) and split:
+            for other in sorted(index.values(), key=lambda e: e.name):
+                ocfg = other.cfg if isinstance(other.cfg, dict) else {}
+                if own(other) and source(ocfg) == source(cfg) and scored_split(ocfg) == split:
+                    return (f"{name} reads the {split} split of {dataset}, which lm-evaluation-harness's own "
+                            f"{other.name} scores (a public benchmark)")
+        return None
+
+    return reason(task, set())
+
+
+def check_lm_eval(objective, allow_code: bool = False, allow_benchmark: bool = False) -> None:
+    """The harness is installed and knows the task names (before the search), the task
+    folder runs no code unless ``allow_code`` (``--allow-task-code``), and the task searched on
+    is no public benchmark's scored split unless ``allow_benchmark`` (``--allow-benchmark-tasks``)."""
     from swarm_merge.errors import InputError
 
     if objective.include_path and not Path(objective.include_path).is_dir():
@@ -746,6 +804,11 @@ def check_lm_eval(objective, allow_code: bool = False) -> None:
         if task not in manager.all_tasks:
             raise InputError(f"lm-eval task {task!r} is unknown to lm-evaluation-harness (include_path: "
                              f"{objective.include_path or 'none'}); check the name, or add its YAML to include_path")
+    found = benchmark_of(manager, objective.task)
+    if found and not allow_benchmark:
+        raise InputError(f"objective task {found}: searching on it would tune the merge to the very numbers people "
+                         "compare; search on data of your own (or a train split), or pass --allow-benchmark-tasks "
+                         "(the card then says the search saw it)")
 
 
 @torch.inference_mode()
@@ -901,11 +964,13 @@ def score(model, tokenizer, examples: Sequence[Example], objective, device, *, b
     return OBJECTIVES[objective.type](model, tokenizer, examples, objective, device, batch_size=batch_size, **kwargs)
 
 
-def task_of(recipe, code: Optional[Callable] = None, *, allow_task_code: bool = False):
+def task_of(recipe, code: Optional[Callable] = None, *, allow_task_code: bool = False,
+            allow_benchmark: bool = False):
     """What the evaluator scores: ``(objective, dev rows, test rows or None)``: the recipe's
     objective and its rows, or, for an ``objectives:`` list, a :class:`Suite` and each
     component's rows. ``type: custom`` objectives get ``code`` (``--objective-code``);
-    ``allow_task_code`` (``--allow-task-code``) lets lm_eval task folders run their hooks.
+    ``allow_task_code`` (``--allow-task-code``) lets lm_eval task folders run their hooks;
+    ``allow_benchmark`` (``--allow-benchmark-tasks``) lets lm_eval objectives search on public benchmarks.
 
     Raises:
         InputError: a custom objective without ``--objective-code``, or the flag without one; an
@@ -927,15 +992,22 @@ def task_of(recipe, code: Optional[Callable] = None, *, allow_task_code: bool = 
     if recipe.objectives is None:
         o = recipe.objective
         if o.type == "lm_eval":
-            check_lm_eval(o, allow_task_code)
+            check_lm_eval(o, allow_task_code, allow_benchmark)
             return o, lm_eval_rows(o.task), lm_eval_rows(o.test_task) if o.test_task else None
         return runtime(o), load_examples(o.dev, o.type, o.group_by), (load_examples(o.test, o.type, o.group_by)
                                                                       if o.test else None)
     for o in recipe.components:
         if o.type == "lm_eval":
-            check_lm_eval(o, allow_task_code)
+            check_lm_eval(o, allow_task_code, allow_benchmark)
     suite = Suite(tuple(runtime(o) for o in recipe.components), recipe.combine)
     return suite, suite.load("dev"), suite.load("test")
+
+
+def benchmarks_searched(recipe) -> List[str]:
+    """The public benchmarks the recipe's lm_eval objectives search on (allowed by --allow-benchmark-tasks),
+    each as :func:`benchmark_of` says why; checked before (:func:`task_of`), so the harness is there."""
+    return [found for o in recipe.components if o.type == "lm_eval"
+            for found in [benchmark_of(lm_eval_tasks(o.include_path), o.task)] if found]
 
 
 def lm_eval_rows(task: str) -> List[Example]:

@@ -37,4 +37,5 @@ class RunOptions:
     seeds: int = 1  # with baselines: every stochastic method at this many seeds
     objective_code: Optional[str] = None  # path.py:function for `type: custom` objectives (never from a recipe)
     allow_task_code: bool = False  # lm_eval task YAML may run its Python hooks (`!function`); never from a recipe
+    allow_benchmark_tasks: bool = False  # an lm_eval objective may search on a public benchmark (the card says so)
     check_token: bool = True  # a push needs a Hub token; `ci plan` (a pull request: no secrets) plans without one

@@ -96,7 +96,8 @@ def run(recipe: Recipe, options: RunOptions = RunOptions(), *, out=None) -> Opti
     )
     # One objective and its rows, or a Suite of several and each one's rows.
     code = objectives.load_code(options.objective_code) if options.objective_code else None
-    objective, dev, test = objectives.task_of(recipe, code, allow_task_code=options.allow_task_code)
+    objective, dev, test = objectives.task_of(recipe, code, allow_task_code=options.allow_task_code,
+                                              allow_benchmark=options.allow_benchmark_tasks)
     race = racing.race_of(recipe.swarm, objective, dev)
     with ranks.local_main_first():
         objective, objective_models = _pull_objective_models(objective, options)
@@ -748,7 +749,9 @@ def _report(recipe, experts, digests, base, result, scores, group_labels, device
         # Rows as scored (an lm-eval task's documents are counted by the harness).
         data=report_mod.DataRecord(dev_rows=scores.winner.dev.n,
                                    test_rows=scores.winner.test.n if scores.winner.test is not None else None,
-                                   test_rows_in_dev=test_in_dev),
+                                   test_rows_in_dev=test_in_dev,
+                                   benchmarks_searched=(objectives.benchmarks_searched(recipe) if any(
+                                       o.type == "lm_eval" for o in recipe.components) else [])),
         search=report_mod.SearchRecord(
             iterations=state.iteration,
             evaluations=state.evaluations,

@@ -194,6 +194,8 @@ class DataRecord(_Model):
     dev_rows: int
     test_rows: Optional[int] = None
     test_rows_in_dev: int = Field(0, description="test rows that also appear in the dev set (0: held out)")
+    benchmarks_searched: List[str] = Field(default_factory=list, description=(
+        "public benchmarks an lm_eval objective searched on (--allow-benchmark-tasks), each with why it is one"))
 
 
 class MethodResult(_Model):

@@ -105,3 +105,58 @@ def test_relative_data_files_are_read_from_the_task_folder(tiny_experts, tmp_pat
     assert cli.main([str(recipe)]) == 0
     assert report_mod.read(tmp_path / "out" / "swarm.json").data.dev_rows == 8
     assert os.getcwd() == str(elsewhere)  # restored
+
+
+OWN_MMLU = """task: my_algebra
+dataset_path: cais/mmlu
+dataset_name: abstract_algebra
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{question}}"
+doc_to_choice: "{{choices}}"
+doc_to_target: "{{answer}}"
+"""
+
+
+@pytest.mark.parametrize("task, extra, why", [
+    ("arc_easy", None, "arc_easy is one of lm-evaluation-harness's own tasks"),
+    ("my_algebra", OWN_MMLU, "my_algebra reads the test split of cais/mmlu, which lm-evaluation-harness's own "
+                             "mmlu"),
+    ("my_mix", "group: my_mix\ntask:\n  - tiny_mc_dev\n  - hellaswag\n", "my_mix includes hellaswag is one of"),
+])
+def test_searching_on_a_public_benchmark_is_refused_unless_allowed(task, extra, why, tiny_experts, tmp_path, capsys):
+    """Like mergekit-evolve: a dev objective that is a public benchmark's scored split is refused by what the
+    task reads (the harness's own task, a group holding one, its dataset and split under another name)."""
+    from swarm_merge import card, objectives, recipe as recipe_mod
+
+    path = write(tmp_path, tiny_experts, f"{{type: lm_eval, task: {task}, include_path: tasks}}")
+    if extra:
+        (tmp_path / "tasks" / f"{task}.yaml").write_text(extra)
+    assert cli.main([str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and why in err[0] and "--allow-benchmark-tasks" in err[0], err
+    assert not (tmp_path / "out").exists()
+    # Allowed, the report names it and the card says the search saw it.
+    recipe = recipe_mod.load_recipe(path)
+    objectives.task_of(recipe, allow_benchmark=True)
+    (found,) = objectives.benchmarks_searched(recipe)
+    assert found.startswith(why)
+    from test_report import sample
+
+    text = str(card.render_card(sample().model_copy(update={"data": report_mod.DataRecord(
+        dev_rows=3, benchmarks_searched=[found])}), recipe_yaml="", mergekit_yaml="", plot=None))
+    assert "The search tuned on public benchmarks" in text and "--allow-benchmark-tasks" in text
+
+
+def test_a_benchmark_as_the_held_out_test_task_or_a_train_split_is_fine(tmp_path):
+    from swarm_merge import objectives, recipe as recipe_mod
+
+    path = write(tmp_path, ["./a", "./b"], "{type: lm_eval, task: tiny_mc_dev, test_task: arc_easy, "
+                                           "include_path: tasks}")
+    (tmp_path / "tasks" / "my_train.yaml").write_text(OWN_MMLU.replace("my_algebra", "my_train").replace(
+        "test_split: test", "test_split: auxiliary_train"))
+    recipe = recipe_mod.load_recipe(path)
+    objectives.task_of(recipe)  # reporting on a benchmark is what it is for
+    assert objectives.benchmarks_searched(recipe) == []
+    manager = objectives.lm_eval_tasks(str(tmp_path / "tasks"))
+    assert objectives.benchmark_of(manager, "my_train") is None
