@@ -142,7 +142,12 @@ def _setup_logging(verbose: bool) -> None:
         stream=sys.stderr,
     )
     if not verbose:
-        for noisy in ("transformers", "mergekit", "huggingface_hub", "accelerate", "httpx", "httpx2", "filelock", "urllib3"):
+        # The tool's own lines (swarm_merge.*) and warnings from the rest: mergekit logs "Skipping optional
+        # weight ..." on the root logger at INFO, the libraries below chat at INFO and WARNING.
+        logging.getLogger().setLevel(logging.WARNING)
+        logging.getLogger("swarm_merge").setLevel(logging.INFO)
+        for noisy in ("transformers", "mergekit", "huggingface_hub", "accelerate", "httpx", "httpx2", "filelock",
+                      "urllib3", "lm_eval", "lm-eval"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         import warnings
@@ -203,11 +208,23 @@ def _run(args: argparse.Namespace) -> int:
     from swarm_merge.pipeline import run
 
     recipe, options = _recipe_and_options(args)
+    if not args.verbose:
+        _quiet_bars()
     try:
         run(recipe, options)
     finally:
         distributed.reset()
     return 0
+
+
+def _quiet_bars() -> None:
+    """One progress bar, the search's (and the Hub's while pulling): not transformers' "Loading weights"
+    and "Writing model shards" (its switch turns the Hub's off too, so they are turned back on)."""
+    from huggingface_hub.utils import enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    enable_progress_bars()
 
 
 def _recipe_and_options(args: argparse.Namespace):

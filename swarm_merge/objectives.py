@@ -811,6 +811,40 @@ def check_lm_eval(objective, allow_code: bool = False, allow_benchmark: bool = F
                          "(the card then says the search saw it)")
 
 
+@contextlib.contextmanager
+def _quiet_harness():
+    """While the harness scores: no environment report and no progress bars.
+
+    ``simple_evaluate`` collects a report of the machine (torch's collect_env: subprocesses, about 2 s)
+    and runs ``git describe`` on every call, for metadata this tool discards, and draws three bars per
+    evaluation; it has no switch for either. So its module-level helpers and the ``tqdm`` each of its
+    modules imported are swapped for silent ones for the duration and put back after (bars stay with
+    ``-v``, that is a root logger at DEBUG).
+    """
+    import sys
+
+    from lm_eval import evaluator
+    from tqdm import tqdm as bar
+
+    class Silent(bar):
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    swaps = [(evaluator, "add_env_info", lambda storage: None), (evaluator, "get_git_commit_hash", lambda: None)]
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):
+        swaps += [(module, "tqdm", Silent) for name, module in list(sys.modules.items())
+                  if name.startswith("lm_eval") and getattr(module, "tqdm", None) is bar]
+    saved = [(module, name, getattr(module, name)) for module, name, _ in swaps]
+    for module, name, value in swaps:
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+
 @torch.inference_mode()
 def score_lm_eval(model, tokenizer, examples, objective, device, batch_size=None) -> Score:
     """The task's metric, computed by lm-evaluation-harness on the live model (nothing written or reloaded)."""
@@ -823,7 +857,7 @@ def score_lm_eval(model, tokenizer, examples, objective, device, batch_size=None
     task = examples[0].raw["task"]
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size or objective.batch_size)
     manager = lm_eval_tasks(objective.include_path)
-    with _in_task_folder(objective.include_path), _sandboxed_templates():
+    with _in_task_folder(objective.include_path), _sandboxed_templates(), _quiet_harness():
         try:
             result = lm_eval.simple_evaluate(
                 model=lm, tasks=[task], task_manager=manager, num_fewshot=objective.num_fewshot,

@@ -225,6 +225,22 @@ def test_tied_embeddings_and_exact_match(tmp_path, tiny_recipe):
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
 
+def test_the_terminal_shows_the_tools_lines_and_one_bar(tmp_path, tiny_recipe):
+    """Without -v: the tool's lines and the search's one bar on stderr; not transformers' loading and
+    writing bars, nor mergekit's "Skipping optional weight" (tied embeddings) on the root logger."""
+    experts = tiny.make_experts(tmp_path / "tied", 2, tie=True)
+    recipe = tiny_recipe(objective="exact_match", experts=experts)
+    env = {**os.environ, "SWARM_MERGE_PROGRESS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "swarm_merge.cli", str(recipe), "--set", "swarm.size=4",
+                           "--set", "swarm.max_iterations=2"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line.strip() for line in proc.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    ours = ("evaluation: ", "scoring the experts", "writing the merge with mergekit", "swarm: ")
+    assert lines and all(line.startswith(ours) for line in lines), [x for x in lines if not x.startswith(ours)]
+    assert any(line.startswith("swarm: 100%") for line in lines)
+    assert "wrote " in proc.stdout
+
+
 def test_same_seed_same_result_and_resume_after_kill_9(tiny_recipe, tmp_path, capsys):
     recipe = tiny_recipe()
     settings = ["--set", "swarm.max_iterations=8", "--set", "swarm.patience=8", "--set", "swarm.size=6"]
