@@ -104,7 +104,7 @@ def render_card(report: "Report", *, recipe_yaml: str, mergekit_yaml: str, repo_
     """Build the ModelCard (metadata + body) of a finished run from its report."""
     from urllib.parse import quote
 
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+    from huggingface_hub import ModelCard, ModelCardData
 
     recipe = report.recipe
     name = recipe.name
@@ -120,18 +120,10 @@ def render_card(report: "Report", *, recipe_yaml: str, mergekit_yaml: str, repo_
     base = report.base_model
     base_hub = base is not None and not base.model.startswith((".", "/", "~"))
     utility = recipe.utility_name
-    kind = recipe.objective.type if recipe.objective is not None else recipe.combine
-    metric = f"{utility} utility"
     scores = report.scores
-    eval_results = []
-    for split in ("dev", "test"):
-        value = getattr(scores.winner, split)
-        if value is not None and value.utility is not None:
-            eval_results.append(EvalResult(
-                task_type="text-generation", dataset_type=name + f"-{split}", dataset_name=f"{name} {split} set",
-                dataset_split=split, metric_type=kind, metric_name=metric,
-                metric_value=round(value.utility, 6),
-            ))
+    # No evaluation results in the metadata: the Hub shows those (.eval_results/, model-index before it)
+    # as benchmark results, and these are the search's own dev utility and a test file of the user's,
+    # not a benchmark dataset on the Hub. They are in the card's table.
     if adapter is not None:  # a LoRA adapter for the base; the adapters it came from are listed in the body
         relation = dict(base_model=base.model if base_hub else None, base_model_relation="adapter" if base_hub else None,
                         tags=TAGS + ["lora", "peft"], library_name="peft")
@@ -141,7 +133,6 @@ def render_card(report: "Report", *, recipe_yaml: str, mergekit_yaml: str, repo_
     card_data = ModelCardData(
         model_name=name,
         **relation,
-        eval_results=eval_results or None,
         **{k: v for k, v in license_kw.items() if v is not None},
     )
 

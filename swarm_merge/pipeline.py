@@ -195,7 +195,9 @@ def run(recipe: Recipe, options: RunOptions = RunOptions(), *, out=None) -> Opti
         report = _report(recipe, experts, digests, base, result, scores, group_labels, device, started,
                          dev=dev, test=test, test_in_dev=test_in_dev, bank=bank, base_digest=base_digest,
                          analysis=analysis, comparison=comparison, objective_models=objective_models)
-        recipe_yaml = yaml.safe_dump(report.recipe.model_dump(mode="json"), sort_keys=False)
+        pinned = [*report.experts, *([report.base_model] if report.base_model else []), *report.objective_models]
+        pins = {m.model: m.revision for m in pinned if m.revision}
+        recipe_yaml = yaml.safe_dump(recipe.as_written(pins), sort_keys=False)
         plot = card.plot_history(report.search.history, stage / output.PLOT_FILE, title=recipe.name)
         model_card = card.render_card(report, recipe_yaml=recipe_yaml, mergekit_yaml=mergekit_yaml,
                                       repo_id=push_to, plot=output.PLOT_FILE if plot else None)

@@ -15,7 +15,7 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Any, List, Literal, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -409,6 +409,28 @@ class Recipe(_Frozen):
         if data["output"].get("dir") and os.path.isabs(os.path.expanduser(data["output"]["dir"])):
             data["output"]["dir"] = None  # where it ran here; relative ones (to the cwd) stay as written
         return Recipe.model_validate(data)
+
+
+    def as_written(self, pins: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+        """The recipe as its author wrote it, for the card: only the keys set (in the file or by
+        ``--set``/``--seed``), never the defaults, local paths as in :meth:`portable`, and each model
+        written ``org/name@<commit>``, its revision replaced by the commit it resolved to
+        (``pins``: Hub repo id -> commit) so the block reruns on the same weights."""
+        pins = pins or {}
+        full = self.portable().model_dump(mode="json")
+
+        def pick(written: Any, value: Any) -> Any:
+            if isinstance(value, dict) and set(value) == {"model", "revision"}:  # an ExpertRef
+                ref = ExpertRef.model_validate(value)
+                return str(ref if ref.is_local else ref.model_copy(update={"revision": pins.get(ref.model,
+                                                                                                ref.revision)}))
+            if isinstance(written, dict) and isinstance(value, dict):
+                return {k: pick(w, value[k]) for k, w in written.items()}
+            if isinstance(written, list) and isinstance(value, list) and len(written) == len(value):
+                return [pick(w, v) for w, v in zip(written, value)]
+            return value
+
+        return pick(self.model_dump(mode="json", exclude_unset=True), full)
 
 
 # --------------------------------------------------------------------- loading

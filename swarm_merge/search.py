@@ -312,6 +312,7 @@ def run_search(
             run.memo[keys[i]] = score.to_dict(rows=race is not None)
             run.items += score.n
             save()
+            bar.update()
 
         spread(evaluate, [todo[k] for k in keys], done)
         return [Score.from_dict(run.memo[position_key(x)]).utility for x in xs]
@@ -349,6 +350,7 @@ def run_search(
                 if last:
                     run.memo[key] = race.combine(parts).to_dict(rows=True)
                     run.finished += 1
+                    bar.update()
                 else:
                     run.partial[key] = {**race.combine(parts).to_dict(rows=True), "stage": stage,
                                         "parts": [p.to_dict(rows=True) for p in parts]}
@@ -366,6 +368,7 @@ def run_search(
                 if verdict is not None:  # (counted at the end: a replayed iteration decides again)
                     estimates[key] = verdict
                     del going[key]
+                    bar.update()
         out = []
         for x in xs:
             key = position_key(x)
@@ -377,11 +380,11 @@ def run_search(
     rng = np.random.default_rng(settings.seed)
     x0 = swarm.initial_positions(num_experts, settings.size, groups=num_groups, seed_soup=settings.seed_soup, rng=rng,
                                  init=settings.init, spread=settings.init_spread)
+    # One bar, in evaluations (a raced-out position counts when it is dropped): the initial swarm, then
+    # every iteration, up to the budget (the patience stop may end it sooner).
+    bar = tqdm(total=swarm.budget(settings), desc="swarm", unit="eval", disable=not progress)
     if run.state is None:
-        bar = tqdm(total=len(x0), desc="initial swarm", unit="eval", disable=not progress, leave=False)
         scores = scores_of(list(x0))
-        bar.update(len(x0))
-        bar.close()
         if not np.isfinite(scores).any():
             raise EvaluationError(
                 "no particle of the initial swarm (the experts themselves included) scored a finite utility on "
@@ -405,8 +408,8 @@ def run_search(
     if getattr(settings, "stop", "patience") == "budget":  # (drop-K/N aside) the iterations the budget buys
         moving = len(x0) - (num_experts if getattr(settings, "anchors", False) else 0)
         planned = math.ceil(max(swarm.budget(settings) - len(x0), 0) / max(moving, 1))
-    bar = tqdm(total=planned, initial=state.iteration, desc="swarm", unit="it", disable=not progress)
-    bar.set_postfix(best=f"{state.g_score:.4f}", evals=state.evaluations)
+    bar.n = state.evaluations
+    bar.set_postfix(best=f"{state.g_score:.4f}")
     while not swarm.finished(state, settings):
         proposal = swarm.propose(state, settings, rng)
         scores = np.full(len(proposal.x), np.nan)
@@ -422,12 +425,13 @@ def run_search(
                             "evaluations": state.evaluations, "items": run.items, "seconds": round(run.seconds, 3)})
         run.state, run.rng_state = state, rng.bit_generator.state
         save()
-        bar.update()
+        bar.n = state.evaluations  # (memo hits and drop-K/N skips too)
         mean = stats["mean"]
-        bar.set_postfix(best=f"{state.g_score:.4f}", mean="-" if mean is None else f"{mean:.4f}", evals=state.evaluations)
+        bar.set_postfix(best=f"{state.g_score:.4f}", mean="-" if mean is None else f"{mean:.4f}")
         if not progress and ranks.is_main:
             LOG.info("iteration %d/%d: best %.4f, mean %s, %d evaluations", state.iteration, planned,
                      state.g_score, "-" if mean is None else f"{mean:.4f}", state.evaluations)
+    bar.total = bar.n
     bar.close()
     if getattr(settings, "stop", "patience") == "budget":
         reason = f"budget of {swarm.budget(settings)} evaluations spent"

@@ -107,6 +107,11 @@ def test_run_writes_a_loadable_affine_merge_with_report_and_card(finished_run, t
     assert "SPSO-2011" in card.text and "inertia / cognitive" not in card.text
     assert report.search.chosen_by in card.text
     assert "around the uniform soup (soup + N(0, 0.3) per coefficient)" in card.text
+    # The recipe block is the recipe as written (paths relative to its folder), not every default.
+    block = yaml.safe_load(card.text.split("The recipe, as run")[1].split("```yaml")[1].split("```")[0])
+    assert block["experts"] == [os.path.relpath(p, recipe.parent) for p in tiny_experts]
+    assert set(block["swarm"]) <= set(yaml.safe_load(recipe.read_text())["swarm"]) | {"seed"}
+    assert "reward_model" not in block["objective"] and "lora_space" not in block["swarm"]
 
 
 def _refuse(constant):
