@@ -6,6 +6,7 @@
 #   make bench   the benchmarks on the demo experts (print tables): seconds and memory per
 #                evaluation per mode, shared few-shot prefixes, a whole run's peak memory per mode
 #   make lint    ruff check . (rules in pyproject.toml)
+#   make docs    the documentation site from docs/ into site/ (mkdocs --strict: broken links fail)
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -14,7 +15,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 DEMO_MODELS := recipes/demo/models/.complete
 
-.PHONY: setup setup-test demo demo-models demo-reward demo-lora demo-harmonic demo-judge demo-lm-eval test test-fast bench lint clean
+.PHONY: setup setup-test demo demo-models demo-reward demo-lora demo-harmonic demo-judge demo-lm-eval test test-fast bench lint docs clean
 
 setup: $(VENV)/.installed
 
@@ -77,5 +78,8 @@ bench: demo-models
 lint: setup-test
 	$(VENV)/bin/ruff check .
 
+docs: setup-test
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
 clean:
-	rm -rf $(VENV) out recipes/demo/models .pytest_cache
+	rm -rf $(VENV) out recipes/demo/models .pytest_cache site
