@@ -225,7 +225,7 @@ def run_recipes(repo: Path, recipes: Sequence[Path], out_root: Path, *, push: bo
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="mergekit-swarm ci", description="Recipes run from CI (see the README).")
+    p = OneLineParser(prog="mergekit-swarm ci", description="Recipes run from CI (see docs/ci.md).")
     sub = p.add_subparsers(dest="what", required=True)
     for name, text in (("changed", "print the recipes the change touches"),
                        ("plan", "print each touched recipe's --dry-run plan as Markdown"),
