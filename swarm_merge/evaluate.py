@@ -143,6 +143,12 @@ class Evaluator(abc.ABC):
     def build(self, coefficients: np.ndarray) -> None:
         """Make ``self.model`` compute with the particle ``coefficients`` (G, K)."""
 
+    def close(self) -> None:
+        """Close the expert files this evaluator reads (one-model and streaming keep them open for
+        pread); it cannot build after. The pipeline calls it when the search and scoring are done,
+        or failed. In memory, nothing stays open."""
+        return None
+
     def rows_per_forward(self, examples) -> int:
         """One forward for the whole set (each forward rebuilds every weight), up to ``max_rows``."""
         n = max(1, row_count(examples))
@@ -363,6 +369,9 @@ class OneModelEvaluator(Evaluator):
     def expert_rows(self, name: str) -> torch.Tensor:
         return read_stacked(self.combiner.reader, self.combiner.experts, name, self.dtype)
 
+    def close(self) -> None:
+        self.combiner.reader.close()
+
     load = InMemoryEvaluator.load
 
 
@@ -395,6 +404,9 @@ class StreamingEvaluator(Evaluator):
 
     def build(self, coefficients: np.ndarray) -> None:
         self.weights.set_coefficients(coefficients)
+
+    def close(self) -> None:
+        self.weights.combiner.reader.close()
 
     def evaluate(self, coefficients, examples, objective) -> Score:
         self.batch_size = self.rows_per_forward(examples)

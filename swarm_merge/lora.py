@@ -469,6 +469,10 @@ class LoraEvaluator(Evaluator):
                                                rename=rename, extra=self.factors)
             self.weights.set_coefficients(np.ones((1, 1)))
 
+    def close(self) -> None:
+        if self.factors is not None:  # streaming: the base's files, read per forward
+            self.weights.combiner.reader.close()
+
     @torch.no_grad()
     def build(self, coefficients: np.ndarray) -> None:
         for module, (a, b) in self.bank.particle(coefficients, self.groups).items():

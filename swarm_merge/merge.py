@@ -161,10 +161,24 @@ def _pread_loaders():
             return PreadShard(str(shard_path), reader)
         return original.__func__(cls, shard_path, use_lazy_unpickle=use_lazy_unpickle, device=device)
 
+    def forget() -> None:
+        # mergekit's LoaderCache keeps every model's loader, and the shard it has open, in a dict
+        # that outlives run_merge (process-wide): a later write in this process (ci run, library
+        # use) would read through the last write's shards, stale if a file changed, and reopen
+        # files this reader closed, leaking them. mergekit has no API to drop them; we start and
+        # end each write with none.
+        from mergekit.io.tasks import LoaderCache
+
+        cache = LoaderCache()
+        cache.flush_all()
+        cache.loaders.clear()
+
     TensorLoader.get = classmethod(get)
+    forget()
     try:
         yield
     finally:
+        forget()
         TensorLoader.get = original
         reader.close()
 

@@ -135,33 +135,36 @@ def run(recipe: Recipe, options: RunOptions = RunOptions(), *, out=None) -> Opti
             evaluator = evaluate.make_evaluator(mode, experts, groups, dtype=recipe.dtype, device=device,
                                                 tokenizer_path=tokenizer_path)
         evaluator.max_rows = objectives.row_count(dev)
-        result = search.run_search(
-            recipe.swarm,
-            num_experts=k,
-            num_groups=len(group_labels),
-            evaluate=functools.partial(evaluator.evaluate, examples=dev, objective=objective),
-            checkpoint=folder.state_path,
-            fingerprint=_fingerprint(recipe, digests + ([base_digest] if base_digest else []), options,
-                                     folders=[e.path for e in experts] + ([base.path] if base else []),
-                                     objective_models=[(m[1], m[2]) for m in objective_models]),
-            resume=options.resume,
-            progress=options.progress,
-            started=started,
-            ranks=ranks,
-            race=race,
-            evaluate_rows=_rows_scorer(evaluator, race, objective),
-        )
+        try:
+            result = search.run_search(
+                recipe.swarm,
+                num_experts=k,
+                num_groups=len(group_labels),
+                evaluate=functools.partial(evaluator.evaluate, examples=dev, objective=objective),
+                checkpoint=folder.state_path,
+                fingerprint=_fingerprint(recipe, digests + ([base_digest] if base_digest else []), options,
+                                         folders=[e.path for e in experts] + ([base.path] if base else []),
+                                         objective_models=[(m[1], m[2]) for m in objective_models]),
+                resume=options.resume,
+                progress=options.progress,
+                started=started,
+                ranks=ranks,
+                race=race,
+                evaluate_rows=_rows_scorer(evaluator, race, objective),
+            )
 
-        # 3. Score the experts, the uniform soup and the winner (dev from the memo).
-        LOG.info("scoring the experts, the uniform average and the winner%s", " on the test set" if test else "")
-        scores, test_rows = _scores(objective, experts, result, evaluator, dev, test, len(group_labels), ranks)
-        comparison = None
-        if options.baselines:
-            comparison = _compare(recipe, objective, result, evaluator, dev, test, k, len(group_labels), options,
-                                  experts=experts, adapters=bank is not None, ranks=ranks, race=race)
-        analysis = _analysis(recipe, objective, experts, result, scores, test_rows, test, comparison)
-        if not ranks.is_main:  # the main rank writes, publishes and pushes
-            return None
+            # 3. Score the experts, the uniform soup and the winner (dev from the memo).
+            LOG.info("scoring the experts, the uniform average and the winner%s", " on the test set" if test else "")
+            scores, test_rows = _scores(objective, experts, result, evaluator, dev, test, len(group_labels), ranks)
+            comparison = None
+            if options.baselines:
+                comparison = _compare(recipe, objective, result, evaluator, dev, test, k, len(group_labels), options,
+                                      experts=experts, adapters=bank is not None, ranks=ranks, race=race)
+            analysis = _analysis(recipe, objective, experts, result, scores, test_rows, test, comparison)
+            if not ranks.is_main:  # the main rank writes, publishes and pushes
+                return None
+        finally:  # the expert files it reads stay open until here (on error too)
+            evaluator.close()
 
         # 4. Write the winner with mergekit, the report and the card into a
         #    staging folder, then publish them (output.py: atomic as seen by a user).

@@ -1,7 +1,9 @@
 """Streaming evaluation: same scores as in-memory, weights held at once bounded
 to one module, expert tensors read once per forward."""
 
+import os
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -332,3 +334,36 @@ def test_one_model_from_the_cli_writes_the_same_merge(tiny_recipe, tmp_path):
     assert a.coefficients == b.coefficients and a.scores.rows == b.scores.rows
     wa, wb = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "mem" / "model.safetensors"))
     assert all(torch.equal(wa[n], wb[n]) for n in wa)
+
+
+def _open_files_under(folders) -> list:
+    found = []
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if any(target.startswith(str(f)) for f in folders):
+            found.append(target)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc (Linux)")
+@pytest.mark.parametrize("mode", ["one-model", "streaming"])
+def test_a_run_closes_the_expert_files_it_read(mode, tiny_recipe, tiny_experts, tmp_path):
+    """One-model and streaming read the experts with pread on open descriptors: a run (library use,
+    `ci run` over several recipes, the test process) must not keep them open after it returns,
+    nor after it fails."""
+    from swarm_merge.cli import main
+
+    folders = [Path(p).resolve() for p in tiny_experts]
+    before = _open_files_under(folders)
+    assert main([str(tiny_recipe()), "--eval-mode", mode, "--out", str(tmp_path / "a"), "--no-progress"]) == 0
+    assert _open_files_under(folders) == before
+    # A search that fails mid-way (a custom objective raising) closes them too.
+    code = tmp_path / "bad.py"
+    code.write_text("def score(model, tokenizer, rows, device):\n    raise RuntimeError('boom')\n")
+    bad = tiny_recipe(objective="custom")
+    assert main([str(bad), "--eval-mode", mode, "--out", str(tmp_path / "b"), "--no-progress",
+                 "--objective-code", f"{code}:score"]) == 1
+    assert _open_files_under(folders) == before
