@@ -76,7 +76,9 @@ def register() -> None:
         merge_methods.register(swarm_method)
 
 
-def _model_ref(expert: Expert, *, portable: bool, relative_to: Optional[Path] = None) -> str:
+def model_ref(expert: Expert, *, portable: bool, relative_to: Optional[Path] = None) -> str:
+    """How a config names ``expert``: its absolute folder (to run here), or with ``portable`` the Hub
+    id pinned to the commit searched, or the folder relative to ``relative_to`` (to publish)."""
     if portable and not expert.ref.is_local:
         # Pin the exact commit that was searched.
         return f"{expert.ref.model}@{expert.revision}" if expert.revision else expert.ref.model
@@ -113,7 +115,7 @@ def mergekit_config(
             weight: Any = float(coefficients[0, k])
         else:
             weight = _filtered_weights(coefficients[:, k], groups)
-        models.append({"model": _model_ref(expert, portable=portable, relative_to=relative_to),
+        models.append({"model": model_ref(expert, portable=portable, relative_to=relative_to),
                        "parameters": {"weight": weight}})
     return {
         "merge_method": "linear",

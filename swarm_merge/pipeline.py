@@ -559,26 +559,28 @@ def _compare(recipe, objective, result, evaluator, dev, test, k: int, g: int, op
     for r in runs:
         if r.items is None:
             r.items = r.evaluations * rows
-    mergekit_runs = (_mergekit_baselines(recipe, objective, evaluator, dev, experts, seeds, options, ranks)
-                     if not adapters else [])
-    tests = {}
-    if test is not None:
-        distinct = {search.position_key(r.best): r.best for r in runs}
-        tests = dict(zip(distinct, _spread(ranks, evaluator, objective, [(x, test) for x in distinct.values()])))
-    records = []
-    for r in runs:
-        key = search.position_key(r.best)
-        records.append(report_mod.MethodResult(
-            method=r.method, seed=r.seed, coefficients=np.asarray(r.best, dtype=float).tolist(),
-            dev=report_mod.Split.of(r.dev), test=report_mod.Split.of(tests[key]) if test is not None else None,
-            evaluations=r.evaluations, items=r.items, seconds=round(r.seconds, 3)))
-    for name, seed, _point, config, dev_score, tensor_of, seconds in mergekit_runs:
-        test_score = evaluator.evaluate_weights(tensor_of, test, objective) if test is not None else None
-        records.append(report_mod.MethodResult(
-            method=name, seed=seed, config=config, dev=report_mod.Split.of(dev_score),
-            test=report_mod.Split.of(test_score) if test_score else None,
-            evaluations=len(baselines.MERGEKIT_GRID[name][1]), items=len(baselines.MERGEKIT_GRID[name][1]) * rows,
-            seconds=round(seconds, 3)))
+    # The mergekit baselines read the base's tensors until their winners are scored on test.
+    with contextlib.closing(weights.TensorReader()) as reader:
+        mergekit_runs = (_mergekit_baselines(recipe, objective, evaluator, dev, experts, seeds, options, ranks,
+                         reader) if not adapters else [])
+        tests = {}
+        if test is not None:
+            distinct = {search.position_key(r.best): r.best for r in runs}
+            tests = dict(zip(distinct, _spread(ranks, evaluator, objective, [(x, test) for x in distinct.values()])))
+        records = []
+        for r in runs:
+            key = search.position_key(r.best)
+            records.append(report_mod.MethodResult(
+                method=r.method, seed=r.seed, coefficients=np.asarray(r.best, dtype=float).tolist(),
+                dev=report_mod.Split.of(r.dev), test=report_mod.Split.of(tests[key]) if test is not None else None,
+                evaluations=r.evaluations, items=r.items, seconds=round(r.seconds, 3)))
+        for name, seed, _point, config, dev_score, tensor_of, seconds in mergekit_runs:
+            test_score = evaluator.evaluate_weights(tensor_of, test, objective) if test is not None else None
+            records.append(report_mod.MethodResult(
+                method=name, seed=seed, config=config, dev=report_mod.Split.of(dev_score),
+                test=report_mod.Split.of(test_score) if test_score else None,
+                evaluations=len(baselines.MERGEKIT_GRID[name][1]), items=len(baselines.MERGEKIT_GRID[name][1]) * rows,
+                seconds=round(seconds, 3)))
     summary = []
     for method in ("swarm", "random search", "CMA-ES", "GP (Optuna)", "NGOpt (Nevergrad)", "task arithmetic", "TIES",
                    "DARE"):
@@ -594,7 +596,8 @@ def _compare(recipe, objective, result, evaluator, dev, test, k: int, g: int, op
     return report_mod.Comparison(budget=budget, items=items, seeds=seeds, runs=records, summary=summary)
 
 
-def _mergekit_baselines(recipe, objective, evaluator, dev, experts, seeds, options: RunOptions, ranks=None) -> list:
+def _mergekit_baselines(recipe, objective, evaluator, dev, experts, seeds, options: RunOptions, ranks,
+                        reader) -> list:
     """Task arithmetic, TIES and DARE against the recipe's base_model, each at the small grid of
     baselines.MERGEKIT_GRID, through mergekit's own kernels on tensors in memory, put into the
     run's model and scored on dev; the best grid point is the method's winner.
@@ -619,9 +622,9 @@ def _mergekit_baselines(recipe, objective, evaluator, dev, experts, seeds, optio
     except SwarmMergeError as exc:
         LOG.warning("comparison: no task arithmetic / TIES / DARE baselines (%s)", exc)
         return []
-    reader = weights.TensorReader()
     dtype = evaluate.torch_dtype(recipe.dtype)
-    paths = [str(e.path) for e in experts]
+    # As swarm.json publishes them: Hub models pinned to their commit, local folders relative to the recipe's.
+    paths = [merge.model_ref(e, portable=True, relative_to=recipe.base_dir) for e in experts]
     found = []
     for name, (method, grid) in baselines.MERGEKIT_GRID.items():
         for seed in (seeds if method.startswith("dare") else [None]):
@@ -646,14 +649,11 @@ def _mergekit_baselines(recipe, objective, evaluator, dev, experts, seeds, optio
             for point, got in zip(grid, (ranks or distributed.Ranks()).map(score, grid)):
                 if best is None or (got.utility == got.utility and not best[1].utility >= got.utility):
                     best = (point, got, maker(point))
-            config = baselines.mergekit_config(method, best[0], _portable_base(recipe), paths, recipe.dtype)
+            config = baselines.mergekit_config(method, best[0], merge.model_ref(base, portable=True,
+                                                                                relative_to=recipe.base_dir),
+                                               paths, recipe.dtype)
             found.append((name, seed, best[0], config, best[1], best[2], time.monotonic() - start))
     return found
-
-
-def _portable_base(recipe: Recipe) -> str:
-    ref = recipe.portable().base_model
-    return str(ref) if ref is not None else ""
 
 
 def _analysis(recipe, objective, experts, result, scores, test_rows, test, comparison) -> report_mod.Analysis:

@@ -204,6 +204,13 @@ def test_compare_with_a_base_adds_task_arithmetic_ties_and_dare(based, tmp_path)
     assert got["TIES"].seed is None and got["DARE"].seed == 42
     assert got["task arithmetic"].test is not None
     assert "Task arithmetic, TIES and DARE" in (tmp_path / "out" / "README.md").read_text()
+    # The method configs name the models as swarm.json publishes them: relative to the recipe's folder.
+    import os
+
+    config = got["TIES"].config
+    assert config["base_model"] == os.path.relpath(base, tmp_path)
+    assert [m["model"] for m in config["models"]] == [os.path.relpath(p, tmp_path) for p in experts]
+    assert str(base.parent) not in (tmp_path / "out" / "swarm.json").read_text()
 
 
 def test_selection_noise_warns_when_the_gain_is_within_chance():
