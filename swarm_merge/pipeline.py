@@ -245,7 +245,12 @@ def _eval_mode(recipe: Recipe, experts, device, options: RunOptions, *, bank=Non
     objective models (reward models, held for the whole run) taken off the budget first."""
     estimate = _estimate(recipe, experts, bank=bank, base=base)
     budget = _process_budget(device, options, ranks) - objective_bytes
-    return evaluate.choose_mode(options.eval_mode, estimate, budget)
+    mode = evaluate.choose_mode(options.eval_mode, estimate, budget)
+    if bank is not None and mode == "one-model":
+        # LoRA adapters: the base is the one model, and the adapters are a few MB: that is in-memory.
+        LOG.info("--eval-mode one-model with LoRA adapters is in-memory (the base is the one model held)")
+        return "in-memory"
+    return mode
 
 
 def _process_budget(device, options: RunOptions, ranks: Optional[distributed.Ranks]) -> int:

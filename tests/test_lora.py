@@ -298,10 +298,20 @@ def test_delta_space_run_writes_the_concatenated_rank(mixed, base, tmp_path):
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)), str(out))
 
 
-def test_streaming_mode_runs_with_adapters(adapters, tmp_path):
+def test_streaming_mode_runs_with_adapters_and_closes_the_bases_files(adapters, base, tmp_path):
+    from test_streaming import _open_files_under
+
     recipe = tiny.write_recipe(tmp_path, adapters)
     assert run(recipe, "--eval-mode", "streaming", "--set", "swarm.max_iterations=1") == 0
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    assert _open_files_under([Path(base).resolve()]) == []
+
+
+def test_one_model_mode_with_adapters_says_it_is_in_memory(adapters, tmp_path, caplog):
+    recipe = tiny.write_recipe(tmp_path, adapters)
+    with caplog.at_level("INFO", logger="swarm_merge"):
+        assert run(recipe, "--eval-mode", "one-model", "--set", "swarm.max_iterations=1") == 0
+    assert "one-model with LoRA adapters is in-memory" in caplog.text and "evaluation: in-memory" in caplog.text
 
 
 def test_dry_run_describes_the_adapters(adapters, tmp_path, capsys):
