@@ -118,10 +118,6 @@ class Ranks:
         with self._state.local_main_process_first():
             yield
 
-    def barrier(self) -> None:
-        if self.distributed:
-            self._state.wait_for_everyone()
-
     def close(self) -> None:
         if self.distributed:
             import torch.distributed as dist

@@ -14,6 +14,7 @@ __all__ = [
     "ExpertError",
     "ExpertMismatchError",
     "DataError",
+    "TokenError",
     "HubError",
     "EvaluationError",
     "OutputError",
@@ -46,6 +47,10 @@ class DataError(InputError):
 
 class OutputError(InputError):
     """The output directory cannot be used as asked (holds another run, ...)."""
+
+
+class TokenError(InputError):
+    """A push needs a Hub token and none was found (exit 2, like any missing input)."""
 
 
 class HubError(SwarmMergeError):

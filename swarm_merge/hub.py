@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Dict, Iterator, List, Optional, Tuple, Union
 
-from swarm_merge.errors import ExpertError, HubError, OutputError
+from swarm_merge.errors import ExpertError, HubError, OutputError, TokenError
 from swarm_merge.output import REPORT_FILE
 from swarm_merge.recipe import ExpertRef
 
@@ -55,7 +55,6 @@ class RepoSnapshot:
     repo_id: str
     commit: str
     files: Dict[str, Optional[int]]  # path in the repo -> size in bytes (None if the Hub did not say)
-    gated: bool
 
 
 # ---------------------------------------------------------------------- pull
@@ -74,7 +73,7 @@ def resolve(ref: ExpertRef, *, what: str = "expert") -> RepoSnapshot:
     with _pull_errors(ref, what):
         info = HfApi().model_info(ref.model, revision=ref.revision, files_metadata=True)
     files = {s.rfilename: s.size for s in (info.siblings or [])}
-    return RepoSnapshot(repo_id=ref.model, commit=str(info.sha), files=files, gated=bool(info.gated))
+    return RepoSnapshot(repo_id=ref.model, commit=str(info.sha), files=files)
 
 
 def download(
@@ -235,7 +234,7 @@ def require_token(repo_id: str) -> None:
 
     check_repo_id(repo_id)
     if not get_token():
-        raise OutputError(
+        raise TokenError(
             f"pushing to {repo_id} needs a Hub token and none was found; log in with `hf auth login` "
             "or set HF_TOKEN, or drop --push-to-hub / output.push_to_hub"
         )
@@ -285,7 +284,8 @@ def push(out_dir: Union[str, os.PathLike], repo_id: str, *, private: bool, repor
     Raises:
         OutputError: a bad repo id; the folder is not a finished run, or a listed
             file is missing or not a regular file.
-        HubError: no token, refused or failed upload (with the retry command).
+        TokenError: no token.
+        HubError: refused or failed upload (with the retry command).
     """
     from huggingface_hub import CommitOperationAdd, HfApi, get_token
 
@@ -295,7 +295,7 @@ def push(out_dir: Union[str, os.PathLike], repo_id: str, *, private: bool, repor
     check_repo_id(repo_id)
     again = f"`mergekit-swarm push {out_dir} --repo {repo_id}`"
     if not get_token():
-        raise HubError(f"cannot push to {repo_id}: no Hub token; log in with `hf auth login` or set HF_TOKEN "
+        raise TokenError(f"cannot push to {repo_id}: no Hub token; log in with `hf auth login` or set HF_TOKEN "
                        f"to a token with write access, then run {again}")
     names = output.push_files(out_dir)
     retry = f"the output in {out_dir} is complete and untouched; push it again with {again}"

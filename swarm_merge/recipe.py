@@ -37,7 +37,6 @@ OBJECTIVE_TYPES = ("exact_match", "multiple_choice", "loglik", "reward", "judge"
 # Keys a recipe might use to name Python code. A recipe travels (the Hub, pull
 # requests), so it can never make a run execute code: only --objective-code can.
 _CODE_KEYS = ("code", "function", "objective_code", "module", "script", "callable", "python")
-DTYPES = ("float32", "bfloat16", "float16")
 # A Hub repo id: "name" or "org/name", optionally "@revision".
 _REPO_ID = re.compile(r"^(?:[\w.\-]+/)?[\w.\-]+(?:@[\w.\-/]+)?$")
 # A recipe name names the default output folder (out/<name>) and titles the

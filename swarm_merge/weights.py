@@ -456,7 +456,6 @@ class LazyMergedWeights(Mapping):
         self.combiner = ChunkedCombiner(experts, dtype=dtype, device=device)
         self.rows: Optional[List[torch.Tensor]] = None
         self.coefficients: Optional[np.ndarray] = None
-        self.tensors_built = 0
         # Tied weights (embeddings = head) are asked for twice per forward; the
         # second ask reuses the first build (until the coefficients change).
         self.tied_sources = set(aliases.values()) if tied is None else set(tied)
@@ -498,7 +497,6 @@ class LazyMergedWeights(Mapping):
         merged = torch.empty(info.numel, dtype=torch.float32 if self.dtype == torch.float32 else self.dtype,
                              device=self.device)
         self.combiner.combine_into(source, self.rows[self.groups[source]], merged)
-        self.tensors_built += 1
         merged = merged.reshape(info.shape)
         if source in self.tied_sources:
             self._tied[source] = merged
