@@ -528,6 +528,12 @@ _TASK_MANAGERS: Dict[Optional[str], Any] = {}
 LM_EVAL_INSTALL = "pip install 'swarm-merge[lm-eval]'"
 
 
+def release() -> None:
+    """Forget the reward or judge model and the lm-eval task indexes loaded so far (the end of a run)."""
+    _OBJECTIVE_MODELS.clear()
+    _TASK_MANAGERS.clear()
+
+
 def lm_eval_tasks(include_path: Optional[str]):
     """lm-evaluation-harness's TaskManager (built-in tasks plus ``include_path``), made once per run."""
     from swarm_merge.errors import InputError

@@ -49,6 +49,13 @@ def run(recipe: Recipe, options: RunOptions = RunOptions(), *, out=None) -> Opti
 
     ``out`` receives the plan and the final table (default: the current sys.stdout).
     """
+    try:
+        return _run(recipe, options, out=out)
+    finally:  # a reward or judge model and lm-eval's task index are this run's: no memory held after it,
+        objectives.release()  # and a later run in this process (ci run, a library user) reads its own files
+
+
+def _run(recipe: Recipe, options: RunOptions, *, out=None) -> Optional[Report]:
     out = out or sys.stdout
     started = time.monotonic()
     evaluate.check_device(options.device)
