@@ -120,26 +120,53 @@ doc_to_target: "{{answer}}"
 """
 
 
-@pytest.mark.parametrize("task, extra, why", [
-    ("arc_easy", None, "arc_easy is one of lm-evaluation-harness's own tasks"),
-    ("my_algebra", OWN_MMLU, "my_algebra reads the test split of cais/mmlu, which lm-evaluation-harness's own "
-                             "mmlu"),
-    ("my_mix", "group: my_mix\ntask:\n  - tiny_mc_dev\n  - hellaswag\n", "my_mix includes hellaswag is one of"),
-])
-def test_searching_on_a_public_benchmark_is_refused_unless_allowed(task, extra, why, tiny_experts, tmp_path, capsys):
-    """Like mergekit-evolve: a dev objective that is a public benchmark's scored split is refused by what the
-    task reads (the harness's own task, a group holding one, its dataset and split under another name)."""
-    from swarm_merge import card, objectives, recipe as recipe_mod
+@pytest.fixture(scope="module")
+def own_tasks(tmp_path_factory):
+    """One task folder for the benchmark checks (the harness indexes it once: ~8 s): the tiny tasks, a renamed
+    MMLU test split, its train split, and a group holding a harness task."""
+    root = tmp_path_factory.mktemp("own")
+    write(root, ["./a", "./b"], "{type: lm_eval, task: tiny_mc_dev, include_path: tasks}")
+    tasks = root / "tasks"
+    (tasks / "my_algebra.yaml").write_text(OWN_MMLU)
+    (tasks / "my_train.yaml").write_text(OWN_MMLU.replace("my_algebra", "my_train").replace(
+        "test_split: test", "test_split: auxiliary_train"))
+    (tasks / "my_mix.yaml").write_text("group: my_mix\ntask:\n  - tiny_mc_dev\n  - hellaswag\n")
+    return tasks
 
-    path = write(tmp_path, tiny_experts, f"{{type: lm_eval, task: {task}, include_path: tasks}}")
-    if extra:
-        (tmp_path / "tasks" / f"{task}.yaml").write_text(extra)
+
+def own_recipe(tmp_path, tasks, task: str, extra: str = ""):
+    from swarm_merge import recipe as recipe_mod
+
+    path = tmp_path / "recipe.yml"
+    path.write_text(f"name: b\nexperts: [./a, ./b]\nobjective: {{type: lm_eval, task: {task}, include_path: {tasks}"
+                    f"{extra}}}\noutput: {{dir: {tmp_path / 'out'}}}\n")
+    return recipe_mod.load_recipe(path)
+
+
+def test_searching_on_a_harness_task_is_one_line_naming_the_flag(tiny_experts, tmp_path, capsys):
+    path = write(tmp_path, tiny_experts, "{type: lm_eval, task: arc_easy, include_path: tasks}")
     assert cli.main([str(path), "--dry-run"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and why in err[0] and "--allow-benchmark-tasks" in err[0], err
-    assert not (tmp_path / "out").exists()
+    assert len(err) == 1 and "arc_easy is one of lm-evaluation-harness's own tasks" in err[0], err
+    assert "--allow-benchmark-tasks" in err[0] and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("task, why", [
+    ("arc_easy", "arc_easy is one of lm-evaluation-harness's own tasks"),
+    ("my_algebra", "my_algebra reads the test split of cais/mmlu, which lm-evaluation-harness's own mmlu"),
+    ("my_mix", "my_mix includes hellaswag is one of"),
+])
+def test_searching_on_a_public_benchmark_is_refused_unless_allowed(task, why, own_tasks, tmp_path):
+    """Like mergekit-evolve: a dev objective that is a public benchmark's scored split is refused by what the
+    task reads (the harness's own task, a group holding one, its dataset and split under another name)."""
+    from swarm_merge import card, objectives
+    from swarm_merge.errors import InputError
+
+    recipe = own_recipe(tmp_path, own_tasks, task)
+    with pytest.raises(InputError, match="--allow-benchmark-tasks") as refused:
+        objectives.task_of(recipe)
+    assert why in str(refused.value)
     # Allowed, the report names it and the card says the search saw it.
-    recipe = recipe_mod.load_recipe(path)
     objectives.task_of(recipe, allow_benchmark=True)
     (found,) = objectives.benchmarks_searched(recipe)
     assert found.startswith(why)
@@ -150,15 +177,10 @@ def test_searching_on_a_public_benchmark_is_refused_unless_allowed(task, extra, 
     assert "The search tuned on public benchmarks" in text and "--allow-benchmark-tasks" in text
 
 
-def test_a_benchmark_as_the_held_out_test_task_or_a_train_split_is_fine(tmp_path):
-    from swarm_merge import objectives, recipe as recipe_mod
+def test_a_benchmark_as_the_held_out_test_task_or_a_train_split_is_fine(own_tasks, tmp_path):
+    from swarm_merge import objectives
 
-    path = write(tmp_path, ["./a", "./b"], "{type: lm_eval, task: tiny_mc_dev, test_task: arc_easy, "
-                                           "include_path: tasks}")
-    (tmp_path / "tasks" / "my_train.yaml").write_text(OWN_MMLU.replace("my_algebra", "my_train").replace(
-        "test_split: test", "test_split: auxiliary_train"))
-    recipe = recipe_mod.load_recipe(path)
-    objectives.task_of(recipe)  # reporting on a benchmark is what it is for
-    assert objectives.benchmarks_searched(recipe) == []
-    manager = objectives.lm_eval_tasks(str(tmp_path / "tasks"))
-    assert objectives.benchmark_of(manager, "my_train") is None
+    for task, extra in (("tiny_mc_dev", ", test_task: arc_easy"), ("my_train", "")):
+        recipe = own_recipe(tmp_path, own_tasks, task, extra)
+        objectives.task_of(recipe)  # reporting on a benchmark is what it is for
+        assert objectives.benchmarks_searched(recipe) == []
