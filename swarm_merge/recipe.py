@@ -409,7 +409,6 @@ class Recipe(_Frozen):
             data["output"]["dir"] = None  # where it ran here; relative ones (to the cwd) stay as written
         return Recipe.model_validate(data)
 
-
     def as_written(self, pins: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
         """The recipe as its author wrote it, for the card: only the keys set (in the file or by
         ``--set``/``--seed``), never the defaults, local paths as in :meth:`portable`, and each model
