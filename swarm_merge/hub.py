@@ -296,7 +296,7 @@ def push(out_dir: Union[str, os.PathLike], repo_id: str, *, private: bool, repor
     again = f"`mergekit-swarm push {out_dir} --repo {repo_id}`"
     if not get_token():
         raise TokenError(f"cannot push to {repo_id}: no Hub token; log in with `hf auth login` or set HF_TOKEN "
-                       f"to a token with write access, then run {again}")
+                         f"to a token with write access, then run {again}")
     names = output.push_files(out_dir)
     retry = f"the output in {out_dir} is complete and untouched; push it again with {again}"
     title, body = commit_message(report)

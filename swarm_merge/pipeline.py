@@ -767,8 +767,7 @@ def _report(recipe, experts, digests, base, result, scores, group_labels, device
         data=report_mod.DataRecord(dev_rows=scores.winner.dev.n,
                                    test_rows=scores.winner.test.n if scores.winner.test is not None else None,
                                    test_rows_in_dev=test_in_dev,
-                                   benchmarks_searched=(objectives.benchmarks_searched(recipe) if any(
-                                       o.type == "lm_eval" for o in recipe.components) else [])),
+                                   benchmarks_searched=objectives.benchmarks_searched(recipe)),
         search=report_mod.SearchRecord(
             iterations=state.iteration,
             evaluations=state.evaluations,
