@@ -36,25 +36,33 @@ def _status(pid: int) -> dict:
     return out
 
 
-def measure(mode: str, overrides, out_dir: Path) -> dict:
-    cmd = [sys.executable, "-m", "swarm_merge.cli", str(REPO / "recipes" / "demo.yml"), "--out", str(out_dir),
-           "--eval-mode", mode, "--no-progress", *[a for o in overrides for a in ("--set", o)]]
+def measure(mode: str, overrides, out_dir: Path, *, recipe: Path = REPO / "recipes" / "demo.yml",
+            extra=()) -> dict:
+    """One ``mergekit-swarm`` run in its own process: its wall time, the mode it ran, and per stage
+    (search, baselines, write) the peak RssAnon / RssFile / VmRSS and the seconds the stage took."""
+    cmd = [sys.executable, "-m", "swarm_merge.cli", str(recipe), "--out", str(out_dir),
+           "--eval-mode", mode, "--no-progress", *extra, *[a for o in overrides for a in ("--set", o)]]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    start = time.perf_counter()
     stage = {"now": "search"}
+    began = {"search": 0.0}
     peaks: dict = {}
     lines = []
 
     def read():
         for line in proc.stdout:
             lines.append(line)
-            if line.startswith("scoring the experts"):
+            if line.startswith("evaluation:"):  # "evaluation: one-model on cpu"
+                stage["mode"] = line.split()[1]
+            elif line.startswith("scoring the experts"):
                 stage["now"] = "baselines"
+                began["baselines"] = time.perf_counter() - start
             elif line.startswith("writing the merge"):
                 stage["now"] = "write"
+                began["write"] = time.perf_counter() - start
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    start = time.perf_counter()
     while proc.poll() is None:
         s = _status(proc.pid)
         if s:
@@ -66,7 +74,10 @@ def measure(mode: str, overrides, out_dir: Path) -> dict:
     wall = time.perf_counter() - start
     if proc.returncode:
         raise SystemExit(f"{mode}: exit {proc.returncode}\n{''.join(lines[-20:])}")
-    return {"mode": mode, "wall": wall, "peaks": peaks}
+    ends = sorted(began.values())[1:] + [wall]
+    seconds = {name: end - t for (name, t), end in zip(sorted(began.items(), key=lambda kv: kv[1]), ends)}
+    return {"mode": mode, "ran": stage.get("mode", mode), "wall": wall, "peaks": peaks, "seconds": seconds,
+            "log": "".join(lines)}
 
 
 def main() -> None:

@@ -109,6 +109,13 @@ def _read_config(path: Path, label: str) -> dict:
         raise ExpertError(f"expert {label}: {config_file} holds a JSON {type(config).__name__}, not an object; "
                           "re-save the model with save_pretrained")
     _refuse_remote_code(config, label)
+    archs = config.get("architectures")
+    if not (isinstance(archs, list) and len(archs) == 1 and isinstance(archs[0], str)):
+        # mergekit picks its tensor layout from this one class name, and fails without it only when it
+        # writes the merge: after the whole search.
+        what = "names no architecture" if not archs else f"names {archs!r} as its architectures"
+        raise ExpertError(f"expert {label}: {config_file} {what}, and mergekit needs exactly one to write the merge; "
+                          'set "architectures" to the model\'s class, e.g. ["LlamaForCausalLM"]')
     return config
 
 

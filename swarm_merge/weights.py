@@ -165,9 +165,12 @@ def combine(stacked: torch.Tensor, c: torch.Tensor, out: Optional[torch.Tensor] 
             return out
         result = torch.matmul(c.unsqueeze(0), stacked).view(-1)
     else:
+        # 16-bit experts: float32 accumulation, term by term as mergekit's linear method does it
+        # (addcmul into a float32 result), so the weights searched are the weights it writes. c[k]
+        # stays a tensor on c's device: float(c[k]) would wait for the GPU K times per chunk.
         result = torch.zeros(stacked.shape[1], dtype=torch.float32, device=stacked.device)
         for k in range(stacked.shape[0]):
-            result.add_(stacked[k], alpha=float(c[k]))
+            result.addcmul_(stacked[k], c[k])
     if out is not None:
         return out.copy_(result)
     return result

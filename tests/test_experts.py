@@ -152,8 +152,12 @@ REMOTE = "needs remote code (trust_remote_code), which swarm_merge never runs; "
     (lambda f: _edit_config(f, model_type="t5", auto_map=REMOTE_MAP), "model_type 't5' has no causal-LM class", True),
     (lambda f: _edit_config(f, model_type="t5"), "model_type 't5' has no causal language model class", False),
     (lambda f: _edit_config(f, model_type=None), "config.json has no model_type, so transformers cannot tell", False),
+    (lambda f: _edit_config(f, architectures=None), "config.json names no architecture, and mergekit needs exactly one",
+     False),
+    (lambda f: _edit_config(f, architectures=["LlamaForCausalLM", "LlamaModel"]), "names ['LlamaForCausalLM', 'Llama",
+     False),
 ], ids=["not-utf8", "list", "string", "not-json", "remote-code", "unknown-type", "auto-map-only",
-        "remote-code-known-type", "not-causal", "no-model-type"])
+        "remote-code-known-type", "not-causal", "no-model-type", "no-architectures", "two-architectures"])
 def test_a_config_swarm_merge_cannot_use_exits_2_in_one_line(edit, message, remote, tiny_recipe, tiny_experts,
                                                             tmp_path, capsys):
     bad = tmp_path / "bad"

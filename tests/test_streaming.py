@@ -367,3 +367,54 @@ def test_a_run_closes_the_expert_files_it_read(mode, tiny_recipe, tiny_experts, 
     assert main([str(bad), "--eval-mode", mode, "--out", str(tmp_path / "b"), "--no-progress",
                  "--objective-code", f"{code}:score"]) == 1
     assert _open_files_under(folders) == before
+
+
+@pytest.mark.parametrize("stored, dtype", [("bfloat16", "bfloat16"), ("float16", "float16"), ("float32", "bfloat16")])
+def test_16_bit_experts_build_the_weights_mergekit_writes(tmp_path, stored, dtype, monkeypatch):
+    """Experts stored in 16 bits combine in float32 (term by term, as mergekit's linear does) in
+    every mode, and the written merge holds the very weights the search scored; float32 experts
+    searched in bfloat16 too (mergekit reads its inputs in the recipe's dtype, as the search does)."""
+    from safetensors.torch import load_file
+
+    from swarm_merge import merge
+
+    monkeypatch.setattr(weights, "CHUNK", 700)  # several chunks a tensor
+
+    paths = tiny.make_experts(tmp_path / "e", 3, dtype=weights.torch_dtype(stored))
+    experts, groups, labels, mem, stream = build(paths, dtype=dtype, granularity="layer")
+    one = evaluate.OneModelEvaluator(experts, groups, dtype=dtype, device=torch.device("cpu"))
+    c = np.array([[0.7, 0.5, -0.2], [1.3, -0.6, 0.3]])
+    for ev in (mem, one):
+        ev.build(c)
+    stream.build(c)
+    out = tmp_path / "written"
+    merge.write_merge(merge.mergekit_config(experts, c, groups, dtype=dtype, portable=False), out)
+    written = {}
+    for shard in out.glob("*.safetensors"):
+        written.update(load_file(str(shard)))
+    state_mem, state_one = mem.model.state_dict(), one.model.state_dict()
+    for name in experts[0].tensors:
+        assert written[name].dtype == weights.torch_dtype(dtype)
+        assert torch.equal(state_mem[name], written[name]), name
+        assert torch.equal(state_one[name], written[name]), name
+        assert torch.equal(stream.weights[name], written[name]), name
+    one.close()
+    stream.close()
+
+
+def test_a_16_bit_combine_never_reads_a_coefficient_back_to_the_host(monkeypatch):
+    """On a GPU, reading a coefficient back (float(c[k]), .item()) waits for the device; the
+    combine of 16-bit chunks keeps them on the device."""
+    stacked = torch.randn(3, 1000).to(torch.bfloat16)
+    c = torch.tensor([0.5, 0.7, -0.2])
+    expected = (stacked.float() * c[:, None]).sum(0)
+
+    def host_read(self, *args):
+        raise AssertionError("a coefficient was read back to the host")
+
+    for name in ("__float__", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    result = weights.combine(stacked, c)
+    monkeypatch.undo()
+    assert result.dtype == torch.float32
+    torch.testing.assert_close(result, expected)

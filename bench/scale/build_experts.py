@@ -1,0 +1,169 @@
+"""Build Llama-shaped experts of a chosen size for the scale bench: a random base plus
+small seeded deltas per expert, in bfloat16, sharded as the Hub ships large models.
+
+Random weights are enough to measure memory and time; base + small deltas keep every
+affine merge a sane model (it loads, scores and generates). Nothing is held but one shard
+of the base and one expert's copy of it: building 8 experts of 1B parameters took 1 min 41 s
+and 2.1 GB peak RSS here (2 cores). Each expert's tensors depend only on (seed, shard, expert), so the
+first K experts of a K = 8 build are the K = 4 build.
+
+    .venv/bin/python bench/scale/build_experts.py --size 1b --experts 8          # bench/scale/cache/1b/
+    .venv/bin/python bench/scale/build_experts.py --size tiny --experts 4 --out /tmp/x --tokenizer tests/...
+
+Writes ``expert0 .. expert{K-1}`` (config, tokenizer, shards, index), a dev and a test
+set (``dev.jsonl``, ``test.jsonl``, loglik rows) and ``recipe-k{K}.yml`` for K = 2 up
+to the experts built. Rebuilds nothing already complete (``.complete`` records what was built).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+CACHE = Path(__file__).resolve().parent / "cache"
+DEFAULT_TOKENIZER = REPO / "recipes" / "demo" / "models" / "base"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+# Llama shapes (untied head, grouped-query attention), with the demo tokenizer's 49152-row vocabulary.
+# "135m" is SmolLM2-135M's shape untied (1.63e8 parameters, 0.33 GB per expert in bfloat16); "1b" is
+# TinyLlama's 1.1B (1.17e9 parameters, 2.3 GB per expert).
+SIZES: Dict[str, dict] = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2),
+    "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                 num_key_value_heads=3),
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4),
+}
+LAYERS_PER_SHARD = {"tiny": 1, "135m": 30, "1b": 4}  # 1b: about 350 MB per shard in bfloat16
+DELTA = 0.1  # each expert's delta, relative to the base's standard deviation
+STD = 0.02  # the base's initialiser (transformers' initializer_range)
+
+
+def config_for(size: str, vocab_size: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab_size, max_position_embeddings=2048, tie_word_embeddings=False,
+                       rms_norm_eps=1e-5, bos_token_id=None, eos_token_id=0, pad_token_id=0, dtype="bfloat16",
+                       architectures=["LlamaForCausalLM"], **SIZES[size])
+
+
+def shard_plan(config) -> List[Dict[str, tuple]]:
+    """The tensors of each shard, name -> shape: the embeddings, groups of decoder layers, the head."""
+    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    kv = config.num_key_value_heads * (h // config.num_attention_heads)
+    size = next(s for s, shape in SIZES.items() if shape["hidden_size"] == h and shape["intermediate_size"] == i)
+    shards: List[Dict[str, tuple]] = [{"model.embed_tokens.weight": (v, h)}]
+    for first in range(0, config.num_hidden_layers, LAYERS_PER_SHARD[size]):
+        shard: Dict[str, tuple] = {}
+        for layer in range(first, min(first + LAYERS_PER_SHARD[size], config.num_hidden_layers)):
+            p = f"model.layers.{layer}."
+            shard.update({
+                p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+                p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
+                p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
+                p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
+                p + "mlp.down_proj.weight": (h, i),
+            })
+        shards.append(shard)
+    shards.append({"model.norm.weight": (h,), "lm_head.weight": (v, h)})
+    return shards
+
+
+def _base_tensor(name: str, shape: tuple, gen: torch.Generator) -> torch.Tensor:
+    if name.endswith("norm.weight"):
+        return torch.ones(shape)
+    return torch.randn(shape, generator=gen) * STD
+
+
+def build(out: Path, size: str, experts: int, tokenizer: Path, seed: int = 0) -> List[Path]:
+    """Write ``experts`` expert folders under ``out``; returns them. Skips a complete build."""
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = {"size": size, "experts": experts, "seed": seed, "delta": DELTA, "tokenizer": str(tokenizer)}
+    marker = out / ".complete"
+    paths = [out / f"expert{k}" for k in range(experts)]
+    if marker.is_file() and json.loads(marker.read_text()) == stamp:
+        return paths
+    marker.unlink(missing_ok=True)
+    tok = AutoTokenizer.from_pretrained(str(tokenizer))
+    vocab = -(-len(tok) // 64) * 64  # padded to a multiple of 64, as released models are
+    config = config_for(size, vocab)
+    shards = shard_plan(config)
+    names = [f"model-{s + 1:05d}-of-{len(shards):05d}.safetensors" for s in range(len(shards))]
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+        config.save_pretrained(path)
+        tok.save_pretrained(path)
+    total = 0
+    for s, shard in enumerate(shards):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + s)
+        base = {name: _base_tensor(name, shape, gen) for name, shape in shard.items()}
+        total += sum(t.numel() * 2 for t in base.values())
+        for k, path in enumerate(paths):
+            gen_k = torch.Generator().manual_seed((seed * 1_000_003 + s) * 1009 + k + 1)
+            tensors = {}
+            for name, t in base.items():
+                delta = torch.randn(t.shape, generator=gen_k) * (DELTA * (STD if t.ndim > 1 else 0.1))
+                tensors[name] = (t + delta).to(torch.bfloat16)
+            save_file(tensors, str(path / names[s]), metadata={"format": "pt"})
+        del base
+    index = {"metadata": {"total_size": total},
+             "weight_map": {name: names[s] for s, shard in enumerate(shards) for name in shard}}
+    for path in paths:
+        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    _write_data(out)
+    for k in range(2, experts + 1):
+        _write_recipe(out, k)
+    marker.write_text(json.dumps(stamp))
+    return paths
+
+
+def _rows(n: int, offset: int) -> List[dict]:
+    rows = []
+    for i in range(n):
+        a, b = (7 * i + offset) % 90 + 10, (5 * i + 3 + offset) % 90 + 10
+        rows.append({"prompt": f"Add: {a}+{b}=", "answer": f" {a + b}", "task": "add"})
+    return rows
+
+
+def _write_data(out: Path) -> None:
+    for name, n, offset in (("dev.jsonl", 8, 0), ("test.jsonl", 8, 50)):
+        (out / name).write_text("".join(json.dumps(r) + "\n" for r in _rows(n, offset)))
+
+
+def _write_recipe(out: Path, k: int) -> None:
+    experts = "\n".join(f"  - ./expert{i}" for i in range(k))
+    (out / f"recipe-k{k}.yml").write_text(
+        f"# The scale bench (bench/scale/): {k} random Llama-shaped experts, a short loglik dev set.\n"
+        f"name: scale-k{k}\nexperts:\n{experts}\ndtype: bfloat16\n"
+        "objective:\n  type: loglik\n  dev: dev.jsonl\n  test: test.jsonl\n"
+        f"swarm:\n  size: {k + 2}\n  max_iterations: 1\n  racing: false\n  seed: 0\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", choices=sorted(SIZES), default="1b")
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--out", type=Path, help="default: bench/scale/cache/<size>")
+    p.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER,
+                   help="a folder with tokenizer files (default: the demo base; `make demo-models`)")
+    args = p.parse_args()
+    if not (args.tokenizer / "tokenizer_config.json").is_file():
+        raise SystemExit(f"no tokenizer in {args.tokenizer}; build the demo first (make demo-models) or pass --tokenizer")
+    out = args.out or CACHE / args.size
+    for path in build(out, args.size, args.experts, args.tokenizer):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()
