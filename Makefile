@@ -5,6 +5,8 @@
 #                its reward model on first use)
 #   make bench   the benchmarks on the demo experts (print tables): seconds and memory per
 #                evaluation per mode, shared few-shot prefixes, a whole run's peak memory per mode
+#   make bench-scale  the scale bench (bench/scale/): 135M and 1B Llama-shaped experts (built once, ~20 GB in
+#                bench/scale/cache/), K = 4 and 8, every mode, whole runs under a memory budget, the cost model
 #   make lint    ruff check . (rules in pyproject.toml)
 #   make docs    the documentation site from docs/ into site/ (mkdocs --strict: broken links fail)
 
@@ -15,7 +17,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 DEMO_MODELS := recipes/demo/models/.complete
 
-.PHONY: setup setup-test demo demo-models demo-reward demo-lora demo-harmonic demo-judge demo-lm-eval test test-fast bench lint docs clean
+.PHONY: setup setup-test demo demo-models demo-reward demo-lora demo-harmonic demo-judge demo-lm-eval test test-fast bench bench-scale lint docs clean
 
 setup: $(VENV)/.installed
 
@@ -74,6 +76,9 @@ bench: demo-models
 	$(PY) bench/bench_eval.py
 	$(PY) bench/bench_prefix.py
 	$(PY) bench/whole_run_memory.py --set objective.type=loglik --set swarm.max_iterations=3
+
+bench-scale: demo-models
+	$(PY) bench/scale/bench_scale.py
 
 lint: setup-test
 	$(VENV)/bin/ruff check .

@@ -24,7 +24,7 @@ import socket
 import sys
 from typing import Any, Callable, List, Optional, Sequence
 
-__all__ = ["Ranks", "current", "launch_command"]
+__all__ = ["Ranks", "current", "launch_command", "device_for"]
 
 
 class _Failed:
@@ -124,6 +124,30 @@ class Ranks:
 
             if dist.is_initialized():
                 dist.destroy_process_group()
+
+
+def device_for(device, ranks: Ranks, gpus: int):
+    """The device this process evaluates on: with several processes on CUDA, the GPU of its
+    local rank (one GPU per process on each machine; CUDA_VISIBLE_DEVICES picks which ones),
+    else ``device`` as resolved. ``gpus``: the GPUs torch sees on this machine.
+
+    Raises:
+        InputError: more processes on this machine than GPUs, or a GPU index with several
+            processes (each process takes its own).
+    """
+    import torch
+
+    from swarm_merge.errors import InputError
+
+    if not ranks.distributed or device.type != "cuda":
+        return device
+    if device.index is not None:
+        raise InputError(f"--device {device} with {ranks.world} processes: each process takes the GPU of its local "
+                         "rank; pass --device cuda (and CUDA_VISIBLE_DEVICES to choose the GPUs)")
+    if ranks.local_world > gpus:
+        raise InputError(f"{ranks.local_world} processes on this machine but torch sees {gpus} GPU(s): one process "
+                         f"per GPU; launch at most {gpus} (--num-processes {gpus})")
+    return torch.device("cuda", ranks.local_rank)
 
 
 _CURRENT: Optional[Ranks] = None

@@ -110,10 +110,10 @@ def _run(recipe: Recipe, options: RunOptions, *, out=None) -> Optional[Report]:
         objective, objective_models = _pull_objective_models(objective, options)
     test_in_dev = _overlap(dev, test)
     device = evaluate.resolve_device(options.device)
-    if ranks.distributed and device.type == "cuda":  # one GPU per process on its machine
+    if device.type == "cuda":  # one GPU per process on its machine
         import torch
 
-        device = torch.device("cuda", ranks.local_rank)
+        device = distributed.device_for(device, ranks, torch.cuda.device_count())
     tokenizer_path = base.path if base else experts[0].path
     for component in recipe.components:
         evaluate.check_tokenizer(tokenizer_path, component)

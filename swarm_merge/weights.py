@@ -382,7 +382,10 @@ class ChunkedCombiner:
         # Each expert's largest |value| per tensor (in ``dtype``), learnt from the chunks the first
         # build of the tensor reads: no read of its own.
         self.peaks: Dict[str, np.ndarray] = {}
-        self._learnt: Dict[str, List[np.ndarray]] = {}
+        # The running maximum per tensor, updated in place: a small array kept per chunk would sit
+        # between the chunks' freed buffers and fragment the heap (the first build of 1B bfloat16
+        # experts grew the process by 2.2 to 4.4 GB, run to run).
+        self._learnt: Dict[str, np.ndarray] = {}
 
     def combine_into(self, name: str, c: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """``out`` (flat, on the device) = ``sum_k c[k] * E_k[name]``."""
@@ -402,8 +405,7 @@ class ChunkedCombiner:
                     self._device_span(*span, buffer=i % len(self.scratch))
         finally:
             learnt, self._learnt = self._learnt, {}
-        for name, parts in learnt.items():  # a complete build: every chunk of these was read
-            self.peaks[name] = np.max(parts, axis=0)
+        self.peaks.update(learnt)  # a complete build: every chunk of these was read
 
     def _read(self, name: str, scratch: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         stacked = read_stacked(self.reader, self.experts, name, self.dtype, scratch=scratch, span=(start, stop))
@@ -411,7 +413,11 @@ class ChunkedCombiner:
         with self._counting:
             self.bytes_read += stacked.numel() * stacked.element_size()
             if peak is not None:
-                self._learnt.setdefault(name, []).append(peak)
+                seen = self._learnt.get(name)
+                if seen is None:
+                    self._learnt[name] = peak
+                else:
+                    np.maximum(seen, peak, out=seen)
         return stacked
 
     def _cpu_span(self, name, c, out, start, stop) -> None:

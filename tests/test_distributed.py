@@ -151,3 +151,39 @@ def test_two_machines_equal_one_process(setup):
     assert all(p.returncode == 0 for p in procs), outs
     assert "swarm winner" in outs[0][0] and "swarm winner" not in outs[1][0]  # machine 0 prints and writes
     same_result(root / "one-m", root / "two-m")
+
+
+def _ranks(world: int, rank: int, local_world: int, monkeypatch) -> distributed.Ranks:
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
+    state = SimpleNamespace(num_processes=world, process_index=rank, local_process_index=rank % local_world)
+    return distributed.Ranks(state)
+
+
+@pytest.mark.parametrize("world, local_world", [(8, 8), (16, 8), (4, 2)])
+def test_each_process_takes_the_gpu_of_its_local_rank(world, local_world, monkeypatch):
+    """8 GPUs, one process each (one machine, or two machines of 8): rank r evaluates on
+    cuda:(r mod processes per machine); CPU ranks stay on the CPU."""
+    import torch
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    got = [distributed.device_for(cuda, _ranks(world, r, local_world, monkeypatch), gpus=local_world)
+           for r in range(world)]
+    assert got == [torch.device("cuda", r % local_world) for r in range(world)]
+    assert all(distributed.device_for(cpu, _ranks(world, r, local_world, monkeypatch), gpus=0) == cpu
+               for r in range(world))
+    assert distributed.device_for(cuda, distributed.Ranks(), gpus=8) == cuda  # one process: the device asked for
+
+
+def test_more_processes_than_gpus_or_a_gpu_index_with_several_is_refused(monkeypatch):
+    import torch
+
+    from swarm_merge.errors import InputError
+
+    with pytest.raises(InputError, match=r"^8 processes on this machine but torch sees 4 GPU\(s\): one process per "
+                                         r"GPU; launch at most 4 \(--num-processes 4\)$"):
+        distributed.device_for(torch.device("cuda"), _ranks(8, 5, 8, monkeypatch), gpus=4)
+    with pytest.raises(InputError, match=r"^--device cuda:1 with 2 processes: each process takes the GPU of its local "
+                                         r"rank; pass --device cuda"):
+        distributed.device_for(torch.device("cuda", 1), _ranks(2, 0, 2, monkeypatch), gpus=2)

@@ -111,6 +111,7 @@ def worker(strategy: str, recipe_path: Path, repeats: int) -> dict:
     tokens = sum(len(evaluate.load_tokenizer(experts[0].path)(e.prompt + e.answer).input_ids) for e in rows)
     particles = _particles(len(experts), repeats + 1)
     times, builds, read = [], [], []
+    base_anon = _rss()["RssAnon"]  # torch, transformers and the tokenizer loaded; no model yet
     start = time.perf_counter()
     if strategy == "floor":
         from transformers import AutoModelForCausalLM
@@ -146,7 +147,7 @@ def worker(strategy: str, recipe_path: Path, repeats: int) -> dict:
         ev.close()
     return {"strategy": strategy, "seconds": times, "median_s": statistics.median(times),
             "build_s": statistics.median(builds) if builds else 0.0, "bytes_read": statistics.median(read) if read else 0,
-            "load_s": load_s, "tokens": tokens, "rows": len(rows), "peak": peak.stop(),
+            "load_s": load_s, "base_anon": base_anon, "tokens": tokens, "rows": len(rows), "peak": peak.stop(),
             "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
@@ -231,7 +232,7 @@ def bench_one(size: str, k: int, recipe: Path, args) -> dict:
         auto["budget"] = evaluate.parse_bytes(budget)
         out["runs"].append(auto)
         print(f"  {size} K={k} auto under {budget}: ran {auto['ran']}, {auto['wall']:.0f} s", flush=True)
-        for mode in ("in-memory", "one-model", "streaming"):
+        for mode in ("in-memory", "one-model", "streaming") if args.runs == "all" else ():
             if mode == auto["ran"] or (mode == "in-memory" and not fits_machine(estimate["in-memory"])):
                 continue
             run = measure(mode, args.set, Path(tmp) / mode, recipe=recipe)
@@ -282,10 +283,13 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed evaluations per strategy (after one warm-up)")
     p.add_argument("--max-memory", help="the auto run's budget (default per size: " + ", ".join(
         f"{k} {v}" for k, v in BUDGET.items()) + ")")
+    p.add_argument("--runs", choices=("all", "auto"), default="all",
+                   help="whole runs: auto under the budget, then every other mode that fits (all), or auto only")
     p.add_argument("--set", action="append", default=[], help="recipe overrides for the whole runs")
     p.add_argument("--cache", type=Path, default=build_experts.CACHE)
     p.add_argument("--tokenizer", type=Path, default=build_experts.DEFAULT_TOKENIZER)
     p.add_argument("--json", type=Path, help="default: <cache>/results.json")
+    p.add_argument("--report", type=Path, help="print the tables and the cost model of a results file; run nothing")
     p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -297,6 +301,11 @@ def main() -> None:
 
     import torch
 
+    if args.report:  # the tables and the cost model again, from a results file
+        results = json.loads(args.report.read_text())
+        print_tables(results)
+        cost_model.report(results)
+        return
     ks = [int(k) for k in args.experts.split(",")]
     print(f"# bench_scale: {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, cpu; "
           f"sizes {args.sizes}, K {ks}", flush=True)

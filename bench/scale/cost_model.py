@@ -1,24 +1,27 @@
-"""The cost model: seconds per evaluation and memory per eval mode, from a few measured rates.
+"""The cost model: seconds per evaluation and memory per eval mode, from measured rates.
 
-An evaluation is a forward over the dev rows plus the mode's rebuild of the merged weights:
+An evaluation is a forward over the dev rows plus the mode's rebuild of the merged weights
+(P parameters, e bytes each, K experts, T tokens scored, F forwards per evaluation):
 
-    floor      = c_fwd * P * T                       (P parameters, T tokens scored)
-    in-memory  = floor + K * P * e / B_mem           (combine from the experts held in memory)
-    one-model  = floor + K * P * e / B_one           (pread every expert tensor, combine into the model)
-    streaming  = floor + F * K * P * e / B_stream    (the same, per forward; F forwards per evaluation)
+    floor      = c_fwd * P * T                                  (the forward alone)
+    in-memory  = floor + K P e / B_comb                         (combine the experts held in memory)
+    one-model  = floor + K P e / B_read + K P e / B_comb        (pread each expert tensor, combine it)
+    streaming  = floor + F * (K P e / B_read + K P e / B_comb + s_hook * P)
 
-with e bytes per element. Where the K experts do not fit in the page cache, every read is
-cold: B_one and B_stream are capped by the cold read rate. Memory (anonymous) is the
-tool's own estimate per mode (swarm_merge.evaluate.memory_estimate) plus the process's
-fixed cost (interpreter, torch, transformers: measured as the floor's peak less its model),
-and the final write holds, per output tensor, the K inputs, a float32 result and one
-output shard (mergekit).
+B_read is the pread rate from the page cache, or from disk where the K experts do not fit
+in it; s_hook is streaming's own cost per parameter per forward (accelerate's hooks and the
+fresh memory each module's weights are built into). Memory (anonymous): the tool's estimate
+per mode (swarm_merge.evaluate.memory_estimate) plus the process's fixed cost (interpreter,
+torch, transformers and the tokenizer, measured before a model loads); streaming holds more
+than its estimate: its working set, w times the largest tensor's bytes, is measured.
 
-``calibrate`` reads the rates off one measured configuration (the largest size, the
-smallest K: the rebuild is largest against the fixed costs there); ``report`` predicts
-every other measured configuration from them (the check: within 25%), then extrapolates
-to 7B and 70B on this machine and on one GPU. GPU figures use datasheet rates (stated in
-GPUS), not measurements, unless a lent GPU's are given.
+Where each rate comes from (``calibrate``, one configuration: the largest size, the smallest
+K): B_read from a pread of every expert file (cold: evicted from the page cache first);
+B_comb from the in-memory build; s_hook and w from the streaming evaluation; c_fwd from the
+floor. ``report`` then predicts every measured configuration, each with its own measured
+floor (the forward's cost is an input; its extrapolation by P is checked on its own line),
+prints predicted against measured (the goal: within 25%), and extrapolates to 7B and 70B
+on this machine and on one GPU. GPU figures use datasheet rates (GPUS), not measurements.
 """
 
 from __future__ import annotations
@@ -43,12 +46,12 @@ TARGETS = (Shape("7B", 6.74e9, 32000 * 4096), Shape("70B", 68.98e9, 32000 * 8192
 
 @dataclass(frozen=True)
 class Rates:
-    c_fwd: float  # seconds per parameter per token scored
-    mem: float  # expert bytes combined per second from memory (in-memory)
-    one: float  # expert bytes read and combined per second (one-model, page cache hot)
-    stream: float  # the same per forward (streaming)
-    cold: float  # expert bytes per second read from disk
-    hot: float  # expert bytes per second read from the page cache (pread, no combine)
+    c_fwd: float  # seconds per parameter per token scored (the floor)
+    comb: float  # expert bytes combined per second, from memory
+    hot: float  # expert bytes read per second with pread from the page cache
+    cold: float  # the same from disk (evicted from the page cache)
+    hook: float  # streaming's seconds per parameter per forward beyond reading and combining
+    stream_ws: float  # streaming's anonymous working set, in multiples of the largest tensor's bytes
     overhead: float  # anonymous bytes of a process with torch and transformers loaded, no model
     ram: float  # the machine's memory (bytes)
 
@@ -60,12 +63,14 @@ class Gpu:
     flops: float  # dense bf16 tensor FLOP/s at the utilisation a forward reaches
     hbm: float  # device memory bytes/s a combine reaches
     h2d: float  # host-to-device bytes/s from pinned memory
+    host_ram: float  # the GPU machine's memory: the page cache that holds the experts
 
 
 # Datasheet figures (H100 SXM: 989 TFLOP/s dense bf16, 3.35 TB/s; H200: 141 GB, 4.8 TB/s), at 40%
-# of the FLOP/s and 80% of the bandwidth; PCIe 5 x16 at 25 GB/s pinned. Not measured here.
-GPUS = (Gpu("H100 80GB", 80e9, 0.4 * 989e12, 0.8 * 3.35e12, 25e9),
-        Gpu("H200 141GB", 141e9, 0.4 * 989e12, 0.8 * 4.8e12, 25e9))
+# of the FLOP/s and 80% of the bandwidth; PCIe 5 x16 at 25 GB/s pinned; a host of 1 TB of memory.
+# Not measured here; pread runs at this machine's measured rates (2 cores: a lower bound).
+GPUS = (Gpu("H100 80GB", 80e9, 0.4 * 989e12, 0.8 * 3.35e12, 25e9, 1e12),
+        Gpu("H200 141GB", 141e9, 0.4 * 989e12, 0.8 * 4.8e12, 25e9, 1e12))
 
 
 def estimate(params: float, largest: float, k: int, e: int) -> Dict[str, float]:
@@ -89,52 +94,66 @@ def write_peak(params: float, largest: float, k: int, e: int, mode: str, est: Di
     return k * largest * e + largest * 4 + min(shard, params * e)
 
 
+def _read_rate(rates: Rates, expert_bytes: float, held: float, ram: Optional[float] = None) -> float:
+    """pread's rate: from the page cache where the K experts fit in what the process leaves free."""
+    return rates.hot if expert_bytes + held + rates.overhead < 0.9 * (ram or rates.ram) else rates.cold
+
+
 def predict_cpu(rates: Rates, params: float, largest: float, k: int, e: int, tokens: int, mode: str,
-                forwards: int = 1) -> Dict[str, float]:
+                forwards: int = 1, floor: Optional[float] = None) -> Dict[str, float]:
     est = estimate(params, largest, k, e)
-    floor = rates.c_fwd * params * tokens
+    floor = rates.c_fwd * params * tokens if floor is None else floor
     expert_bytes = k * params * e
-    hot = expert_bytes + est[mode] + rates.overhead < rates.ram  # the experts stay in the page cache
+    combine = expert_bytes / rates.comb
+    read = expert_bytes / _read_rate(rates, expert_bytes, est[mode])
+    anon = est[mode] + rates.overhead
     if mode == "in-memory":
-        seconds = floor + expert_bytes / rates.mem
+        seconds = floor + combine
     elif mode == "one-model":
-        seconds = floor + expert_bytes / (rates.one if hot else min(rates.one, rates.cold))
+        seconds = floor + read + combine
     else:
-        seconds = floor + forwards * expert_bytes / (rates.stream if hot else min(rates.stream, rates.cold))
-    return {"seconds": seconds, "floor": floor, "anon": est[mode] + rates.overhead,
+        seconds = floor + forwards * (read + combine + rates.hook * params)
+        anon = max(est[mode], rates.stream_ws * largest * e) + rates.overhead
+    return {"seconds": seconds, "floor": floor, "anon": anon,
             "write": write_peak(params, largest, k, e, mode, est) + rates.overhead}
 
 
 def predict_gpu(gpu: Gpu, rates: Rates, params: float, largest: float, k: int, e: int, tokens: int,
                 mode: str, forwards: int = 1) -> Dict[str, float]:
-    """On one GPU: the forward at the roofline (FLOPs or one read of the weights, whichever is
-    slower); in-memory combines in device memory; the others read on the host (this machine's
-    pread rates, hot or cold) and copy to the device, overlapped (the slower of the two)."""
+    """On one GPU: the forward at the roofline (FLOPs, or one read of the weights, whichever is
+    slower); in-memory combines in device memory; one-model and streaming read on the host
+    (this machine's pread rates, the page cache of ``gpu.host_ram``) and copy to the
+    device, overlapped (the slower of the two); streaming's hooks as measured on the CPU."""
     floor = max(2 * params * tokens / gpu.flops, params * e / gpu.hbm)
     expert_bytes = k * params * e
-    host = rates.hot if expert_bytes < rates.ram else rates.cold  # the GPU host's RAM taken as this machine's
     if mode == "in-memory":
         build = (expert_bytes + params * e) / gpu.hbm
     else:
-        build = (forwards if mode == "streaming" else 1) * expert_bytes / min(host, gpu.h2d)
+        build = expert_bytes / min(_read_rate(rates, expert_bytes, 0, gpu.host_ram), gpu.h2d)
+        if mode == "streaming":
+            build = forwards * (build + rates.hook * params)
     return {"seconds": floor + build, "floor": floor}
 
 
 def calibrate(res: dict) -> Rates:
-    """The rates of one measured configuration (bench_scale.py's result for one size and K)."""
+    """The rates of one measured configuration (bench_scale.py's result for one size and K,
+    with an in-memory evaluation)."""
+    import psutil
+
     w = res["workers"]
     e = 2 if res["dtype"] in ("bfloat16", "float16") else 4
     params, k = res["params"], res["k"]
     floor = w["floor"]["median_s"]
     expert_bytes = k * params * e
-    mem = expert_bytes / w["in-memory"]["build_s"] if "in-memory" in w else float("nan")
-    one = expert_bytes / w["one-model"]["build_s"]
-    stream = w["streaming"]["bytes_read"] / max(w["streaming"]["median_s"] - floor, 1e-9)
-    overhead = w["floor"]["peak"]["RssAnon"] - params * e
-    import psutil
-
-    return Rates(c_fwd=floor / (params * w["floor"]["tokens"]), mem=mem, one=one, stream=stream,
-                 cold=res["bandwidth"]["cold_Bps"], hot=res["bandwidth"]["hot_Bps"], overhead=overhead, ram=psutil.virtual_memory().total)
+    comb = expert_bytes / w["in-memory"]["build_s"]
+    hot, cold = res["bandwidth"]["hot_Bps"], res["bandwidth"]["cold_Bps"]
+    ram = psutil.virtual_memory().total
+    read = expert_bytes / hot
+    hook = (w["streaming"]["median_s"] - floor - read - expert_bytes / comb) / params
+    overhead = w["floor"]["base_anon"]
+    return Rates(c_fwd=floor / (params * w["floor"]["tokens"]), comb=comb, hot=hot, cold=cold, hook=max(hook, 0.0),
+                 stream_ws=(w["streaming"]["peak"]["RssAnon"] - overhead) / (res["largest"] * e), overhead=overhead,
+                 ram=ram)
 
 
 def _check_rows(rates: Rates, results: List[dict], reference: dict) -> List[str]:
@@ -144,55 +163,71 @@ def _check_rows(rates: Rates, results: List[dict], reference: dict) -> List[str]
         tag = "(calibration)" if res is reference else ""
         tokens = res["workers"]["floor"]["tokens"]
         for mode, w in res["workers"].items():
-            if mode == "floor":
-                predicted = rates.c_fwd * res["params"] * tokens
-                anon = rates.overhead + res["params"] * e
-            else:
-                p = predict_cpu(rates, res["params"], res["largest"], res["k"], e, tokens, mode)
-                predicted, anon = p["seconds"], p["anon"]
             measured = w["median_s"]
-            rows.append(f"| {res['size']} K={res['k']} {tag} | {mode} | {predicted:.2f} | {measured:.2f} | "
-                        f"{predicted / measured:.2f} | {anon / GIB:.2f} | {w['peak']['RssAnon'] / GIB:.2f} | "
-                        f"{anon / w['peak']['RssAnon']:.2f} |")
+            if mode == "floor":  # not a mode of the tool; its weights are memory-mapped (file-backed)
+                predicted = rates.c_fwd * res["params"] * tokens
+                rows.append(f"| {res['size']} K={res['k']} {tag} | floor | {predicted:.2f} | {measured:.2f} | "
+                            f"{predicted / measured:.2f} | - | - | - |")
+                continue
+            p = predict_cpu(rates, res["params"], res["largest"], res["k"], e, tokens, mode,
+                            floor=res["workers"]["floor"]["median_s"])
+            anon = w["peak"]["RssAnon"]
+            rows.append(f"| {res['size']} K={res['k']} {tag} | {mode} | {p['seconds']:.2f} | {measured:.2f} | "
+                        f"{p['seconds'] / measured:.2f} | {p['anon'] / GIB:.2f} | {anon / GIB:.2f} | "
+                        f"{p['anon'] / anon:.2f} |")
     return rows
 
 
 def report(results: List[dict], tokens: int = 2000, gpus=GPUS) -> Optional[Rates]:
     """Print the cost model's check against ``results`` and its extrapolation (``tokens`` per evaluation)."""
     usable = [r for r in results if {"floor", "one-model", "streaming"} <= set(r["workers"])]
-    if not usable:
+    with_mem = [r for r in usable if "in-memory" in r["workers"]]
+    if not with_mem:
         return None
-    with_mem = [r for r in usable if "in-memory" in r["workers"]] or usable
     reference = max(with_mem, key=lambda r: (r["params"], -r["k"]))
     rates = calibrate(reference)
     print(f"\n## The cost model (bench/scale/cost_model.py), calibrated on {reference['size']} K={reference['k']}\n")
-    print(f"c_fwd {rates.c_fwd:.3g} s per parameter-token; in-memory combine {rates.mem / 1e9:.2f} GB/s, one-model "
-          f"{rates.one / 1e9:.2f} GB/s, streaming {rates.stream / 1e9:.2f} GB/s of expert bytes; cold reads "
-          f"{rates.cold / 1e9:.2f} GB/s; fixed anonymous memory {rates.overhead / GIB:.2f} GiB.\n")
+    print(f"c_fwd {rates.c_fwd:.3g} s per parameter-token; combine {rates.comb / 1e9:.2f} GB/s of expert bytes; pread "
+          f"{rates.hot / 1e9:.2f} GB/s from the page cache, {rates.cold / 1e9:.2f} GB/s from disk; streaming's hooks "
+          f"{rates.hook * 1e9:.2f} s per 1e9 parameters per forward, its working set {rates.stream_ws:.1f} x the "
+          f"largest tensor; fixed anonymous memory {rates.overhead / GIB:.2f} GiB.\n")
     print("| configuration | strategy | predicted s / eval | measured | predicted / measured | predicted anon GiB "
           "| measured worker peak anon GiB | predicted / measured |")
     print("|---|---|---|---|---|---|---|---|")
     print("\n".join(_check_rows(rates, usable, reference)))
+    print("\n| whole run | mode | predicted search anon GiB | measured | predicted write anon GiB | measured |")
+    print("|---|---|---|---|---|---|")
+    for res in usable:
+        e = 2 if res["dtype"] in ("bfloat16", "float16") else 4
+        for run in res["runs"]:
+            p = predict_cpu(rates, res["params"], res["largest"], res["k"], e, 0, run["ran"])
+            search, write = run["peaks"].get("search"), run["peaks"].get("write")
+            print(f"| {res['size']} K={res['k']} | {run['ran']} | {p['anon'] / GIB:.2f} | "
+                  f"{search['RssAnon'] / GIB if search else float('nan'):.2f} | {p['write'] / GIB:.2f} | "
+                  f"{write['RssAnon'] / GIB if write else float('nan'):.2f} |")
     print(f"\n### Extrapolated: {tokens} tokens scored per evaluation, bfloat16 experts\n")
-    print("| model | K | where | mode | s / eval | x floor | weights GiB held | fits | auto takes |")
+    print("The tool's weight estimate decides what fits (auto: the first of in-memory, one-model, streaming "
+          "within 70% of the CPU's free memory or 80% of the GPU's); memory is the process's anonymous peak on the "
+          "CPU, the weights held on the GPU.\n")
+    print("| model | K | where | mode | s / eval | x floor | memory GiB | fits | auto takes |")
     print("|---|---|---|---|---|---|---|---|---|")
     budget_cpu = 0.7 * rates.ram - rates.overhead
     for shape in TARGETS:
         for k in (4, 10):
             est = estimate(shape.params, shape.largest, k, 2)
-            auto = auto_mode(est, budget_cpu)
-            for mode in MODES:
-                p = predict_cpu(rates, shape.params, shape.largest, k, 2, tokens, mode)
-                fits = est[mode] <= budget_cpu
-                print(f"| {shape.name} | {k} | this CPU ({rates.ram / GIB:.0f} GiB) | {mode} | {p['seconds']:,.1f} | "
-                      f"{p['seconds'] / p['floor']:.2f} | {est[mode] / GIB:,.1f} | {'yes' if fits else 'no'} | "
-                      f"{'**auto**' if mode == auto else ''} |")
-            for gpu in gpus:
-                auto = auto_mode(est, 0.8 * gpu.memory)
+            rows = [(f"this CPU ({rates.ram / GIB:.0f} GiB)", budget_cpu,
+                     lambda mode, shape=shape, k=k: predict_cpu(rates, shape.params, shape.largest, k, 2, tokens, mode))]
+            rows += [(gpu.name, 0.8 * gpu.memory,
+                      lambda mode, gpu=gpu, shape=shape, k=k: predict_gpu(gpu, rates, shape.params, shape.largest, k, 2,
+                                                                          tokens, mode))
+                     for gpu in gpus]
+            for where, budget, predict in rows:
+                auto = auto_mode(est, budget)
                 for mode in MODES:
-                    p = predict_gpu(gpu, rates, shape.params, shape.largest, k, 2, tokens, mode)
-                    fits = est[mode] <= 0.8 * gpu.memory
-                    print(f"| {shape.name} | {k} | {gpu.name} | {mode} | {p['seconds']:,.2f} | "
-                          f"{p['seconds'] / p['floor']:.2f} | {est[mode] / GIB:,.1f} | {'yes' if fits else 'no'} | "
-                          f"{'**auto**' if mode == auto else ''} |")
+                    p = predict(mode)
+                    held = p.get("anon", max(est[mode], rates.stream_ws * shape.largest * 2)
+                                 if mode == "streaming" else est[mode])
+                    print(f"| {shape.name} | {k} | {where} | {mode} | {p['seconds']:,.2f} | "
+                          f"{p['seconds'] / p['floor']:.2f} | {held / GIB:,.1f} | "
+                          f"{'yes' if est[mode] <= budget else 'no'} | {'**auto**' if mode == auto else ''} |")
     return rates
