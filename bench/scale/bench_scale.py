@@ -21,6 +21,7 @@ bench/scale/cache/results.json). Asserts nothing.
 
     .venv/bin/python bench/scale/bench_scale.py                      # 135m and 1b, K = 4 and 8 (~40 min here)
     .venv/bin/python bench/scale/bench_scale.py --sizes 1b --experts 4 --max-memory 6GB
+    python bench/scale/bench_scale.py --device cuda --sizes 1b --experts 4,8   # on a GPU machine
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def _particles(k: int, n: int):
     return out
 
 
-def worker(strategy: str, recipe_path: Path, repeats: int) -> dict:
+def worker(strategy: str, recipe_path: Path, repeats: int, device_name: str = "cpu") -> dict:
     import torch
 
     from swarm_merge import evaluate, experts as experts_mod, objectives, space
@@ -107,7 +108,11 @@ def worker(strategy: str, recipe_path: Path, repeats: int) -> dict:
     experts = experts_mod.pull_experts(recipe.experts)
     rows = objectives.load_examples(recipe.objective.dev, recipe.objective.type)
     objective = recipe.objective
-    device = torch.device("cpu")
+    device = torch.device(device_name)
+
+    def sync() -> None:  # the clock reads a GPU's work done, not queued
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     tokens = sum(len(evaluate.load_tokenizer(experts[0].path)(e.prompt + e.answer).input_ids) for e in rows)
     particles = _particles(len(experts), repeats + 1)
     times, builds, read = [], [], []
@@ -124,6 +129,7 @@ def worker(strategy: str, recipe_path: Path, repeats: int) -> dict:
         for _ in particles[1:]:
             t = time.perf_counter()
             objectives.score(model, tok, rows, objective, device)
+            sync()
             times.append(time.perf_counter() - t)
     else:
         groups, _ = space.tensor_groups(sorted(experts[0].tensors), granularity="model")
@@ -139,15 +145,18 @@ def worker(strategy: str, recipe_path: Path, repeats: int) -> dict:
                 builds.append(float("nan"))
             else:
                 ev.build(c)
+                sync()
                 builds.append(time.perf_counter() - t)
                 objectives.score(ev.model, ev.tokenizer, rows, objective, device, batch_size=ev.batch_size,
                                  share_prefix=ev.share_prefix)
+            sync()
             times.append(time.perf_counter() - t)
             read.append((counter.bytes_read if counter else 0) - before)
         ev.close()
     return {"strategy": strategy, "seconds": times, "median_s": statistics.median(times),
             "build_s": statistics.median(builds) if builds else 0.0, "bytes_read": statistics.median(read) if read else 0,
             "load_s": load_s, "base_anon": base_anon, "tokens": tokens, "rows": len(rows), "peak": peak.stop(),
+            "gpu_peak": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0,
             "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
@@ -204,10 +213,16 @@ def run_worker(*args: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def fits_machine(estimate: int) -> bool:
+def _machine_memory() -> int:
     import psutil
 
-    return estimate < 0.6 * psutil.virtual_memory().total
+    return psutil.virtual_memory().total
+
+
+def _gpu_memory() -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory
 
 
 def bench_one(size: str, k: int, recipe: Path, args) -> dict:
@@ -219,23 +234,27 @@ def bench_one(size: str, k: int, recipe: Path, args) -> dict:
     estimate = evaluate.memory_estimate(experts, r.dtype)
     out = {"size": size, "k": k, "params": experts[0].num_parameters, "dtype": r.dtype, "estimate": estimate,
            "largest": max(t.numel for t in experts[0].tensors.values()), "workers": {}, "runs": []}
-    strategies = [s for s in args.strategies.split(",") if s != "in-memory" or fits_machine(estimate["in-memory"])]
+    out["device"] = args.device
+    fits = estimate["in-memory"] < (_gpu_memory() * 0.8 if args.device.startswith("cuda") else
+                                    0.6 * _machine_memory())
+    strategies = [s for s in args.strategies.split(",") if s != "in-memory" or fits]
     for s in strategies:
-        out["workers"][s] = run_worker(s, str(recipe), "--repeats", str(args.repeats))
+        out["workers"][s] = run_worker(s, str(recipe), "--repeats", str(args.repeats), "--device", args.device)
         w = out["workers"][s]
         print(f"  {size} K={k} {s}: {w['median_s']:.2f} s/eval, build {w['build_s']:.2f} s, "
               f"{w['bytes_read'] / GIB:.2f} GiB read, peak anon {w['peak']['RssAnon'] / MIB:,.0f} MiB", flush=True)
     out["bandwidth"] = run_worker("bandwidth", str(recipe))
     budget = args.max_memory or BUDGET[size]
     with tempfile.TemporaryDirectory(prefix="swarm-scale-") as tmp:
-        auto = measure("auto", args.set, Path(tmp) / "auto", recipe=recipe, extra=["--max-memory", budget])
+        device = ["--device", args.device]
+        auto = measure("auto", args.set, Path(tmp) / "auto", recipe=recipe, extra=["--max-memory", budget, *device])
         auto["budget"] = evaluate.parse_bytes(budget)
         out["runs"].append(auto)
         print(f"  {size} K={k} auto under {budget}: ran {auto['ran']}, {auto['wall']:.0f} s", flush=True)
         for mode in ("in-memory", "one-model", "streaming") if args.runs == "all" else ():
-            if mode == auto["ran"] or (mode == "in-memory" and not fits_machine(estimate["in-memory"])):
+            if mode == auto["ran"] or (mode == "in-memory" and not fits):
                 continue
-            run = measure(mode, args.set, Path(tmp) / mode, recipe=recipe)
+            run = measure(mode, args.set, Path(tmp) / mode, recipe=recipe, extra=device)
             out["runs"].append(run)
             print(f"  {size} K={k} {mode}: {run['wall']:.0f} s", flush=True)
     for run in out["runs"]:
@@ -249,11 +268,14 @@ def print_tables(results) -> None:
         floor = w["floor"]["median_s"]
         print(f"\n## {res['size']} ({res['params'] / 1e9:.2f}e9 parameters, {res['dtype']}), K = {res['k']}: "
               f"{w['floor']['rows']} dev rows, {w['floor']['tokens']} tokens per evaluation\n")
-        print("| strategy | s / eval (median) | x floor | build s | expert GiB read / eval | worker peak anon / file MiB |")
-        print("|---|---|---|---|---|---|")
+        gpu = res.get("device", "cpu") != "cpu"
+        print("| strategy | s / eval (median) | x floor | build s | expert GiB read / eval | worker peak anon / file MiB |"
+              + (" GPU peak MiB |" if gpu else ""))
+        print("|---|---|---|---|---|---|" + ("---|" if gpu else ""))
         for s, v in w.items():
             print(f"| {s} | {v['median_s']:.2f} | {v['median_s'] / floor:.2f} | {v['build_s']:.2f} | "
-                  f"{v['bytes_read'] / GIB:.2f} | {v['peak']['RssAnon'] / MIB:,.0f} / {v['peak']['RssFile'] / MIB:,.0f} |")
+                  f"{v['bytes_read'] / GIB:.2f} | {v['peak']['RssAnon'] / MIB:,.0f} / {v['peak']['RssFile'] / MIB:,.0f} |"
+                  + (f" {v.get('gpu_peak', 0) / MIB:,.0f} |" if gpu else ""))
         if "in-memory" not in w:
             print(f"| in-memory | not run: needs {res['estimate']['in-memory'] / GIB:.1f} GiB of weights | | | | |")
         bw = res["bandwidth"]
@@ -286,6 +308,7 @@ def main() -> None:
     p.add_argument("--runs", choices=("all", "auto"), default="all",
                    help="whole runs: auto under the budget, then every other mode that fits (all), or auto only")
     p.add_argument("--set", action="append", default=[], help="recipe overrides for the whole runs")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine (the workers and the whole runs)")
     p.add_argument("--cache", type=Path, default=build_experts.CACHE)
     p.add_argument("--tokenizer", type=Path, default=build_experts.DEFAULT_TOKENIZER)
     p.add_argument("--json", type=Path, help="default: <cache>/results.json")
@@ -294,7 +317,8 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         strategy, recipe = args.worker[0], Path(args.worker[1])
-        result = bandwidth_worker(recipe) if strategy == "bandwidth" else worker(strategy, recipe, args.repeats)
+        result = (bandwidth_worker(recipe) if strategy == "bandwidth"
+                  else worker(strategy, recipe, args.repeats, args.device))
         print(json.dumps(result))
         return
     import platform
@@ -307,7 +331,7 @@ def main() -> None:
         cost_model.report(results)
         return
     ks = [int(k) for k in args.experts.split(",")]
-    print(f"# bench_scale: {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, cpu; "
+    print(f"# bench_scale: {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {args.device}; "
           f"sizes {args.sizes}, K {ks}", flush=True)
     results = []
     for size in args.sizes.split(","):
@@ -319,7 +343,8 @@ def main() -> None:
             results.append(bench_one(size, k, folder / f"recipe-k{k}.yml", args))
     (args.json or args.cache / "results.json").write_text(json.dumps(results, indent=1))
     print_tables(results)
-    cost_model.report(results)
+    if args.device == "cpu":  # the model's rates are the CPU's; a GPU run is read against its GPU rows
+        cost_model.report(results)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(__file__).resolve().parent / "cache"
 DEFAULT_TOKENIZER = REPO / "recipes" / "demo" / "models" / "base"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 # Llama shapes (untied head, grouped-query attention), with the demo tokenizer's 49152-row vocabulary.
 # "135m" is SmolLM2-135M's shape untied (1.63e8 parameters, 0.33 GB per expert in bfloat16); "1b" is
@@ -42,6 +41,7 @@ SIZES: Dict[str, dict] = {
                num_key_value_heads=4),
 }
 LAYERS_PER_SHARD = {"tiny": 1, "135m": 30, "1b": 4}  # 1b: about 350 MB per shard in bfloat16
+VOCAB = {"135m": 49152, "1b": 49152}  # rows of the embeddings whatever the tokenizer (tiny: the tokenizer's)
 DELTA = 0.1  # each expert's delta, relative to the base's standard deviation
 STD = 0.02  # the base's initialiser (transformers' initializer_range)
 
@@ -94,8 +94,8 @@ def build(out: Path, size: str, experts: int, tokenizer: Path, seed: int = 0) ->
     if marker.is_file() and json.loads(marker.read_text()) == stamp:
         return paths
     marker.unlink(missing_ok=True)
-    tok = AutoTokenizer.from_pretrained(str(tokenizer))
-    vocab = -(-len(tok) // 64) * 64  # padded to a multiple of 64, as released models are
+    tok = AutoTokenizer.from_pretrained(str(tokenizer)) if tokenizer.is_dir() else _fallback_tokenizer(out)
+    vocab = max(-(-len(tok) // 64) * 64, VOCAB.get(size, 0))  # padded to a multiple of 64, as released models are
     config = config_for(size, vocab)
     shards = shard_plan(config)
     names = [f"model-{s + 1:05d}-of-{len(shards):05d}.safetensors" for s in range(len(shards))]
@@ -128,6 +128,18 @@ def build(out: Path, size: str, experts: int, tokenizer: Path, seed: int = 0) ->
     return paths
 
 
+def _fallback_tokenizer(out: Path):
+    """A byte-level BPE tokenizer trained here, where the demo's is absent (a bare GPU machine):
+    the shapes stay the size's (VOCAB rows), only the ids used are fewer."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [f"Add: {a}+{b}= {a + b}" for a in range(10, 100) for b in range(10, 100, 7)]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(corpus, vocab_size=512, min_frequency=1, special_tokens=["<|endoftext|>"])
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
 def _rows(n: int, offset: int) -> List[dict]:
     rows = []
     for i in range(n):
@@ -156,10 +168,9 @@ def main() -> None:
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--out", type=Path, help="default: bench/scale/cache/<size>")
     p.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER,
-                   help="a folder with tokenizer files (default: the demo base; `make demo-models`)")
+                   help="a folder with tokenizer files (default: the demo base's, from `make demo-models`; where it is "
+                        "absent, a small one is trained)")
     args = p.parse_args()
-    if not (args.tokenizer / "tokenizer_config.json").is_file():
-        raise SystemExit(f"no tokenizer in {args.tokenizer}; build the demo first (make demo-models) or pass --tokenizer")
     out = args.out or CACHE / args.size
     for path in build(out, args.size, args.experts, args.tokenizer):
         print(path)
