@@ -7,7 +7,8 @@
 #                evaluation per mode, shared few-shot prefixes, a whole run's peak memory per mode
 #   make bench-scale  the scale bench (bench/scale/): 135M and 1B Llama-shaped experts (built once, ~20 GB in
 #                bench/scale/cache/), K = 4 and 8, every mode, whole runs under a memory budget, the cost model
-#   make lint    ruff check . (rules in pyproject.toml)
+#   make lint    ruff check . and lint-imports (no import cycles, each module imports only from the layers below it;
+#                rules in pyproject.toml)
 #   make docs    the documentation site from docs/ into site/ (mkdocs --strict: broken links fail)
 
 PYTHON ?= python3
@@ -82,6 +83,7 @@ bench-scale: demo-models
 
 lint: setup-test
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-cache
 
 docs: setup-test
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet

@@ -27,7 +27,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import yaml
 
@@ -200,11 +200,11 @@ def _fenced(text: str) -> List[str]:
     return [f"{fence}text", text, fence]
 
 
-def run_recipes(repo: Path, recipes: Sequence[Path], out_root: Path, *, push: bool, recipes_dir: str) -> int:
-    """Run each recipe into ``out_root/<name>`` (resuming a checkpoint found there); with
-    ``push``, push those whose recipe names output.push_to_hub. 1 if any failed (all are tried)."""
-    from swarm_merge import cli
-
+def run_recipes(repo: Path, recipes: Sequence[Path], out_root: Path, *, push: bool, recipes_dir: str,
+                run: Callable[[List[str]], int]) -> int:
+    """Run each recipe into ``out_root/<name>`` (resuming a checkpoint found there) with ``run``
+    (the CLI's main, given by the CLI: this module sits below it); with ``push``, push those whose
+    recipe names output.push_to_hub. 1 if any failed (all are tried)."""
     failed = 0
     for recipe in recipes:
         if outside(repo, recipe):
@@ -218,7 +218,7 @@ def run_recipes(repo: Path, recipes: Sequence[Path], out_root: Path, *, push: bo
         if not push:
             argv += ["--set", "output.push_to_hub=null"]
         LOG.info("ci: %s -> %s%s", recipe, dest, "" if push else " (no push)")
-        code = cli.main(argv)
+        code = run(argv)
         if code != 0:
             failed += 1
     return 1 if failed else 0
@@ -246,7 +246,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str]) -> int:
+def main(argv: Sequence[str], run: Callable[[List[str]], int]) -> int:
     args = _parser().parse_args(argv)
     repo = Path(args.repo).resolve()
     if args.recipe:
@@ -264,4 +264,4 @@ def main(argv: Sequence[str]) -> int:
         return 0
     if args.what == "plan":
         return plan(repo, recipes, args.summary)
-    return run_recipes(repo, recipes, args.out_root, push=args.push, recipes_dir=args.recipes_dir)
+    return run_recipes(repo, recipes, args.out_root, push=args.push, recipes_dir=args.recipes_dir, run=run)

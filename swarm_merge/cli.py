@@ -167,7 +167,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if argv and argv[0] == "ci":  # what the GitHub workflows call (ci.py)
             from swarm_merge import ci
 
-            return ci.main(argv[1:])
+            return ci.main(argv[1:], run=main)
         if argv and argv[0] == "compare":  # a run with the baselines at the swarm's budget
             args = _run_parser().parse_args(argv[1:])
             args.baselines = True

@@ -11,22 +11,22 @@ import glob
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from safetensors import safe_open
 
 from swarm_merge.errors import ExpertError, ExpertMismatchError, HubError
 from swarm_merge.recipe import ExpertRef
 
-if TYPE_CHECKING:
-    from swarm_merge.lora import AdapterInfo
-
-__all__ = ["TensorInfo", "Expert", "pull_expert", "pull_experts", "index_folder", "check_compatible"]
+__all__ = ["TensorInfo", "Expert", "pull_expert", "pull_experts", "index_folder", "check_compatible", "AdapterInfo",
+           "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "is_adapter_folder", "is_adapter_listing", "read_adapter_config",
+           "index_adapter", "read_json"]
 
 LOG = logging.getLogger(__name__)
 
@@ -97,6 +97,120 @@ class Expert:
         return f"{self.ref.model}{rev}"
 
 
+# ---------------------------------------------------------------- LoRA adapters (PEFT folders)
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# PEFT's saved key of a LoRA factor: base_model.model.<module>.lora_A.weight
+# (older saves may keep the adapter name: ...lora_A.default.weight).
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What an adapter is, from its config and its tensors' headers."""
+
+    r: int
+    alpha: float
+    rslora: bool
+    base: Optional[str]  # base_model_name_or_path, as the adapter names it
+    modules: Dict[str, Tuple[str, str]]  # module path -> (A key, B key) in the adapter's file
+    fan_in_fan_out: bool = False
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+    @property
+    def target_names(self) -> List[str]:
+        return sorted({m.rsplit(".", 1)[-1] for m in self.modules})
+
+
+def is_adapter_listing(names) -> bool:
+    """A folder or repo listing that is a PEFT adapter: adapter files, no full-model weights."""
+    names = set(names)
+    full = "config.json" in names and any(n.endswith(".safetensors") and not n.startswith("adapter_") for n in names)
+    return ADAPTER_CONFIG in names and not full
+
+
+def is_adapter_folder(path: Path) -> bool:
+    return path.is_dir() and is_adapter_listing(p.name for p in path.iterdir())
+
+
+def read_adapter_config(path: Path, label: str) -> dict:
+    config = read_json(path / ADAPTER_CONFIG, label)
+    if not isinstance(config, dict):
+        raise ExpertError(f"expert {label}: {ADAPTER_CONFIG} holds a JSON {type(config).__name__}, not an object; "
+                          "re-save the adapter with save_pretrained")
+    return config
+
+
+def index_adapter(path: Path, config: dict, label: str):
+    """The adapter's tensors (name -> TensorInfo) and its :class:`AdapterInfo`, from the config and
+    the safetensors header; refuses what this tool cannot combine exactly (one line, exit 2)."""
+    def refuse(what: str, fix: str) -> ExpertError:
+        return ExpertError(f"expert {label}: {what}; {fix}")
+
+    kind = config.get("peft_type")
+    if kind != "LORA":
+        raise refuse(f"is a {kind or 'PEFT'} adapter, not LoRA", "swarm_merge combines LoRA adapters only")
+    if config.get("use_dora"):
+        raise refuse("is a DoRA adapter (use_dora: true), whose magnitude vector does not combine linearly",
+                     "use plain LoRA adapters")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if config.get(key):
+            raise refuse(f"sets {key} (per-module ranks or alphas)", "use adapters with one r and lora_alpha")
+    if config.get("bias", "none") != "none" or config.get("lora_bias"):
+        raise refuse(f"trains biases (bias: {config.get('bias')})", "use adapters trained with bias: none")
+    if config.get("modules_to_save"):
+        raise refuse(f"saves full copies of {config['modules_to_save']} (modules_to_save)",
+                     "use adapters without modules_to_save")
+    r, alpha = config.get("r"), config.get("lora_alpha")
+    if (not isinstance(r, int) or isinstance(r, bool) or r < 1 or not isinstance(alpha, (int, float))
+            or isinstance(alpha, bool)):
+        raise refuse(f"{ADAPTER_CONFIG} has r={r!r}, lora_alpha={alpha!r}", "re-save the adapter with PEFT")
+    if not math.isfinite(alpha) or alpha <= 0:  # 0 switches the adapter off; NaN/inf poison every merge
+        raise refuse(f"{ADAPTER_CONFIG} has lora_alpha={alpha!r}", "set a positive, finite lora_alpha "
+                     "(PEFT's default is 8)")
+    file = path / ADAPTER_WEIGHTS
+    if not file.is_file():
+        hint = " (pickled adapter_model.bin: convert it to safetensors)" if (path / "adapter_model.bin").is_file() else ""
+        raise refuse(f"no {ADAPTER_WEIGHTS} in {str(path)!r}{hint}", "save the adapter with safe_serialization")
+    tensors: Dict[str, TensorInfo] = {}
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                sl = f.get_slice(key)
+                tensors[key] = TensorInfo(str(file.resolve()), sl.get_dtype(), tuple(sl.get_shape()))
+    except Exception as exc:  # safetensors raises its own SafetensorError
+        raise refuse(f"cannot read {ADAPTER_WEIGHTS} ({exc})", "re-download or re-save it") from None
+    found: Dict[str, Dict[str, str]] = {}
+    for key, info in tensors.items():
+        m = _KEY.match(key)
+        if not m:
+            raise refuse(f"holds tensor {key!r}, which is not a LoRA A or B factor", "use plain LoRA adapters")
+        if len(info.shape) != 2 or info.dtype not in ("F32", "F16", "BF16", "F64"):
+            raise refuse(f"tensor {key!r} is {info.dtype} {list(info.shape)}, not a 2-D float LoRA factor "
+                         "(LoRA on linear layers only)", "use LoRA adapters on linear layers")
+        found.setdefault(m["module"], {})[m["which"]] = key
+    modules: Dict[str, Tuple[str, str]] = {}
+    for module, pair in sorted(found.items()):
+        if set(pair) != {"A", "B"}:
+            raise refuse(f"module {module!r} has lora_{'A' if 'A' in pair else 'B'} but not its partner",
+                         "re-save the adapter")
+        a, b = tensors[pair["A"]].shape, tensors[pair["B"]].shape
+        if a[0] != r or b[1] != r:
+            raise refuse(f"module {module!r} has rank {a[0]}/{b[1]} but r is {r}", "re-save the adapter")
+        modules[module] = (pair["A"], pair["B"])
+    if not modules:
+        raise refuse(f"{ADAPTER_WEIGHTS} holds no LoRA factors", "re-save the adapter")
+    base = config.get("base_model_name_or_path")
+    info = AdapterInfo(r=r, alpha=float(alpha), rslora=bool(config.get("use_rslora")),
+                       base=base if isinstance(base, str) and base else None, modules=modules,
+                       fan_in_fan_out=bool(config.get("fan_in_fan_out")))
+    return tensors, info
+
+
 def _read_config(path: Path, label: str) -> dict:
     """config.json as a dict, refused unless transformers can build the model without remote code."""
     if not path.is_dir():
@@ -104,7 +218,7 @@ def _read_config(path: Path, label: str) -> dict:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ExpertError(f"expert {label}: no config.json in {str(path)!r}; point at a saved transformers model folder")
-    config = _read_json(config_file, label)
+    config = read_json(config_file, label)
     if not isinstance(config, dict):
         raise ExpertError(f"expert {label}: {config_file} holds a JSON {type(config).__name__}, not an object; "
                           "re-save the model with save_pretrained")
@@ -119,7 +233,7 @@ def _read_config(path: Path, label: str) -> dict:
     return config
 
 
-def _read_json(file: Path, label: str):
+def read_json(file: Path, label: str):
     """A JSON file read as transformers reads it (UTF-8), or an ExpertError naming it."""
     try:
         # Decoded explicitly: json.loads(bytes) would also accept UTF-16/32,
@@ -177,7 +291,7 @@ def _refuse_remote_code(config: dict, label: str) -> None:
 
 def _read_index(path: Path, label: str) -> Dict[str, str]:
     """The weight_map of ``path``'s model.safetensors.index.json: tensor name -> shard file name."""
-    index = _read_json(path / INDEX_FILE, label)
+    index = read_json(path / INDEX_FILE, label)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
@@ -419,12 +533,10 @@ def pull_expert(ref: ExpertRef, *, cache_dir: Optional[str] = None, what: str = 
             (``--dry-run``): the tensors then come from the safetensors headers,
             read remotely, and ``path`` holds only the small files.
     """
-    from swarm_merge import lora
-
     if ref.is_local:
         path = Path(ref.model).expanduser()
         label = f"{ref.model!r}"
-        if lora.is_adapter_folder(path):
+        if is_adapter_folder(path):
             return _adapter(ref, path, label, revision=None)
         path, pickled = _as_safetensors(path, label, allow_pickle=allow_pickle, convert=download)
         if pickled and not download:
@@ -442,15 +554,15 @@ def pull_expert(ref: ExpertRef, *, cache_dir: Optional[str] = None, what: str = 
             raise hub.unreachable_error(ref, exc.reason, what=what) from None
         path, revision = found
         LOG.warning("%s %s: %s; using the cached snapshot %s", what, ref, exc.reason, revision)
-        if lora.is_adapter_folder(path):
+        if is_adapter_folder(path):
             return _adapter(ref, path, label, revision=revision)
         path, pickled = _as_safetensors(path, label, allow_pickle=allow_pickle, key=f"{ref.model}@{revision}")
         config, tensors = index_folder(path, label, who=f"{what} {label}")
         return Expert(ref=ref, path=path, revision=revision, config=config, tensors=tensors, pickled=pickled)
 
-    if lora.is_adapter_listing(snapshot.files):
+    if is_adapter_listing(snapshot.files):
         # An adapter is a few MB: its small files and its factors, dry run or not.
-        patterns = SMALL_PATTERNS + [lora.ADAPTER_WEIGHTS]
+        patterns = SMALL_PATTERNS + [ADAPTER_WEIGHTS]
         size = sum(n or 0 for f, n in snapshot.files.items() if any(fnmatch.fnmatch(f, p) for p in patterns))
         LOG.info("pulling %s %s (LoRA adapter) at %s (%s)", what, ref.model, snapshot.commit[:12], human_bytes(size))
         path, revision = hub.download(ref, cache_dir=cache_dir, allow_patterns=patterns, what=what)
@@ -519,10 +631,8 @@ def pull_experts(refs: Sequence[ExpertRef], *, cache_dir: Optional[str] = None, 
 
 
 def _adapter(ref: ExpertRef, path: Path, label: str, *, revision: Optional[str]) -> Expert:
-    from swarm_merge import lora
-
-    config = lora.read_adapter_config(path, label)
-    tensors, info = lora.index_adapter(path, config, label)
+    config = read_adapter_config(path, label)
+    tensors, info = index_adapter(path, config, label)
     return Expert(ref=ref, path=path, revision=revision, config=config, tensors=tensors, adapter=info)
 
 
@@ -563,12 +673,10 @@ def _cached(ref: ExpertRef, label: str, *, cache_dir: Optional[str], allow_pickl
         return None
     path = found[0]
     names = {p.name for p in path.iterdir()}
-    from swarm_merge import lora
-
-    if lora.is_adapter_listing(names):
-        if lora.ADAPTER_WEIGHTS not in names:
+    if is_adapter_listing(names):
+        if ADAPTER_WEIGHTS not in names:
             return None
-        return hub.cached(ref, cache_dir=cache_dir, allow_patterns=SMALL_PATTERNS + [lora.ADAPTER_WEIGHTS])
+        return hub.cached(ref, cache_dir=cache_dir, allow_patterns=SMALL_PATTERNS + [ADAPTER_WEIGHTS])
     shards, _ = weight_names(names, label, lambda: _read_index(path, label))
     ignore = None
     if INDEX_FILE in names or SINGLE_FILE in names:  # the weight files are known by name

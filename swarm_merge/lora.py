@@ -1,5 +1,6 @@
-"""LoRA adapters as experts: read them, combine them per particle, score them
-on one base model, and write the winner back as an adapter.
+"""LoRA adapters as experts: combine them per particle, score them on one base
+model, and write the winner back as an adapter (reading an adapter folder is
+pulling an expert: :mod:`swarm_merge.experts`).
 
 Every adapter ``k`` holds, per target module, ``A_k`` (r_k x in) and ``B_k``
 (out x r_k), with scaling ``s_k`` (``alpha / r``, or ``alpha / sqrt(r)`` with
@@ -28,8 +29,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -38,6 +37,9 @@ import torch
 
 from swarm_merge.errors import EvaluationError, ExpertError, ExpertMismatchError
 from swarm_merge.evaluate import Evaluator, load_tokenizer, offload, trim_heap
+# Reading an adapter folder is pulling an expert (experts.py); re-exported here for the adapters' users.
+from swarm_merge.experts import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterInfo, index_adapter, is_adapter_folder,
+                                 is_adapter_listing, read_adapter_config)
 from swarm_merge.weights import NonFiniteWeights, check_range, coefficient_rows, combine, is_finite, torch_dtype
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "MERGED_DIR", "LORA_SPACES", "AdapterInfo", "is_adapter_folder", "is_adapter_listing",
@@ -46,125 +48,9 @@ __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "MERGED_DIR", "LORA_SPACES", "Ad
 
 LOG = logging.getLogger(__name__)
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MERGED_DIR = "merged"  # output.merge_adapter: the base with the winner merged in
 LORA_SPACES = ("factors", "delta")
-# PEFT's saved key of a LoRA factor: base_model.model.<module>.lora_A.weight
-# (older saves may keep the adapter name: ...lora_A.default.weight).
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
 _PREFIX = "base_model.model."
-
-
-@dataclass(frozen=True)
-class AdapterInfo:
-    """What an adapter is, from its config and its tensors' headers."""
-
-    r: int
-    alpha: float
-    rslora: bool
-    base: Optional[str]  # base_model_name_or_path, as the adapter names it
-    modules: Dict[str, Tuple[str, str]]  # module path -> (A key, B key) in the adapter's file
-    fan_in_fan_out: bool = False
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
-
-    @property
-    def target_names(self) -> List[str]:
-        return sorted({m.rsplit(".", 1)[-1] for m in self.modules})
-
-
-def is_adapter_listing(names) -> bool:
-    """A folder or repo listing that is a PEFT adapter: adapter files, no full-model weights."""
-    names = set(names)
-    full = "config.json" in names and any(n.endswith(".safetensors") and not n.startswith("adapter_") for n in names)
-    return ADAPTER_CONFIG in names and not full
-
-
-def is_adapter_folder(path: Path) -> bool:
-    return path.is_dir() and is_adapter_listing(p.name for p in path.iterdir())
-
-
-def read_adapter_config(path: Path, label: str) -> dict:
-    from swarm_merge.experts import _read_json
-
-    config = _read_json(path / ADAPTER_CONFIG, label)
-    if not isinstance(config, dict):
-        raise ExpertError(f"expert {label}: {ADAPTER_CONFIG} holds a JSON {type(config).__name__}, not an object; "
-                          "re-save the adapter with save_pretrained")
-    return config
-
-
-def index_adapter(path: Path, config: dict, label: str):
-    """The adapter's tensors (name -> TensorInfo) and its :class:`AdapterInfo`, from the config and
-    the safetensors header; refuses what this tool cannot combine exactly (one line, exit 2)."""
-    from safetensors import safe_open
-
-    from swarm_merge.experts import TensorInfo
-
-    def refuse(what: str, fix: str) -> ExpertError:
-        return ExpertError(f"expert {label}: {what}; {fix}")
-
-    kind = config.get("peft_type")
-    if kind != "LORA":
-        raise refuse(f"is a {kind or 'PEFT'} adapter, not LoRA", "swarm_merge combines LoRA adapters only")
-    if config.get("use_dora"):
-        raise refuse("is a DoRA adapter (use_dora: true), whose magnitude vector does not combine linearly",
-                     "use plain LoRA adapters")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if config.get(key):
-            raise refuse(f"sets {key} (per-module ranks or alphas)", "use adapters with one r and lora_alpha")
-    if config.get("bias", "none") != "none" or config.get("lora_bias"):
-        raise refuse(f"trains biases (bias: {config.get('bias')})", "use adapters trained with bias: none")
-    if config.get("modules_to_save"):
-        raise refuse(f"saves full copies of {config['modules_to_save']} (modules_to_save)",
-                     "use adapters without modules_to_save")
-    r, alpha = config.get("r"), config.get("lora_alpha")
-    if (not isinstance(r, int) or isinstance(r, bool) or r < 1 or not isinstance(alpha, (int, float))
-            or isinstance(alpha, bool)):
-        raise refuse(f"{ADAPTER_CONFIG} has r={r!r}, lora_alpha={alpha!r}", "re-save the adapter with PEFT")
-    if not math.isfinite(alpha) or alpha <= 0:  # 0 switches the adapter off; NaN/inf poison every merge
-        raise refuse(f"{ADAPTER_CONFIG} has lora_alpha={alpha!r}", "set a positive, finite lora_alpha "
-                     "(PEFT's default is 8)")
-    file = path / ADAPTER_WEIGHTS
-    if not file.is_file():
-        hint = " (pickled adapter_model.bin: convert it to safetensors)" if (path / "adapter_model.bin").is_file() else ""
-        raise refuse(f"no {ADAPTER_WEIGHTS} in {str(path)!r}{hint}", "save the adapter with safe_serialization")
-    tensors: Dict[str, TensorInfo] = {}
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                sl = f.get_slice(key)
-                tensors[key] = TensorInfo(str(file.resolve()), sl.get_dtype(), tuple(sl.get_shape()))
-    except Exception as exc:  # safetensors raises its own SafetensorError
-        raise refuse(f"cannot read {ADAPTER_WEIGHTS} ({exc})", "re-download or re-save it") from None
-    found: Dict[str, Dict[str, str]] = {}
-    for key, info in tensors.items():
-        m = _KEY.match(key)
-        if not m:
-            raise refuse(f"holds tensor {key!r}, which is not a LoRA A or B factor", "use plain LoRA adapters")
-        if len(info.shape) != 2 or info.dtype not in ("F32", "F16", "BF16", "F64"):
-            raise refuse(f"tensor {key!r} is {info.dtype} {list(info.shape)}, not a 2-D float LoRA factor "
-                         "(LoRA on linear layers only)", "use LoRA adapters on linear layers")
-        found.setdefault(m["module"], {})[m["which"]] = key
-    modules: Dict[str, Tuple[str, str]] = {}
-    for module, pair in sorted(found.items()):
-        if set(pair) != {"A", "B"}:
-            raise refuse(f"module {module!r} has lora_{'A' if 'A' in pair else 'B'} but not its partner",
-                         "re-save the adapter")
-        a, b = tensors[pair["A"]].shape, tensors[pair["B"]].shape
-        if a[0] != r or b[1] != r:
-            raise refuse(f"module {module!r} has rank {a[0]}/{b[1]} but r is {r}", "re-save the adapter")
-        modules[module] = (pair["A"], pair["B"])
-    if not modules:
-        raise refuse(f"{ADAPTER_WEIGHTS} holds no LoRA factors", "re-save the adapter")
-    base = config.get("base_model_name_or_path")
-    info = AdapterInfo(r=r, alpha=float(alpha), rslora=bool(config.get("use_rslora")),
-                       base=base if isinstance(base, str) and base else None, modules=modules,
-                       fan_in_fan_out=bool(config.get("fan_in_fan_out")))
-    return tensors, info
 
 
 def base_of(experts, recipe_base) -> Tuple[object, Optional[str]]:
@@ -175,14 +61,14 @@ def base_of(experts, recipe_base) -> Tuple[object, Optional[str]]:
         ExpertMismatchError: the adapters name different bases, or a base other than the recipe's.
         ExpertError: no base anywhere.
     """
-    from swarm_merge.recipe import ExpertRef, _looks_local
+    from swarm_merge.recipe import ExpertRef, looks_local
 
     named = {}
     for e in experts:
         base = e.adapter.base
         if base is None:
             continue
-        if _looks_local(base):
+        if looks_local(base):
             # A local base is named relative to the adapter's folder (or absolute);
             # a name shaped like a Hub id is a Hub id, whatever folders the current
             # directory or the adapter's folder happen to hold.
@@ -193,13 +79,13 @@ def base_of(experts, recipe_base) -> Tuple[object, Optional[str]]:
     if recipe_base is not None:
         if not recipe_base.is_local:
             for who, base in named.items():
-                if not _looks_local(base) and base.split("@")[0].lower() != recipe_base.model.lower():
+                if not looks_local(base) and base.split("@")[0].lower() != recipe_base.model.lower():
                     raise ExpertMismatchError(
                         f"adapter {who} was trained on {base!r} but the recipe's base_model is {recipe_base.model!r}; "
                         "set base_model to the adapters' base, or use adapters of that base")
         else:
             for who, base in named.items():
-                if (_looks_local(base) and Path(base).is_dir()
+                if (looks_local(base) and Path(base).is_dir()
                         and Path(base).resolve() != Path(recipe_base.model).expanduser().resolve()):
                     raise ExpertMismatchError(
                         f"adapter {who} was trained on the folder {base!r} but the recipe's base_model is "
@@ -214,9 +100,9 @@ def base_of(experts, recipe_base) -> Tuple[object, Optional[str]]:
         raise ExpertMismatchError(f"the adapters name different bases: {a[0]} is on {a[1]!r}, {b[0]} on {b[1]!r}; "
                                   "combine adapters of one base model (or set base_model)")
     base = distinct[0]
-    if _looks_local(base) and Path(base).is_dir():
+    if looks_local(base) and Path(base).is_dir():
         return ExpertRef(model=str(Path(base).resolve())), "adapters"
-    if _looks_local(base):
+    if looks_local(base):
         raise ExpertError(f"the adapters' base {base!r} is neither a folder here nor a Hub repo id; "
                           "set base_model in the recipe")
     return ExpertRef.model_validate(base), "adapters"
@@ -389,9 +275,7 @@ class AdapterBank:
 
 
 def _read(reader, info, key: str) -> torch.Tensor:
-    from swarm_merge.weights import _ST_DTYPES
-
-    raw = torch.empty(info.shape, dtype=_ST_DTYPES[info.dtype])
+    raw = torch.empty(info.shape, dtype=reader.stored_dtype(info.file, key))
     reader.read_into(info.file, key, raw.view(-1))
     return raw.to(torch.float32)
 

@@ -355,7 +355,7 @@ def _check_reward_config(path: Path, ref) -> None:
     """A sequence-classification architecture transformers has, with safetensors weights (no remote code)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
-    config = experts_mod._read_json(Path(path) / "config.json", f"reward model {str(ref)!r}")
+    config = experts_mod.read_json(Path(path) / "config.json", f"reward model {str(ref)!r}")
     model_type = config.get("model_type") if isinstance(config, dict) else None
     if model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
         raise experts_mod.ExpertError(f"reward model {str(ref)!r}: model_type {model_type!r} has no sequence "

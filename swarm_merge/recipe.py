@@ -31,6 +31,7 @@ __all__ = [
     "load_recipe",
     "parse_recipe",
     "apply_overrides",
+    "looks_local",
 ]
 
 OBJECTIVE_TYPES = ("exact_match", "multiple_choice", "loglik", "reward", "judge", "lm_eval", "custom")
@@ -80,7 +81,7 @@ class ExpertRef(_Frozen):
     @classmethod
     def _from_string(cls, value: Any) -> Any:
         if isinstance(value, str):
-            if not _looks_local(value) and "@" in value:
+            if not looks_local(value) and "@" in value:
                 model, revision = value.rsplit("@", 1)
                 return {"model": model, "revision": revision}
             return {"model": value}
@@ -98,13 +99,13 @@ class ExpertRef(_Frozen):
         # Decided by the name alone, never by what the current directory holds: a
         # Hub id ``org/name`` stays a Hub id even where a folder ``org/name`` exists
         # (load_recipe has already made the recipe's own relative folders absolute).
-        return _looks_local(self.model)
+        return looks_local(self.model)
 
     def __str__(self) -> str:
         return self.model + (f"@{self.revision}" if self.revision else "")
 
 
-def _looks_local(path: str) -> bool:
+def looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or not _REPO_ID.match(path)
 
 
@@ -578,7 +579,7 @@ def _resolve_inputs(data: dict, base: Path) -> dict:
             local = Path(model).expanduser()
         else:
             local = base / model
-            if not (_looks_local(model) or local.is_dir()):
+            if not (looks_local(model) or local.is_dir()):
                 return ref  # a Hub repo id
         if isinstance(ref, dict):
             return {**ref, "model": str(local.resolve())}
