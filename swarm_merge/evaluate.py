@@ -21,6 +21,7 @@ Also here: the memory policy that picks a mode (``--eval-mode auto``).
 from __future__ import annotations
 
 import abc
+import contextlib
 import logging
 import math
 import re
@@ -180,7 +181,7 @@ class Evaluator(abc.ABC):
     def _score(self, build: Callable[[], None], examples: Sequence[Example], objective) -> Score:
         try:
             build()
-            with warnings.catch_warnings(), _LogitsWatch(self.model) as logits:
+            with warnings.catch_warnings(), _contiguous_head(self.model), _LogitsWatch(self.model) as logits:
                 warnings.simplefilter("ignore")
                 result = score(self.model, self.tokenizer, examples, objective, self.device, batch_size=self.batch_size,
                                share_prefix=self.share_prefix)
@@ -210,6 +211,26 @@ class Evaluator(abc.ABC):
             LOG.warning("utility is NaN (the merged weights may have blown up); the particle is scored worst")
             return Score(float("nan"), result.groups, result.n)
         return result
+
+
+@contextlib.contextmanager
+def _contiguous_head(model: torch.nn.Module):
+    """The LM head's input made contiguous while scoring.
+
+    Written by hand: transformers slices the hidden states for ``logits_to_keep``, and torch's CPU
+    linear in bfloat16 on such a strided 3-D input takes a slow path: 400 ms against 9.6 ms for
+    (8, 5, 576) x (49152, 576) here (2.5 x in float32). Streaming's log-likelihoods (no shared
+    prefix) hit it on every forward. The copy is a few rows of activations."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Module):
+        yield
+        return
+    handle = head.register_forward_pre_hook(
+        lambda module, args: (args[0].contiguous(), *args[1:]) if args and isinstance(args[0], torch.Tensor) else None)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 class _LogitsWatch:
