@@ -418,3 +418,25 @@ def test_a_16_bit_combine_never_reads_a_coefficient_back_to_the_host(monkeypatch
     monkeypatch.undo()
     assert result.dtype == torch.float32
     torch.testing.assert_close(result, expected)
+
+
+def test_the_lm_head_gets_a_contiguous_input_in_every_mode(tmp_path, monkeypatch):
+    """transformers slices the hidden states for logits_to_keep; torch's CPU bfloat16 linear on that
+    strided input is 40x slower (bench/RESULTS.md). Scoring hands the head a contiguous copy."""
+    paths = tiny.make_experts(tmp_path / "e", 3, dtype=torch.bfloat16)
+    experts, groups, labels, mem, stream = build(paths, dtype="bfloat16")
+    rows, objective = data(tmp_path, "loglik")
+    vocab = experts[0].tensors["lm_head.weight"].shape[0]
+    seen = []
+    linear = torch.nn.functional.linear
+
+    def watch(x, w, b=None):
+        if w.shape[0] == vocab:
+            seen.append(x.is_contiguous())
+        return linear(x, w, b)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", watch)
+    for ev in (mem, stream):
+        ev.evaluate(COEFFS[0], rows, objective)
+    assert seen and all(seen), seen
+    stream.close()

@@ -4,21 +4,22 @@ An evaluation is a forward over the dev rows plus the mode's rebuild of the merg
 (P parameters, e bytes each, K experts, T tokens scored, F forwards per evaluation):
 
     floor      = c_fwd * P * T                                  (the forward alone)
-    in-memory  = floor + K P e / B_comb                         (combine the experts held in memory)
-    one-model  = floor + K P e / B_read + K P e / B_comb        (pread each expert tensor, combine it)
-    streaming  = floor + F * (K P e / B_read + K P e / B_comb + s_hook * P)
+    in-memory  = floor + K P e / B_comb                 (combine the experts held in memory)
+    one-model  = floor + K P e / B_build                (pread each expert tensor and combine it, on
+                                                          every build thread: reads and combines overlap)
+    streaming  = floor + F * (K P e / B_build + s_hook * P)
 
-B_read is the pread rate from the page cache, or from disk where the K experts do not fit
-in it; s_hook is streaming's own cost per parameter per forward (accelerate's hooks and the
+B_build is capped by the pread rate from disk where the K experts do not fit in the page
+cache; s_hook is streaming's own cost per parameter per forward (accelerate's hooks and the
 fresh memory each module's weights are built into). Memory (anonymous): the tool's estimate
 per mode (swarm_merge.evaluate.memory_estimate) plus the process's fixed cost (interpreter,
 torch, transformers and the tokenizer, measured before a model loads); streaming holds more
 than its estimate: its working set, w times the largest tensor's bytes, is measured.
 
 Where each rate comes from (``calibrate``, one configuration: the largest size, the smallest
-K): B_read from a pread of every expert file (cold: evicted from the page cache first);
-B_comb from the in-memory build; s_hook and w from the streaming evaluation; c_fwd from the
-floor. ``report`` then predicts every measured configuration, each with its own measured
+K): the pread rates from a read of every expert file (cold: evicted from the page cache
+first); B_comb from the in-memory build; B_build from the one-model build; s_hook and w from
+the streaming evaluation; c_fwd from the floor. ``report`` then predicts every measured configuration, each with its own measured
 floor (the forward's cost is an input; its extrapolation by P is checked on its own line),
 prints predicted against measured (the goal: within 25%), and extrapolates to 7B and 70B
 on this machine and on one GPU. GPU figures use datasheet rates (GPUS), not measurements.
@@ -48,6 +49,7 @@ TARGETS = (Shape("7B", 6.74e9, 32000 * 4096), Shape("70B", 68.98e9, 32000 * 8192
 class Rates:
     c_fwd: float  # seconds per parameter per token scored (the floor)
     comb: float  # expert bytes combined per second, from memory
+    build: float  # expert bytes read and combined per second (one-model's build, page cache hot)
     hot: float  # expert bytes read per second with pread from the page cache
     cold: float  # the same from disk (evicted from the page cache)
     hook: float  # streaming's seconds per parameter per forward beyond reading and combining
@@ -104,15 +106,15 @@ def predict_cpu(rates: Rates, params: float, largest: float, k: int, e: int, tok
     est = estimate(params, largest, k, e)
     floor = rates.c_fwd * params * tokens if floor is None else floor
     expert_bytes = k * params * e
-    combine = expert_bytes / rates.comb
-    read = expert_bytes / _read_rate(rates, expert_bytes, est[mode])
+    hot = _read_rate(rates, expert_bytes, est[mode]) == rates.hot
+    build = expert_bytes / (rates.build if hot else min(rates.build, rates.cold))
     anon = est[mode] + rates.overhead
     if mode == "in-memory":
-        seconds = floor + combine
+        seconds = floor + expert_bytes / rates.comb
     elif mode == "one-model":
-        seconds = floor + read + combine
+        seconds = floor + build
     else:
-        seconds = floor + forwards * (read + combine + rates.hook * params)
+        seconds = floor + forwards * (build + rates.hook * params)
         anon = max(est[mode], rates.stream_ws * largest * e) + rates.overhead
     return {"seconds": seconds, "floor": floor, "anon": anon,
             "write": write_peak(params, largest, k, e, mode, est) + rates.overhead}
@@ -148,10 +150,11 @@ def calibrate(res: dict) -> Rates:
     comb = expert_bytes / w["in-memory"]["build_s"]
     hot, cold = res["bandwidth"]["hot_Bps"], res["bandwidth"]["cold_Bps"]
     ram = psutil.virtual_memory().total
-    read = expert_bytes / hot
-    hook = (w["streaming"]["median_s"] - floor - read - expert_bytes / comb) / params
+    build = expert_bytes / w["one-model"]["build_s"]
+    hook = (w["streaming"]["median_s"] - floor - expert_bytes / build) / params
     overhead = w["floor"]["base_anon"]
-    return Rates(c_fwd=floor / (params * w["floor"]["tokens"]), comb=comb, hot=hot, cold=cold, hook=max(hook, 0.0),
+    return Rates(c_fwd=floor / (params * w["floor"]["tokens"]), comb=comb, build=build, hot=hot, cold=cold,
+                 hook=max(hook, 0.0),
                  stream_ws=(w["streaming"]["peak"]["RssAnon"] - overhead) / (res["largest"] * e), overhead=overhead,
                  ram=ram)
 
@@ -187,7 +190,8 @@ def report(results: List[dict], tokens: int = 2000, gpus=GPUS) -> Optional[Rates
     reference = max(with_mem, key=lambda r: (r["params"], -r["k"]))
     rates = calibrate(reference)
     print(f"\n## The cost model (bench/scale/cost_model.py), calibrated on {reference['size']} K={reference['k']}\n")
-    print(f"c_fwd {rates.c_fwd:.3g} s per parameter-token; combine {rates.comb / 1e9:.2f} GB/s of expert bytes; pread "
+    print(f"c_fwd {rates.c_fwd:.3g} s per parameter-token; combine {rates.comb / 1e9:.2f} GB/s of expert bytes, "
+          f"read and combine (one-model) {rates.build / 1e9:.2f} GB/s; pread "
           f"{rates.hot / 1e9:.2f} GB/s from the page cache, {rates.cold / 1e9:.2f} GB/s from disk; streaming's hooks "
           f"{rates.hook * 1e9:.2f} s per 1e9 parameters per forward, its working set {rates.stream_ws:.1f} x the "
           f"largest tensor; fixed anonymous memory {rates.overhead / GIB:.2f} GiB.\n")
