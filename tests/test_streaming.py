@@ -440,3 +440,23 @@ def test_the_lm_head_gets_a_contiguous_input_in_every_mode(tmp_path, monkeypatch
         ev.evaluate(COEFFS[0], rows, objective)
     assert seen and all(seen), seen
     stream.close()
+
+
+def test_the_first_build_learns_each_experts_largest_value_per_tensor(tmp_path, monkeypatch):
+    """Learnt chunk by chunk as a running maximum updated in place (one array per tensor, not one
+    per chunk: those fragmented the heap by GBs at 1B), and equal to each expert's true max |value|."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr(weights, "CHUNK", 700)  # many chunks a tensor
+    paths = tiny.make_experts(tmp_path / "e", 3)
+    experts, groups, labels, mem, stream = build(paths)
+    one = evaluate.OneModelEvaluator(experts, groups, dtype="float32", device=torch.device("cpu"))
+    one.build(COEFFS[0])
+    files = [load_file(str(p / "model.safetensors")) for p in paths]
+    peaks = one.combiner.peaks
+    assert set(peaks) == set(one.targets)
+    for name, got in peaks.items():
+        want = np.array([float(f[name].abs().max()) for f in files])
+        np.testing.assert_array_equal(got, want)
+    one.close()
+    stream.close()
