@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import tiny
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,3 +36,23 @@ def test_the_scale_bench_runs_on_tiny_experts(tmp_path):
     assert result["workers"]["one-model"]["bytes_read"] == 2 * result["params"] * 2  # K bfloat16 experts, once
     # the written merge of the whole run is gone with its temp dir; the experts stay cached
     assert (cache / "tiny" / "expert1" / "model.safetensors.index.json").is_file()
+
+
+def test_the_builder_refuses_a_folder_it_did_not_write(tmp_path):
+    """A rebuild replaces the expert folders under --out: a folder of someone else's is left alone."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "bench" / "scale"))
+    import build_experts
+
+    out = tmp_path / "mine"
+    (out / "expert0").mkdir(parents=True)
+    canary = out / "expert0" / "canary.txt"
+    canary.write_text("keep me")
+    tokenizer = tmp_path / "tokenizer"
+    tiny.make_tokenizer().save_pretrained(tokenizer)
+    with pytest.raises(SystemExit, match="holds files this bench did not write"):
+        build_experts.build(out, "tiny", 2, tokenizer)
+    assert canary.read_text() == "keep me" and sorted(p.name for p in out.iterdir()) == ["expert0"]
+    paths = build_experts.build(tmp_path / "new", "tiny", 2, tokenizer)  # a new folder is the bench's
+    assert [p.name for p in paths] == ["expert0", "expert1"] and (paths[0] / "config.json").is_file()

@@ -113,7 +113,9 @@ def worker(strategy: str, recipe_path: Path, repeats: int, device_name: str = "c
     def sync() -> None:  # the clock reads a GPU's work done, not queued
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    tokens = sum(len(evaluate.load_tokenizer(experts[0].path)(e.prompt + e.answer).input_ids) for e in rows)
+
+    tokenizer = evaluate.load_tokenizer(experts[0].path)
+    tokens = sum(len(tokenizer(e.prompt + e.answer).input_ids) for e in rows)
     particles = _particles(len(experts), repeats + 1)
     times, builds, read = [], [], []
     base_anon = _rss()["RssAnon"]  # torch, transformers and the tokenizer loaded; no model yet
@@ -123,12 +125,11 @@ def worker(strategy: str, recipe_path: Path, repeats: int, device_name: str = "c
 
         model = AutoModelForCausalLM.from_pretrained(str(experts[0].path), dtype=evaluate.torch_dtype(recipe.dtype))
         model = model.to(device).eval()
-        tok = evaluate.load_tokenizer(experts[0].path)
         load_s = time.perf_counter() - start
-        objectives.score(model, tok, rows, objective, device)  # warm-up
+        objectives.score(model, tokenizer, rows, objective, device)  # warm-up
         for _ in particles[1:]:
             t = time.perf_counter()
-            objectives.score(model, tok, rows, objective, device)
+            objectives.score(model, tokenizer, rows, objective, device)
             sync()
             times.append(time.perf_counter() - t)
     else:

@@ -87,7 +87,11 @@ def build(out: Path, size: str, experts: int, tokenizer: Path, seed: int = 0) ->
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
+    owned = out / ".scale-bench"  # this folder is the bench's: a rebuild may replace its expert folders
+    if out.is_dir() and any(out.iterdir()) and not (owned.is_file() or (out / ".complete").is_file()):
+        raise SystemExit(f"{out} holds files this bench did not write; pass --out an empty or new folder")
     out.mkdir(parents=True, exist_ok=True)
+    owned.touch()
     stamp = {"size": size, "experts": experts, "seed": seed, "delta": DELTA, "tokenizer": str(tokenizer)}
     marker = out / ".complete"
     paths = [out / f"expert{k}" for k in range(experts)]
