@@ -47,7 +47,7 @@ from whole_run_memory import measure  # noqa: E402
 
 GIB = 2**30
 MIB = 2**20
-BUDGET = {"tiny": "40MB", "135m": "1.5GB", "1b": "6GB"}  # below in-memory's need at K = 4
+BUDGET = {"tiny": "40MB", "135m": "1.5GB", "1b": "6GB", "3b": "16GB"}  # below in-memory's need at K = 4
 
 
 # ------------------------------------------------------------------ worker side
@@ -245,13 +245,17 @@ def bench_one(size: str, k: int, recipe: Path, args) -> dict:
         print(f"  {size} K={k} {s}: {w['median_s']:.2f} s/eval, build {w['build_s']:.2f} s, "
               f"{w['bytes_read'] / GIB:.2f} GiB read, peak anon {w['peak']['RssAnon'] / MIB:,.0f} MiB", flush=True)
     out["bandwidth"] = run_worker("bandwidth", str(recipe))
-    budget = args.max_memory or BUDGET[size]
+    # On CPU auto runs under a host budget below in-memory's need; on a GPU it decides from the GPU's
+    # free memory (as a user's run does) unless --max-memory is given.
+    budget = args.max_memory or (None if args.device.startswith("cuda") else BUDGET[size])
     with tempfile.TemporaryDirectory(prefix="swarm-scale-") as tmp:
         device = ["--device", args.device]
-        auto = measure("auto", args.set, Path(tmp) / "auto", recipe=recipe, extra=["--max-memory", budget, *device])
-        auto["budget"] = evaluate.parse_bytes(budget)
+        auto = measure("auto", args.set, Path(tmp) / "auto", recipe=recipe,
+                       extra=[*(["--max-memory", budget] if budget else []), *device])
+        auto["budget"] = evaluate.parse_bytes(budget) if budget else None
         out["runs"].append(auto)
-        print(f"  {size} K={k} auto under {budget}: ran {auto['ran']}, {auto['wall']:.0f} s", flush=True)
+        print(f"  {size} K={k} auto under {budget or 'the GPU free memory'}: ran {auto['ran']}, "
+              f"{auto['wall']:.0f} s", flush=True)
         for mode in ("in-memory", "one-model", "streaming") if args.runs == "all" else ():
             if mode == auto["ran"] or (mode == "in-memory" and not fits):
                 continue
@@ -292,7 +296,8 @@ def print_tables(results) -> None:
                 cells.append(f"{v['RssAnon'] / MIB:,.0f} / {v['RssFile'] / MIB:,.0f}" if v else "-")
             anon = max(v["RssAnon"] for v in run["peaks"].values())
             budget = run.get("budget")
-            label = f"auto, --max-memory {budget / GIB:.2f} GiB" if budget else run["mode"]
+            label = (f"auto, --max-memory {budget / GIB:.2f} GiB" if budget else
+                     "auto (GPU free memory)" if run["mode"] == "auto" else run["mode"])
             within = ("yes" if anon <= budget else f"NO ({anon / budget:.2f} x)") if budget else "-"
             print(f"| {label} | {run['ran']} | {run['wall']:.0f} | " + " | ".join(cells)
                   + f" | {run['seconds'].get('write', float('nan')):.0f} | {anon / MIB:,.0f} | {within} |")
@@ -338,7 +343,7 @@ def main() -> None:
     for size in args.sizes.split(","):
         folder = args.cache / size
         start = time.perf_counter()
-        build_experts.build(folder, size, max(ks), args.tokenizer)
+        build_experts.build(folder, size, max(ks), args.tokenizer, device="cuda" if args.device.startswith("cuda") else "cpu")
         print(f"  {size}: {max(ks)} experts ready in {folder} ({time.perf_counter() - start:.0f} s)", flush=True)
         for k in ks:
             results.append(bench_one(size, k, folder / f"recipe-k{k}.yml", args))

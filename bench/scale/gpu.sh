@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The scale bench on a lent GPU machine, as one prepared run (device time is short).
+#
+#   bash bench/scale/gpu.sh OUT [SECONDS]
+#
+# 1. installs the wheels carried in .whl/ (what the machine's image lacks: mergekit, pydantic,
+#    huggingface_hub 2.x, transformers 5.25, ...) into /tmp/site when .whl/ is there;
+# 2. a smoke run on tiny experts (every strategy on the GPU); stops there if it fails;
+# 3. 1B, K = 4 and 8: every strategy's s / eval against the floor, and a whole run in auto mode;
+# 4. 3B (Llama-3.2-3B's shape), K = 4, when at least 4 minutes of SECONDS (default 480) are left.
+# (Here, to try the script on CPU: DEVICE=cpu NO_WHEELS=1 ONLY_TINY=1 PY=.venv/bin/python.)
+# Each step writes its results JSON and log under OUT; the experts are drawn on the GPU
+# (build_experts.py --device cuda) and built into /tmp, never into the repo.
+set -uo pipefail
+OUT=${1:?usage: gpu.sh OUT [SECONDS]}
+LIMIT=${2:-480}
+DEVICE=${DEVICE:-cuda}
+CACHE=${CACHE:-/tmp/scale-cache}
+START=$SECONDS
+mkdir -p "$OUT"
+cd "$(dirname "$0")/../.."
+if [ -d .whl ] && [ -z "${NO_WHEELS:-}" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed"; exit 1; }
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error
+PY=${PY:-python3}
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
+  df -h "$CACHE" /tmp . 2>/dev/null | sort -u
+  nproc; free -g | head -2
+  $PY -c "import torch, transformers, mergekit, swarm_merge; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'transformers', transformers.__version__)"
+} 2>&1 | tee "$OUT/machine.txt"
+
+bench() {  # bench NAME ARGS...: one bench_scale run, its JSON and log under OUT
+  local name=$1; shift
+  echo "== $name ($((SECONDS - START)) s in)"
+  $PY bench/scale/bench_scale.py --device "$DEVICE" --cache "$CACHE" --json "$OUT/$name.json" "$@" 2>&1 \
+    | tee "$OUT/$name.log"
+}
+
+bench tiny --sizes tiny --experts 2 --repeats 1 --runs auto --tokenizer /nonexistent \
+  || { echo "the tiny smoke run failed: stopping"; exit 1; }
+[ -n "${ONLY_TINY:-}" ] && exit 0
+bench 1b --sizes 1b --experts 4,8 --repeats 3 --runs auto --tokenizer /nonexistent || echo "1b failed"
+rm -rf "$CACHE/1b"
+if [ $((LIMIT - (SECONDS - START))) -ge 240 ]; then
+  bench 3b --sizes 3b --experts 4 --repeats 3 --runs auto --tokenizer /nonexistent || echo "3b failed"
+else
+  echo "== 3b skipped: $((LIMIT - (SECONDS - START))) s left of $LIMIT"
+fi
+echo "== done in $((SECONDS - START)) s"
