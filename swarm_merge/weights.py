@@ -164,6 +164,8 @@ def combine(stacked: torch.Tensor, c: torch.Tensor, out: Optional[torch.Tensor] 
             torch.matmul(c.unsqueeze(0), stacked, out=out.view(1, -1))
             return out
         result = torch.matmul(c.unsqueeze(0), stacked).view(-1)
+    elif out is not None and stacked.is_cuda and _fused_combine(stacked, c, out):
+        return out
     else:
         # 16-bit experts: float32 accumulation, term by term as mergekit's linear method does it
         # (addcmul into a float32 result), so the weights searched are the weights it writes. c[k]
@@ -174,6 +176,55 @@ def combine(stacked: torch.Tensor, c: torch.Tensor, out: Optional[torch.Tensor] 
     if out is not None:
         return out.copy_(result)
     return result
+
+
+_KERNEL: list = []  # [the Triton kernel, or None where Triton is absent], made on first use
+
+
+def _fused_kernel():
+    """The K-term combine as one Triton kernel: each element is read once per expert and written
+    once, where the addcmul chain above moves the float32 accumulator through memory K + 2 times
+    (1B parameters, K = 4, an H200: 28 ms a build). Written by hand because torch has no fused
+    "weighted sum of K 16-bit rows in float32"; the arithmetic is the addcmul chain's (a fused
+    multiply-add per term in float32, in the experts' order), so both give the same bits."""
+    if not _KERNEL:
+        try:
+            import triton
+            import triton.language as tl
+        except ImportError:
+            _KERNEL.append(None)
+            return None
+
+        @triton.jit
+        def kernel(x_ptr, c_ptr, out_ptr, n, stride_k, K: tl.constexpr, BLOCK: tl.constexpr):
+            offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            mask = offs < n
+            acc = tl.zeros([BLOCK], dtype=tl.float32)
+            for k in tl.static_range(K):
+                x = tl.load(x_ptr + k * stride_k + offs, mask=mask, other=0.0).to(tl.float32)
+                acc = tl.fma(x, tl.load(c_ptr + k), acc)  # as torch's addcmul: one rounding per term
+            tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+        _KERNEL.append((kernel, triton.cdiv))
+    return _KERNEL[0]
+
+
+FUSED_BLOCK = 4096
+
+
+def _fused_combine(stacked: torch.Tensor, c: torch.Tensor, out: torch.Tensor) -> bool:
+    """:func:`combine` of 16-bit rows into ``out`` with the Triton kernel; False where it cannot
+    (no Triton, or a layout it does not take), and the caller combines as before."""
+    made = _fused_kernel()
+    if made is None or stacked.dim() != 2 or stacked.stride(1) != 1 or not out.is_contiguous() \
+            or c.device != stacked.device or out.device != stacked.device:
+        return False
+    kernel, cdiv = made
+    n = stacked.shape[1]
+    if n:
+        kernel[(cdiv(n, FUSED_BLOCK),)](stacked, c.to(torch.float32).contiguous(), out.view(-1), n, stacked.stride(0),
+                                        K=stacked.shape[0], BLOCK=FUSED_BLOCK, num_warps=8)
+    return True
 
 
 def coefficient_rows(coefficients: np.ndarray, device) -> List[torch.Tensor]:

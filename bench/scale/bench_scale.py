@@ -249,6 +249,8 @@ def bench_one(size: str, k: int, recipe: Path, args) -> dict:
     # free memory (as a user's run does) unless --max-memory is given.
     budget = args.max_memory or (None if args.device.startswith("cuda") else BUDGET[size])
     with tempfile.TemporaryDirectory(prefix="swarm-scale-") as tmp:
+        if args.runs == "none":
+            return out
         device = ["--device", args.device]
         auto = measure("auto", args.set, Path(tmp) / "auto", recipe=recipe,
                        extra=[*(["--max-memory", budget] if budget else []), *device])
@@ -311,8 +313,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed evaluations per strategy (after one warm-up)")
     p.add_argument("--max-memory", help="the auto run's budget (default per size: " + ", ".join(
         f"{k} {v}" for k, v in BUDGET.items()) + ")")
-    p.add_argument("--runs", choices=("all", "auto"), default="all",
-                   help="whole runs: auto under the budget, then every other mode that fits (all), or auto only")
+    p.add_argument("--runs", choices=("all", "auto", "none"), default="all",
+                   help="whole runs: auto under the budget, then every other mode that fits (all), auto only, or none")
     p.add_argument("--set", action="append", default=[], help="recipe overrides for the whole runs")
     p.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine (the workers and the whole runs)")
     p.add_argument("--cache", type=Path, default=build_experts.CACHE)
