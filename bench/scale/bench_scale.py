@@ -242,7 +242,7 @@ def bench_one(size: str, k: int, recipe: Path, args) -> dict:
     for s in strategies:
         out["workers"][s] = run_worker(s, str(recipe), "--repeats", str(args.repeats), "--device", args.device)
         w = out["workers"][s]
-        print(f"  {size} K={k} {s}: {w['median_s']:.2f} s/eval, build {w['build_s']:.2f} s, "
+        print(f"  {size} K={k} {s}: {w['median_s']:.3f} s/eval, build {w['build_s']:.3f} s, "
               f"{w['bytes_read'] / GIB:.2f} GiB read, peak anon {w['peak']['RssAnon'] / MIB:,.0f} MiB", flush=True)
     out["bandwidth"] = run_worker("bandwidth", str(recipe))
     # On CPU auto runs under a host budget below in-memory's need; on a GPU it decides from the GPU's
@@ -280,7 +280,7 @@ def print_tables(results) -> None:
               + (" GPU peak MiB |" if gpu else ""))
         print("|---|---|---|---|---|---|" + ("---|" if gpu else ""))
         for s, v in w.items():
-            print(f"| {s} | {v['median_s']:.2f} | {v['median_s'] / floor:.2f} | {v['build_s']:.2f} | "
+            print(f"| {s} | {v['median_s']:.3f} | {v['median_s'] / floor:.2f} | {v['build_s']:.3f} | "
                   f"{v['bytes_read'] / GIB:.2f} | {v['peak']['RssAnon'] / MIB:,.0f} / {v['peak']['RssFile'] / MIB:,.0f} |"
                   + (f" {v.get('gpu_peak', 0) / MIB:,.0f} |" if gpu else ""))
         if "in-memory" not in w:
@@ -310,6 +310,7 @@ def main() -> None:
     p.add_argument("--sizes", default="135m,1b")
     p.add_argument("--experts", default="4,8", help="values of K")
     p.add_argument("--strategies", default="floor,in-memory,one-model,streaming")
+    p.add_argument("--dev-rows", type=int, default=8, help="rows in the dev set scored per evaluation")
     p.add_argument("--repeats", type=int, default=3, help="timed evaluations per strategy (after one warm-up)")
     p.add_argument("--max-memory", help="the auto run's budget (default per size: " + ", ".join(
         f"{k} {v}" for k, v in BUDGET.items()) + ")")
@@ -336,7 +337,10 @@ def main() -> None:
     if args.report:  # the tables and the cost model again, from a results file
         results = json.loads(args.report.read_text())
         print_tables(results)
-        cost_model.report(results)
+        if all(r.get("device", "cpu") == "cpu" for r in results):
+            cost_model.report(results)
+        else:  # a GPU run: its own rates
+            cost_model.report_gpu(results, build_experts.SIZES[results[0]["size"]].get("num_hidden_layers", 1))
         return
     ks = [int(k) for k in args.experts.split(",")]
     print(f"# bench_scale: {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {args.device}; "
@@ -348,11 +352,13 @@ def main() -> None:
         build_experts.build(folder, size, max(ks), args.tokenizer, device="cuda" if args.device.startswith("cuda") else "cpu")
         print(f"  {size}: {max(ks)} experts ready in {folder} ({time.perf_counter() - start:.0f} s)", flush=True)
         for k in ks:
-            results.append(bench_one(size, k, folder / f"recipe-k{k}.yml", args))
+            results.append(bench_one(size, k, build_experts.recipe_with_dev_rows(folder, k, args.dev_rows), args))
     (args.json or args.cache / "results.json").write_text(json.dumps(results, indent=1))
     print_tables(results)
-    if args.device == "cpu":  # the model's rates are the CPU's; a GPU run is read against its GPU rows
+    if args.device == "cpu":
         cost_model.report(results)
+    elif all({"in-memory", "one-model", "streaming"} <= set(r["workers"]) for r in results):
+        cost_model.report_gpu(results, build_experts.SIZES[results[0]["size"]].get("num_hidden_layers", 1))
 
 
 if __name__ == "__main__":

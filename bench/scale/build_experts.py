@@ -174,6 +174,18 @@ def _write_recipe(out: Path, k: int) -> None:
         f"swarm:\n  size: {k + 2}\n  max_iterations: 1\n  racing: false\n  seed: 0\n")
 
 
+def recipe_with_dev_rows(out: Path, k: int, rows: int) -> Path:
+    """``recipe-k{k}.yml`` with a dev set of ``rows`` rows instead of 8 (``dev-{rows}.jsonl``): a
+    forward on a GPU costs about the same for 8 rows as for a few hundred, so a dev set of a real
+    size shows where the per-evaluation build stops mattering."""
+    if rows == 8:
+        return out / f"recipe-k{k}.yml"
+    (out / f"dev-{rows}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(rows, 0)))
+    path = out / f"recipe-k{k}-dev{rows}.yml"
+    path.write_text((out / f"recipe-k{k}.yml").read_text().replace("dev: dev.jsonl", f"dev: dev-{rows}.jsonl"))
+    return path
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", choices=sorted(SIZES), default="1b")

@@ -39,10 +39,11 @@ class Shape:
     name: str
     params: float
     largest: float  # elements of the largest tensor (the embeddings or the head)
+    layers: int = 0
 
 
 # Llama-2 7B and 70B (untied head, vocabulary 32000), the shapes most merges are made of.
-TARGETS = (Shape("7B", 6.74e9, 32000 * 4096), Shape("70B", 68.98e9, 32000 * 8192))
+TARGETS = (Shape("7B", 6.74e9, 32000 * 4096, 32), Shape("70B", 68.98e9, 32000 * 8192, 80))
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,11 @@ class Gpu:
     hbm: float  # device memory bytes/s a combine reaches
     h2d: float  # host-to-device bytes/s from pinned memory
     host_ram: float  # the GPU machine's memory: the page cache that holds the experts
+    # Measured on a lent GPU (calibrate_gpu); the datasheet rows leave them unset:
+    layer_s: float = 0.0  # a forward's fixed seconds per decoder layer (kernel launches, Python), any batch
+    comb: Optional[float] = None  # in-memory's build: (K + 1) x model bytes per second
+    host_build: Optional[float] = None  # one-model's build: expert bytes read, copied and combined per second
+    stream_s: Optional[float] = None  # streaming's seconds per parameter per forward beyond one-model's build
 
 
 # Datasheet figures (H100 SXM: 989 TFLOP/s dense bf16, 3.35 TB/s; H200: 141 GB, 4.8 TB/s), at 40%
@@ -121,20 +127,36 @@ def predict_cpu(rates: Rates, params: float, largest: float, k: int, e: int, tok
 
 
 def predict_gpu(gpu: Gpu, rates: Rates, params: float, largest: float, k: int, e: int, tokens: int,
-                mode: str, forwards: int = 1) -> Dict[str, float]:
+                mode: str, forwards: int = 1, layers: int = 0) -> Dict[str, float]:
     """On one GPU: the forward at the roofline (FLOPs, or one read of the weights, whichever is
-    slower); in-memory combines in device memory; one-model and streaming read on the host
-    (this machine's pread rates, the page cache of ``gpu.host_ram``) and copy to the
-    device, overlapped (the slower of the two); streaming's hooks as measured on the CPU."""
-    floor = max(2 * params * tokens / gpu.flops, params * e / gpu.hbm)
+    slower) plus its fixed cost per layer where measured; in-memory combines in device memory;
+    one-model and streaming read on the host (this machine's pread rates, the page cache of
+    ``gpu.host_ram``) and copy to the device, overlapped (the slower of the two), or at the rate
+    measured on a GPU machine; streaming's hooks as measured on the CPU, or on the GPU."""
+    floor = max(2 * params * tokens / gpu.flops, params * e / gpu.hbm) + gpu.layer_s * layers
     expert_bytes = k * params * e
     if mode == "in-memory":
-        build = (expert_bytes + params * e) / gpu.hbm
+        build = (expert_bytes + params * e) / (gpu.comb or gpu.hbm)
     else:
-        build = expert_bytes / min(_read_rate(rates, expert_bytes, 0, gpu.host_ram), gpu.h2d)
+        host = gpu.host_build or min(_read_rate(rates, expert_bytes, 0, gpu.host_ram), gpu.h2d)
+        build = expert_bytes / host
         if mode == "streaming":
-            build = forwards * (build + rates.hook * params)
+            build = forwards * (build + (rates.hook if gpu.stream_s is None else gpu.stream_s) * params)
     return {"seconds": floor + build, "floor": floor}
+
+
+def calibrate_gpu(res: dict, layers: int, datasheet: Gpu) -> Gpu:
+    """``datasheet`` with the rates one GPU run of bench_scale.py measured (one size and K)."""
+    w = res["workers"]
+    e = 2 if res["dtype"] in ("bfloat16", "float16") else 4
+    params, k = res["params"], res["k"]
+    roofline = max(2 * params * w["floor"]["tokens"] / datasheet.flops, params * e / datasheet.hbm)
+    layer_s = max(w["floor"]["median_s"] - roofline, 0.0) / layers
+    host_build = k * params * e / w["one-model"]["build_s"]
+    stream = (w["streaming"]["median_s"] - w["floor"]["median_s"] - k * params * e / host_build) / params
+    return Gpu(f"{datasheet.name}, measured", datasheet.memory, datasheet.flops, datasheet.hbm, datasheet.h2d,
+               datasheet.host_ram, layer_s=layer_s, comb=(k + 1) * params * e / w["in-memory"]["build_s"],
+               host_build=host_build, stream_s=max(stream, 0.0))
 
 
 def calibrate(res: dict) -> Rates:
@@ -223,7 +245,7 @@ def report(results: List[dict], tokens: int = 2000, gpus=GPUS) -> Optional[Rates
                      lambda mode, shape=shape, k=k: predict_cpu(rates, shape.params, shape.largest, k, 2, tokens, mode))]
             rows += [(gpu.name, 0.8 * gpu.memory,
                       lambda mode, gpu=gpu, shape=shape, k=k: predict_gpu(gpu, rates, shape.params, shape.largest, k, 2,
-                                                                          tokens, mode))
+                                                                          tokens, mode, layers=shape.layers))
                      for gpu in gpus]
             for where, budget, predict in rows:
                 auto = auto_mode(est, budget)
@@ -235,3 +257,40 @@ def report(results: List[dict], tokens: int = 2000, gpus=GPUS) -> Optional[Rates
                           f"{p['seconds'] / p['floor']:.2f} | {held / GIB:,.1f} | "
                           f"{'yes' if est[mode] <= budget else 'no'} | {'**auto**' if mode == auto else ''} |")
     return rates
+
+
+def report_gpu(results: List[dict], layers: int, datasheet: Gpu = GPUS[1], tokens: int = 2000) -> Gpu:
+    """The GPU rows again, from a GPU run of bench_scale.py (one size, ``layers`` decoder layers):
+    calibrated on its smallest K, checked on the others, extrapolated to 7B and 70B."""
+    usable = sorted((r for r in results if {"floor", "in-memory", "one-model", "streaming"} <= set(r["workers"])),
+                    key=lambda r: r["k"])
+    reference = usable[0]
+    gpu = calibrate_gpu(reference, layers, datasheet)
+    print(f"\n## The cost model on {gpu.name}, calibrated on {reference['size']} K={reference['k']}\n")
+    print(f"a forward's fixed cost {gpu.layer_s * 1e3:.2f} ms per layer; in-memory's build {gpu.comb / 1e12:.2f} TB/s "
+          f"of (K + 1) x model bytes; one-model's build {gpu.host_build / 1e9:.2f} GB/s of expert bytes; streaming "
+          f"{gpu.stream_s * 1e9:.3f} s per 1e9 parameters per forward beyond that.\n")
+    print("| configuration | mode | predicted s / eval | measured | predicted / measured |")
+    print("|---|---|---|---|---|")
+    for res in usable:
+        tok = res["workers"]["floor"]["tokens"]
+        for mode in ("floor",) + MODES:
+            p = predict_gpu(gpu, None, res["params"], res["largest"], res["k"], 2, tok,
+                            "in-memory" if mode == "floor" else mode, layers=layers)
+            pred = p["floor"] if mode == "floor" else p["seconds"]
+            meas = res["workers"][mode]["median_s"]
+            print(f"| {res['size']} K={res['k']}{' (calibration)' if res is reference else ''} | {mode} | "
+                  f"{pred:.3f} | {meas:.3f} | {pred / meas:.2f} |")
+    print(f"\n### Extrapolated on {gpu.name}: {tokens} tokens scored per evaluation\n")
+    print("| model | K | mode | s / eval | x floor | weights on the GPU GiB | fits | auto takes |")
+    print("|---|---|---|---|---|---|---|---|")
+    for shape in TARGETS:
+        for k in (4, 10):
+            est = estimate(shape.params, shape.largest, k, 2)
+            auto = auto_mode(est, 0.8 * gpu.memory)
+            for mode in MODES:
+                p = predict_gpu(gpu, None, shape.params, shape.largest, k, 2, tokens, mode, layers=shape.layers)
+                print(f"| {shape.name} | {k} | {mode} | {p['seconds']:,.2f} | {p['seconds'] / p['floor']:.2f} | "
+                      f"{est[mode] / GIB:,.1f} | {'yes' if est[mode] <= 0.8 * gpu.memory else 'no'} | "
+                      f"{'**auto**' if mode == auto else ''} |")
+    return gpu

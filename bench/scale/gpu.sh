@@ -5,8 +5,10 @@
 #
 # 1. installs the wheels carried in .whl/ (what the machine's image lacks: mergekit, pydantic,
 #    huggingface_hub 2.x, transformers 5.25, ...) into /tmp/site when .whl/ is there;
-# 2. a smoke run on tiny experts (every strategy on the GPU); stops there if it fails;
-# 3. 1B, K = 4 and 8: every strategy's s / eval against the floor, and a whole run in auto mode;
+# 2. the fused combine's tests, and a smoke run on tiny experts (every strategy on the GPU); stops
+#    there if the smoke run fails;
+# 3. 1B, K = 4 and 8: in-memory against the floor with 256 dev rows; every strategy's s / eval
+#    against the floor with 8, and a whole run in auto mode;
 # 4. 3B (Llama-3.2-3B's shape), K = 4, when at least 4 minutes of SECONDS (default 480) are left.
 # (Here, to try the script on CPU: DEVICE=cpu NO_WHEELS=1 ONLY_TINY=1 PY=.venv/bin/python.)
 # Each step writes its results JSON and log under OUT; the experts are drawn on the GPU
@@ -42,9 +44,13 @@ bench() {  # bench NAME ARGS...: one bench_scale run, its JSON and log under OUT
     | tee "$OUT/$name.log"
 }
 
+timeout 60 $PY -m pytest -q -p no:cacheprovider tests/test_fused_combine.py 2>&1 | tail -3 | tee "$OUT/fused.txt"
 bench tiny --sizes tiny --experts 2 --repeats 1 --runs auto --tokenizer /nonexistent \
   || { echo "the tiny smoke run failed: stopping"; exit 1; }
 [ -n "${ONLY_TINY:-}" ] && exit 0
+# in-memory against the floor at the bench's 8 dev rows and at 256 (a dev set of a real size)
+bench 1b-dev256 --sizes 1b --experts 4,8 --dev-rows 256 --strategies floor,in-memory --runs none \
+  --tokenizer /nonexistent || echo "1b-dev256 failed"
 bench 1b --sizes 1b --experts 4,8 --repeats 3 --runs auto --tokenizer /nonexistent || echo "1b failed"
 rm -rf "$CACHE/1b"
 if [ $((LIMIT - (SECONDS - START))) -ge 240 ]; then
