@@ -229,6 +229,8 @@ def _check_state(state: swarm.SwarmState, path: Path, *, n: int, groups: int, ex
             raise bad(f"{name} is not a number")
     if not 0 < state.step_length < math.inf:
         raise bad("step_length is not a positive number")
+    if isinstance(state.rho, bool) or not isinstance(state.rho, (int, float)) or not 0 <= state.rho < math.inf:
+        raise bad("rho is not a radius")
     for name in ("iteration", "since_global", "evaluations"):
         value = getattr(state, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -162,6 +162,7 @@ class SwarmState:
     iteration: int = 0
     since_global: int = 0  # iterations since g last changed
     evaluations: int = 0
+    rho: float = 0.0  # local_search: the search radius around g (coefficient units), 0 before the first move
 
     def to_dict(self) -> Dict[str, Any]:
         out = {}
@@ -174,7 +175,7 @@ class SwarmState:
     def from_dict(cls, data: Dict[str, Any]) -> "SwarmState":
         kwargs = {}
         for f in dataclasses.fields(cls):
-            value = data[f.name]
+            value = data[f.name] if f.default is dataclasses.MISSING else data.get(f.name, f.default)
             kwargs[f.name] = np.asarray(value, dtype=np.int64 if f.name == "stale" else float) if isinstance(value, list) else value
         return cls(**kwargs)
 
@@ -217,6 +218,7 @@ class Proposal:
     v: np.ndarray  # new velocities
     evaluate: np.ndarray  # (n,) bool: which particles get evaluated (Drop-K/N)
     restarted: np.ndarray  # (n,) bool
+    searcher: int = -1  # local_search: the particle sent around g this iteration (-1: none)
 
 
 def propose(state: SwarmState, settings: Any, rng: np.random.Generator) -> Proposal:
@@ -234,12 +236,21 @@ def propose(state: SwarmState, settings: Any, rng: np.random.Generator) -> Propo
     x[restarted] = state.p[restarted]
     v[restarted] = 0.0
 
+    searcher = -1
     if spso:
         # SPSO-2011 constants, one random weight per coefficient, no normaliser, no step length.
         r = rng.random((n, x.shape[1], x.shape[2], 2))
         v = (SPSO_INERTIA * v + SPSO_ACCELERATION * r[..., 0] * (state.p - x)
              + SPSO_ACCELERATION * r[..., 1] * (state.g[None] - x))
         v = v - v.mean(axis=-1, keepdims=True)  # back onto sum_k b_k = 0
+        searcher = _local_searcher(state, settings, moving)
+        if searcher >= 0:
+            # GCPSO (van den Bergh and Engelbrecht, 2002): the moving particle with the best personal
+            # best samples around g, x = g + w v + rho (1 - 2 r), where the others would stall (its
+            # pull towards p and g is zero once it holds g); rho adapts to its success (update).
+            step = _rho(state, settings) * (1.0 - 2.0 * rng.random(x.shape[1:]))
+            step = step - step.mean(axis=-1, keepdims=True)
+            v[searcher] = state.g - x[searcher] + SPSO_INERTIA * state.v[searcher] + step
         x = x + v
     else:
         phi = np.array([settings.inertia, settings.cognitive, settings.social, settings.repel])
@@ -260,7 +271,27 @@ def propose(state: SwarmState, settings: Any, rng: np.random.Generator) -> Propo
         # The last iteration scores only the particles that still fit in the budget.
         left = max(budget(settings) - state.evaluations, 0)
         evaluate &= np.cumsum(evaluate) <= left
-    return Proposal(x=x, v=v, evaluate=evaluate, restarted=restarted)
+    return Proposal(x=x, v=v, evaluate=evaluate, restarted=restarted, searcher=searcher)
+
+
+LOCAL_UP, LOCAL_DOWN = 1.5, 1.5 ** -0.25  # the 1/5 success rule: rho holds when 1 move in 5 improves g
+
+
+def _local_searcher(state: SwarmState, settings: Any, moving: np.ndarray) -> int:
+    """local_search: the moving particle with the best personal best ("best"), or the one whose personal
+    best is the global best ("holder", GCPSO's rule: none while an anchor holds it); -1 for none."""
+    mode = getattr(settings, "local_search", "off")
+    if mode in ("off", False) or not moving.any():
+        return -1
+    p_score = np.where(moving, _nan_worst(state.p_score), -np.inf)
+    i = int(np.argmax(p_score))
+    if mode == "holder" and not (p_score[i] >= state.g_score and np.array_equal(state.p[i], state.g)):
+        return -1
+    return i
+
+
+def _rho(state: SwarmState, settings: Any) -> float:
+    return state.rho if state.rho > 0 else float(settings.init_spread)
 
 
 def update(state: SwarmState, proposal: Proposal, scores: np.ndarray, settings: Any) -> SwarmState:
@@ -299,7 +330,17 @@ def update(state: SwarmState, proposal: Proposal, scores: np.ndarray, settings: 
         iteration=state.iteration + 1,
         since_global=0 if changed else state.since_global + 1,
         evaluations=state.evaluations + int(ev.sum()),
+        rho=_next_rho(state, proposal, s, settings),
     )
+
+
+def _next_rho(state: SwarmState, proposal: Proposal, s: np.ndarray, settings: Any) -> float:
+    """The 1/5 success rule on the local searcher's move: wider after it improved g, narrower after not."""
+    i = proposal.searcher
+    if i < 0 or not proposal.evaluate[i]:
+        return state.rho
+    rho = _rho(state, settings) * (LOCAL_UP if s[i] > state.g_score else LOCAL_DOWN)
+    return float(min(max(rho, 1e-4), 100.0))
 
 
 def finished(state: SwarmState, settings: Any) -> bool:

@@ -31,3 +31,20 @@ def test_its_own_build_is_replaced(tmp_path):
         (tmp / "new.txt").write_text("new build")
     assert sorted(p.name for p in final.iterdir()) == [cache.BUILD_INFO, "new.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["add"]
+
+
+def test_the_shipped_adapters_are_used_only_for_the_spec_they_were_trained_with():
+    # recipes/demo/adapters/<skill>: what a first `make demo` merges instead of training (the merged experts
+    # are bit-identical to trained ones: checked when they were shipped, bench/RESULTS.md / the Issue 25 note).
+    import json
+
+    from builder.spec import BaseSpec, ExpertSpec
+    from builder.train import SHIPPED, shipped_adapter
+
+    for skill in ("add", "words", "capitalize", "repeat"):
+        spec = ExpertSpec.for_skill(skill)
+        assert shipped_adapter(spec, BaseSpec()) == SHIPPED / skill
+        info = json.loads((SHIPPED / skill / "build_info.json").read_text())
+        assert info["build_spec"] == spec.key() and info["base_model_name_or_path"] == "../../base"
+        assert shipped_adapter(ExpertSpec.for_skill(skill, steps=31), BaseSpec()) is None  # another training
+        assert shipped_adapter(spec, BaseSpec(dtype="bfloat16")) is None  # another base

@@ -201,8 +201,12 @@ def _wrong_experts(data):
     data["state"]["gw"] = [row + [0.0] for row in data["state"]["gw"]]
 
 
+def _negative_radius(data):
+    data["state"]["rho"] = -1.0
+
+
 @pytest.mark.parametrize("damage", [_shrink_x, _string_score, _nan_position, _negative_iteration, _bad_history,
-                                    _wrong_experts])
+                                    _wrong_experts, _negative_radius])
 def test_a_malformed_checkpoint_is_refused_with_one_line(damage, checkpointed, capsys):
     recipe, state = checkpointed
     data = json.loads(state.read_text())

@@ -371,3 +371,34 @@ def test_new_levers_deterministic_per_seed_and_resume_exact():
     search._check_state(swarm.SwarmState.from_dict(search._unstrict(json.loads(json.dumps(search._strict(
         half.to_dict()))))), "c.json", n=s.size, groups=1, experts=4)  # what search.py checkpoints passes its check
 
+
+
+def test_local_search_samples_around_the_global_best_and_adapts_its_radius():
+    # GCPSO: the moving particle with the best personal best goes to g + w v + rho (1 - 2 r), projected to
+    # sum 0; rho starts at init_spread, widens by 1.5 after a move that improved g, narrows after one that did not.
+    s = settings(**NEW, size=7, local_search=True)
+    rng = np.random.default_rng(0)
+    x0 = swarm.initial_positions(4, s.size, seed_soup=True, rng=rng, init=s.init, spread=s.init_spread)
+    scores = np.array([0.0, 0.0, 5.0, 0.0, 1.0, 3.0, 2.0])  # an anchor (expert 2) holds g; particle 5 is next
+    state = swarm.init_state(x0, scores, s, rng)
+    prop = swarm.propose(state, s, rng)
+    assert prop.searcher == 5
+    jump = prop.x[5] - (state.g + swarm.SPSO_INERTIA * state.v[5])
+    assert np.allclose(jump.sum(-1), 0) and np.abs(jump).max() <= 2 * s.init_spread
+    assert np.allclose(prop.x.sum(-1), 1.0)
+    better = swarm.update(state, prop, np.where(np.arange(7) == 5, 9.0, np.where(prop.evaluate, 0.0, np.nan)), s)
+    assert better.rho == pytest.approx(s.init_spread * swarm.LOCAL_UP) and better.g_score == 9.0
+    worse = swarm.update(state, prop, np.where(prop.evaluate, 0.0, np.nan), s)
+    assert worse.rho == pytest.approx(s.init_spread * swarm.LOCAL_DOWN)
+    # the radius survives a checkpoint; a state saved before the radius existed resumes at init_spread
+    assert swarm.SwarmState.from_dict(json.loads(json.dumps(better.to_dict()))).rho == better.rho
+    old = better.to_dict()
+    del old["rho"]
+    assert swarm.SwarmState.from_dict(old).rho == 0.0 and swarm._rho(swarm.SwarmState.from_dict(old), s) == s.init_spread
+
+
+def test_local_search_is_off_in_the_paper_update_and_by_default():
+    assert SwarmSettings().local_search == "off"  # (bench/RESULTS.md: measured as a lever)
+    s = settings(local_search=True)  # the paper's update: no local searcher
+    state, _ = drive(s, np.random.default_rng(1).normal(size=(4, 20)), np.random.default_rng(2), steps=3)
+    assert state.rho == 0.0

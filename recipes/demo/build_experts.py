@@ -45,8 +45,12 @@ Usage::
     python recipes/demo/build_experts.py --data-only    # (re)write data/*.jsonl
     python recipes/demo/build_experts.py --out DIR --steps 30 --force
 
-About 3 minutes on 2 CPU cores (GGUF conversion ~20 s, each expert
-~30-50 s); the output is bit-identical from run to run.  Offline: every
+About 3 minutes on 2 CPU cores where it trains (GGUF conversion ~20 s,
+each expert ~30-50 s); the four LoRA adapters ship in ``adapters/`` next to
+this script, trained by this builder (``--ship``), so a first build merges
+them instead of training where their spec and the base's match (``--train``
+trains anyway). The output is bit-identical from run to run, trained or
+shipped.  Offline: every
 load is from a local path.
 
 Dependencies: torch, transformers (>=5), peft, safetensors, gguf and the
@@ -71,7 +75,7 @@ from builder.base import base_status, build_base  # noqa: E402
 from builder.skills import SKILLS, eval_prompts, write_data  # noqa: E402
 from builder.reward import build_reward, reward_status  # noqa: E402
 from builder.spec import DEFAULT_LR, DEFAULT_STEPS, TRAIN_SEED, BaseSpec, ExpertSpec, RewardSpec  # noqa: E402
-from builder.train import build_expert, expert_status  # noqa: E402
+from builder.train import build_expert, expert_status, ship, shipped_adapter  # noqa: E402
 
 DEFAULT_OUT = HERE / "models"
 DATA_DIR = HERE / "data"
@@ -92,6 +96,10 @@ def parse_args(argv):
     ap.add_argument("--reward", action="store_true",
                     help="also the reward model of recipes/demo-reward.yml (about 80 s; `make demo-reward` asks)")
     ap.add_argument("--force", action="store_true", help="rebuild even complete folders")
+    ap.add_argument("--train", action="store_true",
+                    help="train every LoRA, even where recipes/demo/adapters/ ships one trained with the same spec")
+    ap.add_argument("--ship", action="store_true",
+                    help="after the build, copy its adapters into recipes/demo/adapters/ (what a first build merges)")
     ap.add_argument("--data-only", action="store_true", help="only (re)write data/dev.jsonl and data/test.jsonl")
     ap.add_argument("--data-dir", type=Path, default=DATA_DIR, help="data folder (default: %(default)s)")
     return ap.parse_args(argv)
@@ -148,17 +156,21 @@ def main(argv=None) -> int:
     for skill in args.skills:
         spec = ExpertSpec.for_skill(skill, steps=args.steps, lr=args.lr, seed=args.seed)
         status = expert_status(out, spec)
-        if status == "ok" and not rebuilt_base:
+        if status == "ok" and not rebuilt_base and not args.force:
             print(f"[{skill}] {out / skill} complete, skipped", flush=True)
-            continue
-        t0 = time.time()
-        stats = build_expert(out, spec, forbidden)
-        print(
-            f"[{skill}] {status}: {spec.steps} LoRA steps, loss {stats['first_loss']:.3f} -> "
-            f"{stats['last_loss']:.3f}, merged -> {out / skill}, adapter -> {out / 'adapters' / skill} "
-            f"in {time.time() - t0:.1f}s",
-            flush=True,
-        )
+        else:
+            t0 = time.time()
+            shipped = None if args.train else shipped_adapter(spec, BaseSpec())
+            stats = build_expert(out, spec, forbidden, shipped=shipped)
+            how = f"the shipped LoRA ({shipped})" if shipped else f"{spec.steps} LoRA steps"
+            print(
+                f"[{skill}] {status}: {how}, loss {stats['first_loss']:.3f} -> "
+                f"{stats['last_loss']:.3f}, merged -> {out / skill}, adapter -> {out / 'adapters' / skill} "
+                f"in {time.time() - t0:.1f}s",
+                flush=True,
+            )
+        if args.ship:
+            print(f"[{skill}] shipped -> {ship(out, spec, BaseSpec())}", flush=True)
 
     # 4. The reward model of recipes/demo-reward.yml (a preference no expert has), when asked:
     #    recipes/demo.yml does not need it.

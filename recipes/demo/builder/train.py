@@ -18,7 +18,13 @@ from pathlib import Path
 
 from . import cache, layout
 from .skills import SKILLS
-from .spec import ExpertSpec
+from .spec import BaseSpec, ExpertSpec
+
+SHIPPED = Path(__file__).resolve().parents[1] / "adapters"
+"""recipes/demo/adapters/<skill>/: the four LoRA adapters as this builder trained them (float32, 3.6 MB
+each), committed so that a first ``make demo`` merges them instead of training (about 2 minutes on 2
+cores). Used only where their build_info.json records this spec and this base spec; ``--train`` ignores
+them; ``--ship`` rewrites them from a build."""
 
 
 def expert_status(out: Path, spec: ExpertSpec) -> str:
@@ -30,11 +36,28 @@ def expert_status(out: Path, spec: ExpertSpec) -> str:
     return "ok" if adapter == "ok" else f"adapter {adapter}"
 
 
-def build_expert(out: Path, spec: ExpertSpec, forbidden: set) -> dict:
-    """Train the skill's LoRA on ``<out>/base``; write its adapter and merged expert folders."""
+def shipped_adapter(spec: ExpertSpec, base_spec: BaseSpec):
+    """The committed adapter of ``spec.skill`` when it was trained with ``spec`` on a base built with
+    ``base_spec`` (its build_info.json says so), else None."""
+    folder = SHIPPED / spec.skill
+    if not all((folder / f).is_file() for f in (*layout.ADAPTER_FILES, cache.BUILD_INFO)):
+        return None
+    info = json.loads((folder / cache.BUILD_INFO).read_text())
+    if info.get("build_spec") != spec.key() or info.get("base_build_spec") != base_spec.key():
+        return None
+    return folder
+
+
+def build_expert(out: Path, spec: ExpertSpec, forbidden: set, *, shipped: Path = None) -> dict:
+    """Train the skill's LoRA on ``<out>/base`` (or load the ``shipped`` adapter trained so); write its
+    adapter and merged expert folders. Training is deterministic, so both give the same bits."""
     base = layout.base_dir(out)
-    model, tok, losses = train_lora(base, spec, forbidden)
-    extra = {"first_loss": round(losses[0], 4), "last_loss": round(losses[-1], 4)}
+    if shipped is not None:
+        model, tok, extra = load_shipped(base, shipped)
+        losses = [extra["first_loss"], extra["last_loss"]]
+    else:
+        model, tok, losses = train_lora(base, spec, forbidden)
+        extra = {"first_loss": round(losses[0], 4), "last_loss": round(losses[-1], 4)}
     save_adapter(model, layout.adapter_dir(out, spec.skill), base, spec, extra)
     merged = model.merge_and_unload()
     merged.eval()
@@ -92,6 +115,35 @@ def train_lora(base: Path, spec: ExpertSpec, forbidden: set):
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
     return model, tok, losses
+
+
+def load_shipped(base: Path, shipped: Path):
+    """(peft model, tokenizer, the training's losses) from a committed adapter folder."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    info = json.loads((shipped / cache.BUILD_INFO).read_text())
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, info["build_spec"]["dtype"]))
+    model = PeftModel.from_pretrained(model, shipped)
+    return model, tok, {"first_loss": info["first_loss"], "last_loss": info["last_loss"]}
+
+
+def ship(out: Path, spec: ExpertSpec, base_spec: BaseSpec) -> Path:
+    """Copy the built adapter of ``spec.skill`` into :data:`SHIPPED`, with the base's spec recorded."""
+    import shutil
+
+    built = layout.adapter_dir(out, spec.skill)
+    info = json.loads((built / cache.BUILD_INFO).read_text())
+    if info.get("build_spec") != spec.key():
+        raise RuntimeError(f"{built} was not built with this spec; build it first")
+    final = SHIPPED / spec.skill
+    final.mkdir(parents=True, exist_ok=True)
+    for name in layout.ADAPTER_FILES:
+        shutil.copyfile(built / name, final / name)
+    (final / cache.BUILD_INFO).write_text(json.dumps({**info, "base_build_spec": base_spec.key()}, indent=2) + "\n")
+    return final
 
 
 def lr_scale(step: int, steps: int, warmup: int) -> float:
