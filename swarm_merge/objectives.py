@@ -224,25 +224,46 @@ def _left_padded(seqs: Sequence[Sequence[int]], pad: int):
 
 class _LineDone:
     """Stops generation once every row has written a non-blank line and a newline
-    after it (or EOS): the first non-blank line is all that is scored."""
+    after it (or EOS): the first non-blank line is all that is scored. With ``answers``
+    (exact_match), a row also stops once its match is decided whatever it writes next."""
 
-    def __init__(self, tokenizer, start: int, eos: Optional[int]):
+    def __init__(self, tokenizer, start: int, eos: Optional[int], answers: Optional[List[str]] = None,
+                 how: str = "prefix"):
         self.tokenizer, self.start, self.eos = tokenizer, start, eos
+        self.answers, self.how = answers, how
 
     def __call__(self, input_ids, scores, **kwargs):
         texts = self.tokenizer.batch_decode(input_ids[:, self.start :], skip_special_tokens=False)
         done = []
-        for row, text in zip(input_ids, texts):
+        for i, (row, text) in enumerate(zip(input_ids, texts)):
             stripped = text.lstrip()
             ended = self.eos is not None and bool((row[self.start :] == self.eos).any())
-            done.append(ended or ("\n" in stripped and stripped.split("\n", 1)[0].strip() != ""))
+            done.append(ended or ("\n" in stripped and stripped.split("\n", 1)[0].strip() != "")
+                        or (self.answers is not None and _decided(stripped, self.answers[i], self.how)))
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
+def _decided(line: str, answer: str, how: str) -> bool:
+    """Whether the match of a first line that begins with ``line`` (more text may follow on it) is
+    already fixed: for prefix, once the line is as long as the answer or departs from it; for exact,
+    once it departs from it (trailing blanks aside). Never on a partly decoded character (U+FFFD)
+    or a special token's text, which later tokens may still change."""
+    want = answer.strip()
+    if not line or "\ufffd" in line or "<" in line or how == "contains":
+        return False
+    if how == "prefix" and len(line) >= len(want):
+        return True
+    head = line.rstrip()
+    return not (want.startswith(head) if len(head) <= len(want) else False) if how in ("prefix", "exact") else False
+
+
 @torch.inference_mode()
-def _greedy(model, tokenizer, examples, objective, device, batch_size=None, *, one_line: bool) -> List[str]:
+def _greedy(model, tokenizer, examples, objective, device, batch_size=None, *, one_line: bool,
+            until_decided: bool = False) -> List[str]:
     """Each row's greedy completion (``objective.max_new_tokens`` at most; with ``one_line``,
-    generation stops once every row has finished its first non-blank line)."""
+    generation stops once every row has finished its first non-blank line, and with
+    ``until_decided`` once every row's exact match is decided: its completion may then be cut
+    short, but scores as the whole one would)."""
     from transformers import StoppingCriteriaList
 
     prompts = [_prepare(tokenizer, objective, ex.prompt) for ex in examples]
@@ -255,7 +276,9 @@ def _greedy(model, tokenizer, examples, objective, device, batch_size=None, *, o
         # Left padding: every row's last prompt token sits at the same position.
         ids, mask, _ = _left_padded([encoded[i] for i in batch], pad)
         width = ids.shape[1]
-        stop = StoppingCriteriaList([_LineDone(tokenizer, width, tokenizer.eos_token_id)]) if one_line else None
+        answers = [examples[i].answer for i in batch] if until_decided else None
+        stop = StoppingCriteriaList([_LineDone(tokenizer, width, tokenizer.eos_token_id, answers,
+                                               getattr(objective, "match", "prefix"))]) if one_line else None
         out = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
@@ -271,7 +294,8 @@ def _greedy(model, tokenizer, examples, objective, device, batch_size=None, *, o
 
 
 def score_exact_match(model, tokenizer, examples, objective, device, batch_size=None) -> Score:
-    completions = _greedy(model, tokenizer, examples, objective, device, batch_size, one_line=True)
+    completions = _greedy(model, tokenizer, examples, objective, device, batch_size, one_line=True,
+                          until_decided=True)
     hits = [float(_matches(text, ex.answer, objective.match)) for text, ex in zip(completions, examples)]
     return aggregate(hits, [1.0] * len(examples), examples)
 

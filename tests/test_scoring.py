@@ -336,22 +336,35 @@ def em_examples(rows, answers, groups=None) -> List[Example]:
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 64])
-def test_exact_match_completions_equal_per_row_greedy(lm, em_rows, batch_size, monkeypatch):
-    """The completion score_exact_match compares is the reference's, row by row."""
-    seen = {}
-    real = objectives._matches
+def test_exact_match_completions_equal_per_row_greedy(lm, em_rows, batch_size):
+    """The completion exact_match generates (until every row's first line ends) is the reference's, row by row."""
+    got = objectives._greedy(lm.model, lm.tok, em_examples(em_rows, ["@"] * len(em_rows)),
+                             objective("exact_match", max_new_tokens=MAX_NEW), DEVICE, batch_size, one_line=True)
+    for (prompt, ref), text in zip(em_rows, got):
+        assert first_line(text) == first_line(ref), (prompt, text, ref)
 
-    def spy(completion, answer, how):
-        seen[answer] = completion
-        return real(completion, answer, how)
 
-    monkeypatch.setattr(objectives, "_matches", spy)
-    answers = ["@%d" % i for i in range(len(em_rows))]  # unique keys, never generated
-    objectives.score_exact_match(lm.model, lm.tok, em_examples(em_rows, answers),
-                                 objective("exact_match", max_new_tokens=MAX_NEW), DEVICE, batch_size=batch_size)
-    assert sorted(seen) == sorted(answers)
-    for (prompt, ref), key in zip(em_rows, answers):
-        assert first_line(seen[key]) == first_line(ref), (prompt, seen[key], ref)
+@pytest.mark.parametrize("how", ["exact", "prefix", "contains"])
+def test_exact_match_stops_a_row_once_decided_and_scores_as_the_whole_completion(lm, em_rows, how):
+    """Generation stops for a row once its match is decided (the answer covered, or departed from):
+    every row scores as its whole reference completion does, for answers that match, depart at the
+    first or a later character, or run past the line; rows that depart early generate fewer tokens."""
+    rows, answers = [], []
+    for prompt, ref in em_rows:
+        line = first_line(ref)
+        for answer in {line, line[:1], line[: max(1, len(line) // 2)], line[:1] + "\u2603", "\u2603",
+                       line[: max(1, len(line) // 2)] + "\u2603", line + "x"}:
+            rows.append((prompt, ref))
+            answers.append(answer)
+    examples = [Example(prompt=p, answer=a, group=f"r{i}") for i, ((p, _), a) in enumerate(zip(rows, answers))]
+    obj = objective("exact_match", max_new_tokens=MAX_NEW, match=how)
+    result = objectives.score_exact_match(lm.model, lm.tok, examples, obj, DEVICE, batch_size=7)
+    for i, ((prompt, ref), answer) in enumerate(zip(rows, answers)):
+        assert result.groups[f"r{i}"] == float(objectives._matches(ref, answer, how)), (prompt, ref, answer, how)
+    cut = objectives._greedy(lm.model, lm.tok, examples, obj, DEVICE, 7, one_line=True, until_decided=True)
+    whole = objectives._greedy(lm.model, lm.tok, examples, obj, DEVICE, 7, one_line=True)
+    if how != "contains":  # contains decides only at the line's end
+        assert sum(map(len, cut)) < sum(map(len, whole))
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 64])
