@@ -240,10 +240,11 @@ class SwarmSettings(_Frozen):
     # Racing (swarm_merge/racing.py): a moving particle is scored on race_slice of the dev rows first and
     # finished only if it may still beat its personal best (dropped when its paired estimate is below it at
     # race_confidence). auto: on where the objective's utility is a mean over rows (not lm_eval or custom).
-    # local_search (update spso only): each iteration the moving particle with the best personal best samples
-    # around the global best, x = g + w v + rho (1 - 2 r), rho (first init_spread) widened by 1.5 after a move
-    # that improved g and narrowed by 1.5^(1/4) after one that did not (GCPSO with the 1/5 success rule).
-    local_search: Union[bool, Literal["off", "best", "holder"]] = "off"
+    # local_search (update spso only, GCPSO): each iteration one moving particle samples around the global best,
+    # x = g + w v + rho (1 - 2 r), rho (first init_spread) widened by 1.5 after a move that improved g and
+    # narrowed by 1.5^(1/4) after one that did not (the 1/5 success rule). "holder": the particle whose personal
+    # best is the global best (none while an expert holds it); "best": the one with the best personal best.
+    local_search: Literal["off", "best", "holder"] = "off"
     racing: Union[bool, Literal["auto"]] = "auto"
     race_slice: float = Field(0.25, gt=0, lt=1)
     race_confidence: float = Field(0.95, gt=0.5, lt=1)

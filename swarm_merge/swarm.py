@@ -281,7 +281,7 @@ def _local_searcher(state: SwarmState, settings: Any, moving: np.ndarray) -> int
     """local_search: the moving particle with the best personal best ("best"), or the one whose personal
     best is the global best ("holder", GCPSO's rule: none while an anchor holds it); -1 for none."""
     mode = getattr(settings, "local_search", "off")
-    if mode in ("off", False) or not moving.any():
+    if mode == "off" or not moving.any():
         return -1
     p_score = np.where(moving, _nan_worst(state.p_score), -np.inf)
     i = int(np.argmax(p_score))

@@ -376,7 +376,7 @@ def test_new_levers_deterministic_per_seed_and_resume_exact():
 def test_local_search_samples_around_the_global_best_and_adapts_its_radius():
     # GCPSO: the moving particle with the best personal best goes to g + w v + rho (1 - 2 r), projected to
     # sum 0; rho starts at init_spread, widens by 1.5 after a move that improved g, narrows after one that did not.
-    s = settings(**NEW, size=7, local_search=True)
+    s = settings(**NEW, size=7, local_search="best")
     rng = np.random.default_rng(0)
     x0 = swarm.initial_positions(4, s.size, seed_soup=True, rng=rng, init=s.init, spread=s.init_spread)
     scores = np.array([0.0, 0.0, 5.0, 0.0, 1.0, 3.0, 2.0])  # an anchor (expert 2) holds g; particle 5 is next
@@ -395,10 +395,14 @@ def test_local_search_samples_around_the_global_best_and_adapts_its_radius():
     old = better.to_dict()
     del old["rho"]
     assert swarm.SwarmState.from_dict(old).rho == 0.0 and swarm._rho(swarm.SwarmState.from_dict(old), s) == s.init_spread
+    # "holder": none while an expert (an anchor) holds g; the moving particle that holds it once one does
+    holder = settings(**NEW, size=7, local_search="holder")
+    assert swarm.propose(state, holder, np.random.default_rng(1)).searcher == -1
+    assert swarm.propose(better, holder, np.random.default_rng(1)).searcher == 5
 
 
 def test_local_search_is_off_in_the_paper_update_and_by_default():
     assert SwarmSettings().local_search == "off"  # (bench/RESULTS.md: measured as a lever)
-    s = settings(local_search=True)  # the paper's update: no local searcher
+    s = settings(local_search="best")  # the paper's update: no local searcher
     state, _ = drive(s, np.random.default_rng(1).normal(size=(4, 20)), np.random.default_rng(2), steps=3)
     assert state.rho == 0.0

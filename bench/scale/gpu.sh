@@ -4,7 +4,16 @@
 #   bash bench/scale/gpu.sh OUT [SECONDS]
 #
 # 1. installs the wheels carried in .whl/ (what the machine's image lacks: mergekit, pydantic,
-#    huggingface_hub 2.x, transformers 5.25, ...) into /tmp/site when .whl/ is there;
+#    huggingface_hub 2.x, transformers 5.25, ...) into /tmp/site when .whl/ is there. Made here with
+#    (30 MB; `echo /.whl/ >> .git/info/exclude` first, then carry ".whl" in the device call):
+#      pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#        --platform manylinux1_x86_64 -d .whl mergekit==0.1.5 transformers==5.25.0 huggingface_hub==2.4.0 \
+#        httpx2==2.16.2 httpcore2==2.16.2 truststore==0.10.5 kernels==0.19.1 tomlkit==0.15.3 pydantic==2.14.4 \
+#        pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 immutables==0.21 cmaes==0.13.1 \
+#        datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 peft==0.21.2 accelerate==1.16.0 click==8.5.1 \
+#        hf-xet==1.8.0 fsspec==2026.9.0 typing-extensions==4.16.0 tokenizers==0.23.3
+#    (2026-12-04: the whole script took longer than 560 s; give it 600 or drop the 3b step);
 # 2. the fused combine's tests, and a smoke run on tiny experts (every strategy on the GPU); stops
 #    there if the smoke run fails;
 # 3. 1B, K = 4 and 8: in-memory against the floor with 256 dev rows; every strategy's s / eval
