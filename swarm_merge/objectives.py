@@ -253,8 +253,8 @@ def _decided(line: str, answer: str, how: str) -> bool:
         return False
     if how == "prefix" and len(line) >= len(want):
         return True
-    head = line.rstrip()
-    return not (want.startswith(head) if len(head) <= len(want) else False) if how in ("prefix", "exact") else False
+    head = line.rstrip()  # (exact: trailing blanks may still be followed by more of the answer)
+    return len(head) > len(want) or not want.startswith(head)
 
 
 @torch.inference_mode()

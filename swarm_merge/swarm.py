@@ -38,6 +38,10 @@ Levers beyond the paper (each a SwarmSettings field; their paper values give the
   (``restart_patience`` applies to the paper's update only).
 - ``stop: budget``: no patience stop; the search runs until ``budget(settings)`` evaluations are spent (the
   last iteration scores only the particles that still fit).
+- ``local_search`` (``best`` or ``holder``; ``off`` by default, measured in bench/RESULTS.md): under
+  ``spso``, one moving particle per iteration goes to ``g + w v + rho (1 - 2 r)`` (GCPSO), projected onto
+  sum 0, ``rho`` adapted by the 1/5 success rule and kept in the state; its draw,
+  ``rng.random((groups, K))``, comes after SPSO's.
 """
 
 from __future__ import annotations
@@ -245,9 +249,9 @@ def propose(state: SwarmState, settings: Any, rng: np.random.Generator) -> Propo
         v = v - v.mean(axis=-1, keepdims=True)  # back onto sum_k b_k = 0
         searcher = _local_searcher(state, settings, moving)
         if searcher >= 0:
-            # GCPSO (van den Bergh and Engelbrecht, 2002): the moving particle with the best personal
-            # best samples around g, x = g + w v + rho (1 - 2 r), where the others would stall (its
-            # pull towards p and g is zero once it holds g); rho adapts to its success (update).
+            # GCPSO (van den Bergh and Engelbrecht, 2002): the local searcher samples around g,
+            # x = g + w v + rho (1 - 2 r), where SPSO would stall it (its pull towards p and g is zero
+            # once it holds g); rho adapts to its success (update).
             step = _rho(state, settings) * (1.0 - 2.0 * rng.random(x.shape[1:]))
             step = step - step.mean(axis=-1, keepdims=True)
             v[searcher] = state.g - x[searcher] + SPSO_INERTIA * state.v[searcher] + step
