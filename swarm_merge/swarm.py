@@ -179,7 +179,8 @@ class SwarmState:
     def from_dict(cls, data: Dict[str, Any]) -> "SwarmState":
         kwargs = {}
         for f in dataclasses.fields(cls):
-            value = data[f.name] if f.default is dataclasses.MISSING else data.get(f.name, f.default)
+            # rho came later: a state saved before it resumes at init_spread; any other field is required
+            value = data.get(f.name, 0.0) if f.name == "rho" else data[f.name]
             kwargs[f.name] = np.asarray(value, dtype=np.int64 if f.name == "stale" else float) if isinstance(value, list) else value
         return cls(**kwargs)
 

@@ -14,6 +14,7 @@ Built weights are checked finite in their dtype chunk by chunk while in cache
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import queue
@@ -178,35 +179,30 @@ def combine(stacked: torch.Tensor, c: torch.Tensor, out: Optional[torch.Tensor] 
     return result
 
 
-_KERNEL: list = []  # [the Triton kernel, or None where Triton is absent], made on first use
-
-
+@functools.cache
 def _fused_kernel():
     """The K-term combine as one Triton kernel: each element is read once per expert and written
     once, where the addcmul chain above moves the float32 accumulator through memory K + 2 times
     (1B parameters, K = 4, an H200: 28 ms a build). Written by hand because torch has no fused
     "weighted sum of K 16-bit rows in float32"; the arithmetic is the addcmul chain's (a fused
     multiply-add per term in float32, in the experts' order), so both give the same bits."""
-    if not _KERNEL:
-        try:
-            import triton
-            import triton.language as tl
-        except ImportError:
-            _KERNEL.append(None)
-            return None
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
 
-        @triton.jit
-        def kernel(x_ptr, c_ptr, out_ptr, n, stride_k, K: tl.constexpr, BLOCK: tl.constexpr):
-            offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-            mask = offs < n
-            acc = tl.zeros([BLOCK], dtype=tl.float32)
-            for k in tl.static_range(K):
-                x = tl.load(x_ptr + k * stride_k + offs, mask=mask, other=0.0).to(tl.float32)
-                acc = tl.fma(x, tl.load(c_ptr + k), acc)  # as torch's addcmul: one rounding per term
-            tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    @triton.jit
+    def kernel(x_ptr, c_ptr, out_ptr, n, stride_k, K: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for k in tl.static_range(K):
+            x = tl.load(x_ptr + k * stride_k + offs, mask=mask, other=0.0).to(tl.float32)
+            acc = tl.fma(x, tl.load(c_ptr + k), acc)  # as torch's addcmul: one rounding per term
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
-        _KERNEL.append((kernel, triton.cdiv))
-    return _KERNEL[0]
+    return kernel, triton.cdiv
 
 
 FUSED_BLOCK = 4096

@@ -395,6 +395,9 @@ def test_local_search_samples_around_the_global_best_and_adapts_its_radius():
     old = better.to_dict()
     del old["rho"]
     assert swarm.SwarmState.from_dict(old).rho == 0.0 and swarm._rho(swarm.SwarmState.from_dict(old), s) == s.init_spread
+    del old["evaluations"]  # every other field stays required: such a state is refused, never resumed at 0
+    with pytest.raises(KeyError):
+        swarm.SwarmState.from_dict(old)
     # "holder": none while an expert (an anchor) holds g; the moving particle that holds it once one does
     holder = settings(**NEW, size=7, local_search="holder")
     assert swarm.propose(state, holder, np.random.default_rng(1)).searcher == -1

@@ -61,7 +61,7 @@ bench tiny --sizes tiny --experts 2 --repeats 1 --runs auto --tokenizer /nonexis
 bench 1b-dev256 --sizes 1b --experts 4,8 --dev-rows 256 --strategies floor,in-memory --runs none \
   --tokenizer /nonexistent || echo "1b-dev256 failed"
 bench 1b --sizes 1b --experts 4,8 --repeats 3 --runs auto --tokenizer /nonexistent || echo "1b failed"
-rm -rf "$CACHE/1b"
+[ -f "$CACHE/1b/.scale-bench" ] && rm -rf "$CACHE/1b"  # only a folder the bench's builder wrote (its marker)
 if [ $((LIMIT - (SECONDS - START))) -ge 240 ]; then
   bench 3b --sizes 3b --experts 4 --repeats 3 --runs auto --tokenizer /nonexistent || echo "3b failed"
 else
