@@ -188,7 +188,8 @@ class Bench:
             values = self.rows(x)[0]
             return objectives.aggregate([values[i] for i in idx], [1.0] * len(idx), race.rows(which))
 
-        memo_path = Path(f"/tmp/bench-selection-{lever}-{seed}.json")
+        # (per bench: two benches may run side by side)
+        memo_path = self.cache_path.with_name(f"{self.cache_path.stem}-{lever}-{seed}.checkpoint.json")
         memo_path.unlink(missing_ok=True)
         result = search.run_search(settings, num_experts=self.k, num_groups=self.g, evaluate=scored,
                                    checkpoint=memo_path, fingerprint=lever, progress=False, race=race,

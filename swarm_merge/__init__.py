@@ -9,8 +9,7 @@ Python use::
     report = run(load_recipe("recipe.yml"), RunOptions(out_dir="out/x"))
 """
 
-__version__ = "0.1.0"
-
+from swarm_merge.options import VERSION as __version__
 from swarm_merge.errors import (  # noqa: E402
     DataError,
     EvaluationError,

@@ -28,7 +28,7 @@ import re
 import warnings
 from collections import Counter
 from collections.abc import Mapping
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ import torch
 from swarm_merge.errors import EvaluationError, InputError
 from swarm_merge.experts import Expert
 from swarm_merge.objectives import Example, Score, row_count, score
-from swarm_merge import weights
+from swarm_merge import distributed, weights
 from swarm_merge.recipe import short_repr
 from swarm_merge.weights import (
     ChunkedCombiner,
@@ -438,6 +438,11 @@ class StreamingEvaluator(Evaluator):
                 return super().evaluate(coefficients, examples, objective)
         finally:
             trim_heap()
+
+
+def score_all(evaluator: Evaluator, objective, jobs: Sequence[tuple], ranks=None) -> List[Score]:
+    """Scores of ``jobs`` [(coefficients, rows)], spread over the ranks (default: this process)."""
+    return (ranks or distributed.Ranks()).map(lambda job: evaluator.evaluate(job[0], job[1], objective), jobs)
 
 
 def trim_heap() -> None:

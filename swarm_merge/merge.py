@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 
 import logging
-import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -32,8 +31,11 @@ from typing_extensions import Annotated
 from mergekit.merge_methods import BatchParameter, ParameterScope, TensorBatch, merge_method
 
 from swarm_merge.experts import Expert
+from swarm_merge.errors import EvaluationError
+from swarm_merge.recipe import portable_path
+from swarm_merge.weights import is_finite
 
-__all__ = ["swarm_method", "register", "mergekit_config", "write_merge"]
+__all__ = ["swarm_method", "register", "mergekit_config", "write_merge", "check_written", "model_ref"]
 
 LOG = logging.getLogger(__name__)
 
@@ -84,9 +86,7 @@ def model_ref(expert: Expert, *, portable: bool, relative_to: Optional[Path] = N
         return f"{expert.ref.model}@{expert.revision}" if expert.revision else expert.ref.model
     path = str(Path(expert.path).resolve())
     if portable and relative_to is not None:
-        # A published file carries no absolute local path: relative to the recipe's folder.
-        relative = os.path.relpath(path, relative_to)
-        return relative if relative.startswith("..") else os.path.join(".", relative)
+        return portable_path(path, relative_to)  # a published file carries no absolute local path
     return path
 
 
@@ -215,3 +215,20 @@ def write_merge(config: Dict[str, Any], out_path: Path, *, device: str = "cpu", 
         run_merge(merge_config, str(out_path), options=options, config_source=yaml.safe_dump(config, sort_keys=False))
     if not any(out_path.glob("*.safetensors")):
         raise RuntimeError(f"mergekit wrote no safetensors into {out_path}")
+
+
+def check_written(folder: Path) -> None:
+    """The model mergekit wrote is finite, read back tensor by tensor (one read of one model).
+    The winner's build passed the same check during the search, but mergekit reads the experts
+    in float32 where the evaluators read them converted to the recipe's dtype: near float16's
+    limit the two roundings can differ, and a model with inf must never be published."""
+    from safetensors import safe_open
+
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            for name in f.keys():
+                tensor = f.get_tensor(name)
+                if tensor.is_floating_point() and not is_finite(tensor):
+                    raise EvaluationError(f"the merge mergekit wrote holds NaN or inf in {name!r} (the winner's "
+                                          "weights overflow the recipe's dtype); use dtype: float32 or bfloat16, "
+                                          "then run again with --force")

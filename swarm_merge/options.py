@@ -8,7 +8,11 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-__all__ = ["RunOptions", "OneLineParser"]
+__all__ = ["RunOptions", "OneLineParser", "VERSION"]
+
+# swarm_merge.__version__ (here, at the bottom layer, so swarm.json can name it without importing the package
+# top; pyproject.toml's version must match: tests/test_cli.py checks).
+VERSION = "0.1.0"
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -39,7 +39,7 @@ import numpy as np
 
 from swarm_merge.objectives import Custom, Score, Suite, aggregate
 
-__all__ = ["Race", "can_race", "plan_race", "race_of", "RACE_TYPES"]
+__all__ = ["Race", "can_race", "plan_race", "race_of", "rows_scorer", "RACE_TYPES"]
 
 RACE_TYPES = ("exact_match", "multiple_choice", "loglik", "reward", "judge")
 
@@ -218,3 +218,10 @@ def race_of(settings, objective, data) -> Optional[Race]:
         raise RecipeError(f"swarm.racing: true, but a slice of {settings.race_slice:g} of the dev rows (2 or more per "
                           "row group) leaves no rows to finish with; add dev rows or lower swarm.race_slice")
     return race
+
+
+def rows_scorer(evaluator, race: Optional[Race], objective):
+    """Racing's scorer: ``(coefficients, stage) -> Score`` on that stage's dev rows (None without a race)."""
+    if race is None:
+        return None
+    return lambda x, stage: evaluator.evaluate(x, race.rows(stage), objective)

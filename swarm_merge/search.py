@@ -162,7 +162,7 @@ class _Run:
 
 # In the swarm state a failed evaluation scores -inf (ranked worst); strict
 # JSON has no infinities, so the checkpoint writes null and reads it back.
-_SCORE_FIELDS = ("score", "p_score", "g_score", "gw_score")
+_SCORE_FIELDS = ("score", "p_score", "g_score", "gw_score", "seen_s")
 
 
 def _strict(state: Dict[str, Any]) -> Dict[str, Any]:
@@ -237,6 +237,8 @@ def _check_state(state: swarm.SwarmState, path: Path, *, n: int, groups: int, ex
             raise bad(f"{name} is not a count")
     if (state.stale < 0).any():
         raise bad("stale is not a count")
+    if state.seen_s.ndim != 1 or len(state.seen_s) != len(state.seen_x) or not np.isfinite(state.seen_x).all():
+        raise bad("the archive of scored positions is not positions and their scores")
 
 
 def _is_score(entry: Any) -> bool:

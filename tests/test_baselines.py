@@ -217,7 +217,7 @@ def test_selection_noise_warns_when_the_gain_is_within_chance():
     """sd/sqrt(N) * sqrt(2 ln E) at the winner's accuracy; a warning when the gain over uniform is within it."""
     import math
 
-    from swarm_merge import pipeline, report as report_mod
+    from swarm_merge import report as report_mod, results
     from swarm_merge.recipe import Objective
 
     def row(name, kind, dev):
@@ -227,10 +227,10 @@ def test_selection_noise_warns_when_the_gain_is_within_chance():
     objective = Objective(type="exact_match", dev="x.jsonl")
     expected = math.sqrt(0.5 * 0.5) / math.sqrt(72) * math.sqrt(2 * math.log(56))
     close = report_mod.Scores(rows=[row("uniform average", "uniform", 0.375), row("swarm winner", "winner", 0.5)])
-    noise, warnings = pipeline._selection_noise(objective, close, 56)
+    noise, warnings = results.selection_noise(objective, close, 56)
     assert noise == pytest.approx(expected, abs=1e-6) and expected > 0.125
     assert len(warnings) == 1 and "+0.125" in warnings[0] and "56 scores on 72 dev rows" in warnings[0]
     far = report_mod.Scores(rows=[row("uniform average", "uniform", 0.2), row("swarm winner", "winner", 0.5)])
-    assert pipeline._selection_noise(objective, far, 56)[1] == []  # a gain of 0.3 is not chance
+    assert results.selection_noise(objective, far, 56)[1] == []  # a gain of 0.3 is not chance
     loglik = Objective(type="loglik", dev="x.jsonl")
-    assert pipeline._selection_noise(loglik, close, 56) == (None, [])  # accuracy objectives only
+    assert results.selection_noise(loglik, close, 56) == (None, [])  # accuracy objectives only

@@ -392,3 +392,13 @@ def test_push_without_token_fails_before_the_search(tiny_recipe, tmp_path, monke
     assert main([str(tiny_recipe()), "--push-to-hub", "me/merged"]) == 2
     assert "needs a Hub token" in one_error_line(capsys)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_package_version_is_pyprojects():
+    # swarm.json names swarm_merge.VERSION (options.py); the wheel's version comes from pyproject.toml
+    tomllib = pytest.importorskip("tomllib")  # (Python 3.11+)
+
+    import swarm_merge
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    assert swarm_merge.__version__ == project["version"]

@@ -409,3 +409,52 @@ def test_local_search_is_off_in_the_paper_update_and_by_default():
     s = settings(local_search="best")  # the paper's update: no local searcher
     state, _ = drive(s, np.random.default_rng(1).normal(size=(4, 20)), np.random.default_rng(2), steps=3)
     assert state.rho == 0.0
+
+
+def test_model_local_search_sends_the_worst_particle_to_the_surrogates_best_draw():
+    # local_search "model": the moving particle with the worst personal best goes to the draw, of MODEL_DRAWS steps
+    # around g drawn as GCPSO draws one, that a quadratic fitted on every scored position ranks best. On an exact
+    # quadratic in the coefficients the fit is exact, so it is the truly best draw.
+    s = settings(**NEW, size=8, local_search="model")
+    peak = np.array([0.7, 0.5, -0.1, -0.1])
+    quad = lambda a: float(-np.sum((a[0] - peak) ** 2))  # noqa: E731
+    rng = np.random.default_rng(0)
+    x0 = swarm.initial_positions(4, s.size, seed_soup=True, rng=rng, init=s.init, spread=s.init_spread)
+    state = swarm.init_state(x0, np.array([quad(x) for x in x0]), s, rng)
+    # the archive holds every scored position: 8 initial, too few for the 10-term quadratic's fit
+    assert len(state.seen_x) == len(state.seen_s) == 8
+    for _ in range(2):
+        replay = np.random.default_rng(0)
+        replay.bit_generator.state = rng.bit_generator.state
+        prop = swarm.propose(state, s, rng)
+        replay.random((s.size, 1, 4, 2))  # SPSO's draws, then the candidate steps
+        steps = state.g + swarm._rho(state, s) * (1 - 2 * replay.random((swarm.MODEL_DRAWS, 1, 4)))
+        steps = steps - (steps - state.g).mean(-1, keepdims=True)
+        worst = 4 + int(np.argmin(state.p_score[4:]))
+        assert prop.searcher == worst
+        if len(state.seen_x) >= 12:  # enough points: the best draw under the true quadratic
+            assert np.allclose(prop.x[worst], steps[int(np.argmax([quad(c) for c in steps]))])
+        else:  # too few: the first draw, as GCPSO
+            assert np.allclose(prop.x[worst], steps[0])
+        assert np.allclose(prop.x.sum(-1), 1.0)
+        scores = np.array([quad(x) if e else np.nan for x, e in zip(prop.x, prop.evaluate)])
+        state = swarm.update(state, prop, scores, s)
+    assert len(state.seen_x) == 8 + 2 * 4
+    # the archive survives the checkpoint, a failed evaluation's -inf included, and resumes exactly
+    from swarm_merge import search
+
+    state.seen_s[3] = -np.inf
+    back = swarm.SwarmState.from_dict(search._unstrict(json.loads(json.dumps(search._strict(state.to_dict())))))
+    assert np.array_equal(back.seen_x, state.seen_x) and np.array_equal(back.seen_s, state.seen_s)
+    search._check_state(back, "c.json", n=s.size, groups=1, experts=4)
+    a = swarm.propose(state, s, np.random.default_rng(3))
+    b = swarm.propose(back, s, np.random.default_rng(3))
+    assert np.array_equal(a.x, b.x)
+    # a state saved before the archive existed resumes with an empty one (the model waits for points)
+    old = state.to_dict()
+    del old["seen_x"], old["seen_s"]
+    assert swarm.SwarmState.from_dict(old).seen_x.shape == (0, 1, 4)
+    bad = back.to_dict()
+    bad["seen_s"] = bad["seen_s"][:-1]
+    with pytest.raises(Exception, match="archive"):
+        search._check_state(swarm.SwarmState.from_dict(search._unstrict(bad)), "c.json", n=s.size, groups=1, experts=4)
