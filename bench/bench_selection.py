@@ -42,6 +42,7 @@ import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -52,7 +53,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from swarm_merge import baselines, evaluate, experts as experts_mod, objectives, racing, search, space  # noqa: E402
+from swarm_merge import baselines, objectives, pipeline, racing, search  # noqa: E402
+from swarm_merge.options import RunOptions  # noqa: E402
 from swarm_merge.objectives import Score  # noqa: E402
 from swarm_merge.recipe import load_recipe  # noqa: E402
 
@@ -89,17 +91,15 @@ class Bench:
     def __init__(self, recipe_path: Path, overrides=()):
         self.recipe = load_recipe(recipe_path, list(overrides))
         r = self.recipe
-        self.experts = experts_mod.pull_experts(r.experts)
-        self.groups, labels = space.tensor_groups(sorted(self.experts[0].tensors), granularity=r.swarm.granularity,
-                                                  layer_groups=r.swarm.layer_groups)
-        self.g = len(labels)
+        # The run's own reading of the recipe (experts, space, objective and rows), as mergekit-swarm does it;
+        # the output folder is a temporary one the bench never writes.
+        self._out = tempfile.TemporaryDirectory(prefix="bench-selection-")
+        plan = pipeline.prepare(r, RunOptions(out_dir=str(Path(self._out.name) / "out"), device="cpu"))
+        self.experts, self.groups = plan.experts, plan.groups
+        self.g = len(plan.group_labels)
         self.k = len(self.experts)
-        self.objective = r.objective
-        self.dev = objectives.load_examples(r.objective.dev, r.objective.type, r.objective.group_by)
-        self.test = objectives.load_examples(r.objective.test, r.objective.type, r.objective.group_by)
-        tok = str(r.base_model.model) if r.base_model else str(self.experts[0].path)
-        self.ev = evaluate.make_evaluator("in-memory", self.experts, self.groups, dtype=r.dtype,
-                                          device=torch.device("cpu"), tokenizer_path=tok)
+        self.objective, self.dev, self.test = plan.objective, plan.dev, plan.test
+        self.ev = plan.kind.evaluator("in-memory", plan.groups, torch.device("cpu"))
         self.loglik = self.objective.model_copy(update={"type": "loglik"})
         # Scores by position, kept on disk (a rerun or another lever reuses them): "dev" per-row values,
         # "ll" the gold answers' mean log-likelihood (computed only when a lever asks), "test" utility.

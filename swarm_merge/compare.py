@@ -17,88 +17,113 @@ import numpy as np
 
 from swarm_merge import baselines, distributed, evaluate, experts as experts_mod, merge, objectives, racing
 from swarm_merge import report as report_mod, search, weights
-from swarm_merge.options import RunOptions
 
 __all__ = ["compare"]
 
 LOG = logging.getLogger(__name__)
 
 
-def compare(recipe, objective, result, evaluator, dev, test, k: int, g: int, options: RunOptions, *, experts,
-            adapters: bool, ranks=None, race=None) -> report_mod.Comparison:
-    """Random search, CMA-ES, a GP and NGOpt (and the swarm at other seeds) at the swarm's item budget
-    (the dev rows it scored), through the run's evaluator and one memo shared with the swarm's (baselines.py)."""
-    import tempfile
-
+def compare(plan, result, evaluator, race) -> report_mod.Comparison:
+    """Random search, CMA-ES, a GP and NGOpt (and the swarm at other seeds) at the swarm's item budget (the
+    dev rows it scored), through the run's evaluator and one memo shared with the swarm's (baselines.py);
+    task arithmetic, TIES and DARE on their grids. ``plan``: the run's :class:`swarm_merge.pipeline.Plan`;
+    ``race``: the search's racing (None: off)."""
     # The swarm's cost in dev rows buys each baseline this many whole-dev-set evaluations (without
     # racing: exactly the distinct positions the swarm scored).
-    rows = result.best_score.n or objectives.row_count(dev)
-    items = result.items
-    budget = max(1, items // rows)
+    rows = result.best_score.n or objectives.row_count(plan.dev)
+    budget = max(1, result.items // rows)
+    seeds = [plan.recipe.swarm.seed + i for i in range(plan.options.seeds)]
     memo = dict(result.memo)
-    seeds = [recipe.swarm.seed + i for i in range(options.seeds)]
-
-    def score_dev(x):
-        return evaluator.evaluate(x, dev, objective)
-
-    def distinct(r) -> int:
-        return len(r.memo) + (r.raced["dropped"] if r.raced else 0)
-
-    runs = [baselines.MethodRun("swarm", seeds[0], result.best, result.best_score, distinct(result), result.seconds,
-                                items=items)]
-    with tempfile.TemporaryDirectory(prefix="swarm-merge-seeds-") as tmp:
-        for seed in seeds[1:]:
-            LOG.info("comparison: the swarm at seed %d", seed)
-            settings = recipe.swarm.model_copy(update={"seed": seed})
-            other_race = racing.race_of(settings, objective, dev) if race is not None else None
-            start = time.monotonic()
-            other = search.run_search(
-                settings, num_experts=k, num_groups=g, evaluate=baselines.Budgeted(score_dev, memo),
-                checkpoint=Path(tmp) / f"seed-{seed}.json", fingerprint="comparison", progress=options.progress,
-                ranks=ranks, race=other_race, evaluate_rows=racing.rows_scorer(evaluator, other_race, objective))
-            runs.append(baselines.MethodRun("swarm", seed, other.best, other.best_score, distinct(other),
-                                            time.monotonic() - start, items=other.items))
-    optimisers = [baselines.cmaes_search, baselines.gp_search, baselines.ngopt_search]
-    import importlib.util
-
-    missing = [name for name in ("optuna", "nevergrad") if importlib.util.find_spec(name) is None]
-    if missing:  # an optional extra: the table goes on without them, and says so on the terminal
-        LOG.warning("compare: the GP and NGOpt baselines are skipped (%s not installed; pip install "
-                    "'swarm-merge[search]')", " and ".join(missing))
-        optimisers = optimisers[:1]
-    for seed in seeds:
-        LOG.info("comparison: random search, CMA-ES, GP and NGOpt at seed %d (%d dev evaluations each)", seed, budget)
-        runs.append(baselines.random_search(baselines.Budgeted(score_dev, memo, ranks), num_experts=k, num_groups=g,
-                                            budget=budget, seed=seed, seed_soup=recipe.swarm.seed_soup,
-                                            init=recipe.swarm.init, spread=recipe.swarm.init_spread))
-        for optimiser in optimisers:
-            runs.append(optimiser(baselines.Budgeted(score_dev, memo, ranks), num_experts=k, num_groups=g,
-                                  budget=budget, seed=seed))
+    runs = _other_seeds(plan, result, evaluator, race, seeds, memo) + _optimisers(plan, evaluator, seeds, memo, budget)
     for r in runs:
         if r.items is None:
             r.items = r.evaluations * rows
     # The mergekit baselines read the base's tensors until their winners are scored on test.
     with contextlib.closing(weights.TensorReader()) as reader:
-        mergekit_runs = (_mergekit_baselines(recipe, objective, evaluator, dev, experts, seeds, options, ranks,
-                         reader) if not adapters else [])
-        tests = {}
-        if test is not None:
-            distinct = {search.position_key(r.best): r.best for r in runs}
-            tests = dict(zip(distinct, evaluate.score_all(evaluator, objective, [(x, test) for x in distinct.values()], ranks)))
-        records = []
-        for r in runs:
-            key = search.position_key(r.best)
-            records.append(report_mod.MethodResult(
-                method=r.method, seed=r.seed, coefficients=np.asarray(r.best, dtype=float).tolist(),
-                dev=report_mod.Split.of(r.dev), test=report_mod.Split.of(tests[key]) if test is not None else None,
-                evaluations=r.evaluations, items=r.items, seconds=round(r.seconds, 3)))
-        for name, seed, _point, config, dev_score, tensor_of, seconds in mergekit_runs:
-            test_score = evaluator.evaluate_weights(tensor_of, test, objective) if test is not None else None
-            records.append(report_mod.MethodResult(
-                method=name, seed=seed, config=config, dev=report_mod.Split.of(dev_score),
-                test=report_mod.Split.of(test_score) if test_score else None,
-                evaluations=len(baselines.MERGEKIT_GRID[name][1]), items=len(baselines.MERGEKIT_GRID[name][1]) * rows,
-                seconds=round(seconds, 3)))
+        mergekit_runs = [] if plan.kind.adapters else _mergekit_baselines(plan, evaluator, seeds, reader)
+        records = _records(plan, evaluator, runs, mergekit_runs, rows)
+    return report_mod.Comparison(budget=budget, items=result.items, seeds=seeds, runs=records,
+                                 summary=_summary(records))
+
+
+def _distinct(r) -> int:
+    return len(r.memo) + (r.raced["dropped"] if r.raced else 0)
+
+
+def _other_seeds(plan, result, evaluator, race, seeds, memo) -> list:
+    """The swarm at this run's seed (its result) and at each other seed, each raced as the run was."""
+    import tempfile
+
+    objective, dev = plan.objective, plan.dev
+    runs = [baselines.MethodRun("swarm", seeds[0], result.best, result.best_score, _distinct(result), result.seconds,
+                                items=result.items)]
+    with tempfile.TemporaryDirectory(prefix="swarm-merge-seeds-") as tmp:
+        for seed in seeds[1:]:
+            LOG.info("comparison: the swarm at seed %d", seed)
+            settings = plan.recipe.swarm.model_copy(update={"seed": seed})
+            other_race = racing.race_of(settings, objective, dev) if race is not None else None
+            start = time.monotonic()
+            other = search.run_search(
+                settings, num_experts=len(plan.experts), num_groups=len(plan.group_labels),
+                evaluate=baselines.Budgeted(lambda x: evaluator.evaluate(x, dev, objective), memo),
+                checkpoint=Path(tmp) / f"seed-{seed}.json", fingerprint="comparison", progress=plan.options.progress,
+                ranks=plan.ranks, race=other_race, evaluate_rows=racing.rows_scorer(evaluator, other_race, objective))
+            runs.append(baselines.MethodRun("swarm", seed, other.best, other.best_score, _distinct(other),
+                                            time.monotonic() - start, items=other.items))
+    return runs
+
+
+def _optimisers(plan, evaluator, seeds, memo, budget: int) -> list:
+    """Random search around the soup, CMA-ES, the GP and NGOpt at ``budget`` dev evaluations per seed."""
+    import importlib.util
+
+    k, g, swarm = len(plan.experts), len(plan.group_labels), plan.recipe.swarm
+    optimisers = [baselines.cmaes_search, baselines.gp_search, baselines.ngopt_search]
+    missing = [name for name in ("optuna", "nevergrad") if importlib.util.find_spec(name) is None]
+    if missing:  # an optional extra: the table goes on without them, and says so on the terminal
+        LOG.warning("compare: the GP and NGOpt baselines are skipped (%s not installed; pip install "
+                    "'swarm-merge[search]')", " and ".join(missing))
+        optimisers = optimisers[:1]
+
+    def scorer():
+        return baselines.Budgeted(lambda x: evaluator.evaluate(x, plan.dev, plan.objective), memo, plan.ranks)
+
+    runs = []
+    for seed in seeds:
+        LOG.info("comparison: random search, CMA-ES, GP and NGOpt at seed %d (%d dev evaluations each)", seed, budget)
+        runs.append(baselines.random_search(scorer(), num_experts=k, num_groups=g, budget=budget, seed=seed,
+                                            seed_soup=swarm.seed_soup, init=swarm.init, spread=swarm.init_spread))
+        runs += [optimiser(scorer(), num_experts=k, num_groups=g, budget=budget, seed=seed) for optimiser in optimisers]
+    return runs
+
+
+def _records(plan, evaluator, runs, mergekit_runs, rows: int) -> list:
+    """Every method's winner as swarm.json records it, scored on test (each distinct position once)."""
+    objective, test = plan.objective, plan.test
+    tests = {}
+    if test is not None:
+        distinct = {search.position_key(r.best): r.best for r in runs}
+        tests = dict(zip(distinct, evaluate.score_all(evaluator, objective, [(x, test) for x in distinct.values()],
+                                                      plan.ranks)))
+    records = []
+    for r in runs:
+        key = search.position_key(r.best)
+        records.append(report_mod.MethodResult(
+            method=r.method, seed=r.seed, coefficients=np.asarray(r.best, dtype=float).tolist(),
+            dev=report_mod.Split.of(r.dev), test=report_mod.Split.of(tests[key]) if test is not None else None,
+            evaluations=r.evaluations, items=r.items, seconds=round(r.seconds, 3)))
+    for name, seed, _point, config, dev_score, tensor_of, seconds in mergekit_runs:
+        test_score = evaluator.evaluate_weights(tensor_of, test, objective) if test is not None else None
+        records.append(report_mod.MethodResult(
+            method=name, seed=seed, config=config, dev=report_mod.Split.of(dev_score),
+            test=report_mod.Split.of(test_score) if test_score else None,
+            evaluations=len(baselines.MERGEKIT_GRID[name][1]), items=len(baselines.MERGEKIT_GRID[name][1]) * rows,
+            seconds=round(seconds, 3)))
+    return records
+
+
+def _summary(records) -> list:
+    """Mean and deviation over seeds per method, in the table's order."""
     summary = []
     for method in ("swarm", "random search", "CMA-ES", "GP (Optuna)", "NGOpt (Nevergrad)", "task arithmetic", "TIES",
                    "DARE"):
@@ -111,11 +136,10 @@ def compare(recipe, objective, result, evaluator, dev, test, k: int, g: int, opt
             method=method, seeds=len(mine), dev_mean=dev_s["mean"], dev_std=dev_s["std"], test_mean=test_s["mean"],
             test_std=test_s["std"], evaluations=max(r.evaluations for r in mine), items=max(r.items for r in mine),
             seconds_mean=round(float(np.mean([r.seconds for r in mine])), 3)))
-    return report_mod.Comparison(budget=budget, items=items, seeds=seeds, runs=records, summary=summary)
+    return summary
 
 
-def _mergekit_baselines(recipe, objective, evaluator, dev, experts, seeds, options: RunOptions, ranks,
-                        reader) -> list:
+def _mergekit_baselines(plan, evaluator, seeds, reader) -> list:
     """Task arithmetic, TIES and DARE against the recipe's base_model, each at the small grid of
     baselines.MERGEKIT_GRID, through mergekit's own kernels on tensors in memory, put into the
     run's model and scored on dev; the best grid point is the method's winner.
@@ -124,6 +148,7 @@ def _mergekit_baselines(recipe, objective, evaluator, dev, experts, seeds, optio
     """
     import torch
 
+    recipe, objective, dev, experts, ranks = plan.recipe, plan.objective, plan.dev, plan.experts, plan.ranks
     if recipe.base_model is None:
         LOG.info("comparison: no base_model in the recipe, so no task arithmetic / TIES / DARE baselines")
         return []
@@ -133,7 +158,7 @@ def _mergekit_baselines(recipe, objective, evaluator, dev, experts, seeds, optio
     from swarm_merge.errors import SwarmMergeError
 
     try:  # after the search, a base that cannot be pulled or merged costs these rows, not the run
-        base = experts_mod.pull_expert(recipe.base_model, cache_dir=options.cache_dir, what="base_model")
+        base = experts_mod.pull_expert(recipe.base_model, cache_dir=plan.options.cache_dir, what="base_model")
         experts_mod.check_compatible([base] + list(experts))
     except SwarmMergeError as exc:
         LOG.warning("comparison: no task arithmetic / TIES / DARE baselines (%s)", exc)

@@ -145,7 +145,7 @@ def read_adapter_config(path: Path, label: str) -> dict:
     return config
 
 
-def index_adapter(path: Path, config: dict, label: str):
+def index_adapter(path: Path, config: dict, label: str):  # noqa: C901 (one guard per line: each refuses one hostile field)
     """The adapter's tensors (name -> TensorInfo) and its :class:`AdapterInfo`, from the config and
     the safetensors header; refuses what this tool cannot combine exactly (one line, exit 2)."""
     def refuse(what: str, fix: str) -> ExpertError:
@@ -693,7 +693,7 @@ def _cached(ref: ExpertRef, label: str, *, cache_dir: Optional[str], allow_pickl
     return hub.cached(ref, cache_dir=cache_dir, allow_patterns=patterns, ignore_patterns=ignore)
 
 
-def _planned(ref: ExpertRef, snapshot, path: Path, config: dict, shards: List[str],
+def _planned(ref: ExpertRef, snapshot, path: Path, config: dict, shards: List[str],  # noqa: PLR0913 (the pull's findings)
              weight_map: Optional[Dict[str, str]], pickled: bool, size: int, *, what: str) -> Expert:
     """A Hub expert for the plan: its small files (``path``, at the resolved commit, so the config
     and headers describe what a run would pull), and its tensors from the shards' safetensors headers."""

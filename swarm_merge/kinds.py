@@ -84,6 +84,10 @@ class ExpertKind:
         """The dry run's first line."""
         raise NotImplementedError
 
+    def shape(self, expert: experts_mod.Expert) -> str:
+        """What the dry run says of one expert's shape before its size (empty for a full model)."""
+        return ""
+
     def shard_bytes(self, mode: str) -> Optional[int]:
         return None
 
@@ -192,6 +196,9 @@ class LoraAdapters(ExpertKind):
             from swarm_merge import card
 
             card.render_merged_card(report, repo_id=repo_id).save(stage / lora.MERGED_DIR / output.CARD_FILE)
+
+    def shape(self, expert):
+        return f"LoRA r={expert.adapter.r} alpha={expert.adapter.alpha:g}, "
 
     def headline(self) -> str:
         base, bank, hb = self.base, self.bank, experts_mod.human_bytes

@@ -638,7 +638,7 @@ def _is_dataset_script(value: str, folders: Sequence[Path]) -> bool:
                for folder in folders)
 
 
-def _hook_in(value, key: str, folders: Sequence[Path], metrics, seen: set) -> Optional[str]:
+def _hook_in(value, key: str, folders: Sequence[Path], metrics, seen: set) -> Optional[str]:  # noqa: C901 (one case per hook)
     """The first code hook in a task config ``value`` (at ``key``), described; None when it is all data."""
     if isinstance(value, _TaskCode):
         return f"{key}: {value}"

@@ -138,7 +138,7 @@ def _shared(path: Path) -> bool:
     return stat.S_ISDIR(mode) and bool(mode & stat.S_IWOTH) and bool(mode & stat.S_ISVTX)
 
 
-def check_path(out_dir, *, inputs: Sequence[tuple] = (), recipe_dir: Optional[Path] = None) -> Path:
+def check_path(out_dir, *, inputs: Sequence[tuple] = (), recipe_dir: Optional[Path] = None) -> Path:  # noqa: C901 (one refusal per line)
     """Refuse an output folder that a run could not write or must not touch.
 
     Args:

@@ -159,8 +159,7 @@ def _execute(plan: Plan, out) -> Optional[Report]:
         evaluator = kind.evaluator(mode, plan.groups, plan.device)
         try:
             result, scores, test_rows, comparison = _search(plan, evaluator, mode, folder, digests)
-            analysis = results.analysis(recipe, plan.objective, plan.experts, result, scores, test_rows, plan.test,
-                                        comparison)
+            analysis = results.analysis(plan, result, scores, test_rows, comparison)
         finally:  # the expert files it reads stay open until here (on error too)
             evaluator.close()
         if not ranks.is_main:  # the main rank writes, publishes and pushes
@@ -169,10 +168,7 @@ def _execute(plan: Plan, out) -> Optional[Report]:
         # write: free it first.
         del evaluator
         _free(plan.device)
-        report = results.build_report(
-            recipe, plan.experts, digests, kind.records(digests), result, scores, plan.group_labels, plan.device,
-            plan.started, test_in_dev=plan.test_in_dev, analysis=analysis, comparison=comparison,
-            objective_models=plan.objective_models)
+        report = results.build_report(plan, digests, result, scores, analysis, comparison)
         folder.publish(_write(plan, folder.new_stage(), result, report, mode))
     _print_table(report, out)
     print(f"wrote {plan.out_dir}  (winner dev {card.fmt(report.scores.winner.dev.utility)})", file=out)
@@ -208,13 +204,10 @@ def _search(plan: Plan, evaluator, mode: str, folder, digests: List[str]):
         evaluate_rows=racing.rows_scorer(evaluator, race, objective),
     )
     LOG.info("scoring the experts, the uniform average and the winner%s", " on the test set" if test else "")
-    scores, test_rows = results.score_candidates(objective, plan.experts, result, evaluator, dev, test,
-                                                 len(plan.group_labels), plan.ranks)
+    scores, test_rows = results.score_candidates(plan, result, evaluator)
     comparison = None
     if plan.options.baselines:
-        comparison = compare.compare(recipe, objective, result, evaluator, dev, test, len(plan.experts),
-                                     len(plan.group_labels), plan.options, experts=plan.experts,
-                                     adapters=plan.kind.adapters, ranks=plan.ranks, race=race)
+        comparison = compare.compare(plan, result, evaluator, race)
     return result, scores, test_rows, comparison
 
 
@@ -397,13 +390,13 @@ def _print_plan(plan: Plan, out) -> None:
     print(plan.kind.headline(), file=out)
     for e in experts:
         if e.ref.is_local:
-            shape = f"LoRA r={e.adapter.r} alpha={e.adapter.alpha:g}, " if e.adapter else ""
+            shape = plan.kind.shape(e)
             print(f"  {e.ref.model}  " + ("pickled weights (allow_pickle): converted and checked on the run"
                                           if e.pickled else f"{shape}weights {hb(e.nbytes)}"), file=out)
             continue
         asked = f" (asked {e.ref.revision})" if e.ref.revision and e.ref.revision != e.revision else ""
         size = f"weights {hb(e.nbytes)}, " if not e.pickled else ""
-        shape = f"LoRA r={e.adapter.r} alpha={e.adapter.alpha:g}, " if e.adapter else ""
+        shape = plan.kind.shape(e)
         print(f"  {e.ref.model} @ {e.revision}{asked}  {shape}{size}download {hb(e.download_bytes or 0)}", file=out)
         if e.pickled:
             print("    pickled weights (allow_pickle): assumed to match the others; checked after the download", file=out)

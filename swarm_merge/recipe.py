@@ -584,7 +584,7 @@ def parse_recipe(data: dict, *, base_dir: Union[str, os.PathLike, None] = None, 
     return recipe
 
 
-def _resolve_inputs(data: dict, base: Path) -> dict:
+def _resolve_inputs(data: dict, base: Path) -> dict:  # noqa: C901 (one case per input field)
     data = dict(data)
 
     def resolve_expert(ref: Any) -> Any:

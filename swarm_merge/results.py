@@ -20,11 +20,12 @@ from swarm_merge.report import Report
 __all__ = ["score_candidates", "analysis", "selection_noise", "build_report", "hardware"]
 
 
-def score_candidates(objective, experts, result, evaluator, dev, test, num_groups, ranks=None):
+def score_candidates(plan, result, evaluator):
     """The experts, the uniform soup and the winner on dev (from the search's memo where it has them) and
     test; returns (the report's Scores, each one's per-row test values for the analyses)."""
-    k = len(experts)
-    candidates = [(e.name, "expert", np.tile(np.eye(k)[i], (num_groups, 1))) for i, e in enumerate(experts)]
+    objective, dev, test, ranks = plan.objective, plan.dev, plan.test, plan.ranks
+    k, num_groups = len(plan.experts), len(plan.group_labels)
+    candidates = [(e.name, "expert", np.tile(np.eye(k)[i], (num_groups, 1))) for i, e in enumerate(plan.experts)]
     candidates.append(("uniform average", "uniform", np.full((num_groups, k), 1.0 / k)))
     candidates.append(("swarm winner", "winner", result.best))
     jobs = [(x, dev) for _, _, x in candidates if result.lookup(x) is None]
@@ -44,8 +45,9 @@ def score_candidates(objective, experts, result, evaluator, dev, test, num_group
     return report_mod.Scores(rows=rows), test_rows
 
 
-def analysis(recipe, objective, experts, result, scores, test_rows, test, comparison) -> report_mod.Analysis:
+def analysis(plan, result, scores, test_rows, comparison) -> report_mod.Analysis:
     """The paper's analyses of this run: weak-to-strong, correctness emergence, dev/test gaps."""
+    recipe, objective, experts, test = plan.recipe, plan.objective, plan.experts, plan.test
     initial = [getattr(result.lookup(x), "utility", float("nan")) for x in result.initial]
     w2s = baselines.weak_to_strong(result.state, initial, [e.name for e in experts], seed_soup=recipe.swarm.seed_soup)
     emergence = None
@@ -98,13 +100,14 @@ def selection_noise(objective, scores, evaluations: int):
     return round(noise, 6), warnings
 
 
-def build_report(recipe, experts, digests, kind_records, result, scores, group_labels, device, started, *,
-                 test_in_dev, analysis=None, comparison=None, objective_models=()) -> Report:
-    """swarm.json: ``digests`` of the experts' weights (in order; more may follow), ``kind_records`` the
-    expert kind's ``base_model`` and ``lora`` records (kinds.ExpertKind.records)."""
+def build_report(plan, digests, result, scores, analysis, comparison) -> Report:
+    """swarm.json for the run ``plan`` (:class:`swarm_merge.pipeline.Plan`): ``digests`` of the weights the
+    run read (kinds.ExpertKind.weighed: the experts, in order, then the adapters' base)."""
     import mergekit
     import torch
     import transformers
+
+    recipe, experts, objective_models = plan.recipe, plan.experts, plan.objective_models
 
     portable = recipe.portable()
     state = result.state
@@ -127,13 +130,13 @@ def build_report(recipe, experts, digests, kind_records, result, scores, group_l
             )
             for e, ref, digest in zip(experts, portable.experts, digests)
         ],
-        **kind_records,
-        coefficients=report_mod.Coefficients.of(result.best, group_labels),
+        **plan.kind.records(digests),
+        coefficients=report_mod.Coefficients.of(result.best, plan.group_labels),
         scores=scores,
         # Rows as scored (an lm-eval task's documents are counted by the harness).
         data=report_mod.DataRecord(dev_rows=scores.winner.dev.n,
                                    test_rows=scores.winner.test.n if scores.winner.test is not None else None,
-                                   test_rows_in_dev=test_in_dev,
+                                   test_rows_in_dev=plan.test_in_dev,
                                    benchmarks_searched=objectives.benchmarks_searched(recipe)),
         search=report_mod.SearchRecord(
             iterations=state.iteration,
@@ -158,8 +161,8 @@ def build_report(recipe, experts, digests, kind_records, result, scores, group_l
             revision=commit)
             for ref, path, commit, _ in objective_models],
         # This session's wall time plus the earlier sessions' (from the checkpoint).
-        wall_seconds=round(result.wall_before + time.monotonic() - started, 3),
-        hardware=hardware(device),
+        wall_seconds=round(result.wall_before + time.monotonic() - plan.started, 3),
+        hardware=hardware(plan.device),
         versions={"swarm_merge": VERSION, "mergekit": getattr(mergekit, "__version__", "0.1.x"),
                   "torch": torch.__version__, "transformers": transformers.__version__},
     )

@@ -257,7 +257,7 @@ def _stats(values: np.ndarray) -> Dict[str, Optional[float]]:
     return {"best": float(finite.max()), "mean": float(finite.mean()), "worst": float(finite.min())}
 
 
-def run_search(
+def run_search(  # noqa: C901, PLR0913 (the loop and the closures that share its bookkeeping; keyword arguments)
     settings: Any,
     *,
     num_experts: int,

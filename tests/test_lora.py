@@ -320,6 +320,9 @@ def test_dry_run_describes_the_adapters(adapters, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "3 LoRA adapters on" in text and "LoRA r=4 alpha=4" in text and "rank-4 adapter" in text
     assert not (tmp_path / "out").exists()
+    # the plan names the mode the run takes: with adapters one-model is in-memory (the plan said one-model)
+    assert run(recipe, "--dry-run", "--eval-mode", "one-model") == 0
+    assert "-> eval mode: in-memory" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- refusals
