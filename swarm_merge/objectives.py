@@ -1,7 +1,10 @@
 """Utilities: what a particle scores on the dev set (higher is better).
 
-One registry, :data:`OBJECTIVES`, maps a recipe's ``objective.type`` to a
-scoring function ``(model, tokenizer, examples, objective, device) -> Score``.
+One registry, :data:`OBJECTIVES`, maps a recipe's ``objective.type`` to its
+:class:`ObjectiveKind`: the scoring function ``(model, tokenizer, examples,
+objective, device) -> Score`` and what the rest of the tool may assume of its
+utility (racing slices it, the analyses read 0/1 rows). Adding a type is one
+entry here, its scorer, and its name in recipe.OBJECTIVE_TYPES.
 Each function makes few, large batches: in streaming mode every forward call
 rebuilds the weights, so the number of forward calls is the cost that counts.
 
@@ -34,7 +37,8 @@ import torch
 from swarm_merge.errors import DataError
 from swarm_merge.report import finite
 
-__all__ = ["Example", "Score", "Suite", "Custom", "load_code", "load_examples", "score", "task_of", "row_count", "OBJECTIVES"]
+__all__ = ["Example", "Score", "Suite", "Custom", "load_code", "load_examples", "score", "task_of", "row_count", "OBJECTIVES",
+           "ObjectiveKind", "kind_of"]
 
 LOG = logging.getLogger(__name__)
 
@@ -906,14 +910,30 @@ def score_lm_eval(model, tokenizer, examples, objective, device, batch_size=None
     return Score(float(found[key]), {}, n)
 
 
-OBJECTIVES: Dict[str, Callable[..., Score]] = {
-    "lm_eval": score_lm_eval,
-    "exact_match": score_exact_match,
-    "reward": score_reward,
-    "judge": score_judge,
-    "multiple_choice": score_multiple_choice,
-    "loglik": score_loglik,
+@dataclass(frozen=True)
+class ObjectiveKind:
+    """One objective type: its scorer and what the rest of the tool may assume of its utility."""
+
+    score: Callable[..., Score]  # (model, tokenizer, examples, objective, device, batch_size=None) -> Score
+    per_row: bool  # the utility is a weighted mean of per-row values: a slice of rows estimates it (racing)
+    accuracy: bool  # each row scores 0 or 1 (emergence, the winner's-curse estimate)
+    shares_prefix: bool = False  # the scorer takes share_prefix (a batch's common prefix computed once)
+
+
+OBJECTIVES: Dict[str, ObjectiveKind] = {
+    "exact_match": ObjectiveKind(score_exact_match, per_row=True, accuracy=True),
+    "multiple_choice": ObjectiveKind(score_multiple_choice, per_row=True, accuracy=True, shares_prefix=True),
+    "loglik": ObjectiveKind(score_loglik, per_row=True, accuracy=False, shares_prefix=True),
+    "reward": ObjectiveKind(score_reward, per_row=True, accuracy=False),
+    "judge": ObjectiveKind(score_judge, per_row=True, accuracy=False),
+    # The harness scores a whole task at once.
+    "lm_eval": ObjectiveKind(score_lm_eval, per_row=False, accuracy=False),
 }
+
+
+def kind_of(objective) -> Optional[ObjectiveKind]:
+    """The registry's entry for a single objective (None for a Suite or custom code)."""
+    return None if isinstance(objective, (Suite, Custom)) else OBJECTIVES.get(getattr(objective, "type", None))
 
 
 @dataclass(frozen=True)
@@ -1024,8 +1044,9 @@ def score(model, tokenizer, examples: Sequence[Example], objective, device, *, b
         return objective.score(model, tokenizer, examples, device, batch_size=batch_size, share_prefix=share_prefix)
     if isinstance(objective, Custom):
         return objective.score(model, tokenizer, examples, device)
-    kwargs = {"share_prefix": share_prefix} if objective.type in ("loglik", "multiple_choice") else {}
-    return OBJECTIVES[objective.type](model, tokenizer, examples, objective, device, batch_size=batch_size, **kwargs)
+    kind = OBJECTIVES[objective.type]
+    kwargs = {"share_prefix": share_prefix} if kind.shares_prefix else {}
+    return kind.score(model, tokenizer, examples, objective, device, batch_size=batch_size, **kwargs)
 
 
 def task_of(recipe, code: Optional[Callable] = None, *, allow_task_code: bool = False,

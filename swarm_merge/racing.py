@@ -37,18 +37,17 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from swarm_merge.objectives import Custom, Score, Suite, aggregate
+from swarm_merge.objectives import Score, Suite, aggregate, kind_of
 
-__all__ = ["Race", "can_race", "plan_race", "race_of", "rows_scorer", "RACE_TYPES"]
-
-RACE_TYPES = ("exact_match", "multiple_choice", "loglik", "reward", "judge")
+__all__ = ["Race", "can_race", "plan_race", "race_of", "rows_scorer"]
 
 
 def can_race(objective) -> bool:
     """Whether the objective's utility is a weighted mean of per-row values (so a slice estimates it)."""
     if isinstance(objective, Suite):
         return all(can_race(o) for o in objective.parts)
-    return not isinstance(objective, Custom) and getattr(objective, "type", None) in RACE_TYPES
+    kind = kind_of(objective)
+    return kind is not None and kind.per_row
 
 
 def _components(objective, data) -> List[Sequence]:

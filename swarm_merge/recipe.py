@@ -123,7 +123,7 @@ def looks_local(path: str) -> bool:
 class Objective(_Frozen):
     """The utility the swarm maximises, scored on a JSONL dev set."""
 
-    type: Literal["exact_match", "multiple_choice", "loglik", "reward", "judge", "lm_eval", "custom"]
+    type: Literal[OBJECTIVE_TYPES]  # (one list: objectives.OBJECTIVES has each one but custom)
     dev: Optional[str] = None  # a JSONL file (every type but lm_eval)
     test: Optional[str] = None
     max_new_tokens: int = Field(8, ge=1, le=4096)

@@ -51,7 +51,7 @@ def analysis(plan, result, scores, test_rows, comparison) -> report_mod.Analysis
     initial = [getattr(result.lookup(x), "utility", float("nan")) for x in result.initial]
     w2s = baselines.weak_to_strong(result.state, initial, [e.name for e in experts], seed_soup=recipe.swarm.seed_soup)
     emergence = None
-    if test is not None and objective.type in ("exact_match", "multiple_choice"):
+    if test is not None and getattr(objectives.kind_of(objective), "accuracy", False):
         found = baselines.emergence([test_rows.get(("expert", i)) for i in range(len(experts))],
                                     test_rows.get(("winner", 0)), [ex.group for ex in test])
         emergence = report_mod.Emergence(**found) if found else None
@@ -80,7 +80,7 @@ def selection_noise(objective, scores, evaluations: int):
     better than another. For accuracy objectives sd = sqrt(p (1 - p)) at the winner's dev accuracy p.
     Returns (that figure or None, warnings): a warning when the winner's dev gain over the uniform
     average is within it."""
-    if getattr(objective, "type", None) not in ("exact_match", "multiple_choice") or evaluations < 2:
+    if not getattr(objectives.kind_of(objective), "accuracy", False) or evaluations < 2:
         return None, []
     winner = scores.winner
     uniform = next((r for r in scores.rows if r.kind == "uniform"), None)

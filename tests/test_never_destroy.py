@@ -6,6 +6,7 @@ the problem, and write nothing. Run in process (``cli.main``) except where a
 process boundary is the point.
 """
 
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -227,7 +228,7 @@ def test_an_evaluation_that_raises_fails_the_run_at_once(world, capsys, monkeypa
         calls.append(1)
         raise RuntimeError("the device fell over")
 
-    monkeypatch.setitem(objectives.OBJECTIVES, "loglik", broken)
+    monkeypatch.setitem(objectives.OBJECTIVES, "loglik", dataclasses.replace(objectives.OBJECTIVES["loglik"], score=broken))
     assert cli(world) == 1
     assert "the device fell over" in error_line(capsys)
     assert len(calls) == 1  # not once per particle
@@ -238,8 +239,8 @@ def test_an_evaluation_that_raises_fails_the_run_at_once(world, capsys, monkeypa
 def test_no_finite_utility_in_the_initial_swarm_fails_the_run(world, capsys, monkeypatch):
     from swarm_merge import objectives
 
-    monkeypatch.setitem(objectives.OBJECTIVES, "loglik",
-                        lambda m, t, ex, *a, **k: objectives.Score(float("nan"), {}, len(ex)))
+    monkeypatch.setitem(objectives.OBJECTIVES, "loglik", dataclasses.replace(
+        objectives.OBJECTIVES["loglik"], score=lambda m, t, ex, *a, **k: objectives.Score(float("nan"), {}, len(ex))))
     assert cli(world) == 1
     assert "finite utility" in error_line(capsys)
     assert not (world.out / "swarm.json").exists() and not (world.out / "config.json").exists()
@@ -254,7 +255,7 @@ def _refuse(constant):
 def test_failed_particles_rank_worst_and_reports_stay_strict_json(world, monkeypatch):
     from swarm_merge import objectives
 
-    real = objectives.OBJECTIVES["loglik"]
+    real = objectives.OBJECTIVES["loglik"].score
     calls = []
 
     def sometimes_nan(*args, **kwargs):
@@ -262,7 +263,7 @@ def test_failed_particles_rank_worst_and_reports_stay_strict_json(world, monkeyp
         score = real(*args, **kwargs)
         return objectives.Score(float("nan"), score.groups, score.n) if len(calls) % 3 == 0 else score
 
-    monkeypatch.setitem(objectives.OBJECTIVES, "loglik", sometimes_nan)
+    monkeypatch.setitem(objectives.OBJECTIVES, "loglik", dataclasses.replace(objectives.OBJECTIVES["loglik"], score=sometimes_nan))
     assert cli(world) == 0
     for name in ("swarm.json", "swarm-state.json", ".swarm-merge.json"):
         json.loads((world.out / name).read_text(), parse_constant=_refuse)

@@ -543,3 +543,12 @@ def test_multiple_choice_with_a_shared_prefix_picks_the_same(lm):
     shared = objectives.score(lm.model, lm.tok, rows, mc, DEVICE)
     plain = objectives.score(lm.model, lm.tok, rows, mc, DEVICE, share_prefix=False)
     assert shared == plain
+
+
+def test_every_recipe_objective_type_is_in_the_registry():
+    # One place per type (objectives.OBJECTIVES): the recipe's types, less custom code (its own class).
+    from swarm_merge import objectives, recipe
+
+    assert set(objectives.OBJECTIVES) == set(recipe.OBJECTIVE_TYPES) - {"custom"}
+    races = {t for t, kind in objectives.OBJECTIVES.items() if kind.per_row}
+    assert races == {"exact_match", "multiple_choice", "loglik", "reward", "judge"}
