@@ -62,7 +62,6 @@ def short_repr(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-
 def portable_path(path, base_dir) -> str:
     """The one rule for a local path in what a run publishes (swarm.json, the card, mergekit.yml, a written
     adapter's base): relative to the recipe's folder ``base_dir``, with "./" in front of a path inside it so
@@ -71,6 +70,7 @@ def portable_path(path, base_dir) -> str:
         return str(path)
     relative = os.path.relpath(os.path.expanduser(str(path)), base_dir)
     return relative if relative.startswith("..") else os.path.join(".", relative)
+
 
 class _Frozen(BaseModel):
     # allow_inf_nan=False: `.inf` / `.nan` in a recipe or --set is refused at its own key,
@@ -255,9 +255,7 @@ class SwarmSettings(_Frozen):
     # x = g + w v + rho (1 - 2 r), rho (first init_spread) widened by 1.5 after a move that improved g and
     # narrowed by 1.5^(1/4) after one that did not (the 1/5 success rule). "holder": the particle whose personal
     # best is the global best (none while an expert holds it); "best": the one with the best personal best.
-    # "model": the particle with the worst personal best goes to the best of 256 such steps around g (no inertia)
-    # by a quadratic surrogate fitted on every position scored so far.
-    local_search: Literal["off", "best", "holder", "model"] = "off"
+    local_search: Literal["off", "best", "holder", "stall"] = "off"
     racing: Union[bool, Literal["auto"]] = "auto"
     race_slice: float = Field(0.25, gt=0, lt=1)
     race_confidence: float = Field(0.95, gt=0.5, lt=1)

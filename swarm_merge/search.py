@@ -30,9 +30,10 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Literal, Optional
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
 from swarm_merge import distributed, swarm
 from swarm_merge.racing import Race
@@ -134,35 +135,65 @@ class _Run:
                 "files, the reward or judge model, the dev data) or by another swarm_merge version; restore them "
                 "to resume, or pass --force to start over"
             )
+
+        def damaged(what: str) -> OutputError:
+            return OutputError(f"checkpoint {path} is damaged ({' '.join(what.split())[:80]}); pass --force to start over")
+
         try:
-            run = cls(path=path, fingerprint=fingerprint, memo=dict(data["memo"]), history=list(data["history"]),
-                      partial=dict(data["partial"]), wall_started=wall_started)
-            for name in ("items", "finished"):
-                value = data[name]
-                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                    raise TypeError(f"{name} is not a count")
-                setattr(run, name, value)
-            run.seconds_before = float(data.get("seconds", 0.0))
-            run.wall_before = float(data.get("wall_seconds", 0.0))
-            for key, hit in [*run.memo.items(), *run.partial.items()]:
-                if not isinstance(key, str) or not isinstance(hit, dict):
-                    raise TypeError("a memo entry is not a position and a score")
-                Score.from_dict(hit)
-            if not all(isinstance(h, dict) and isinstance(h.get("iteration"), int) for h in run.history):
-                raise TypeError("a history entry is not an iteration's record")
-            if data.get("state") is not None:
-                run.state = swarm.SwarmState.from_dict(_unstrict(data["state"]))
-                run.rng_state = data["rng"]
+            saved = Checkpoint.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise damaged(f"{'.'.join(str(x) for x in first['loc'])}: {first['msg']}") from None
+        run = cls(path=path, fingerprint=fingerprint, memo=saved.memo, history=saved.history, partial=saved.partial,
+                  wall_started=wall_started, items=saved.items, finished=saved.finished,
+                  seconds_before=saved.seconds, wall_before=saved.wall_seconds)
+        if saved.state is not None:
+            try:
+                run.state = swarm.SwarmState.from_dict(_unstrict(saved.state))
+                run.rng_state = saved.rng
                 np.random.default_rng(0).bit_generator.state = run.rng_state  # validates it
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise OutputError(f"checkpoint {path} is damaged ({type(exc).__name__}: {str(exc)[:80]}); "
-                              "pass --force to start over") from None
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise damaged(f"{type(exc).__name__}: {exc}") from None
         return run
+
+
+class Checkpoint(BaseModel):
+    """``swarm-state.json`` as read back: validated whole, so a damaged or foreign file is refused with one
+    line before anything uses it (a checkpoint lies in a folder others can write). _Run.save writes it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: Literal[CHECKPOINT_VERSION]  # an older one is refused (by _Run.parse, before this), never misread
+    fingerprint: str
+    seconds: float = 0.0
+    wall_seconds: float = 0.0
+    rng: Optional[Dict[str, Any]] = None  # the generator's state after the last finished iteration
+    state: Optional[Dict[str, Any]] = None  # swarm.SwarmState.to_dict (checked by _check_state on use)
+    history: List[Dict[str, Any]]  # one record per iteration
+    memo: Dict[str, Dict[str, Any]]  # position key -> Score.to_dict
+    partial: Dict[str, Dict[str, Any]]  # racing: positions mid-race or dropped, their stages' scores
+    items: StrictInt = Field(ge=0)
+    finished: StrictInt = Field(ge=0)
+
+    @field_validator("history")
+    @classmethod
+    def _records(cls, history):
+        if not all(isinstance(h.get("iteration"), int) and not isinstance(h.get("iteration"), bool) for h in history):
+            raise ValueError("a history entry is not an iteration's record")
+        return history
+
+    @field_validator("memo", "partial")
+    @classmethod
+    def _scores(cls, entries):
+        for hit in entries.values():
+            if not _is_score(hit):
+                raise ValueError("a memo entry is not a position and a score")
+        return entries
 
 
 # In the swarm state a failed evaluation scores -inf (ranked worst); strict
 # JSON has no infinities, so the checkpoint writes null and reads it back.
-_SCORE_FIELDS = ("score", "p_score", "g_score", "gw_score", "seen_s")
+_SCORE_FIELDS = ("score", "p_score", "g_score", "gw_score")
 
 
 def _strict(state: Dict[str, Any]) -> Dict[str, Any]:
@@ -237,8 +268,6 @@ def _check_state(state: swarm.SwarmState, path: Path, *, n: int, groups: int, ex
             raise bad(f"{name} is not a count")
     if (state.stale < 0).any():
         raise bad("stale is not a count")
-    if state.seen_s.ndim != 1 or len(state.seen_s) != len(state.seen_x) or not np.isfinite(state.seen_x).all():
-        raise bad("the archive of scored positions is not positions and their scores")
 
 
 def _is_score(entry: Any) -> bool:

@@ -167,17 +167,6 @@ class SwarmState:
     since_global: int = 0  # iterations since g last changed
     evaluations: int = 0
     rho: float = 0.0  # local_search: the search radius around g (coefficient units), 0 before the first move
-    # Every position scored so far and its utility (a raced-out one: the race's estimate), in order; the
-    # surrogate of local_search "model" is fitted on them.
-    seen_x: Optional[np.ndarray] = None  # (m, G, K)
-    seen_s: Optional[np.ndarray] = None  # (m,)
-
-    def __post_init__(self) -> None:
-        if self.seen_x is None:
-            self.seen_x = np.zeros((0, *self.g.shape))
-        if self.seen_s is None:
-            self.seen_s = np.zeros(0)
-        self.seen_x = np.asarray(self.seen_x, dtype=float).reshape(-1, *self.g.shape)
 
     def to_dict(self) -> Dict[str, Any]:
         out = {}
@@ -190,9 +179,8 @@ class SwarmState:
     def from_dict(cls, data: Dict[str, Any]) -> "SwarmState":
         kwargs = {}
         for f in dataclasses.fields(cls):
-            # rho and the archive came later: a state saved before them resumes at init_spread with an empty
-            # archive; any other field is required
-            value = data.get(f.name, f.default) if f.name in ("rho", "seen_x", "seen_s") else data[f.name]
+            # rho came later: a state saved before it resumes at init_spread; any other field is required
+            value = data.get(f.name, 0.0) if f.name == "rho" else data[f.name]
             kwargs[f.name] = np.asarray(value, dtype=np.int64 if f.name == "stale" else float) if isinstance(value, list) else value
         return cls(**kwargs)
 
@@ -226,8 +214,6 @@ def init_state(x: np.ndarray, scores: np.ndarray, settings: Any, rng: np.random.
         stale=np.zeros(len(x), dtype=np.int64),
         step_length=float(settings.step_length),
         evaluations=len(x),
-        seen_x=x.copy(),
-        seen_s=s.copy(),
     )
 
 
@@ -263,9 +249,7 @@ def propose(state: SwarmState, settings: Any, rng: np.random.Generator) -> Propo
              + SPSO_ACCELERATION * r[..., 1] * (state.g[None] - x))
         v = v - v.mean(axis=-1, keepdims=True)  # back onto sum_k b_k = 0
         searcher = _local_searcher(state, settings, moving)
-        if searcher >= 0 and getattr(settings, "local_search", "off") == "model":
-            v[searcher] = _model_point(state, settings, rng) - x[searcher]
-        elif searcher >= 0:
+        if searcher >= 0:
             # GCPSO (van den Bergh and Engelbrecht, 2002): the local searcher samples around g,
             # x = g + w v + rho (1 - 2 r), where SPSO would stall it (its pull towards p and g is zero
             # once it holds g); rho adapts to its success (update).
@@ -296,6 +280,7 @@ def propose(state: SwarmState, settings: Any, rng: np.random.Generator) -> Propo
 
 
 LOCAL_UP, LOCAL_DOWN = 1.5, 1.5 ** -0.25  # the 1/5 success rule: rho holds when 1 move in 5 improves g
+LOCAL_STALL = 2  # local_search "stall": iterations without a new g before the local searcher starts
 
 
 def _local_searcher(state: SwarmState, settings: Any, moving: np.ndarray) -> int:
@@ -304,51 +289,13 @@ def _local_searcher(state: SwarmState, settings: Any, moving: np.ndarray) -> int
     mode = getattr(settings, "local_search", "off")
     if mode == "off" or not moving.any():
         return -1
-    if mode == "model":  # the particle whose memory is worth least: the worst personal best
-        return int(np.argmin(np.where(moving, _nan_worst(state.p_score), np.inf)))
+    if mode == "stall" and state.since_global < LOCAL_STALL:
+        return -1  # "stall": only once g has not moved for LOCAL_STALL iterations; then as "best"
     p_score = np.where(moving, _nan_worst(state.p_score), -np.inf)
     i = int(np.argmax(p_score))
     if mode == "holder" and not (p_score[i] >= state.g_score and np.array_equal(state.p[i], state.g)):
         return -1
     return i
-
-
-MODEL_DRAWS = 256  # local_search "model": candidate steps drawn around g, the surrogate picks one
-
-
-def _features(z: np.ndarray) -> np.ndarray:
-    """A quadratic's features of the centred, scaled points ``z`` (m, d): every product of two coordinates up to
-    d = 6, then only the squares (a full quadratic in 24 dimensions has 325 terms, more than a run scores)."""
-    m, d = z.shape
-    if d <= 6:
-        i, j = np.triu_indices(d)
-        quad = z[:, i] * z[:, j]
-    else:
-        quad = z * z
-    return np.concatenate([np.ones((m, 1)), z, quad], axis=1)
-
-
-def _model_point(state: SwarmState, settings: Any, rng: np.random.Generator) -> np.ndarray:
-    """local_search "model": of ``MODEL_DRAWS`` steps around g drawn as GCPSO draws one (``rho (1 - 2 r)`` per
-    coefficient, projected onto sum 0), the one a quadratic least-squares fit on every position scored so
-    far ranks best (a cheap surrogate, as the issue's candidates suggest; Powell's trust-region idea with a
-    sampled inner step, so it is exact, seeded and never leaves the box). Too few points for the fit: the first
-    draw, as GCPSO. Its draw, ``rng.random((MODEL_DRAWS, G, K))``, comes after SPSO's."""
-    rho = _rho(state, settings)
-    step = rho * (1.0 - 2.0 * rng.random((MODEL_DRAWS, *state.g.shape)))
-    step = step - step.mean(axis=-1, keepdims=True)
-    keep = np.isfinite(state.seen_s)
-    # The free coordinates: K - 1 coefficients per group (each row sums to 1), centred at g, in units of rho.
-    free = lambda pts: (pts[..., :-1] - state.g[..., :-1]).reshape(len(pts), -1) / rho  # noqa: E731
-    f = _features(free(state.seen_x[keep]))
-    if len(f) < f.shape[1] + 2:
-        return state.g + step[0]
-    y = state.seen_s[keep]
-    gram = f.T @ f
-    # A ridge only large enough to keep the solve well posed where the points are nearly degenerate.
-    coef = np.linalg.solve(gram + 1e-6 * np.trace(gram) / len(gram) * np.eye(len(gram)), f.T @ y)
-    pick = int(np.argmax(_features(free(state.g[None] + step)) @ coef))
-    return state.g + step[pick]
 
 
 def _rho(state: SwarmState, settings: Any) -> float:
@@ -392,8 +339,6 @@ def update(state: SwarmState, proposal: Proposal, scores: np.ndarray, settings: 
         since_global=0 if changed else state.since_global + 1,
         evaluations=state.evaluations + int(ev.sum()),
         rho=_next_rho(state, proposal, s, settings),
-        seen_x=np.concatenate([state.seen_x, proposal.x[ev]]),
-        seen_s=np.concatenate([state.seen_s, s[ev]]),
     )
 
 

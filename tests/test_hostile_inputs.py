@@ -205,8 +205,20 @@ def _negative_radius(data):
     data["state"]["rho"] = -1.0
 
 
+def _unknown_key(data):
+    data["run_this"] = "import os"  # the checkpoint is validated whole: nothing unknown is carried along
+
+
+def _items_as_bool(data):
+    data["items"] = True
+
+
+def _score_as_text(data):
+    data["memo"][next(iter(data["memo"]))] = "0.5"
+
+
 @pytest.mark.parametrize("damage", [_shrink_x, _string_score, _nan_position, _negative_iteration, _bad_history,
-                                    _wrong_experts, _negative_radius])
+                                    _wrong_experts, _negative_radius, _unknown_key, _items_as_bool, _score_as_text])
 def test_a_malformed_checkpoint_is_refused_with_one_line(damage, checkpointed, capsys):
     recipe, state = checkpointed
     data = json.loads(state.read_text())
