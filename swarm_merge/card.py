@@ -6,6 +6,7 @@ from __future__ import annotations
 import html
 import logging
 import re
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
@@ -99,6 +100,61 @@ def fence(content: str) -> str:
     return "`" * max(3, longest + 1)
 
 
+@dataclass(frozen=True)
+class Table:
+    """A table of text cells, drawn as Markdown (the card) or as aligned text (the terminal): one renderer,
+    so the two never disagree on what the run found."""
+
+    header: List[str]
+    rows: List[List[str]]
+
+    def markdown(self) -> str:
+        lines = ["| " + " | ".join(self.header) + " |", "|" + "---|" * len(self.header)]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in self.rows])
+
+    def text(self) -> str:
+        """The first column left-aligned, the others right-aligned, two spaces apart (ASCII: "+-" for "±")."""
+        cells = [[c.replace("±", "+-") for c in row] for row in [self.header, *self.rows]]
+        widths = [max(len(row[i]) for row in cells) for i in range(len(self.header))]
+        return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                         .rstrip() for row in cells)
+
+
+def results_table(report: "Report", *, markdown: bool = False) -> Table:
+    """The experts, the uniform average and the winner on dev and test; in Markdown also one column per
+    group (task) of the test set, or of dev when there is no test set, and the winner in bold."""
+    scores = report.scores
+    esc = md if markdown else str
+    split = "test" if scores.has_test else "dev"
+    groups = sorted({g for row in scores.rows for g in (getattr(row, split) or _EMPTY).groups}) if markdown else []
+    header = ["model", "dev"] + (["test"] if scores.has_test or markdown else [])
+    header += [f"{esc(g)} ({split})" for g in groups]
+    rows = []
+    for row in scores.rows:
+        name = esc(row.name)
+        cells = [f"**{name}**" if markdown and row.kind == "winner" else name, fmt(row.dev.utility)]
+        if scores.has_test or markdown:
+            cells.append(fmt(row.test.utility if row.test else None))
+        cells += [fmt((getattr(row, split) or _EMPTY).groups.get(g)) for g in groups]
+        rows.append(cells)
+    return Table(header, rows)
+
+
+def comparison_table(report: "Report", *, markdown: bool = False) -> Optional[Table]:
+    """``--baselines``: each method's mean (± its deviation over seeds) at the swarm's budget; None without."""
+    c = report.comparison
+    if c is None:
+        return None
+
+    def ms(mean, std):
+        return "-" if mean is None else f"{mean:.4f} ± {std:.4f}" if len(c.seeds) > 1 else f"{mean:.4f}"
+
+    esc = md if markdown else str
+    return Table(["method", "dev", "test", "evaluations", "dev rows scored", "seconds"],
+                 [[esc(m.method), ms(m.dev_mean, m.dev_std), ms(m.test_mean, m.test_std), str(m.evaluations),
+                   "-" if m.items is None else str(m.items), f"{m.seconds_mean:.0f}"] for m in c.summary])
+
+
 def render_card(report: "Report", *, recipe_yaml: str, mergekit_yaml: str, repo_id: Optional[str] = None,
                 plot: Optional[str] = PLOT_FILE):
     """Build the ModelCard (metadata + body) of a finished run from its report."""
@@ -136,18 +192,6 @@ def render_card(report: "Report", *, recipe_yaml: str, mergekit_yaml: str, repo_
         **{k: v for k, v in license_kw.items() if v is not None},
     )
 
-    # Per-group columns on the held-out test set, or on dev when there is none.
-    group_split = "test" if scores.has_test else "dev"
-    groups = sorted({g for row in scores.rows for g in (getattr(row, group_split) or _EMPTY).groups})
-    rows = []
-    for row in scores.rows:
-        split = getattr(row, group_split) or _EMPTY
-        rows.append({
-            "name": f"**{md(row.name)}**" if row.kind == "winner" else md(row.name),
-            "dev": fmt(row.dev.utility),
-            "test": fmt(row.test.utility if row.test else None),
-            "groups": [fmt(split.groups.get(g)) for g in groups],
-        })
     coefficients = report.coefficients
     expert_rows = []
     for k, e in enumerate(experts):
@@ -196,10 +240,8 @@ def render_card(report: "Report", *, recipe_yaml: str, mergekit_yaml: str, repo_
         objective=f"`{utility}`",
         objective_note=" ".join(notes + [f"Utility: `{utility}` (higher is better)."]),
         held_out=held_out,
-        group_names=[md(g) for g in groups],
-        group_split=group_split,
         pinned_note=bool(moving),
-        results=rows,
+        results=results_table(report, markdown=True).markdown(),
         granularity=recipe.swarm.granularity,
         group_labels=coefficients.groups or [],
         layer_rows=layer_rows,
@@ -221,7 +263,7 @@ def render_card(report: "Report", *, recipe_yaml: str, mergekit_yaml: str, repo_
         mergekit_fence=fence(mergekit_yaml or ""),
         lora=adapter,
         analysis=_analysis_lines(report),
-        comparison=_comparison_rows(report),
+        comparison=(lambda t: t.markdown() if t else "")(comparison_table(report, markdown=True)),
         comparison_note=_comparison_note(report),
         base_id=(base.model if base is not None else "").replace('"', ""),
         base_link=(f"[{md(base.model)}](https://huggingface.co/{quote(base.model)})" if base_hub
@@ -256,19 +298,6 @@ def _analysis_lines(report: "Report") -> List[str]:
     for warning in a.warnings:
         lines.append(f"**Warning:** {md(warning)}.")
     return lines
-
-
-def _comparison_rows(report: "Report") -> List[Dict[str, str]]:
-    c = report.comparison
-    if c is None:
-        return []
-
-    def ms(mean, std):
-        return "-" if mean is None else f"{mean:.4f} ± {std:.4f}" if len(c.seeds) > 1 else f"{mean:.4f}"
-
-    return [{"method": md(m.method), "dev": ms(m.dev_mean, m.dev_std), "test": ms(m.test_mean, m.test_std),
-             "evaluations": str(m.evaluations), "items": "-" if m.items is None else str(m.items),
-             "seconds": f"{m.seconds_mean:.0f}"} for m in c.summary]
 
 
 def _comparison_note(report: "Report") -> str:

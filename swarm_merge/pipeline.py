@@ -440,15 +440,8 @@ def _print_plan(plan: Plan, out) -> None:
 
 
 def _print_table(report: Report, out) -> None:
-    rows = report.scores.rows
-    width = max(len(r.name) for r in rows) + 2
-    has_test = report.scores.has_test
-    print(f"\n{'model':<{width}}{'dev':>10}" + (f"{'test':>10}" if has_test else ""), file=out)
-    for r in rows:
-        line = f"{r.name:<{width}}{card.fmt(r.dev.utility):>10}"
-        if has_test:
-            line += f"{card.fmt(r.test.utility if r.test else None):>10}"
-        print(line, file=out)
+    """The run's results on the terminal: card.py's tables as text, then the search's figures."""
+    print("\n" + card.results_table(report).text(), file=out)
     c = report.coefficients
     if c.model is not None:
         print("coefficients: " + ", ".join(f"{e.name} {a:+.4f}" for e, a in zip(report.experts, c.model)), file=out)
@@ -478,12 +471,6 @@ def _print_table(report: Report, out) -> None:
     if c is not None:
         seeds = f"{len(c.seeds)} seeds" if len(c.seeds) > 1 else f"seed {c.seeds[0]}"
         spent = f"{c.items} dev rows" if c.items is not None else f"{c.budget} distinct dev evaluations"
-        print(f"\nat equal budget ({spent} per method and seed, {seeds}; mean +- std over seeds):", file=out)
-        print(f"{'method':<19}{'dev':>18}{'test':>18}{'evals':>7}{'rows':>8}{'s':>7}", file=out)
-
-        def ms(mean, std):
-            return "-" if mean is None else f"{mean:.4f} +- {std:.4f}"
-
-        for m in c.summary:
-            print(f"{m.method:<19}{ms(m.dev_mean, m.dev_std):>18}{ms(m.test_mean, m.test_std):>18}"
-                  f"{m.evaluations:>7}{'-' if m.items is None else m.items:>8}{m.seconds_mean:>7.0f}", file=out)
+        spread = "; mean +- std over seeds" if len(c.seeds) > 1 else ""
+        print(f"\nat equal budget ({spent} per method and seed, {seeds}{spread}):", file=out)
+        print(card.comparison_table(report).text(), file=out)

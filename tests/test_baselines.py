@@ -7,12 +7,13 @@ exactness and budgets are checked; the CLI runs ``compare`` on tiny experts.
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
 
-from swarm_merge import baselines, cli, report as report_mod, search, swarm
+from swarm_merge import baselines, card, cli, report as report_mod, search, swarm
 from swarm_merge.objectives import Score
 from swarm_merge.recipe import SwarmSettings
 
@@ -108,6 +109,15 @@ def test_compare_reports_every_method_at_the_swarms_budget(tiny_recipe, capsys):
     assert c.budget == c.items // report.data.dev_rows <= report.search.distinct_positions_scored
     methods = ("swarm", "random search", "CMA-ES", "GP (Optuna)", "NGOpt (Nevergrad)")
     assert sorted((r.method, r.seed) for r in c.runs) == sorted((m, s) for m in methods for s in (42, 43))
+    # One renderer: the terminal's tables and the card's show the same cells (the card adds per-task columns)
+    card_text = (recipe.parent / "out" / "README.md").read_text()
+    for summary in c.summary:
+        cells = [summary.method, f"{summary.dev_mean:.4f} ± {summary.dev_std:.4f}", str(summary.items)]
+        assert "| " + " | ".join([card.md(cells[0]), cells[1]]) in card_text
+        assert re.search(r"\s+".join(re.escape(x.replace("±", "+-")) for x in cells[:2]), out), summary.method
+    for row in report.scores.rows:
+        assert re.search(re.escape(row.name) + r"\s+" + re.escape(f"{row.dev.utility:.4f}"), out), row.name
+        assert f"| {row.dev.utility:.4f} | {row.test.utility:.4f} |" in card_text
     assert all(r.evaluations == c.budget for r in c.runs if r.method in ("random search", "CMA-ES"))
     # (a GP or NGOpt that keeps proposing the same position stops short of the budget, never past it)
     assert all(0 < r.evaluations <= c.budget for r in c.runs if r.method != "swarm")
@@ -119,8 +129,7 @@ def test_compare_reports_every_method_at_the_swarms_budget(tiny_recipe, capsys):
     assert report.analysis.emergence is not None and report.analysis.weak_to_strong.size == 5
     assert {m.method for m in c.summary} == set(methods)
     assert data["comparison"]["summary"][0]["seeds"] == 2
-    card = (recipe.parent / "out" / "README.md").read_text()
-    assert "### Was the swarm worth it?" in card and "Weak to strong" in card
+    assert "### Was the swarm worth it?" in card_text and "Weak to strong" in card_text
 
 
 def test_seeds_without_baselines_is_refused(tiny_recipe, capsys):
