@@ -255,7 +255,7 @@ class SwarmSettings(_Frozen):
     # x = g + w v + rho (1 - 2 r), rho (first init_spread) widened by 1.5 after a move that improved g and
     # narrowed by 1.5^(1/4) after one that did not (the 1/5 success rule). "holder": the particle whose personal
     # best is the global best (none while an expert holds it); "best": the one with the best personal best.
-    local_search: Literal["off", "best", "holder", "stall"] = "off"
+    local_search: Literal["off", "best", "holder"] = "off"
     racing: Union[bool, Literal["auto"]] = "auto"
     race_slice: float = Field(0.25, gt=0, lt=1)
     race_confidence: float = Field(0.95, gt=0.5, lt=1)

@@ -280,7 +280,6 @@ def propose(state: SwarmState, settings: Any, rng: np.random.Generator) -> Propo
 
 
 LOCAL_UP, LOCAL_DOWN = 1.5, 1.5 ** -0.25  # the 1/5 success rule: rho holds when 1 move in 5 improves g
-LOCAL_STALL = 2  # local_search "stall": iterations without a new g before the local searcher starts
 
 
 def _local_searcher(state: SwarmState, settings: Any, moving: np.ndarray) -> int:
@@ -289,8 +288,6 @@ def _local_searcher(state: SwarmState, settings: Any, moving: np.ndarray) -> int
     mode = getattr(settings, "local_search", "off")
     if mode == "off" or not moving.any():
         return -1
-    if mode == "stall" and state.since_global < LOCAL_STALL:
-        return -1  # "stall": only once g has not moved for LOCAL_STALL iterations; then as "best"
     p_score = np.where(moving, _nan_worst(state.p_score), -np.inf)
     i = int(np.argmax(p_score))
     if mode == "holder" and not (p_score[i] >= state.g_score and np.array_equal(state.p[i], state.g)):
