@@ -1,9 +1,9 @@
 """The whole run: :func:`prepare` reads and checks every input into a :class:`Plan`, :func:`run` carries it out.
 
 recipe -> output folder checked (output.py) -> pull experts and their kind (experts.py, kinds.py) ->
-search space (space.py) -> inputs checked: data, tokenizer, finite weights (objectives.py, evaluate.py,
+search space (space.py) -> inputs checked: data, tokenizer, finite weights (objectives/, evaluate.py,
 weights.py) -> swarm search, each particle built and scored, raced on stages of the dev rows (search.py,
-swarm.py, racing.py, weights.py, evaluate.py, objectives.py) -> the experts, the soup and the winner scored,
+swarm.py, racing.py, weights.py, evaluate.py, objectives/) -> the experts, the soup and the winner scored,
 the baselines (results.py, compare.py) -> the winner written (kinds.py: mergekit, or a LoRA adapter) ->
 report (report.py) -> card (card.py) -> publish (output.py) -> push (hub.py).
 

@@ -33,7 +33,7 @@ def test_reward_is_the_mean_reward_of_the_greedy_responses(tiny_experts, reward_
     assert cli.main([str(recipe)]) == 0
     from swarm_merge import objectives
 
-    assert not objectives._OBJECTIVE_MODELS  # the reward model is not held after the run
+    assert not objectives.judges._OBJECTIVE_MODELS  # the reward model is not held after the run
     report = report_mod.read(tmp_path / "out" / "swarm.json")
     assert report.objective_models and report.objective_models[0].revision is None
     # By hand: each prompt alone (no padding), greedy, then the reward head's score of prompt + response.

@@ -178,7 +178,7 @@ def test_reference_rows_cover_the_cases(lm, loglik_ref):
 def test_continuation_logprobs_equal_unpadded_forwards(lm, loglik_ref, batch_size):
     pairs = [(ex.prompt, ex.answer) for ex in LOGLIK_ROWS]
     with torch.inference_mode():
-        got = objectives._continuation_logprobs(lm.model, lm.tok, pairs, batch_size, DEVICE)
+        got = objectives.likelihood.continuation_logprobs(lm.model, lm.tok, pairs, batch_size, DEVICE)
     assert len(got) == len(pairs)
     for (lp, n), (ref_lp, ref_n), pair in zip(got, loglik_ref, pairs):
         assert n == ref_n, pair
@@ -192,8 +192,8 @@ def test_continuation_logprobs_do_not_depend_on_batch_neighbours(lm):
     """The same short pair scored alone and next to a very long one."""
     short = ("1+1=", "2")
     with torch.inference_mode():
-        alone = objectives._continuation_logprobs(lm.model, lm.tok, [short], 8, DEVICE)[0]
-        mixed = objectives._continuation_logprobs(
+        alone = objectives.likelihood.continuation_logprobs(lm.model, lm.tok, [short], 8, DEVICE)[0]
+        mixed = objectives.likelihood.continuation_logprobs(
             lm.model, lm.tok, [("", LONG_PROMPT), short, (LONG_PROMPT, " CAT CAT CAT")], 8, DEVICE
         )[1]
     assert mixed[1] == alone[1] == 1
@@ -338,7 +338,7 @@ def em_examples(rows, answers, groups=None) -> List[Example]:
 @pytest.mark.parametrize("batch_size", [1, 3, 64])
 def test_exact_match_completions_equal_per_row_greedy(lm, em_rows, batch_size):
     """The completion exact_match generates (until every row's first line ends) is the reference's, row by row."""
-    got = objectives._greedy(lm.model, lm.tok, em_examples(em_rows, ["@"] * len(em_rows)),
+    got = objectives.generation.greedy(lm.model, lm.tok, em_examples(em_rows, ["@"] * len(em_rows)),
                              objective("exact_match", max_new_tokens=MAX_NEW), DEVICE, batch_size, one_line=True)
     for (prompt, ref), text in zip(em_rows, got):
         assert first_line(text) == first_line(ref), (prompt, text, ref)
@@ -360,9 +360,9 @@ def test_exact_match_stops_a_row_once_decided_and_scores_as_the_whole_completion
     obj = objective("exact_match", max_new_tokens=MAX_NEW, match=how)
     result = objectives.score_exact_match(lm.model, lm.tok, examples, obj, DEVICE, batch_size=7)
     for i, ((prompt, ref), answer) in enumerate(zip(rows, answers)):
-        assert result.groups[f"r{i}"] == float(objectives._matches(ref, answer, how)), (prompt, ref, answer, how)
-    cut = objectives._greedy(lm.model, lm.tok, examples, obj, DEVICE, 7, one_line=True, until_decided=True)
-    whole = objectives._greedy(lm.model, lm.tok, examples, obj, DEVICE, 7, one_line=True)
+        assert result.groups[f"r{i}"] == float(objectives.generation._matches(ref, answer, how)), (prompt, ref, answer, how)
+    cut = objectives.generation.greedy(lm.model, lm.tok, examples, obj, DEVICE, 7, one_line=True, until_decided=True)
+    whole = objectives.generation.greedy(lm.model, lm.tok, examples, obj, DEVICE, 7, one_line=True)
     if how != "contains":  # contains decides only at the line's end
         assert sum(map(len, cut)) < sum(map(len, whole))
 
@@ -408,7 +408,7 @@ def test_exact_match_result_against_reference_answers(lm, em_rows, batch_size):
 def test_absolute_position_model_loglik(gpt2, batch_size):
     ref = [ref_logprob(gpt2, ex.prompt, ex.answer) for ex in LOGLIK_ROWS]
     with torch.inference_mode():
-        got = objectives._continuation_logprobs(gpt2.model, gpt2.tok, [(ex.prompt, ex.answer) for ex in LOGLIK_ROWS],
+        got = objectives.likelihood.continuation_logprobs(gpt2.model, gpt2.tok, [(ex.prompt, ex.answer) for ex in LOGLIK_ROWS],
                                                 batch_size, DEVICE)
     for (lp, n), (ref_lp, ref_n), ex in zip(got, ref, LOGLIK_ROWS):
         assert n == ref_n
@@ -474,7 +474,7 @@ MATCH_CASES = [
 @pytest.mark.parametrize("completion,answer,how,expected,why", MATCH_CASES,
                          ids=[f"{c[2]}:{c[4]}" for c in MATCH_CASES])
 def test_matches(completion, answer, how, expected, why):
-    assert objectives._matches(completion, answer, how) is expected, why
+    assert objectives.generation._matches(completion, answer, how) is expected, why
 
 
 # ------------------------------------------------------------ 4. aggregation
@@ -520,16 +520,16 @@ def test_a_shared_prefix_is_computed_once_and_scores_the_same(lm, batch_size, mo
     """Few-shot rows: the common prefix runs once per batch (its keys and values
     reused), and every row's log-likelihood still equals the unpadded reference."""
     calls = []
-    real = objectives._forward_with_shared_prefix
+    real = objectives.likelihood._forward_with_shared_prefix
 
     def counted(model, rows, shared, *args, **kwargs):
         calls.append(shared)
         return real(model, rows, shared, *args, **kwargs)
 
-    monkeypatch.setattr(objectives, "_forward_with_shared_prefix", counted)
-    got = objectives._continuation_logprobs(lm.model, lm.tok, FEW_SHOT_ROWS, batch_size, DEVICE)
-    assert calls and min(calls) >= objectives.MIN_SHARED_PREFIX  # the prefix path ran
-    plain = objectives._continuation_logprobs(lm.model, lm.tok, FEW_SHOT_ROWS, batch_size, DEVICE, share_prefix=False)
+    monkeypatch.setattr(objectives.likelihood, "_forward_with_shared_prefix", counted)
+    got = objectives.likelihood.continuation_logprobs(lm.model, lm.tok, FEW_SHOT_ROWS, batch_size, DEVICE)
+    assert calls and min(calls) >= objectives.likelihood.MIN_SHARED_PREFIX  # the prefix path ran
+    plain = objectives.likelihood.continuation_logprobs(lm.model, lm.tok, FEW_SHOT_ROWS, batch_size, DEVICE, share_prefix=False)
     for (context, continuation), (lp, n), (lp0, n0) in zip(FEW_SHOT_ROWS, got, plain):
         want, count = ref_logprob(lm, context, continuation)
         assert n == n0 == count

@@ -157,8 +157,8 @@ def test_the_harness_own_tasks_may_be_included(tmp_path):
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     (tasks / "mine.yaml").write_text(f"include: {builtin}\ntask: mine\n")
-    objectives._refuse_task_code(str(tasks))  # nothing to refuse
+    objectives.harness._refuse_task_code(str(tasks))  # nothing to refuse
     (tmp_path / "elsewhere.yaml").write_text("task: plain\ndataset_path: json\n")
     (tasks / "mine.yaml").write_text("include: ../elsewhere.yaml\ntask: mine\n")
     with pytest.raises(InputError, match="include: ../elsewhere.yaml .*--allow-task-code"):
-        objectives._refuse_task_code(str(tasks))
+        objectives.harness._refuse_task_code(str(tasks))

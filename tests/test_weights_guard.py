@@ -191,7 +191,7 @@ def test_objective_models_refuse_what_transformers_reports_missing(reward_model,
         with pytest.raises(InputError, match="lm_head.weight"):
             objectives.judge_model(str(judge), "cpu")
     finally:
-        objectives._OBJECTIVE_MODELS.clear()
+        objectives.judges._OBJECTIVE_MODELS.clear()
 
 
 # ----------------------------------------------------------- finite weights
@@ -326,7 +326,7 @@ def nan_objectives(tmp_path_factory, reward_model):
             o = objectives.Custom(o, objectives.load_code(f"{code}:score"))
         found[kind] = (o, objectives.load_examples(str(root / spec["dev"]), kind))
     yield found
-    objectives._OBJECTIVE_MODELS.clear()
+    objectives.judges._OBJECTIVE_MODELS.clear()
 
 
 @pytest.fixture(scope="module")
