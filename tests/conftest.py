@@ -1,7 +1,17 @@
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on a 2-core machine: one torch thread each, or they spin at each
+    # other's barriers (two 2-thread torch processes on 2 cores run several times slower). Set before
+    # torch starts its pool; subprocesses a test starts inherit it.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
 
 sys.path.insert(0, str(Path(__file__).parent))
 

@@ -100,15 +100,16 @@ def _particles(k: int, n: int):
 def worker(strategy: str, recipe_path: Path, repeats: int, device_name: str = "cpu") -> dict:
     import torch
 
-    from swarm_merge import evaluate, experts as experts_mod, objectives, space
+    from swarm_merge import evaluate, objectives, pipeline
+    from swarm_merge.options import RunOptions
     from swarm_merge.recipe import load_recipe
 
     peak = Peak()
     recipe = load_recipe(recipe_path)
-    experts = experts_mod.pull_experts(recipe.experts)
-    rows = objectives.load_examples(recipe.objective.dev, recipe.objective.type)
-    objective = recipe.objective
-    device = torch.device(device_name)
+    # The run's own reading of the recipe (experts, space, objective, rows); the output folder is never written.
+    with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
+        plan = pipeline.prepare(recipe, RunOptions(out_dir=str(Path(tmp) / "out"), device=device_name))
+    experts, rows, objective, device = plan.experts, plan.dev, plan.objective, plan.device
 
     def sync() -> None:  # the clock reads a GPU's work done, not queued
         if device.type == "cuda":
@@ -133,8 +134,7 @@ def worker(strategy: str, recipe_path: Path, repeats: int, device_name: str = "c
             sync()
             times.append(time.perf_counter() - t)
     else:
-        groups, _ = space.tensor_groups(sorted(experts[0].tensors), granularity="model")
-        ev = evaluate.make_evaluator(strategy, experts, groups, dtype=recipe.dtype, device=device)
+        ev = plan.kind.evaluator(strategy, plan.groups, device)
         load_s = time.perf_counter() - start
         counter = getattr(ev, "combiner", None) or getattr(getattr(ev, "weights", None), "combiner", None)
         ev.evaluate(particles[0], rows, objective)  # warm-up
