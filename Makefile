@@ -67,11 +67,13 @@ demo-lora demo-harmonic demo-judge: demo-models
 demo-lm-eval: setup-test demo-models
 	$(VENV)/bin/mergekit-swarm recipes/demo-lm-eval.yml --out out/demo-lm-eval --force
 
+# Two workers (pytest-xdist; one torch thread each, tests/conftest.py), each test module on one worker
+# (--dist loadscope: its module fixtures built once).
 test: setup-test demo-models
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q --durations=15 -n 2 --dist loadscope
 
 test-fast: setup-test
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadscope
 
 bench: demo-models
 	$(PY) bench/bench_eval.py
