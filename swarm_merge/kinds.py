@@ -8,6 +8,7 @@ is pulled whole; a full model's base only for its config and tokenizer).
 
 from __future__ import annotations
 
+import abc
 import logging
 import os
 from pathlib import Path
@@ -35,8 +36,9 @@ def relative_path(recipe: Recipe, path) -> str:
     return relative if relative.startswith("..") else os.path.join(".", relative)
 
 
-class ExpertKind:
-    """Full models or LoRA adapters: the experts, their base (or None), and what the run does with them."""
+class ExpertKind(abc.ABC):
+    """Full models or LoRA adapters: the experts, their base (or None), and what the run does with them.
+    The abstract methods are what each kind must say for itself; the others have one answer for both."""
 
     adapters = False  # (the comparison's mergekit baselines and the card's wording read it)
 
@@ -52,37 +54,40 @@ class ExpertKind:
         """Every model folder the run reads (their small files go into the checkpoint's fingerprint)."""
         return [e.path for e in self.experts] + ([self.base.path] if self.base else [])
 
+    @abc.abstractmethod
     def tensor_names(self) -> List[str]:
-        raise NotImplementedError
+        """The tensors (or, for adapters, the modules) the search space groups."""
 
     def weighed(self) -> List[experts_mod.Expert]:
         """The models whose every weight is read once before the search (finite, digested)."""
         return list(self.experts)
 
+    @abc.abstractmethod
     def estimate(self) -> Dict[str, int]:
         """Bytes of weights each eval mode holds (evaluate.choose_mode picks from them)."""
-        raise NotImplementedError
 
     def choose_mode(self, requested: str, budget: int) -> str:
         return evaluate.choose_mode(requested, self.estimate(), budget)
 
+    @abc.abstractmethod
     def evaluator(self, mode: str, groups: Dict[str, int], device) -> evaluate.Evaluator:
-        raise NotImplementedError
+        """The evaluator of eval mode ``mode`` that builds and scores this kind's particles."""
 
+    @abc.abstractmethod
     def write(self, stage: Path, best: np.ndarray, groups: Dict[str, int], *, mode: str, device) -> Optional[str]:
         """Write the winner into ``stage``; returns the mergekit YAML it was written with (None: not mergekit)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def records(self, digests: List[str]) -> dict:
         """The kind's fields of the report: ``base_model`` and ``lora`` (``digests``: of :meth:`weighed`)."""
-        raise NotImplementedError
 
     def extra_cards(self, stage: Path, report, *, repo_id: Optional[str]) -> None:
         """Cards of anything written besides the winner (none by default)."""
+        return None
 
+    @abc.abstractmethod
     def headline(self) -> str:
         """The dry run's first line."""
-        raise NotImplementedError
 
     def shape(self, expert: experts_mod.Expert) -> str:
         """What the dry run says of one expert's shape before its size (empty for a full model)."""
