@@ -180,7 +180,7 @@ def worker(args) -> dict:
     elif args.strategy == "naive":
         from transformers import AutoModelForCausalLM
 
-        from swarm_merge import merge
+        from swarm_merge.publish import merge
 
         tok = evaluate.load_tokenizer(experts[0].path)
         for i, c in enumerate(particles[1:]):

@@ -265,7 +265,7 @@ def _recipe_and_options(args: argparse.Namespace):
 
 
 def _push(args: argparse.Namespace) -> int:
-    from swarm_merge import hub
+    from swarm_merge.publish import push as hub
 
     url = hub.push_folder(args.out_dir, args.repo, private=args.private)
     print(f"pushed {args.out_dir} to {args.repo}: {url}")
@@ -276,7 +276,7 @@ def mergekit_yaml() -> None:
     """mergekit's ``mergekit-yaml`` with ``merge_method: swarm`` available."""
     from mergekit.scripts.run_yaml import main as run_yaml
 
-    from swarm_merge.merge import register
+    from swarm_merge.publish.merge import register
 
     register()
     run_yaml()

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from swarm_merge import baselines, distributed, evaluate, experts as experts_mod, merge, objectives, racing
+from swarm_merge import baselines, distributed, evaluate, experts as experts_mod, objectives, racing
 from swarm_merge import report as report_mod, search, weights
+from swarm_merge.publish import merge
 
 __all__ = ["compare"]
 

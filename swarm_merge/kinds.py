@@ -17,9 +17,10 @@ from typing import Dict, List, Optional
 import numpy as np
 import yaml
 
-from swarm_merge import evaluate, experts as experts_mod, lora, merge, output, report as report_mod
-from swarm_merge.errors import RecipeError
+from swarm_merge import evaluate, experts as experts_mod, lora, output, report as report_mod
+from swarm_merge.errors import ExpertError, RecipeError
 from swarm_merge.options import RunOptions
+from swarm_merge.publish import merge
 from swarm_merge.recipe import Recipe
 
 __all__ = ["ExpertKind", "FullModels", "LoraAdapters", "pull", "relative_path"]
@@ -198,7 +199,7 @@ class LoraAdapters(ExpertKind):
 
     def extra_cards(self, stage, report, *, repo_id):
         if self.recipe.output.merge_adapter:
-            from swarm_merge import card
+            from swarm_merge.publish import card
 
             card.render_merged_card(report, repo_id=repo_id).save(stage / lora.MERGED_DIR / output.CARD_FILE)
 
@@ -231,9 +232,9 @@ def _pull_base(recipe: Recipe, options: RunOptions) -> Optional[experts_mod.Expe
     if ref.is_local:
         path = Path(ref.model).expanduser()
         if not (path / "config.json").is_file():
-            raise experts_mod.ExpertError(f"base_model {ref.model!r}: no config.json there; point at a model folder")
+            raise ExpertError(f"base_model {ref.model!r}: no config.json there; point at a model folder")
         return experts_mod.Expert(ref=ref, path=path, revision=None, config={}, tensors={})
-    from swarm_merge import hub
+    from swarm_merge.experts import hub
 
     path, commit = hub.download(ref, cache_dir=options.cache_dir, allow_patterns=experts_mod.SMALL_PATTERNS,
                                 what="base_model")
@@ -245,9 +246,9 @@ def _pull_lora_base(recipe: Recipe, experts, options: RunOptions, out_dir: Path)
     ref, _ = lora.base_of(experts, recipe.base_model)
     base = experts_mod.pull_expert(ref, cache_dir=options.cache_dir, what="base_model", download=not options.dry_run)
     if base.adapter is not None:
-        raise experts_mod.ExpertError(f"base_model {ref.model!r} is itself a LoRA adapter; point at the full base model")
+        raise ExpertError(f"base_model {ref.model!r} is itself a LoRA adapter; point at the full base model")
     if base.pickled and options.dry_run:
-        raise experts_mod.ExpertError(f"--dry-run: base_model {ref.model!r} has pickled weights, whose tensors are "
+        raise ExpertError(f"--dry-run: base_model {ref.model!r} has pickled weights, whose tensors are "
                                       "not known without downloading them; run without --dry-run")
     if base.ref.is_local:  # the output folder stays clear of it, as of every input
         output.check_path(out_dir, inputs=[(f"the base model {ref.model!r}", str(base.path))],

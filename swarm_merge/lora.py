@@ -37,7 +37,7 @@ import torch
 
 from swarm_merge.errors import EvaluationError, ExpertError, ExpertMismatchError
 from swarm_merge.evaluate import Evaluator, load_tokenizer, offload, trim_heap
-# Reading an adapter folder is pulling an expert (experts.py); re-exported here for the adapters' users.
+# Reading an adapter folder is pulling an expert (experts/folder.py); re-exported here for the adapters' users.
 from swarm_merge.experts import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterInfo, index_adapter, is_adapter_folder,
                                  is_adapter_listing, read_adapter_config)
 from swarm_merge.weights import NonFiniteWeights, check_range, coefficient_rows, combine, is_finite, torch_dtype

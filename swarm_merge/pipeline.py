@@ -1,11 +1,11 @@
 """The whole run: :func:`prepare` reads and checks every input into a :class:`Plan`, :func:`run` carries it out.
 
-recipe -> output folder checked (output.py) -> pull experts and their kind (experts.py, kinds.py) ->
+recipe -> output folder checked (output.py) -> pull experts and their kind (experts/, kinds.py) ->
 search space (space.py) -> inputs checked: data, tokenizer, finite weights (objectives/, evaluate.py,
 weights.py) -> swarm search, each particle built and scored, raced on stages of the dev rows (search.py,
 swarm.py, racing.py, weights.py, evaluate.py, objectives/) -> the experts, the soup and the winner scored,
 the baselines (results.py, compare.py) -> the winner written (kinds.py: mergekit, or a LoRA adapter) ->
-report (report.py) -> card (card.py) -> publish (output.py) -> push (hub.py).
+report (report.py) -> card (publish/card.py) -> publish (output.py) -> push (publish/push.py).
 
 Every check that can fail on bad input runs in :func:`prepare`, before the output folder is claimed, so
 bad input writes nothing.
@@ -27,9 +27,12 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-from swarm_merge import card, compare, distributed, evaluate, experts as experts_mod, kinds, objectives, output
+from swarm_merge import compare, distributed, evaluate, experts as experts_mod, kinds, objectives, output
 from swarm_merge import racing, report as report_mod, results, search, space, weights
+from swarm_merge.errors import ExpertError
+from swarm_merge.experts import hub
 from swarm_merge.options import RunOptions
+from swarm_merge.publish import card, push
 from swarm_merge.recipe import Recipe
 from swarm_merge.report import Report
 
@@ -117,9 +120,7 @@ def prepare(recipe: Recipe, options: RunOptions = RunOptions()) -> Plan:
     # Read-only checks, a dry run's too: it validates everything it can without the weights.
     output.check_contents(out_dir, resume=options.resume, force=options.force)
     if push_to and options.check_token:
-        from swarm_merge import hub
-
-        hub.require_token(push_to)  # fail now, not after the search
+        push.require_token(push_to)  # fail now, not after the search
     with ranks.local_main_first():  # one download per machine, into the shared cache
         experts = experts_mod.pull_experts(recipe.experts, cache_dir=options.cache_dir,
                                            allow_pickle=recipe.allow_pickle, download=not options.dry_run)
@@ -173,9 +174,7 @@ def _execute(plan: Plan, out) -> Optional[Report]:
     _print_table(report, out)
     print(f"wrote {plan.out_dir}  (winner dev {card.fmt(report.scores.winner.dev.utility)})", file=out)
     if plan.push_to:
-        from swarm_merge import hub
-
-        url = hub.push(plan.out_dir, plan.push_to, private=recipe.output.private, report=report)
+        url = push.push(plan.out_dir, plan.push_to, private=recipe.output.private, report=report)
         print(f"pushed to {plan.push_to}: {url}", file=out)
     return report
 
@@ -264,11 +263,9 @@ def _pull_objective_models(objective, options: RunOptions):
         if ref.is_local:
             path, commit = Path(ref.model).expanduser(), None
             if not (path / "config.json").is_file():
-                raise experts_mod.ExpertError(f"{kind} model {ref.model!r}: no config.json there; point at a saved "
+                raise ExpertError(f"{kind} model {ref.model!r}: no config.json there; point at a saved "
                                               "transformers model folder")
         else:
-            from swarm_merge import hub
-
             path, commit = hub.download(ref, cache_dir=options.cache_dir, what=f"{kind} model",
                                         allow_patterns=experts_mod.SMALL_PATTERNS + ["*.safetensors"])
         if kind == "reward":
@@ -293,15 +290,15 @@ def _check_reward_config(path: Path, ref) -> None:
     config = experts_mod.read_json(Path(path) / "config.json", f"reward model {str(ref)!r}")
     model_type = config.get("model_type") if isinstance(config, dict) else None
     if model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
-        raise experts_mod.ExpertError(f"reward model {str(ref)!r}: model_type {model_type!r} has no sequence "
+        raise ExpertError(f"reward model {str(ref)!r}: model_type {model_type!r} has no sequence "
                                       "classification class in transformers (remote code is never run); use a "
                                       "reward model of a supported architecture")
     if not any(Path(path).glob("*.safetensors")):
-        raise experts_mod.ExpertError(f"reward model {str(ref)!r} has no *.safetensors weights; save it with "
+        raise ExpertError(f"reward model {str(ref)!r} has no *.safetensors weights; save it with "
                                       "safe_serialization")
     labels = config.get("num_labels") or len(config.get("id2label") or {}) or 2  # transformers' default: 2
     if labels != 1:
-        raise experts_mod.ExpertError(f"reward model {str(ref)!r} has {labels} outputs; use a reward model with one "
+        raise ExpertError(f"reward model {str(ref)!r} has {labels} outputs; use a reward model with one "
                                       "(num_labels: 1, a scalar reward head)")
     # Its score head and every other tensor its architecture needs (transformers would make up a missing one).
     label = f"reward model {str(ref)!r}"
@@ -440,7 +437,7 @@ def _print_plan(plan: Plan, out) -> None:
 
 
 def _print_table(report: Report, out) -> None:
-    """The run's results on the terminal: card.py's tables as text, then the search's figures."""
+    """The run's results on the terminal: publish/card.py's tables as text, then the search's figures."""
     print("\n" + card.results_table(report).text(), file=out)
     c = report.coefficients
     if c.model is not None:

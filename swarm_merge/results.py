@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from swarm_merge import baselines, card, evaluate, objectives, report as report_mod
+from swarm_merge import baselines, evaluate, objectives, report as report_mod
 from swarm_merge.options import VERSION
+from swarm_merge.publish import card
 from swarm_merge.recipe import portable_path
 from swarm_merge.report import Report
 

@@ -17,7 +17,7 @@ __all__ = ["LAYER", "tensor_groups"]
 
 # A numbered decoder layer in a tensor name: group 1 the prefix up to the
 # number ("model.layers."), group 2 the number. Used for layer groups here and
-# for mergekit's per-layer filters in merge.py.
+# for mergekit's per-layer filters in publish/merge.py.
 LAYER = re.compile(r"^(.*?\.(?:layers|h|blocks|layer)\.)(\d+)\.")
 
 

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from swarm_merge import baselines, card, cli, report as report_mod, search, swarm
+from swarm_merge import baselines, cli, report as report_mod, search, swarm
+from swarm_merge.publish import card
 from swarm_merge.objectives import Score
 from swarm_merge.recipe import SwarmSettings
 
@@ -167,7 +168,7 @@ def based(tmp_path_factory):
 def test_mergekit_baselines_equal_mergekit_yaml_on_the_same_config(name, point, based, tmp_path):
     from safetensors.torch import load_file
 
-    from swarm_merge import merge
+    from swarm_merge.publish import merge
 
     base, experts = based
     out = tmp_path / "merged"

@@ -142,7 +142,7 @@ def test_the_cards_number_is_what_the_written_model_scores(finished_run):
 def test_mergekit_config_reproduces_the_weights(finished_run, tmp_path, monkeypatch):
     from mergekit.scripts.run_yaml import main as run_yaml
 
-    from swarm_merge.merge import register
+    from swarm_merge.publish.merge import register
 
     register()
     out, recipe, _ = finished_run
@@ -174,7 +174,8 @@ def test_the_mergekit_write_reads_each_expert_tensor_once_without_mapping_files(
     of a write); the write reads through PreadShard instead: each stored tensor once."""
     from mergekit.io.loader import TensorLoader
 
-    from swarm_merge import merge, weights
+    from swarm_merge import weights
+    from swarm_merge.publish import merge
     from swarm_merge.experts import pull_experts
 
     out, recipe, _ = finished_run

@@ -336,7 +336,7 @@ def test_a_tokenizer_naming_its_own_code_is_refused_without_a_prompt(tiny_expert
 
 
 def test_a_written_model_with_inf_is_never_published(tmp_path):
-    from swarm_merge import merge
+    from swarm_merge.publish import merge
     from swarm_merge.errors import EvaluationError
 
     save_file({"a": torch.ones(3), "b": torch.tensor([1.0, float("inf")], dtype=torch.float16)},

@@ -424,7 +424,7 @@ def test_hub_failures_are_told_apart_honestly():
     import httpx2
     from huggingface_hub import errors as hf_errors
 
-    from swarm_merge import hub
+    from swarm_merge.experts import hub
     from swarm_merge.errors import ExpertError, HubError
     from swarm_merge.recipe import ExpertRef
 

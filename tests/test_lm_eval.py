@@ -159,7 +159,8 @@ def test_searching_on_a_harness_task_is_one_line_naming_the_flag(tiny_experts, t
 def test_searching_on_a_public_benchmark_is_refused_unless_allowed(task, why, own_tasks, tmp_path):
     """Like mergekit-evolve: a dev objective that is a public benchmark's scored split is refused by what the
     task reads (the harness's own task, a group holding one, its dataset and split under another name)."""
-    from swarm_merge import card, objectives
+    from swarm_merge import objectives
+    from swarm_merge.publish import card
     from swarm_merge.errors import InputError
 
     recipe = own_recipe(tmp_path, own_tasks, task)

@@ -184,7 +184,7 @@ def test_a_symlink_under_the_lock_files_name_is_never_followed(world, capsys):
 
 
 def test_an_expert_cards_license_list_or_oddity_never_breaks_a_run(tmp_path):
-    from swarm_merge.card import expert_license
+    from swarm_merge.publish.card import expert_license
 
     for value, want in (("mit", "mit"), ("[mit, apache-2.0]", "mit OR apache-2.0"), ("{a: 1}", None), ("3", None)):
         (tmp_path / "README.md").write_text(f"---\nlicense: {value}\n---\n# x\n")
@@ -414,7 +414,7 @@ def test_an_expert_folder_name_cannot_inject_markdown_into_the_card(world, tiny_
 
 
 def test_markdown_escaping_and_fences():
-    from swarm_merge.card import fence, md
+    from swarm_merge.publish.card import fence, md
 
     assert md("a|b\nc") == "a\\|b c"
     assert md("<script>") == "&lt;script&gt;"

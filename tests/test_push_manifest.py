@@ -180,7 +180,7 @@ def test_a_name_swapped_for_a_symlink_during_the_push_still_uploads_the_checked_
                                                                                     monkeypatch):
     from huggingface_hub import HfApi
 
-    from swarm_merge import hub as hub_mod
+    from swarm_merge.publish import push as hub_mod
 
     _, out = full_run
     folder = copy_of(out, tmp_path / "out")

@@ -12,13 +12,13 @@ import torch
 import tiny
 from swarm_merge import evaluate, experts as experts_mod, objectives, space, weights
 from swarm_merge.errors import EvaluationError
-from swarm_merge.recipe import Objective
+from swarm_merge.recipe import ExpertRef, Objective
 
 COEFFS = [np.array([[0.2, 0.5, 0.3]]), np.array([[1.4, -0.6, 0.2]]), np.array([[1 / 3, 1 / 3, 1 / 3]])]
 
 
 def build(paths, dtype="float32", granularity="model"):
-    experts = [experts_mod.pull_expert(experts_mod.ExpertRef(model=str(p))) for p in paths]
+    experts = [experts_mod.pull_expert(ExpertRef(model=str(p))) for p in paths]
     experts_mod.check_compatible(experts)
     groups, labels = space.tensor_groups(sorted(experts[0].tensors), granularity=granularity)
     cpu = torch.device("cpu")
@@ -162,7 +162,7 @@ def test_streaming_gives_freed_heap_back_after_every_evaluation(tmp_path, monkey
 
 def test_auto_mode_picks_by_budget(tmp_path):
     paths = tiny.make_experts(tmp_path / "e", 3)
-    experts = [experts_mod.pull_expert(experts_mod.ExpertRef(model=str(p))) for p in paths]
+    experts = [experts_mod.pull_expert(ExpertRef(model=str(p))) for p in paths]
     est = evaluate.memory_estimate(experts, "float32")
     assert est["streaming"] < est["in-memory"]
     assert est["streaming"] < est["one-model"] < est["in-memory"]
@@ -376,7 +376,7 @@ def test_16_bit_experts_build_the_weights_mergekit_writes(tmp_path, stored, dtyp
     searched in bfloat16 too (mergekit reads its inputs in the recipe's dtype, as the search does)."""
     from safetensors.torch import load_file
 
-    from swarm_merge import merge
+    from swarm_merge.publish import merge
 
     monkeypatch.setattr(weights, "CHUNK", 700)  # several chunks a tensor
 
