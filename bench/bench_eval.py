@@ -113,22 +113,30 @@ def _particles(k: int, n: int, seed: int = 0):
     return out
 
 
+def _prepared(recipe_path, device: str):
+    """The run's own reading of the recipe (experts, their kind, the space, the device), as
+    ``mergekit-swarm`` builds it; the output folder is never written."""
+    from swarm_merge import pipeline
+    from swarm_merge.options import RunOptions
+    from swarm_merge.recipe import load_recipe
+
+    with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:
+        return pipeline.prepare(load_recipe(recipe_path), RunOptions(out_dir=str(Path(tmp) / "out"), device=device))
+
+
 def worker(args) -> dict:
     import numpy as np
     import torch
 
-    from swarm_merge import evaluate, experts as experts_mod, objectives, space, weights
-    from swarm_merge.recipe import load_recipe
+    from swarm_merge import evaluate, objectives, weights
 
     anon = AnonPeak()
     torch.manual_seed(0)
     if args.strategy.startswith("lora"):
         return lora_worker(args, anon)
-    recipe = load_recipe(args.recipe)
-    experts = experts_mod.pull_experts(recipe.experts)
+    plan = _prepared(args.recipe, args.device)
+    recipe, experts, groups, cpu = plan.recipe, plan.experts, plan.groups, plan.device
     k = len(experts)
-    groups, _ = space.tensor_groups(sorted(experts[0].tensors), granularity="model")
-    cpu = torch.device(args.device)
     tmp_dir = tempfile.TemporaryDirectory(prefix="swarm-bench-")  # removed when the worker exits
     tmp = Path(tmp_dir.name)
     rows, objective = _objective_data(recipe, args.objective, tmp)
@@ -138,7 +146,7 @@ def worker(args) -> dict:
     particles = _particles(k, args.repeats + 1)
 
     if args.strategy in ("in-memory", "one-model", "streaming"):
-        ev = evaluate.make_evaluator(args.strategy, experts, groups, dtype=recipe.dtype, device=cpu)
+        ev = plan.kind.evaluator(args.strategy, groups, cpu)
         if args.swarm_size:  # the initial swarm of a search: peak RSS vs swarm size
             from swarm_merge import swarm
 
@@ -211,22 +219,15 @@ def worker(args) -> dict:
 def lora_worker(args, anon: AnonPeak) -> dict:
     """The same evaluation over the skills' LoRA adapters on their base."""
     import numpy as np
-    import torch
 
-    from swarm_merge import experts as experts_mod, lora
-    from swarm_merge.recipe import load_recipe
-
-    recipe = load_recipe(args.lora_recipe)
-    experts = experts_mod.pull_experts(recipe.experts)
-    base = experts_mod.pull_expert(recipe.base_model, what="base_model")
-    bank = lora.AdapterBank(experts, base, space=recipe.swarm.lora_space)
-    groups = {m: 0 for m in bank.modules}
+    plan = _prepared(args.lora_recipe, args.device)
+    recipe, experts = plan.recipe, plan.experts
     tmp_dir = tempfile.TemporaryDirectory(prefix="swarm-bench-")
     rows, objective = _objective_data(recipe, args.objective, Path(tmp_dir.name))
     if args.rows:
         rows = rows[: args.rows]
-    ev = lora.LoraEvaluator(bank, base, groups, dtype=recipe.dtype, device=torch.device(args.device),
-                            streaming=args.strategy == "lora-streaming")
+    ev = plan.kind.evaluator("streaming" if args.strategy == "lora-streaming" else "in-memory", plan.groups,
+                             plan.device)
     particles = _particles(len(experts), args.repeats + 1)
     times, utilities = [], []
     ev.evaluate(particles[0], rows, objective)  # warm-up
@@ -251,20 +252,16 @@ def paired_worker(args) -> dict:
 
     from transformers import AutoModelForCausalLM
 
-    from swarm_merge import evaluate, experts as experts_mod, objectives, space, weights
-    from swarm_merge.recipe import load_recipe
+    from swarm_merge import evaluate, objectives, weights
 
     torch.manual_seed(0)
-    recipe = load_recipe(args.recipe)
-    experts = experts_mod.pull_experts(recipe.experts)
-    groups, _ = space.tensor_groups(sorted(experts[0].tensors), granularity="model")
-    device = torch.device(args.device)
+    plan = _prepared(args.recipe, args.device)
+    recipe, experts, groups, device = plan.recipe, plan.experts, plan.groups, plan.device
     tmp_dir = tempfile.TemporaryDirectory(prefix="swarm-bench-")
     rows, objective = _objective_data(recipe, args.objective, Path(tmp_dir.name))
     modes = [s for s in args.strategies.split(",") if s in ("in-memory", "one-model", "streaming")]
-    evs = {m: evaluate.make_evaluator(m, experts, groups, dtype=recipe.dtype, device=device) for m in modes}
-    reference = evs.get("in-memory") or evaluate.make_evaluator("in-memory", experts, groups, dtype=recipe.dtype,
-                                                                 device=device)
+    evs = {m: plan.kind.evaluator(m, plan.groups, device) for m in modes}
+    reference = evs.get("in-memory") or plan.kind.evaluator("in-memory", plan.groups, device)
     floor = AutoModelForCausalLM.from_pretrained(str(experts[0].path), dtype=weights.torch_dtype(recipe.dtype))
     floor = floor.to(device).eval()
     floor_targets = {n: t for n, t in floor.state_dict(keep_vars=True).items() if n in reference.targets}

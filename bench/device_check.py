@@ -39,9 +39,10 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import tiny  # noqa: E402
 
-from swarm_merge import evaluate, experts as experts_mod, objectives, space  # noqa: E402
+from swarm_merge import objectives, pipeline  # noqa: E402
 from swarm_merge.cli import main  # noqa: E402
-from swarm_merge.recipe import Objective  # noqa: E402
+from swarm_merge.options import RunOptions  # noqa: E402
+from swarm_merge.recipe import Objective, load_recipe  # noqa: E402
 from swarm_merge.report import read as read_report  # noqa: E402
 
 
@@ -104,10 +105,10 @@ def timings(root: Path, device: torch.device, small: bool) -> None:
         tok.save_pretrained(path)
         paths.append(path)
     del base
-    from swarm_merge.recipe import ExpertRef
-
-    experts = experts_mod.pull_experts([ExpertRef(model=str(p)) for p in paths])
-    groups, _ = space.tensor_groups(sorted(experts[0].tensors), granularity="model")
+    # The run's own reading of a recipe over them (experts, their kind, the space); nothing is written.
+    recipe = load_recipe(tiny.write_recipe(root / "big-recipe", paths, "dtype: float32\n"))
+    plan = pipeline.prepare(recipe, RunOptions(out_dir=str(root / "big-recipe" / "out"), device=str(device)))
+    groups = plan.groups
     rows = [objectives.Example(prompt=r["prompt"], answer=r["answer"]) for r in tiny.arithmetic_rows(72)]
     rng = np.random.default_rng(0)
     particles = []
@@ -123,8 +124,7 @@ def timings(root: Path, device: torch.device, small: bool) -> None:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
-            ev = evaluate.make_evaluator("in-memory" if strategy == "floor" else strategy, experts, groups,
-                                         dtype="float32", device=device)
+            ev = plan.kind.evaluator("in-memory" if strategy == "floor" else strategy, groups, device)
             ev.evaluate(particles[0], rows, objective)  # warm-up: kernels, allocator, caches
             times = []
             for c in particles:
