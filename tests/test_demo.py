@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from swarm_merge import evaluate, experts as experts_mod, objectives, space
+from swarm_merge import evaluate, objectives, pipeline
 from swarm_merge.cli import main
+from swarm_merge.options import RunOptions
 from swarm_merge.recipe import load_recipe
 from swarm_merge.report import read as read_report
 
@@ -61,19 +62,20 @@ def test_demo_recipe_end_to_end(demo, tmp_path):
     assert got.groups == pytest.approx(winner.dev.groups, abs=1e-6)
 
 
-def test_demo_streaming_matches_in_memory(demo):
-    experts = experts_mod.pull_experts(demo.experts)
-    groups, _ = space.tensor_groups(sorted(experts[0].tensors), granularity="model")
-    rows = objectives.load_examples(demo.objective.dev, demo.objective.type)[:24]
-    cpu = torch.device("cpu")
-    c = np.array([[0.4, 0.3, 0.5, -0.2]])[:, : len(experts)]
+def test_demo_streaming_matches_in_memory(demo, tmp_path):
+    # The evaluators a run builds: the plan's experts, space and kind (nothing is written).
+    plan = pipeline.prepare(demo, RunOptions(out_dir=str(tmp_path / "out"), device="cpu"))
+    rows = plan.dev[:24]
+    c = np.array([[0.4, 0.3, 0.5, -0.2]])[:, : len(plan.experts)]
     c[0, -1] = 1 - c[0, :-1].sum()
-    mem = evaluate.InMemoryEvaluator(experts, groups, dtype=demo.dtype, device=cpu)
+    mem = plan.kind.evaluator("in-memory", plan.groups, plan.device)
+    assert isinstance(mem, evaluate.InMemoryEvaluator)
     a = mem.evaluate(c, rows, demo.objective)
     b_loglik_obj = demo.objective.model_copy(update={"type": "loglik"})
     a_ll = mem.evaluate(c, rows, b_loglik_obj)
     del mem
-    stream = evaluate.StreamingEvaluator(experts, groups, dtype=demo.dtype, device=cpu)
+    stream = plan.kind.evaluator("streaming", plan.groups, plan.device)
+    assert isinstance(stream, evaluate.StreamingEvaluator)
     b = stream.evaluate(c, rows, demo.objective)
     b_ll = stream.evaluate(c, rows, b_loglik_obj)
     assert a.utility == b.utility and a.groups == b.groups
