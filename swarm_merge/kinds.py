@@ -229,15 +229,7 @@ def _pull_base(recipe: Recipe, options: RunOptions) -> Optional[experts_mod.Expe
     ref = recipe.base_model
     if ref is None:
         return None
-    if ref.is_local:
-        path = Path(ref.model).expanduser()
-        if not (path / "config.json").is_file():
-            raise ExpertError(f"base_model {ref.model!r}: no config.json there; point at a model folder")
-        return experts_mod.Expert(ref=ref, path=path, revision=None, config={}, tensors={})
-    from swarm_merge.experts import hub
-
-    path, commit = hub.download(ref, cache_dir=options.cache_dir, allow_patterns=experts_mod.SMALL_PATTERNS,
-                                what="base_model")
+    path, commit = experts_mod.pull_model_files(ref, cache_dir=options.cache_dir, what="base_model")
     return experts_mod.Expert(ref=ref, path=path, revision=commit, config={}, tensors={})
 
 

@@ -30,7 +30,6 @@ import yaml
 from swarm_merge import compare, distributed, evaluate, experts as experts_mod, kinds, objectives, output
 from swarm_merge import racing, report as report_mod, results, search, space, weights
 from swarm_merge.errors import ExpertError
-from swarm_merge.experts import hub
 from swarm_merge.options import RunOptions
 from swarm_merge.publish import card, push
 from swarm_merge.recipe import Recipe
@@ -260,14 +259,8 @@ def _pull_objective_models(objective, options: RunOptions):
             return o
         key = f"{kind}_model"
         ref = getattr(o, key)
-        if ref.is_local:
-            path, commit = Path(ref.model).expanduser(), None
-            if not (path / "config.json").is_file():
-                raise ExpertError(f"{kind} model {ref.model!r}: no config.json there; point at a saved "
-                                              "transformers model folder")
-        else:
-            path, commit = hub.download(ref, cache_dir=options.cache_dir, what=f"{kind} model",
-                                        allow_patterns=experts_mod.SMALL_PATTERNS + ["*.safetensors"])
+        path, commit = experts_mod.pull_model_files(ref, cache_dir=options.cache_dir, what=f"{kind} model",
+                                                    patterns=experts_mod.SMALL_PATTERNS + ["*.safetensors"])
         if kind == "reward":
             _check_reward_config(path, ref)
         else:  # a causal LM transformers builds without remote code, with safetensors weights, none missing

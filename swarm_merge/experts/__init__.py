@@ -10,8 +10,8 @@ from swarm_merge.experts.folder import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, INDEX_F
                                         Expert, TensorInfo, check_compatible, check_weights, human_bytes,
                                         index_adapter, index_folder, is_adapter_folder, is_adapter_listing,
                                         read_adapter_config, read_headers, read_json)
-from swarm_merge.experts.pull import pull_expert, pull_experts
+from swarm_merge.experts.pull import pull_expert, pull_experts, pull_model_files
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "INDEX_FILE", "SMALL_PATTERNS", "AdapterInfo", "Expert", "TensorInfo",
            "check_compatible", "check_weights", "human_bytes", "index_adapter", "index_folder", "is_adapter_folder",
-           "is_adapter_listing", "read_adapter_config", "read_headers", "read_json", "pull_expert", "pull_experts"]
+           "is_adapter_listing", "read_adapter_config", "read_headers", "read_json", "pull_expert", "pull_experts", "pull_model_files"]

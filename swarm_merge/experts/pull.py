@@ -27,7 +27,7 @@ from swarm_merge.experts.folder import (ADAPTER_WEIGHTS, ALLOW_PATTERNS, INDEX_F
                                         weight_files, weight_names)
 from swarm_merge.recipe import ExpertRef
 
-__all__ = ["pull_expert", "pull_experts"]
+__all__ = ["pull_expert", "pull_experts", "pull_model_files"]
 
 LOG = logging.getLogger(__name__)
 
@@ -302,3 +302,17 @@ def _convert_pickled(src: Path, shards: List[str], dest: Path, label: str) -> No
             shutil.copy2(f, tmp / f.name)  # follows the Hub cache's symlinks
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(tmp, dest)
+
+
+def pull_model_files(ref: ExpertRef, *, cache_dir: Optional[str], what: str,
+                     patterns: Sequence[str] = SMALL_PATTERNS) -> Tuple[Path, Optional[str]]:
+    """A model that is not an expert (the base's config and tokenizer, a reward or judge model):
+    a local folder as it is, or a Hub repo's ``patterns`` downloaded; (folder, commit or None).
+    Either way the folder must hold a config.json. Reading and checking its weights is the caller's."""
+    if ref.is_local:
+        path, commit = Path(ref.model).expanduser(), None
+    else:
+        path, commit = hub.download(ref, cache_dir=cache_dir, allow_patterns=list(patterns), what=what)
+    if not (path / "config.json").is_file():
+        raise ExpertError(f"{what} {ref.model!r}: no config.json there; point at a saved transformers model folder")
+    return path, commit
