@@ -75,7 +75,7 @@ test: setup-test demo-models
 	$(PY) -m pytest -q --durations=15 -n 2 --dist loadscope
 
 test-fast: setup-test
-	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadscope
+	$(PY) -m pytest -q -m "not slow and not hub and not processes" -n 2 --dist loadscope
 
 bench: demo-models
 	$(PY) bench/bench_eval.py

@@ -13,6 +13,8 @@ import pytest
 
 import tiny
 
+pytestmark = pytest.mark.processes
+
 REPO = Path(__file__).resolve().parents[1]
 
 

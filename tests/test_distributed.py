@@ -17,6 +17,8 @@ import pytest
 import tiny
 from swarm_merge import cli, distributed
 
+pytestmark = pytest.mark.processes
+
 REPO = Path(__file__).resolve().parents[1]
 
 # A custom utility that can kill its own process (rank 1, at its 3rd evaluation,

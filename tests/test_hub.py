@@ -28,6 +28,8 @@ from hub_server import HubServer  # noqa: E402
 
 import tiny  # noqa: E402
 
+pytestmark = pytest.mark.hub
+
 # A distinctive token, so that finding it anywhere in the outputs means a leak.
 TOKEN = "hf_swarmCanaryToken8f3a1c"
 RESULT_MARK = "@@RESULT@@"
