@@ -265,9 +265,9 @@ def _recipe_and_options(args: argparse.Namespace):
 
 
 def _push(args: argparse.Namespace) -> int:
-    from swarm_merge.publish import push as hub
+    from swarm_merge.publish import push
 
-    url = hub.push_folder(args.out_dir, args.repo, private=args.private)
+    url = push.push_folder(args.out_dir, args.repo, private=args.private)
     print(f"pushed {args.out_dir} to {args.repo}: {url}")
     return 0
 

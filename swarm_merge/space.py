@@ -3,7 +3,7 @@
 A particle is a coefficient array ``(groups, K)``. ``model`` granularity (the
 paper's) has one group; ``layer`` granularity gives each block of decoder
 layers its own coefficient vector. mergekit's per-layer filters in
-:mod:`swarm_merge.merge` are written from the same pattern.
+:mod:`swarm_merge.publish.merge` are written from the same pattern.
 """
 
 from __future__ import annotations

@@ -180,7 +180,7 @@ def test_a_name_swapped_for_a_symlink_during_the_push_still_uploads_the_checked_
                                                                                     monkeypatch):
     from huggingface_hub import HfApi
 
-    from swarm_merge.publish import push as hub_mod
+    from swarm_merge.publish import push as push_mod
 
     _, out = full_run
     folder = copy_of(out, tmp_path / "out")
@@ -196,7 +196,7 @@ def test_a_name_swapped_for_a_symlink_during_the_push_still_uploads_the_checked_
 
     monkeypatch.setattr(HfApi, "create_repo", swap_then_create)
     if source == "file object":  # what non-Linux systems upload
-        monkeypatch.setattr(hub_mod, "_upload_source", lambda fh: fh)
+        monkeypatch.setattr(push_mod, "_upload_source", lambda fh: fh)
     repo = f"swarm/swapped-{source.replace(' ', '-')}"
     with hub_client(hub):
         assert cli.main(["push", str(folder), "--repo", repo]) == 0

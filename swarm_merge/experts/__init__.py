@@ -3,7 +3,8 @@
 - :mod:`.folder` reads one folder (configs, safetensors headers, LoRA adapters) without running
   anything it names, and checks experts can be merged;
 - :mod:`.hub` makes every Hub call that pulls (resolve, download, the cache, remote headers);
-- :mod:`.pull` puts the two together: ``pull_expert`` / ``pull_experts``.
+- :mod:`.pull` puts the two together: ``pull_expert`` / ``pull_experts``, and ``pull_model_files`` for the
+  models that are not experts (the base, reward and judge models).
 """
 
 from swarm_merge.experts.folder import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, INDEX_FILE, SMALL_PATTERNS, AdapterInfo,

@@ -311,19 +311,19 @@ def _is_weight_name(name: str) -> bool:
     return "/" not in name and name.endswith(".safetensors") and not name.startswith("adapter_")
 
 
-def weight_names(names, label: str, read_index) -> Tuple[List[str], Optional[Dict[str, str]]]:
+def weight_names(names, label: str, load_index) -> Tuple[List[str], Optional[Dict[str, str]]]:
     """Which of a model's files hold its weights; (shard file names, weight_map or None).
 
     The same rule for a folder and a Hub repo's listing, as mergekit (which
     writes the merge) reads a folder: the shards ``model.safetensors.index.json``
-    names when there is one (``read_index()`` returns its weight_map), else
+    names when there is one (``load_index()`` returns its weight_map), else
     ``model.safetensors``, else every top-level non-adapter ``*.safetensors``.
     Repos often ship a ``consolidated.safetensors`` holding the same tensors:
     counting it too would double the download, the parameters and the memory.
     """
     names = set(names)
     if INDEX_FILE in names:
-        weight_map = read_index()
+        weight_map = load_index()
         return sorted(set(weight_map.values())), weight_map
     if SINGLE_FILE in names:
         return [SINGLE_FILE], None

@@ -6,8 +6,10 @@ restricted to some file patterns; :func:`cached` finds one in the local cache
 when the Hub cannot be reached; :func:`safetensors_headers` reads tensor names
 and shapes from the headers alone (HTTP range requests), for ``--dry-run``.
 
-Pushing is :mod:`swarm_merge.publish.push`; both map huggingface_hub's errors to
-one line here (:func:`describe_error`). The token comes from the environment (``HF_TOKEN``) or the ``hf`` login, which
+A pull's errors are mapped to one line by ``_pull_errors``; pushing is
+:mod:`swarm_merge.publish.push`, whose failures :func:`describe_error` words.
+
+The token comes from the environment (``HF_TOKEN``) or the ``hf`` login, which
 huggingface_hub finds by itself; it is never read from a recipe and never
 written to logs, errors, ``swarm.json`` or the card.
 """
@@ -30,7 +32,6 @@ __all__ = ["RepoSnapshot", "HubUnreachable", "resolve", "download", "cached", "u
 LOG = logging.getLogger(__name__)
 
 
-
 class HubUnreachable(Exception):
     """The Hub could not be asked (offline mode, no connection); the cache may still serve."""
 
@@ -46,8 +47,6 @@ class RepoSnapshot:
     repo_id: str
     commit: str
     files: Dict[str, Optional[int]]  # path in the repo -> size in bytes (None if the Hub did not say)
-
-
 
 
 def resolve(ref: ExpertRef, *, what: str = "expert") -> RepoSnapshot:

@@ -31,6 +31,7 @@ __all__ = ["pull_expert", "pull_experts", "pull_model_files"]
 
 LOG = logging.getLogger(__name__)
 
+
 def pull_expert(ref: ExpertRef, *, cache_dir: Optional[str] = None, what: str = "expert",
                 allow_pickle: bool = False, download: bool = True) -> Expert:
     """Make one expert available locally and index it.
@@ -96,7 +97,7 @@ def pull_expert(ref: ExpertRef, *, cache_dir: Optional[str] = None, what: str = 
         return small[0]
 
     shards, weight_map, pickled = _hub_weights(snapshot, f"{what} {label}", allow_pickle=allow_pickle,
-                                               read_index=lambda: read_index(small_files(), label))
+                                               load_index=lambda: read_index(small_files(), label))
     # The config is checked (remote code, JSON) before any weight moves.
     config = read_config(small_files(), label)
     # Exact names, escaped: allow_patterns are fnmatch patterns, and a name may hold [ or *.
@@ -154,15 +155,15 @@ def _adapter(ref: ExpertRef, path: Path, label: str, *, revision: Optional[str])
     return Expert(ref=ref, path=path, revision=revision, config=config, tensors=tensors, adapter=info)
 
 
-def _hub_weights(snapshot, label: str, *, allow_pickle: bool, read_index
+def _hub_weights(snapshot, label: str, *, allow_pickle: bool, load_index
                  ) -> Tuple[List[str], Optional[Dict[str, str]], bool]:
     """The weight files to pull from a repo, from its listing: (shard names, weight_map or None, pickled).
 
-    ``read_index()`` returns the weight_map of the repo's shard index; it is
+    ``load_index()`` returns the weight_map of the repo's shard index; it is
     only called when the repo has one.
     """
     files = snapshot.files
-    shards, weight_map = weight_names(files, label, read_index)
+    shards, weight_map = weight_names(files, label, load_index)
     if shards:
         missing = [s for s in shards if s not in files]
         if missing:
