@@ -38,6 +38,9 @@ Levers beyond the paper (each a SwarmSettings field; their paper values give the
   (``restart_patience`` applies to the paper's update only).
 - ``stop: budget``: no patience stop; the search runs until ``budget(settings)`` evaluations are spent (the
   last iteration scores only the particles that still fit).
+- ``anchor_velocity`` (with ``anchors``): the moving particles' initial velocities gain ``anchor_velocity * d``,
+  ``d_k`` expert k's score less the experts' mean, over the range of the initial swarm's scores (:func:`anchor_push`):
+  the experts' own scores as a first direction. No draw.
 - ``local_search`` (``best`` or ``holder``; ``off`` by default, measured in bench/RESULTS.md): under
   ``spso``, one moving particle per iteration goes to ``g + w v + rho (1 - 2 r)`` (GCPSO), projected onto
   sum 0, ``rho`` adapted by the 1/5 success rule and kept in the state; its draw,
@@ -62,6 +65,7 @@ __all__ = [
     "propose",
     "update",
     "finished",
+    "anchor_push",
 ]
 
 # The settings this module reads; :class:`swarm_merge.recipe.SwarmSettings` has them all.
@@ -199,6 +203,7 @@ def init_state(x: np.ndarray, scores: np.ndarray, settings: Any, rng: np.random.
         v = np.zeros_like(x)
         if len(x) - fixed > 1 or settings.init_velocity != "random":
             v[fixed:] = initial_velocities(x[fixed:], settings.init_velocity, rng, best=x[best])
+        v[fixed:] += anchor_push(s, fixed, float(getattr(settings, "anchor_velocity", 0.0)))
     else:
         v = initial_velocities(x, settings.init_velocity, rng, best=x[best])
     return SwarmState(
@@ -215,6 +220,17 @@ def init_state(x: np.ndarray, scores: np.ndarray, settings: Any, rng: np.random.
         step_length=float(settings.step_length),
         evaluations=len(x),
     )
+
+
+def anchor_push(scores: np.ndarray, fixed: int, push: float) -> np.ndarray:
+    """``anchor_velocity``: ``push * d`` with ``d_k = (s_k - mean_k s) / (max - min)``, ``s_k`` the k-th anchor's
+    score (a failed one counts as the lowest), the range over every finite initial score. ``d`` sums to 0 (a
+    velocity): towards the experts that score well, away from a weak one; small where the experts score alike."""
+    finite = scores[np.isfinite(scores)]
+    if push <= 0 or not fixed or len(finite) < 2 or finite.max() <= finite.min():
+        return np.zeros(fixed)
+    anchor = np.where(np.isfinite(scores[:fixed]), scores[:fixed], finite.min())
+    return push * (anchor - anchor.mean()) / (finite.max() - finite.min())
 
 
 @dataclass

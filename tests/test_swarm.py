@@ -285,7 +285,7 @@ def test_product_defaults_are_the_new_levers_and_paper_values_select_the_paper()
     # The product's defaults (bench/RESULTS.md, "Swarm against CMA-ES"); init: paper, seed_soup: false and
     # the levers at their paper values is the paper's algorithm (the weight-space reference test runs it).
     d = SwarmSettings()
-    assert (d.anchors, d.update, d.stop) == (True, "spso", "budget")
+    assert (d.anchors, d.update, d.stop, d.anchor_velocity) == (True, "spso", "budget", 0.3)
     s = SwarmSettings(init="paper", seed_soup=False, **PAPER_LEVERS)
     assert (s.anchors, s.update, s.stop) == (False, "paper", "patience")
 
@@ -324,7 +324,7 @@ def test_spso_update_keeps_positions_affine_and_moves():
 def test_spso_velocity_is_not_normalised():
     # One moving particle at rest on its personal best, g elsewhere: v = c * r (g - x), projected; with the
     # paper's normaliser the step could never pass g, here it can (c > 1).
-    s = settings(**NEW, size=5)
+    s = settings(**NEW, size=5, anchor_velocity=0)  # (the experts' push off: the update alone)
     x0 = swarm.initial_positions(4, 5, seed_soup=True, rng=np.random.default_rng(0), init="soup")
     state = swarm.init_state(x0, np.array([1.0, 0, 0, 0, 0.5]), s, np.random.default_rng(0))
     assert np.allclose(state.v, 0)  # one moving particle: nothing to draw its velocity from
@@ -334,6 +334,30 @@ def test_spso_velocity_is_not_normalised():
         d = prop.x[4, 0] - x0[4, 0]
         overshoot += np.linalg.norm(d) > np.linalg.norm(x0[0, 0] - x0[4, 0])
     assert overshoot > 0
+
+
+def test_the_experts_scores_give_the_moving_particles_a_first_velocity():
+    # anchor_velocity: each moving particle's initial velocity gains push * d, d_k = (s_k - mean s) / range,
+    # the range over every initial score; the anchors stay at rest; the same velocities as without it otherwise.
+    x0 = swarm.initial_positions(4, 8, seed_soup=True, rng=np.random.default_rng(0), init="soup")
+    scores = np.array([0.15, 0.47, 0.40, 0.07, 0.43, 0.55, 0.30, 0.20])  # one weak expert (the fourth)
+    on = swarm.init_state(x0, scores, settings(**NEW, anchor_velocity=0.3), np.random.default_rng(1))
+    off = swarm.init_state(x0, scores, settings(**NEW, anchor_velocity=0), np.random.default_rng(1))
+    d = (scores[:4] - scores[:4].mean()) / (0.55 - 0.07)
+    assert np.allclose(on.v[4:] - off.v[4:], 0.3 * d) and np.allclose(on.v[:4], 0)
+    assert np.allclose(on.v.sum(axis=-1), 0)  # still a velocity: positions stay affine
+    assert np.argmin(d) == 3 and d[3] < 0 < d[1] and np.argmax(d) == 1  # away from the weak expert, to the strong
+    # A failed expert counts as the lowest score; experts that score alike push (almost) nothing.
+    failed = scores.copy()
+    failed[3] = np.nan
+    lowest = np.where(np.isnan(failed), np.nanmin(failed), failed)  # (0.15: the lowest finite score)
+    assert np.allclose(swarm.anchor_push(failed, 4, 0.3), swarm.anchor_push(lowest, 4, 0.3))
+    alike = np.array([0.25, 0.25, 0.25, 0.25, 0.40, 0.50, 0.30, 0.20])
+    assert np.allclose(swarm.anchor_push(alike, 4, 0.3), 0)
+    # No anchors (the paper's update): nothing to push with.
+    paper = swarm.init_state(x0, scores, settings(anchor_velocity=0.3), np.random.default_rng(1))
+    plain = swarm.init_state(x0, scores, settings(anchor_velocity=0), np.random.default_rng(1))
+    assert np.array_equal(paper.v, plain.v)
 
 
 def test_budget_stop_spends_exactly_the_budget():
