@@ -19,6 +19,16 @@ import tiny  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The longest modules (about 30-100 s each on 2 cores, `--durations`), longest first.
+HEAVY = ("test_hub.py", "test_demo.py", "test_distributed.py", "test_lm_eval.py", "test_bench_scale.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest modules first. With `--dist loadscope` each worker takes whole modules in collection
+    order, so a long module collected last would run alone at the end while the other worker idles."""
+    rank = {name: i for i, name in enumerate(HEAVY)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(HEAVY)))  # stable: each module's order kept
+
 
 @pytest.fixture(scope="session")
 def tiny_experts(tmp_path_factory):
