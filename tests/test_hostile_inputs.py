@@ -345,3 +345,20 @@ def test_a_written_model_with_inf_is_never_published(tmp_path):
         merge.check_written(tmp_path)
     save_file({"a": torch.ones(3)}, tmp_path / "model.safetensors")
     merge.check_written(tmp_path)  # finite: no error
+
+
+@pytest.mark.parametrize("how", ["base_model", "reward_model"])
+def test_a_model_folder_without_a_config_is_refused_before_anything_is_written(how, tiny_recipe, tmp_path, capsys):
+    # experts.pull_model_files: the base's config and tokenizer, a reward or judge model; a folder that is
+    # not a saved model is one line, exit 2, and the output folder is never made.
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    (empty / "model.safetensors").write_bytes(b"")  # a weights file is not enough
+    if how == "base_model":
+        recipe, flags = tiny_recipe(f"base_model: {empty}\n"), []
+    else:
+        recipe, flags = tiny_recipe(), ["--set", "objective.type=reward", "--set", f"objective.reward_model={empty}"]
+    assert exit_code([str(recipe), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{how.split('_')[0]}" in err[0] and "no config.json there" in err[0], err
+    assert not (tmp_path / "out").exists()
