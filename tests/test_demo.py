@@ -32,11 +32,21 @@ def demo():
     return recipe
 
 
-def test_demo_recipe_end_to_end(demo, tmp_path):
+@pytest.fixture(scope="module")
+def short_dev(tmp_path_factory) -> str:
+    """The demo's first 24 dev rows (6 per skill): the end-to-end runs check what the run writes and
+    reports, not the search (tests/test_swarm.py and friends do), so a third of the rows will do."""
+    rows = (REPO / "recipes" / "demo" / "data" / "dev.jsonl").read_text().splitlines()[:24]
+    path = tmp_path_factory.mktemp("demo-dev") / "dev.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    return str(path)
+
+
+def test_demo_recipe_end_to_end(demo, short_dev, tmp_path):
     """A short search on the real experts: the written model is sum_k a_k E_k and loads."""
     out = tmp_path / "out"
     assert main([str(RECIPE), "--out", str(out), "--set", "swarm.size=6", "--set", "swarm.max_iterations=1",
-                 "--set", "objective.test=null", "--no-progress"]) == 0
+                 "--set", f"objective.dev={short_dev}", "--set", "objective.test=null", "--no-progress"]) == 0
     report = read_report(out / "swarm.json")
     a = report.coefficients.model
     assert abs(sum(a) - 1) < 1e-9
@@ -56,7 +66,7 @@ def test_demo_recipe_end_to_end(demo, tmp_path):
     assert model.generate(**ids, max_new_tokens=3, do_sample=False).shape[1] > ids["input_ids"].shape[1]
     # The number on the card is what the written model scores: reloaded by
     # transformers from the output folder, scored on the dev set.
-    dev = objectives.load_examples(demo.objective.dev, demo.objective.type)
+    dev = objectives.load_examples(short_dev, demo.objective.type)
     got = objectives.score(model.eval(), evaluate.load_tokenizer(out), dev, demo.objective, torch.device("cpu"))
     assert got.utility == pytest.approx(winner.dev.utility, abs=1e-6)
     assert got.groups == pytest.approx(winner.dev.groups, abs=1e-6)
@@ -82,7 +92,7 @@ def test_demo_streaming_matches_in_memory(demo, tmp_path):
     assert a_ll.utility == pytest.approx(b_ll.utility, abs=1e-5)
 
 
-def test_demo_lora_recipe_end_to_end(demo, tmp_path):
+def test_demo_lora_recipe_end_to_end(demo, short_dev, tmp_path):
     """The adapter twin on the real adapters: a short search whose written adapter, loaded
     by PEFT on the real base, scores on the dev set what the report says."""
     from peft import PeftModel
@@ -92,13 +102,14 @@ def test_demo_lora_recipe_end_to_end(demo, tmp_path):
     recipe = load_recipe(lora_recipe)
     out = tmp_path / "out"
     assert main([str(lora_recipe), "--out", str(out), "--set", "swarm.size=6", "--set", "swarm.max_iterations=1",
-                 "--set", "objective.test=null", "--set", "output.merge_adapter=false", "--no-progress"]) == 0
+                 "--set", f"objective.dev={short_dev}", "--set", "objective.test=null",
+                 "--set", "output.merge_adapter=false", "--no-progress"]) == 0
     report = read_report(out / "swarm.json")
     assert report.lora.space == "factors" and report.lora.rank == 8
     assert [e.adapter.r for e in report.experts] == [8, 8, 8, 8]
     base = AutoModelForCausalLM.from_pretrained(recipe.base_model.model)
     model = PeftModel.from_pretrained(base, str(out)).eval()
-    dev = objectives.load_examples(recipe.objective.dev, recipe.objective.type)
+    dev = objectives.load_examples(short_dev, recipe.objective.type)
     got = objectives.score(model, evaluate.load_tokenizer(recipe.base_model.model), dev, recipe.objective,
                            torch.device("cpu"))
     assert got.utility == pytest.approx(report.scores.winner.dev.utility, abs=1e-6)
