@@ -33,11 +33,23 @@ def gguf_location(spec: BaseSpec) -> tuple[str, str]:
     return folder, spec.gguf
 
 
+def _cache_gguf_name_map() -> None:
+    """transformers' GGUF loader builds gguf's TensorNameMap(arch, n_blocks) afresh for each of the model's
+    397 modules (4.6 s of the 25 s build); the map depends on its two arguments only and is only read."""
+    import functools
+
+    import gguf
+
+    if not hasattr(gguf.get_tensor_name_map, "cache_info"):
+        gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(gguf.get_tensor_name_map)
+
+
 def build_base(out: Path, spec: BaseSpec) -> Path:
     """Convert the GGUF file to ``<out>/base``; returns that folder."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _cache_gguf_name_map()
     folder, name = gguf_location(spec)
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     tok.padding_side = "left"  # decoder-only generation wants left padding
