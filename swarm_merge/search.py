@@ -45,7 +45,9 @@ from swarm_merge.report import finite
 __all__ = ["SearchResult", "run_search", "position_key"]
 
 LOG = logging.getLogger(__name__)
-CHECKPOINT_VERSION = 3  # 2: strict JSON (null for a failed utility), wall time; 3: items, raced slices
+# 2: strict JSON (null for a failed utility), wall time; 3: items, raced slices; 4: the state's archive (every
+# position scored, the surrogate's data: a run resumed without it would not be the uninterrupted run)
+CHECKPOINT_VERSION = 4
 
 
 def position_key(x: np.ndarray) -> str:
@@ -239,7 +241,7 @@ def _load_or_start(checkpoint: Path, fingerprint: str, started: float, resume: b
     return run
 
 
-def _check_state(state: swarm.SwarmState, path: Path, *, n: int, groups: int, experts: int) -> None:
+def _check_state(state: swarm.SwarmState, path: Path, *, n: int, groups: int, experts: int, limit: int) -> None:
     """A resumed swarm state has this search's shapes, finite positions and sane counters:
     a checkpoint is a file in a folder others can write, and a malformed one must be
     refused here with one line, not crash the update or a JSON write many evaluations later."""
@@ -268,6 +270,13 @@ def _check_state(state: swarm.SwarmState, path: Path, *, n: int, groups: int, ex
             raise bad(f"{name} is not a count")
     if (state.stale < 0).any():
         raise bad("stale is not a count")
+    m = len(state.archive_s) if isinstance(state.archive_s, np.ndarray) and state.archive_s.ndim == 1 else -1
+    if not 0 <= m <= min(state.evaluations, limit):
+        raise bad("archive_s is not one score per evaluation")
+    if not isinstance(state.archive_x, np.ndarray) or state.archive_x.shape != (m, groups, experts):
+        raise bad(f"archive_x is not an array of shape [{m}, {groups}, {experts}]")
+    if not np.isfinite(state.archive_x).all():
+        raise bad("archive_x is not finite")
 
 
 def _is_score(entry: Any) -> bool:
@@ -428,7 +437,8 @@ def run_search(  # noqa: C901, PLR0913 (the loop and the closures that share its
                         "evaluations": state.evaluations, "items": run.items, "seconds": round(run.seconds, 3)}]
         save()
     state = run.state
-    _check_state(state, checkpoint, n=len(x0), groups=num_groups, experts=num_experts)
+    # (budget(): the most evaluations any run makes, under either stop rule)
+    _check_state(state, checkpoint, n=len(x0), groups=num_groups, experts=num_experts, limit=swarm.budget(settings))
     stages = len(race.parts) if race is not None else 0
     for entry in run.partial.values():  # (their scores were checked by _Run.parse)
         stage, parts = entry.get("stage"), entry.get("parts")

@@ -45,6 +45,11 @@ Levers beyond the paper (each a SwarmSettings field; their paper values give the
   ``spso``, one moving particle per iteration goes to ``g + w v + rho (1 - 2 r)`` (GCPSO), projected onto
   sum 0, ``rho`` adapted by the 1/5 success rule and kept in the state; its draw,
   ``rng.random((groups, K))``, comes after SPSO's.
+- ``surrogate: gp`` (the default; ``off`` is the paper): each iteration the moving particle with the worst
+  personal best (not the local searcher) goes to :func:`surrogate_point`, the upper confidence bound of a
+  Gaussian process over every position scored so far (``SwarmState.archive_x``/``archive_s``), among
+  candidates around the global best; its velocity becomes the jump. Its draw,
+  ``rng.normal(size=(SURROGATE_CANDIDATES, groups, K))``, is the last of ``propose`` (after drop-K/N's).
 """
 
 from __future__ import annotations
@@ -71,7 +76,8 @@ __all__ = [
 # The settings this module reads; :class:`swarm_merge.recipe.SwarmSettings` has them all.
 # inertia, cognitive, social, repel, step_length, step_length_decay,
 # min_step_length, patience, restart_patience, max_iterations, drop_k, drop_n,
-# init_velocity, anchors, update, stop (the last three read with getattr: paper values when absent).
+# init_velocity, anchors, update, stop, anchor_velocity, local_search, surrogate (the last six read with getattr:
+# paper values when absent).
 
 SPSO_INERTIA = 1.0 / (2.0 * math.log(2.0))  # 0.721
 SPSO_ACCELERATION = 0.5 + math.log(2.0)  # 1.193, cognitive and social
@@ -171,6 +177,10 @@ class SwarmState:
     since_global: int = 0  # iterations since g last changed
     evaluations: int = 0
     rho: float = 0.0  # local_search: the search radius around g (coefficient units), 0 before the first move
+    # Every position scored so far and its utility (NaN: failed; a raced-out one: its estimate), in order:
+    # the surrogate's data (init_state starts it; None only in a state built by hand).
+    archive_x: Optional[np.ndarray] = None  # (m, G, K)
+    archive_s: Optional[np.ndarray] = None  # (m,)
 
     def to_dict(self) -> Dict[str, Any]:
         out = {}
@@ -184,6 +194,7 @@ class SwarmState:
         kwargs = {}
         for f in dataclasses.fields(cls):
             # rho came later: a state saved before it resumes at init_spread; any other field is required
+            # (a checkpoint from before the archive is refused by its version, search.CHECKPOINT_VERSION)
             value = data.get(f.name, 0.0) if f.name == "rho" else data[f.name]
             kwargs[f.name] = np.asarray(value, dtype=np.int64 if f.name == "stale" else float) if isinstance(value, list) else value
         return cls(**kwargs)
@@ -219,6 +230,8 @@ def init_state(x: np.ndarray, scores: np.ndarray, settings: Any, rng: np.random.
         stale=np.zeros(len(x), dtype=np.int64),
         step_length=float(settings.step_length),
         evaluations=len(x),
+        archive_x=x.copy(),
+        archive_s=np.asarray(scores, dtype=float).copy(),
     )
 
 
@@ -240,6 +253,7 @@ class Proposal:
     evaluate: np.ndarray  # (n,) bool: which particles get evaluated (Drop-K/N)
     restarted: np.ndarray  # (n,) bool
     searcher: int = -1  # local_search: the particle sent around g this iteration (-1: none)
+    surrogate: int = -1  # surrogate: the particle placed at the model's proposal this iteration (-1: none)
 
 
 def propose(state: SwarmState, settings: Any, rng: np.random.Generator) -> Proposal:
@@ -287,12 +301,78 @@ def propose(state: SwarmState, settings: Any, rng: np.random.Generator) -> Propo
 
     skip_all = rng.random() < settings.drop_k
     skip_one = rng.random(n) < settings.drop_n
+    placed = _surrogate_particle(state, settings, moving, searcher)
+    if placed >= 0:
+        point = surrogate_point(state.archive_x, state.archive_s, state.g, rng)
+        if point is None:
+            placed = -1
+        else:
+            v[placed], x[placed] = point - state.x[placed], point
     evaluate = ~skip_one & (not skip_all) & moving
     if getattr(settings, "stop", "patience") == "budget":
         # The last iteration scores only the particles that still fit in the budget.
         left = max(budget(settings) - state.evaluations, 0)
         evaluate &= np.cumsum(evaluate) <= left
-    return Proposal(x=x, v=v, evaluate=evaluate, restarted=restarted, searcher=searcher)
+    return Proposal(x=x, v=v, evaluate=evaluate, restarted=restarted, searcher=searcher, surrogate=placed)
+
+
+def _surrogate_particle(state: SwarmState, settings: Any, moving: np.ndarray, searcher: int) -> int:
+    """surrogate: the moving particle with the worst personal best (not the local searcher); -1 for none."""
+    if getattr(settings, "surrogate", "off") == "off" or state.archive_x is None:
+        return -1
+    candidates = moving.copy()
+    if searcher >= 0:
+        candidates[searcher] = False
+    if not candidates.any():
+        return -1
+    return int(np.argmin(np.where(candidates, _nan_worst(state.p_score), np.inf)))
+
+
+SURROGATE_CANDIDATES = 512
+SURROGATE_NOISE = 0.1  # the GP's noise variance, in units of the scores' variance (dev accuracy is noisy)
+SURROGATE_KAPPA = 1.0  # upper confidence bound: mean + kappa * standard deviation
+SURROGATE_POINTS = 256  # the GP sees at most this many scored positions, those nearest g
+
+
+def _sq_dist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Squared distances between the rows of ``a`` and of ``b`` (no (len(a), len(b), D) temporary)."""
+    return np.clip((a**2).sum(1)[:, None] + (b**2).sum(1)[None, :] - 2.0 * a @ b.T, 0.0, None)
+
+
+def surrogate_point(archive_x: np.ndarray, archive_s: np.ndarray, g: np.ndarray,
+                    rng: np.random.Generator) -> Optional[np.ndarray]:
+    """The best of SURROGATE_CANDIDATES positions around ``g`` by a Gaussian process's upper confidence bound,
+    fitted to the positions scored so far (the SURROGATE_POINTS nearest ``g`` past that many); None with
+    fewer than 4 finite scores. Written here rather than
+    taken from a library: a few lines of numpy, exact and seeded, in the optimiser's own coordinates.
+
+    The GP: an RBF kernel whose length scale is the median distance between scored positions, noise
+    SURROGATE_NOISE, scores standardised. The candidates: ``g`` plus ``N(0, l / sqrt(D))`` per coefficient
+    (half at ``l``, half at ``l / 4``, ``D`` coefficients in all), projected onto sum 0 per group, so each row
+    still sums to 1. Draw: ``rng.normal(size=(SURROGATE_CANDIDATES, G, K))``, made whatever the data."""
+    ok = np.isfinite(archive_s)
+    z = rng.normal(size=(SURROGATE_CANDIDATES, *g.shape))  # drawn always: the stream does not depend on the data
+    if ok.sum() < 4:
+        return None
+    xs = archive_x[ok].reshape(int(ok.sum()), -1)
+    ys = archive_s[ok]
+    if len(xs) > SURROGATE_POINTS:  # a local model: the positions nearest g (bounded cost at any budget)
+        near = np.argsort(_sq_dist(xs, g.reshape(1, -1))[:, 0], kind="stable")[:SURROGATE_POINTS]
+        xs, ys = xs[near], ys[near]
+    y = (ys - ys.mean()) / (ys.std() or 1.0)
+    d2 = _sq_dist(xs, xs)
+    length = float(np.sqrt(np.median(d2[np.triu_indices(len(xs), 1)]))) or 1.0
+    gram = np.exp(-d2 / (2 * length**2)) + SURROGATE_NOISE * np.eye(len(xs))
+    chol = np.linalg.cholesky(gram)
+    alpha = np.linalg.solve(chol.T, np.linalg.solve(chol, y))
+    scale = np.where(np.arange(SURROGATE_CANDIDATES) % 2 == 0, 1.0, 0.25)[:, None, None] * length / np.sqrt(g.size)
+    step = z * scale
+    cand = g[None] + step - step.mean(axis=-1, keepdims=True)
+    k = np.exp(-_sq_dist(cand.reshape(len(cand), -1), xs) / (2 * length**2))
+    mean = k @ alpha
+    w = np.linalg.solve(chol, k.T)
+    sd = np.sqrt(np.clip(1.0 + SURROGATE_NOISE - (w**2).sum(0), 0.0, None))
+    return cand[int(np.argmax(mean + SURROGATE_KAPPA * sd))]
 
 
 LOCAL_UP, LOCAL_DOWN = 1.5, 1.5 ** -0.25  # the 1/5 success rule: rho holds when 1 move in 5 improves g
@@ -352,6 +432,8 @@ def update(state: SwarmState, proposal: Proposal, scores: np.ndarray, settings: 
         since_global=0 if changed else state.since_global + 1,
         evaluations=state.evaluations + int(ev.sum()),
         rho=_next_rho(state, proposal, s, settings),
+        archive_x=None if state.archive_x is None else np.concatenate([state.archive_x, proposal.x[ev]]),
+        archive_s=None if state.archive_s is None else np.concatenate([state.archive_s, scores[ev]]),
     )
 
 

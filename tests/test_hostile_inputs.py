@@ -217,8 +217,22 @@ def _score_as_text(data):
     data["memo"][next(iter(data["memo"]))] = "0.5"
 
 
+def _archive_too_long(data):  # more scored positions than the budget allows: the surrogate's GP is O(m^2)
+    data["state"]["archive_s"] = data["state"]["archive_s"] * 1000
+    data["state"]["archive_x"] = data["state"]["archive_x"] * 1000
+
+
+def _archive_position_missing(data):
+    data["state"]["archive_x"] = data["state"]["archive_x"][:-1]
+
+
+def _archive_without_scores(data):
+    del data["state"]["archive_s"]
+
+
 @pytest.mark.parametrize("damage", [_shrink_x, _string_score, _nan_position, _negative_iteration, _bad_history,
-                                    _wrong_experts, _negative_radius, _unknown_key, _items_as_bool, _score_as_text])
+                                    _wrong_experts, _negative_radius, _unknown_key, _items_as_bool, _score_as_text,
+                                    _archive_too_long, _archive_position_missing, _archive_without_scores])
 def test_a_malformed_checkpoint_is_refused_with_one_line(damage, checkpointed, capsys):
     recipe, state = checkpointed
     data = json.loads(state.read_text())

@@ -13,7 +13,7 @@ from swarm_merge.recipe import SwarmSettings
 
 # The paper's values of the levers beyond the paper: the tests below that predate them test the paper's
 # update, stop rule and moving experts whatever the product defaults are.
-PAPER_LEVERS = {"anchors": False, "update": "paper", "stop": "patience"}
+PAPER_LEVERS = {"anchors": False, "update": "paper", "stop": "patience", "surrogate": "off"}
 
 
 def settings(**kw):
@@ -285,9 +285,9 @@ def test_product_defaults_are_the_new_levers_and_paper_values_select_the_paper()
     # The product's defaults (bench/RESULTS.md, "Swarm against CMA-ES"); init: paper, seed_soup: false and
     # the levers at their paper values is the paper's algorithm (the weight-space reference test runs it).
     d = SwarmSettings()
-    assert (d.anchors, d.update, d.stop, d.anchor_velocity) == (True, "spso", "budget", 0.3)
+    assert (d.anchors, d.update, d.stop, d.anchor_velocity, d.surrogate) == (True, "spso", "budget", 0.3, "gp")
     s = SwarmSettings(init="paper", seed_soup=False, **PAPER_LEVERS)
-    assert (s.anchors, s.update, s.stop) == (False, "paper", "patience")
+    assert (s.anchors, s.update, s.stop, s.surrogate) == (False, "paper", "patience", "off")
 
 
 def test_anchors_stay_put_and_are_scored_once():
@@ -393,7 +393,7 @@ def test_new_levers_deterministic_per_seed_and_resume_exact():
     from swarm_merge import search
 
     search._check_state(swarm.SwarmState.from_dict(search._unstrict(json.loads(json.dumps(search._strict(
-        half.to_dict()))))), "c.json", n=s.size, groups=1, experts=4)  # what search.py checkpoints passes its check
+        half.to_dict()))))), "c.json", n=s.size, groups=1, experts=4, limit=swarm.budget(s))  # what search.py checkpoints passes its check
 
 
 
@@ -433,3 +433,54 @@ def test_local_search_is_off_in_the_paper_update_and_by_default():
     s = settings(local_search="best")  # the paper's update: no local searcher
     state, _ = drive(s, np.random.default_rng(1).normal(size=(4, 20)), np.random.default_rng(2), steps=3)
     assert state.rho == 0.0
+
+
+def test_the_surrogate_proposes_where_a_gp_of_the_scored_positions_is_highest():
+    # surrogate_point: a GP over every scored position; its pick among candidates around g scores better
+    # than any position scored so far on a smooth objective, each row still sums to 1, and it is exact
+    # for a seed. Fewer than 4 finite scores: no proposal (the draw is made all the same).
+    target = np.array([[0.6, 0.5, 0.2, -0.3]])
+    f = lambda a: -float(((a - target) ** 2).sum())  # noqa: E731
+    rng = np.random.default_rng(0)
+    xs = swarm.initial_positions(4, 12, seed_soup=True, rng=rng, init="soup", spread=0.3)
+    ys = np.array([f(x) for x in xs])
+    g = xs[int(np.argmax(ys))]
+    point = swarm.surrogate_point(xs, ys, g, np.random.default_rng(1))
+    assert point.shape == g.shape and np.allclose(point.sum(-1), 1.0)
+    assert f(point) > ys.max()
+    assert np.array_equal(point, swarm.surrogate_point(xs, ys, g, np.random.default_rng(1)))
+    few = np.where(np.arange(12) < 3, ys, np.nan)
+    r = np.random.default_rng(1)
+    assert swarm.surrogate_point(xs, few, g, r) is None
+    drawn = np.random.default_rng(1)
+    drawn.normal(size=(swarm.SURROGATE_CANDIDATES, *g.shape))
+    assert r.random() == drawn.random()
+
+
+def test_the_surrogate_moves_the_particle_with_the_worst_personal_best_and_is_kept_in_the_checkpoint():
+    s = settings(**NEW, size=8, surrogate="gp")
+    rng = np.random.default_rng(0)
+    x0 = swarm.initial_positions(4, s.size, seed_soup=True, rng=rng, init=s.init, spread=s.init_spread)
+    scores = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.05, 0.6])  # moving particle 6 has the worst
+    state = swarm.init_state(x0, scores, s, rng)
+    assert state.archive_x.shape == (8, 1, 4) and np.array_equal(state.archive_s, scores)
+    after = np.random.default_rng(5)
+    prop = swarm.propose(state, s, after)
+    assert prop.surrogate == 6 and np.allclose(prop.x.sum(-1), 1.0)
+    assert np.array_equal(prop.x[:4], x0[:4])  # the anchors stay
+    # the same draws without the surrogate move particle 6 by SPSO; the surrogate's candidates come last
+    plain = swarm.propose(state, settings(**NEW, size=8, surrogate="off"), np.random.default_rng(5))
+    assert np.array_equal(np.delete(prop.x, 6, 0), np.delete(plain.x, 6, 0))
+    check = np.random.default_rng(5)
+    swarm.propose(state, settings(**NEW, size=8, surrogate="off"), check)
+    assert np.array_equal(prop.x[6], swarm.surrogate_point(state.archive_x, state.archive_s, state.g, check))
+    new = swarm.update(state, prop, np.where(prop.evaluate, 0.3, np.nan), s)
+    assert len(new.archive_s) == 8 + int(prop.evaluate.sum())
+    assert np.array_equal(new.archive_x[8:], prop.x[prop.evaluate])
+    back = swarm.SwarmState.from_dict(json.loads(json.dumps(new.to_dict())))
+    assert np.array_equal(back.archive_x, new.archive_x) and np.array_equal(back.archive_s, new.archive_s)
+    old = new.to_dict()  # a state from before the archive is refused (search.py: its checkpoint's version too)
+    del old["archive_x"], old["archive_s"]
+    with pytest.raises(KeyError):
+        swarm.SwarmState.from_dict(old)
+    assert swarm.propose(state, settings(**NEW, size=8, surrogate="off"), rng).surrogate == -1
