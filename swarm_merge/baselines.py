@@ -322,17 +322,21 @@ def ngopt_search(score: Budgeted, *, num_experts: int, num_groups: int, budget: 
 def weak_to_strong(state: swarm.SwarmState, initial_scores: Sequence[float], names: Sequence[str], *,
                    seed_soup: bool) -> dict:
     """Where the particle that found the global best started: its rank among the
-    initial swarm's dev utilities (1 = best), and what it started as."""
+    initial swarm's dev utilities (1 = best), and what it started as; ``surrogate``: the winning
+    position was the surrogate's proposal for that particle (``swarm.surrogate``), not its own move."""
     match = [i for i in range(len(state.p_score))
              if state.p_score[i] == state.g_score and np.array_equal(state.p[i], state.g)]
+    surrogate = bool(state.g_by_surrogate)
     if not match:  # the global best came from a particle that later restarted elsewhere: unknown
-        return {"particle": None, "start_rank": None, "started_as": None, "size": len(initial_scores)}
+        return {"particle": None, "start_rank": None, "started_as": None, "size": len(initial_scores),
+                "surrogate": surrogate}
     i = match[0]
     scores = np.where(np.isfinite(initial_scores), initial_scores, -np.inf)
     rank = int(1 + np.sum(scores > scores[i]))
     k = len(names)
     started = names[i] if i < k else ("uniform soup" if i == k and seed_soup else "child")
-    return {"particle": int(i), "start_rank": rank, "started_as": started, "size": len(initial_scores)}
+    return {"particle": int(i), "start_rank": rank, "started_as": started, "size": len(initial_scores),
+            "surrogate": surrogate}
 
 
 def emergence(expert_rows: Sequence[Optional[Sequence[float]]], winner_rows: Optional[Sequence[float]],

@@ -445,8 +445,9 @@ def _print_table(report: Report, out) -> None:
     if a is not None:
         w = a.weak_to_strong
         if w.start_rank is not None:
+            how = " (its winning position was the surrogate's proposal)" if w.surrogate else ""
             print(f"weak-to-strong: the winning particle started as {w.started_as}, ranked {w.start_rank} of "
-                  f"{w.size} in the initial swarm", file=out)
+                  f"{w.size} in the initial swarm{how}", file=out)
         if a.emergence is not None:
             e = a.emergence
             print(f"emergence (test): {e.gained} of {e.items} items solved by the winner and by no expert; "

@@ -248,6 +248,8 @@ class WeakToStrong(_Model):
     start_rank: Optional[int] = Field(None, description="its initial dev utility's rank in the initial swarm (1: best)")
     started_as: Optional[str] = Field(None, description="an expert's name, 'uniform soup' or 'child'")
     size: int
+    surrogate: bool = Field(False, description="the winning position was the surrogate's proposal for that particle "
+                                               "(swarm.surrogate), not a move of the swarm's update")
 
 
 class Emergence(_Model):

@@ -270,13 +270,24 @@ def _check_state(state: swarm.SwarmState, path: Path, *, n: int, groups: int, ex
             raise bad(f"{name} is not a count")
     if (state.stale < 0).any():
         raise bad("stale is not a count")
+    problem = _archive_problem(state, groups=groups, experts=experts, limit=limit)
+    if problem:
+        raise bad(problem)
+
+
+def _archive_problem(state: swarm.SwarmState, *, groups: int, experts: int, limit: int) -> Optional[str]:
+    """What is wrong with a resumed state's archive (the surrogate's data), or None. Its length is bounded by
+    the budget: the surrogate's GP costs O(m^2) in it."""
     m = len(state.archive_s) if isinstance(state.archive_s, np.ndarray) and state.archive_s.ndim == 1 else -1
     if not 0 <= m <= min(state.evaluations, limit):
-        raise bad("archive_s is not one score per evaluation")
+        return "archive_s is not one score per evaluation"
     if not isinstance(state.archive_x, np.ndarray) or state.archive_x.shape != (m, groups, experts):
-        raise bad(f"archive_x is not an array of shape [{m}, {groups}, {experts}]")
+        return f"archive_x is not an array of shape [{m}, {groups}, {experts}]"
     if not np.isfinite(state.archive_x).all():
-        raise bad("archive_x is not finite")
+        return "archive_x is not finite"
+    if not isinstance(state.g_by_surrogate, bool):
+        return "g_by_surrogate is not true or false"
+    return None
 
 
 def _is_score(entry: Any) -> bool:

@@ -181,6 +181,7 @@ class SwarmState:
     # the surrogate's data (init_state starts it; None only in a state built by hand).
     archive_x: Optional[np.ndarray] = None  # (m, G, K)
     archive_s: Optional[np.ndarray] = None  # (m,)
+    g_by_surrogate: bool = False  # g was found by the surrogate's proposal (not by a move of the update)
 
     def to_dict(self) -> Dict[str, Any]:
         out = {}
@@ -343,8 +344,9 @@ def surrogate_point(archive_x: np.ndarray, archive_s: np.ndarray, g: np.ndarray,
                     rng: np.random.Generator) -> Optional[np.ndarray]:
     """The best of SURROGATE_CANDIDATES positions around ``g`` by a Gaussian process's upper confidence bound,
     fitted to the positions scored so far (the SURROGATE_POINTS nearest ``g`` past that many); None with
-    fewer than 4 finite scores. Written here rather than
-    taken from a library: a few lines of numpy, exact and seeded, in the optimiser's own coordinates.
+    fewer than 4 finite scores. Written here rather than taken from a library (Optuna's GP sampler is one of
+    the baselines): a few lines of numpy, exact and seeded, in the optimiser's own coordinates, and the
+    optimiser stays free of dependencies.
 
     The GP: an RBF kernel whose length scale is the median distance between scored positions, noise
     SURROGATE_NOISE, scores standardised. The candidates: ``g`` plus ``N(0, l / sqrt(D))`` per coefficient
@@ -407,13 +409,14 @@ def update(state: SwarmState, proposal: Proposal, scores: np.ndarray, settings: 
     stale = np.where(improved, 0, np.where(ev, stale + 1, stale))
 
     g, g_score, gw, gw_score = state.g, state.g_score, state.gw, state.gw_score
-    changed = False
+    changed, by_surrogate = False, state.g_by_surrogate
     if ev.any():
         idx = np.flatnonzero(ev)
         best = idx[int(np.argmax(s[idx]))]
         worst = idx[int(np.argmin(s[idx]))]
         if s[best] > g_score:  # strict improvement
             g, g_score, changed = proposal.x[best].copy(), float(s[best]), True
+            by_surrogate = bool(best == proposal.surrogate)
         if s[worst] < gw_score:
             gw, gw_score = proposal.x[worst].copy(), float(s[worst])
     return SwarmState(
@@ -434,6 +437,7 @@ def update(state: SwarmState, proposal: Proposal, scores: np.ndarray, settings: 
         rho=_next_rho(state, proposal, s, settings),
         archive_x=None if state.archive_x is None else np.concatenate([state.archive_x, proposal.x[ev]]),
         archive_s=None if state.archive_s is None else np.concatenate([state.archive_s, scores[ev]]),
+        g_by_surrogate=by_surrogate,
     )
 
 

@@ -230,9 +230,14 @@ def _archive_without_scores(data):
     del data["state"]["archive_s"]
 
 
+def _surrogate_flag_as_text(data):
+    data["state"]["g_by_surrogate"] = "yes"
+
+
 @pytest.mark.parametrize("damage", [_shrink_x, _string_score, _nan_position, _negative_iteration, _bad_history,
                                     _wrong_experts, _negative_radius, _unknown_key, _items_as_bool, _score_as_text,
-                                    _archive_too_long, _archive_position_missing, _archive_without_scores])
+                                    _archive_too_long, _archive_position_missing, _archive_without_scores,
+                                    _surrogate_flag_as_text])
 def test_a_malformed_checkpoint_is_refused_with_one_line(damage, checkpointed, capsys):
     recipe, state = checkpointed
     data = json.loads(state.read_text())

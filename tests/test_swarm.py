@@ -475,6 +475,13 @@ def test_the_surrogate_moves_the_particle_with_the_worst_personal_best_and_is_ke
     swarm.propose(state, settings(**NEW, size=8, surrogate="off"), check)
     assert np.array_equal(prop.x[6], swarm.surrogate_point(state.archive_x, state.archive_s, state.g, check))
     new = swarm.update(state, prop, np.where(prop.evaluate, 0.3, np.nan), s)
+    assert not new.g_by_surrogate  # g (0.7) stays
+    win = swarm.update(state, prop, np.where(np.arange(8) == 6, 9.0, np.where(prop.evaluate, 0.3, np.nan)), s)
+    assert win.g_score == 9.0 and win.g_by_surrogate  # the weak-to-strong analysis says so (report, card)
+    from swarm_merge import baselines
+
+    w2s = baselines.weak_to_strong(win, scores, ["a", "b", "c", "d"], seed_soup=True)
+    assert (w2s["particle"], w2s["started_as"], w2s["start_rank"], w2s["surrogate"]) == (6, "child", 8, True)
     assert len(new.archive_s) == 8 + int(prop.evaluate.sum())
     assert np.array_equal(new.archive_x[8:], prop.x[prop.evaluate])
     back = swarm.SwarmState.from_dict(json.loads(json.dumps(new.to_dict())))

@@ -279,9 +279,11 @@ def _analysis_lines(report: "Report") -> List[str]:
     lines = []
     w = a.weak_to_strong
     if w.start_rank is not None:
+        how = (" Its winning position was the Gaussian-process surrogate's proposal for it (`swarm.surrogate`), "
+               "not a move of the swarm's update." if w.surrogate else "")
         lines.append(f"Weak to strong: the particle that found the winner started as {md(w.started_as)}, ranked "
                      f"{w.start_rank} of {w.size} by dev utility in the initial swarm (the paper: only 10.4% of "
-                     "winners started as the best expert).")
+                     "winners started as the best expert)." + how)
     if a.emergence is not None:
         e = a.emergence
         per = "; ".join(f"{md(g)}: +{v['gained']} / -{v['lost']}" for g, v in sorted(e.groups.items()))
