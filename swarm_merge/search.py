@@ -195,7 +195,7 @@ class Checkpoint(BaseModel):
 
 # In the swarm state a failed evaluation scores -inf (ranked worst); strict
 # JSON has no infinities, so the checkpoint writes null and reads it back.
-_SCORE_FIELDS = ("score", "p_score", "g_score", "gw_score")
+_SCORE_FIELDS = ("score", "p_score", "g_score", "gw_score", "archive_s")
 
 
 def _strict(state: Dict[str, Any]) -> Dict[str, Any]:

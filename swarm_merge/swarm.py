@@ -177,7 +177,7 @@ class SwarmState:
     since_global: int = 0  # iterations since g last changed
     evaluations: int = 0
     rho: float = 0.0  # local_search: the search radius around g (coefficient units), 0 before the first move
-    # Every position scored so far and its utility (NaN: failed; a raced-out one: its estimate), in order:
+    # Every position scored so far and its utility (-inf: failed; a raced-out one: its estimate), in order:
     # the surrogate's data (init_state starts it; None only in a state built by hand).
     archive_x: Optional[np.ndarray] = None  # (m, G, K)
     archive_s: Optional[np.ndarray] = None  # (m,)
@@ -232,7 +232,7 @@ def init_state(x: np.ndarray, scores: np.ndarray, settings: Any, rng: np.random.
         step_length=float(settings.step_length),
         evaluations=len(x),
         archive_x=x.copy(),
-        archive_s=np.asarray(scores, dtype=float).copy(),
+        archive_s=s.copy(),
     )
 
 
@@ -436,7 +436,7 @@ def update(state: SwarmState, proposal: Proposal, scores: np.ndarray, settings: 
         evaluations=state.evaluations + int(ev.sum()),
         rho=_next_rho(state, proposal, s, settings),
         archive_x=None if state.archive_x is None else np.concatenate([state.archive_x, proposal.x[ev]]),
-        archive_s=None if state.archive_s is None else np.concatenate([state.archive_s, scores[ev]]),
+        archive_s=None if state.archive_s is None else np.concatenate([state.archive_s, s[ev]]),
         g_by_surrogate=by_surrogate,
     )
 
