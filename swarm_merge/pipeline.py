@@ -416,7 +416,7 @@ def _print_plan(plan: Plan, out) -> None:
     if race is not None:
         seen = " -> ".join(str(len(race.seen(j))) for j in range(len(race.parts)))
         print(f"racing: each moving particle is scored on {seen} dev rows, stopping where it cannot beat the "
-              f"global best ({race.confidence:g} confidence)", file=out)
+              f"global best{' by a whole row' if race.gain == 'row' else ''} ({race.confidence:g} confidence)", file=out)
     elif s.racing is not False:
         why = (f"{objective.type} scores a whole set at once" if not racing.can_race(objective) else
                "streaming mode" if mode == "streaming" else "too few dev rows")

@@ -13,9 +13,14 @@ global best (scored on every row earlier, its rows kept in the memo):
 - ``SE`` = its standard error: per component, the weighted sample deviation of the differences over
   ``sqrt(rows seen)``, times the finite-population factor ``sqrt(1 - seen / rows)``.
 - **Dropped** if ``D + z * SE < 0``, ``z`` the normal quantile of ``swarm.race_confidence`` (one-sided:
-  at 0.95 a particle exactly as good as the global best is dropped at a stage about 5 % of the time). A
-  dropped particle's score is the estimate ``g_score + D``: below the global best, so it never becomes
+  at the default 0.8 a particle exactly as good as the global best is dropped at a stage about 20 % of the
+  time, at 0.95 about 5 %; bench/RESULTS.md, "Racing at 0.8", for why 0.8). A
+  dropped particle's score is the estimate ``g_score + D``: never above the global best, so it never becomes
   the winner, but it may still move its own personal best (the swarm's memory keeps working).
+- ``swarm.race_gain: row`` asks more of a particle: ``D + z * SE`` must reach one row's worth (``w / W``,
+  through the suite's slope), not 0, where every row value is 0 or 1. The winner has to be strictly better,
+  so one row is the least gain that changes it; a particle tied with the global best on every row seen
+  (no spread to estimate) is then dropped. Continuous rows (loglik, reward) race as with ``any``.
 - Otherwise the next stage is scored; after the last, the stages merge into the whole-set score (the same
   numbers a whole-set evaluation gives, up to batching round-off of log-likelihoods).
 
@@ -33,7 +38,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from statistics import NormalDist
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -64,6 +69,7 @@ class Race:
     parts: Tuple[np.ndarray, ...]
     z: float
     confidence: float
+    gain: Literal["any", "row"] = "any"  # swarm.race_gain
     _rows: List[Any] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -148,6 +154,7 @@ class Race:
         d = np.asarray(candidate.rows, dtype=float) - ref_rows[seen]
         w = np.asarray(candidate.weights, dtype=float)
         part_of = np.searchsorted(np.cumsum(self.sizes), seen, side="right")
+        margin = self._step(slopes, ref_rows, np.asarray(ref_w, dtype=float), candidate.rows) if self.gain == "row" else 0
         estimate, variance = 0.0, 0.0
         for c, (slope, size) in enumerate(zip(slopes, self.sizes)):
             mine = part_of == c
@@ -158,12 +165,26 @@ class Race:
             var = float(np.dot(wc ** 2, (dc - mean) ** 2) / wc.sum() ** 2) * m / (m - 1) * (1 - m / size)
             estimate += slope * mean
             variance += slope ** 2 * var
-        if estimate + self.z * math.sqrt(variance) < 0:
+        if estimate + self.z * math.sqrt(variance) < margin and estimate <= 0:  # (ahead so far: finish it)
             return ref_u + estimate
         return None
 
+    def _step(self, slopes, ref_rows: np.ndarray, ref_w: np.ndarray, cand_rows) -> float:
+        """The smallest gain of the whole-set utility: one row of weight w in component c moves it by
+        ``slope_c * w / W_c`` when every row value is 0 or 1 (exact match, multiple choice); 0 otherwise."""
+        values = np.concatenate([ref_rows, np.asarray(cand_rows, dtype=float)])
+        if not np.isin(values, (0.0, 1.0)).all():
+            return 0.0
+        steps, start = [], 0
+        for slope, size in zip(slopes, self.sizes):
+            w = ref_w[start:start + size]
+            if w.sum() > 0 and (w > 0).any():
+                steps.append(slope * float(w[w > 0].min()) / float(w.sum()))
+            start += size
+        return min(steps) if steps else 0.0
 
-def plan_race(objective, data, *, fraction: float, confidence: float, seed: int) -> Optional[Race]:
+
+def plan_race(objective, data, *, fraction: float, confidence: float, seed: int, gain: str = "any") -> Optional[Race]:
     """The run's race: the slice is ``fraction`` of the rows of every (component, group) stratum (at least two),
     each next stage doubles the share seen, the last takes the rest; drawn with a generator of its own
     seeded from ``seed`` (the swarm's draws are untouched). None when some component would keep no
@@ -193,7 +214,8 @@ def plan_race(objective, data, *, fraction: float, confidence: float, seed: int)
     ends = np.cumsum([len(part) for part in _components(objective, data)])
     if len(np.unique(np.searchsorted(ends, parts[-1], side="right"))) < len(ends):
         return None
-    return Race(objective=objective, data=data, parts=parts, z=NormalDist().inv_cdf(confidence), confidence=confidence)
+    return Race(objective=objective, data=data, parts=parts, z=NormalDist().inv_cdf(confidence), confidence=confidence,
+                gain=gain)
 
 
 def race_of(settings, objective, data) -> Optional[Race]:
@@ -212,7 +234,7 @@ def race_of(settings, objective, data) -> Optional[Race]:
                               "scores a whole set at once; set swarm.racing: auto (or false)")
         return None
     race = plan_race(objective, data, fraction=settings.race_slice, confidence=settings.race_confidence,
-                     seed=settings.seed)
+                     seed=settings.seed, gain=getattr(settings, "race_gain", "any"))
     if race is None and settings.racing is True:
         raise RecipeError(f"swarm.racing: true, but a slice of {settings.race_slice:g} of the dev rows (2 or more per "
                           "row group) leaves no rows to finish with; add dev rows or lower swarm.race_slice")

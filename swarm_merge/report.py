@@ -172,8 +172,10 @@ class RacingRecord(_Model):
     slice_rows: int = Field(description="dev rows in the slice every new moving particle is scored on first")
     rows: int = Field(description="dev rows in all")
     confidence: float = Field(description="one-sided confidence that a dropped particle would not have beaten "
-                              "its personal best")
-    dropped: int = Field(description="particles dropped after the slice")
+                              "the global best")
+    gain: Literal["any", "row"] = Field("any", description="swarm.race_gain: the least gain over the global best a "
+                                        "particle must be able to reach to be finished (row: one dev row)")
+    dropped: int = Field(description="particles dropped before their last stage")
     finished: int = Field(description="particles scored on the other rows too")
 
 

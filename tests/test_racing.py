@@ -117,6 +117,23 @@ def test_one_row_worse_on_the_slice_is_not_enough_evidence():
     assert race.verdict(score_rows(worse, race.seen(0), race), 0, reference(best)) is None
 
 
+def test_race_gain_row_drops_a_tie_and_finishes_a_particle_that_may_gain_a_row():
+    any_gain, row_gain = race_of(), racing.plan_race(OBJECTIVE, DEV, fraction=0.25, confidence=0.95, seed=42,
+                                                      gain="row")
+    best = np.ones(ROWS)
+    best[::3] = 0.0
+    ref, seen = reference(best), row_gain.seen(0)
+    tie = score_rows(best, seen, row_gain)
+    assert any_gain.verdict(tie, 0, ref) is None  # "any": a tie may still beat the best on the other rows
+    assert row_gain.verdict(tie, 0, ref) == ref["utility"]  # "row": dropped, at the best's own score
+    ahead = best.copy()
+    ahead[next(i for i in seen if best[i] == 0)] = 1.0  # one row better on the slice: it may change the winner
+    assert row_gain.verdict(score_rows(ahead, seen, row_gain), 0, ref) is None
+    soft = best * 0.5 + 0.25  # rows that are not 0/1 (loglik, reward): no whole row to ask for, as "any"
+    assert row_gain.verdict(score_rows(soft, seen, row_gain), 0, reference(soft)) is None
+    assert racing.race_of(SwarmSettings(race_gain="row"), OBJECTIVE, DEV).gain == "row"
+
+
 def test_a_harmonic_suite_races_on_its_linearised_utility():
     parts = (SimpleNamespace(type="exact_match", name="a", weight=1.0),
              SimpleNamespace(type="exact_match", name="b", weight=1.0))
