@@ -13,8 +13,8 @@ global best (scored on every row earlier, its rows kept in the memo):
 - ``SE`` = its standard error: per component, the weighted sample deviation of the differences over
   ``sqrt(rows seen)``, times the finite-population factor ``sqrt(1 - seen / rows)``.
 - **Dropped** if ``D + z * SE < 0``, ``z`` the normal quantile of ``swarm.race_confidence`` (one-sided:
-  at the default 0.8 a particle exactly as good as the global best is dropped at a stage about 20 % of the
-  time, at 0.95 about 5 %; bench/RESULTS.md, "Racing at 0.8", for why 0.8). A
+  at the default 0.95 a particle exactly as good as the global best is dropped at a stage about 5 % of the
+  time, at 0.8 about 20 %; bench/RESULTS.md, "Racing at 0.8", for what 0.8 saves and costs). A
   dropped particle's score is the estimate ``g_score + D``: never above the global best, so it never becomes
   the winner, but it may still move its own personal best (the swarm's memory keeps working).
 - ``swarm.race_gain: row`` asks more of a particle: ``D + z * SE`` must reach one row's worth (``w / W``,
