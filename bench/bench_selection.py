@@ -90,6 +90,9 @@ def mean_of(values, idx):
 class Bench:
     def __init__(self, recipe_path: Path, overrides=()):
         self.recipe = load_recipe(recipe_path, list(overrides))
+        # (in the search's checkpoint name: two benches on one recipe, e.g. --set swarm.granularity=layer beside
+        # the plain demo, must not share a checkpoint when they run the same lever and seed side by side)
+        self.overrides_tag = hashlib.sha1("\n".join(overrides).encode()).hexdigest()[:8] if overrides else "plain"
         r = self.recipe
         # The run's own reading of the recipe (experts, space, objective and rows), as mergekit-swarm does it;
         # the output folder is a temporary one the bench never writes.
@@ -189,7 +192,8 @@ class Bench:
             return objectives.aggregate([values[i] for i in idx], [1.0] * len(idx), race.rows(which))
 
         # (per bench: two benches may run side by side)
-        memo_path = self.cache_path.with_name(f"{self.cache_path.stem}-{lever}-{seed}.checkpoint.json")
+        memo_path = self.cache_path.with_name(
+            f"{self.cache_path.stem}-{self.overrides_tag}-{lever}-{seed}.checkpoint.json")
         memo_path.unlink(missing_ok=True)
         result = search.run_search(settings, num_experts=self.k, num_groups=self.g, evaluate=scored,
                                    checkpoint=memo_path, fingerprint=lever, progress=False, race=race,
