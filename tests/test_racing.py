@@ -253,6 +253,8 @@ def test_the_run_reports_its_rows_and_the_plan_says_how_it_races(tiny_recipe, ca
     recipe = tiny_recipe(objective="exact_match")
     assert cli.main([str(recipe), "--dry-run"]) == 0
     plan = capsys.readouterr().out
-    assert "racing: " in plan
+    assert "racing: " in plan and "by a whole row" not in plan
+    assert cli.main([str(recipe), "--set", "swarm.race_gain=row", "--dry-run"]) == 0
+    assert "cannot beat the global best by a whole row" in capsys.readouterr().out
     assert cli.main([str(recipe), "--set", "swarm.racing=false", "--dry-run"]) == 0
     assert "racing: " not in capsys.readouterr().out
