@@ -110,6 +110,7 @@ class Bench:
         self.cache_path = Path(f"/tmp/bench-selection-cache-{tag}.json")
         self.cache = json.loads(self.cache_path.read_text()) if self.cache_path.exists() else {}
         self.evaluations = 0
+        self.trace = None  # a list: every scoring the search asks for, in order ((None, x): every row; (j, x): stage j)
 
     def _entry(self, x) -> dict:
         return self.cache.setdefault(search.position_key(x), {})
@@ -165,6 +166,8 @@ class Bench:
 
         def scored(x):
             positions.setdefault(search.position_key(x), np.array(x))
+            if self.trace is not None:
+                self.trace.append((None, np.array(x)))
             if search_idx == list(range(n)) and "tiebreak" not in lever:  # with rows and weights (racing's memo)
                 return objectives.aggregate(self.rows(x)[0], [1.0] * n, self.dev)
             return Score(key_of(x))
@@ -187,6 +190,8 @@ class Bench:
             # The slice's or the other rows' score, from the position's cached rows (every row is
             # computed once for the cache; the search counts only the rows racing asked for).
             positions.setdefault(search.position_key(x), np.array(x))
+            if self.trace is not None:
+                self.trace.append((which, np.array(x)))
             idx = race.parts[which]
             values = self.rows(x)[0]
             return objectives.aggregate([values[i] for i in idx], [1.0] * len(idx), race.rows(which))

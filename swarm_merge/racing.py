@@ -4,7 +4,8 @@ The winner is the global best, so a moving particle's score matters to the resul
 Each new position is scored stage by stage on a fixed draw of the dev rows, made once per run from the
 seed and stratified by objective component and row group (the same rows for every particle, so
 comparisons are paired): a ``race_slice`` share of every stratum (at least two rows), then twice that,
-and so on, then every row. After each stage but the last its rows are compared with the same rows of the
+and so on up to half the rows, then the rows left are halved down to a last stage about as large as the slice
+(the default 0.25: 1/4, 1/2, 3/4, every row). After each stage but the last its rows are compared with the same rows of the
 global best (scored on every row earlier, its rows kept in the memo):
 
 - ``D`` = the estimated difference of the whole-set utilities: per component, the weighted mean of the
@@ -62,7 +63,8 @@ def _components(objective, data) -> List[Sequence]:
 @dataclass(frozen=True)
 class Race:
     """The stages of a race as indices into the dev rows laid end to end (a suite's components one after
-    the other): ``parts[0]`` is the slice, each next part doubles the rows seen, the last ends the set."""
+    the other): ``parts[0]`` is the slice, each next part doubles the rows seen up to half, then halves the rows
+    left; the last ends the set."""
 
     objective: Any
     data: Any  # the dev rows in the objective's shape (a suite: a list per component)
@@ -186,13 +188,20 @@ class Race:
 
 def plan_race(objective, data, *, fraction: float, confidence: float, seed: int, gain: str = "any") -> Optional[Race]:
     """The run's race: the slice is ``fraction`` of the rows of every (component, group) stratum (at least two),
-    each next stage doubles the share seen, the last takes the rest; drawn with a generator of its own
+    each next stage doubles the share seen up to half, then halves the share left while it is at least ``fraction``,
+    the last takes the rest; drawn with a generator of its own
     seeded from ``seed`` (the swarm's draws are untouched). None when some component would keep no
     rows outside the slice (too few rows to race)."""
     rng = np.random.default_rng([seed, 0x5ace])
     shares = [fraction]
     while shares[-1] * 2 < 1:
         shares.append(shares[-1] * 2)
+    doubling = len(shares)
+    # Then halve the rows left, down to a last stage about as large as the slice: most finished particles trail
+    # the global best by a row or two, and a trailing one is told apart only late (bench/RESULTS.md, "A stage at
+    # three quarters"); 0.25: 1/4, 1/2, 3/4, all.
+    while (1 - shares[-1]) / 2 >= fraction - 1e-12:
+        shares.append(1 - (1 - shares[-1]) / 2)
     stages: List[List[int]] = [[] for _ in range(len(shares) + 1)]
     start = 0
     for part in _components(objective, data):
@@ -203,13 +212,19 @@ def plan_race(objective, data, *, fraction: float, confidence: float, seed: int,
             order = rng.permutation(strata[key]).tolist()
             done = 0
             for j, share in enumerate(shares):
-                upto = min(len(order), max(2 * (j + 1), round(share * len(order))))
+                if j < doubling:  # (at least two rows more per stage)
+                    upto = min(len(order), max(2 * (j + 1), round(share * len(order))))
+                else:  # (a halving stage keeps a row for the last one)
+                    upto = max(done, min(round(share * len(order)), len(order) - 1))
                 stages[j] += order[done:upto]
                 done = max(done, upto)
             stages[-1] += order[done:]
         start += len(part)
+    if not stages[-1]:
+        return None
+    # (a small row group may be used up before the last stage: a stage that gained no rows is left out)
     parts = tuple(np.array(sorted(s), dtype=np.int64) for s in stages if s)
-    if len(parts) < 2 or len(parts) < len(stages):
+    if len(parts) < 2:
         return None
     ends = np.cumsum([len(part) for part in _components(objective, data)])
     if len(np.unique(np.searchsorted(ends, parts[-1], side="right"))) < len(ends):

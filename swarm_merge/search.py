@@ -46,8 +46,9 @@ __all__ = ["SearchResult", "run_search", "position_key"]
 
 LOG = logging.getLogger(__name__)
 # 2: strict JSON (null for a failed utility), wall time; 3: items, raced slices; 4: the state's archive (every
-# position scored, the surrogate's data: a run resumed without it would not be the uninterrupted run)
-CHECKPOINT_VERSION = 4
+# position scored, the surrogate's data: a run resumed without it would not be the uninterrupted run); 5: racing's
+# stages go on past half the rows (a stage index saved by 4 names other rows)
+CHECKPOINT_VERSION = 5
 
 
 def position_key(x: np.ndarray) -> str:

@@ -41,11 +41,17 @@ def score_rows(values, idx, race):
 def test_stages_are_nested_stratified_and_drawn_from_the_seed():
     race = race_of()
     seen = [race.seen(j) for j in range(len(race.parts))]
-    assert [len(s) for s in seen] == [24, 48, 96]  # a quarter, a half, all
+    assert [len(s) for s in seen] == [24, 48, 72, 96]  # a quarter, a half, three quarters, all
     everything = np.concatenate(race.parts)
     assert sorted(everything.tolist()) == list(range(ROWS))  # disjoint parts that cover every row once
     for group in range(4):  # each stage takes its share of every row group
-        assert sum(int(i) % 4 == group for i in race.parts[0]) == 6
+        assert [sum(int(i) % 4 == group for i in part) for part in race.parts] == [6, 6, 6, 6]
+    # The slice doubles up to half the rows, then the rows left are halved while they are at least the slice.
+    assert [len(s) for s in map(race_of(fraction=0.125).seen, range(6))] == [12, 24, 48, 72, 84, 96]
+    assert [len(s) for s in map(race_of(fraction=0.3).seen, range(3))] == [28, 56, 96]
+    # A row group used up before the last stage adds nothing to a halving stage (left out, not an empty stage).
+    small = [Example(prompt=f"q{i}", answer="a", group=f"task{i % 4}") for i in range(20)]
+    assert [len(p) for p in race_of(data=small).parts] == [8, 8, 4]
     assert all(np.array_equal(a, b) for a, b in zip(race.parts, race_of().parts))
     assert not np.array_equal(race.parts[0], race_of(seed=43).parts[0])
 

@@ -1,0 +1,160 @@
+"""Benchmark: what each racing rule would spend and lose, replayed on the default swarm's own runs (issue 22).
+
+Runs the recipe's default swarm (bench_selection's Bench: the same search, the same score cache) at each seed
+and traces every position the race scored and the global best it raced against. Then, on those positions,
+with every dev row from the cache, it replays each rule below through the library's own decision
+(racing.Race.verdict):
+
+  dev rows           what the runs would score under the rule (the initial swarm's rows included), as a share
+                     of scoring every row at every evaluation
+  improvers dropped  positions strictly better than the global best they raced (on every row) that the rule
+                     drops: each one a move of the global best the run would not make
+
+and, per stage, what the raced positions showed on the rows seen so far (ahead of the global best, level with
+identical rows, level with rows that differ, behind) and how many of each end strictly better on every row:
+the share a rule at confidence c must finish is the evidence for what a valid rule can save.
+
+A replay keeps the trajectory: under a rule that drops more, a real swarm goes elsewhere from the first
+difference on. The replay measures rows and risk; test quality needs real runs (bench_selection --levers).
+The first line checks the replay: the default rule's rows must equal what the runs scored.
+
+Asserts nothing; prints Markdown tables.
+
+    .venv/bin/python bench/racing_rules.py [--recipe recipes/demo.yml] [--seeds 42,43,44] [--set swarm.KEY=VALUE ...]
+        [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+from pathlib import Path
+from statistics import NormalDist
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+from bench_selection import Bench  # noqa: E402
+
+from swarm_merge import objectives, racing  # noqa: E402
+
+# (label, race_confidence, race_gain, late stages): late False merges the stages after half the rows into one
+# (the schedule before the three-quarter stage: slice, half, all).
+RULES = [
+    ("0.95, slice / half / all (before)", 0.95, "any", False),
+    ("0.95 (the default)", 0.95, "any", True),
+    ("0.9", 0.9, "any", True),
+    ("0.8", 0.8, "any", True),
+    ("0.95, race_gain: row", 0.95, "row", True),
+    ("0.8, race_gain: row", 0.8, "row", True),
+]
+
+
+def trace_runs(bench: Bench, seeds):
+    """Per seed: the rows of the initial swarm, and every raced position with the global best it raced."""
+    runs = []
+    for seed in seeds:
+        bench.trace = []
+        result = bench.run("default", seed)
+        trace, bench.trace = bench.trace, None
+        settings = bench.recipe.swarm.model_copy(update={"seed": seed})
+        race = racing.race_of(settings, bench.objective, bench.dev)
+        full, raced, initial = [], [], 0  # full: (utility, x) scored on every row, in the order they were
+        for stage, x in trace:
+            if stage is None or stage == len(race.parts) - 1:
+                full.append((utility(bench, x), x))
+                initial += stage is None
+            if stage == 0:
+                # The global best: the first of the best scored on every row so far (a later tie does not move it;
+                # positions of the same iteration finish after every one of them has started its race).
+                g = max(full, key=lambda p: p[0])[1]
+                raced.append((x, g))
+        runs.append({"seed": seed, "items": result["items"], "race": race, "initial": initial, "raced": raced})
+    return runs
+
+
+def utility(bench: Bench, x) -> float:
+    return objectives.aggregate(bench.rows(x)[0], [1.0] * len(bench.dev), bench.dev).utility
+
+
+def late_merged(race: racing.Race) -> racing.Race:
+    """The race with the stages after the one that reaches half the rows merged into the last."""
+    half = next(j for j in range(len(race.parts)) if 2 * len(race.seen(j)) >= race.total_rows)
+    parts = race.parts[: half + 1] + (np.sort(np.concatenate(race.parts[half + 1:])),)
+    return dataclasses.replace(race, parts=parts)
+
+
+def replay(bench: Bench, run, race: racing.Race):
+    """(dev rows, improvers dropped, improvers) of one run's raced positions under ``race``'s rule."""
+    n = len(bench.dev)
+    rows, dropped, improvers = run["initial"] * n, 0, 0
+    for x, g in run["raced"]:
+        values, ref_values = bench.rows(x)[0], bench.rows(g)[0]
+        ref_u = utility(bench, g)
+        reference = {"utility": ref_u, "rows": ref_values, "weights": [1.0] * n}
+        better = utility(bench, x) > ref_u
+        improvers += better
+        parts = []
+        for j, idx in enumerate(race.parts):
+            rows += len(idx)
+            parts.append(objectives.aggregate([values[i] for i in idx], [1.0] * len(idx), race.rows(j)))
+            if j < len(race.parts) - 1 and race.verdict(race.combine(parts), j, reference) is not None:
+                dropped += better
+                break
+    return rows, dropped, improvers
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipe", type=Path, default=REPO / "recipes" / "demo.yml")
+    ap.add_argument("--seeds", default="42,43,44")
+    ap.add_argument("--set", action="append", default=[], metavar="swarm.KEY=VALUE",
+                    help="override a swarm setting, as in bench_selection.py (e.g. swarm.granularity=layer)")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    if any(not o.startswith("swarm.") for o in args.set):
+        raise SystemExit("--set takes swarm.* settings only (the score cache is per recipe's data and experts)")
+    torch.set_num_threads(args.threads)
+    bench = Bench(args.recipe, args.set)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    runs = trace_runs(bench, seeds)
+    n, evaluations = len(bench.dev), [r["initial"] + len(r["raced"]) for r in runs]
+    default = [replay(bench, r, r["race"])[0] for r in runs]
+    print(f"# racing_rules: {args.recipe.name}, {n} dev rows, seeds {seeds}, {sum(evaluations)} evaluations, "
+          f"{sum(len(r['raced']) for r in runs)} raced\n")
+    print(f"replay check: the default rule's rows {default}, the runs scored {[r['items'] for r in runs]}\n")
+    print("| rule | dev rows (of every row) | improvers dropped |\n|---|---|---|")
+    for label, confidence, gain, late in RULES:
+        total = [0, 0, 0]
+        for r in runs:
+            race = dataclasses.replace(r["race"], z=NormalDist().inv_cdf(confidence), confidence=confidence, gain=gain)
+            got = replay(bench, r, race if late else late_merged(race))
+            total = [a + b for a, b in zip(total, got)]
+        print(f"| {label} | {total[0] / (sum(evaluations) * n):.0%} | {total[1]} of {total[2]} |")
+    # What the raced positions showed on the rows seen at each stage, and how many end strictly better.
+    counts = {}
+    for r in runs:
+        race = r["race"]
+        for x, g in r["raced"]:
+            values, ref_values = np.asarray(bench.rows(x)[0]), np.asarray(bench.rows(g)[0])
+            better = utility(bench, x) > utility(bench, g)
+            for j in range(len(race.parts) - 1):
+                d = (values - ref_values)[race.seen(j)]
+                shown = ("ahead" if d.sum() > 0 else "behind" if d.sum() < 0 else
+                         "level, identical rows" if not d.any() else "level, rows differ")
+                c = counts.setdefault((len(race.seen(j)), shown), [0, 0])
+                c[0] += 1
+                c[1] += better
+    print("\n| rows seen | on them | positions | end strictly better |\n|---|---|---|---|")
+    for (seen, shown), (m, b) in sorted(counts.items()):
+        print(f"| {seen} | {shown} | {m} | {b} ({b / m:.0%}) |")
+    print(f"\nmean evaluations a seed {statistics.mean(evaluations):.0f}; {bench.evaluations} new dev evaluations")
+
+
+if __name__ == "__main__":
+    main()
