@@ -30,7 +30,7 @@ merges with what another bench process saved.
 Asserts nothing; prints Markdown tables.
 
     .venv/bin/python bench/bench_selection.py [--recipe recipes/demo.yml] [--seeds 42,43,44] [--levers ...]
-        [--set swarm.max_iterations=12 ...] [--baselines] [--budget N] [--threads N]
+        [--set swarm.max_iterations=12 ...] [--baselines [--methods random,cmaes,gp,ngopt]] [--budget N] [--threads N]
 """
 
 from __future__ import annotations
@@ -228,7 +228,10 @@ def main() -> None:
     ap.add_argument("--levers", default="default,paper,holdout")
     ap.add_argument("--set", action="append", default=[], metavar="swarm.KEY=VALUE",
                     help="override a swarm setting (e.g. swarm.max_iterations=12); repeatable")
-    ap.add_argument("--baselines", action="store_true", help="also random search and CMA-ES at the default's budget")
+    ap.add_argument("--baselines", action="store_true",
+                    help="also random search, CMA-ES, the GP and NGOpt at the first lever's item budget")
+    ap.add_argument("--methods", default="random,cmaes,gp,ngopt",
+                    help="the baselines --baselines runs (a comma list of random, cmaes, gp, ngopt)")
     ap.add_argument("--budget", type=int, default=None,
                     help="the baselines' budget (default: the most distinct dev evaluations of the default lever)")
     ap.add_argument("--threads", type=int, default=2,
@@ -258,9 +261,12 @@ def main() -> None:
     first = results.get("default", results[next(iter(results))])
     budgets = [args.budget or max(1, r["items"] // len(bench.dev)) for r in first]
     if args.baselines:
-        methods = (("random search", baselines.random_search), ("CMA-ES", baselines.cmaes_search),
-                   ("GP (Optuna)", baselines.gp_search), ("NGOpt (Nevergrad)", baselines.ngopt_search))
-        for name, fn in methods:
+        methods = {"random": ("random search", baselines.random_search), "cmaes": ("CMA-ES", baselines.cmaes_search),
+                   "gp": ("GP (Optuna)", baselines.gp_search), "ngopt": ("NGOpt (Nevergrad)", baselines.ngopt_search)}
+        chosen = args.methods.split(",")
+        if not set(chosen) <= set(methods):
+            raise SystemExit(f"--methods takes {', '.join(methods)}, got {args.methods!r}")
+        for name, fn in (methods[m] for m in chosen):
             rows = []
             for seed, budget in zip(seeds, budgets):
                 memo = {}

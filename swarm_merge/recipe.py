@@ -250,8 +250,8 @@ class SwarmSettings(_Frozen):
     stop: Literal["patience", "budget"] = "budget"
     # Racing (swarm_merge/racing.py): a moving particle is scored on race_slice of the dev rows first, then
     # twice that, ... up to half, then half the rows left, ... (0.25: 1/4, 1/2, 3/4, all), and finished only if
-    # it may still beat the global best (dropped when its paired estimate is below it at race_confidence). auto: on where the objective's utility is a mean over rows (not lm_eval
-    # or custom).
+    # it may still beat the global best (dropped when its paired estimate is below it at race_confidence).
+    # auto: on where the objective's utility is a mean over rows (not lm_eval or custom).
     # local_search (update spso only, GCPSO): each iteration one moving particle samples around the global best,
     # x = g + w v + rho (1 - 2 r), rho (first init_spread) widened by 1.5 after a move that improved g and
     # narrowed by 1.5^(1/4) after one that did not (the 1/5 success rule). "holder": the particle whose personal
