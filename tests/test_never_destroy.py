@@ -359,11 +359,13 @@ def test_a_malformed_checkpoint_is_bad_input(world, capsys):
     before = snapshot(world.out)
     good = json.loads((world.out / "swarm-state.json").read_text())
     damaged = json.dumps({**good, "state": {"x": 1}})
-    for bad in ("[]", '{"version": 2, "fingerprint": "x"}', "{not json", damaged):
+    older = json.dumps({**good, "version": good["version"] - 1})  # e.g. racing's stages were other rows then
+    for bad in ("[]", '{"version": 2, "fingerprint": "x"}', "{not json", damaged, older):
         (world.out / "swarm-state.json").write_text(bad)
         assert cli(world, "--set", "swarm.max_iterations=1", "--resume") == 2
         line = error_line(capsys)
         assert "checkpoint" in line or "swarm-state.json" in line, line
+        assert bad != older or ("another swarm_merge version" in line and "--force" in line), line
     assert snapshot(world.out).keys() == before.keys()
 
 
