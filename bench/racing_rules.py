@@ -12,7 +12,9 @@ with every dev row from the cache, it replays each rule below through the librar
 
 and, per stage, what the raced positions showed on the rows seen so far (ahead of the global best, level with
 identical rows, level with rows that differ, behind) and how many of each end strictly better on every row:
-the share a rule at confidence c must finish is the evidence for what a valid rule can save.
+the share a rule at confidence c must finish is the evidence for what a valid rule can save. Last, where the
+raced positions are: what they showed on the slice in the first and second half of each run, and how far from
+the global best they sit (the largest coefficient difference).
 
 A replay keeps the trajectory: under a rule that drops more, a real swarm goes elsewhere from the first
 difference on. The replay measures rows and risk; test quality needs real runs (bench_selection --levers).
@@ -153,6 +155,19 @@ def main() -> None:
     print("\n| rows seen | on them | positions | end strictly better |\n|---|---|---|---|")
     for (seen, shown), (m, b) in sorted(counts.items()):
         print(f"| {seen} | {shown} | {m} | {b} ({b / m:.0%}) |")
+    # Where the raced positions are: what they showed on the slice, in the first and the second half of each run's
+    # raced positions, and how far they sit from the global best (the largest coefficient difference).
+    where = {}
+    for r in runs:
+        for k, (x, g) in enumerate(r["raced"]):
+            d = (np.asarray(bench.rows(x)[0]) - np.asarray(bench.rows(g)[0]))[r["race"].seen(0)]
+            shown = ("ahead" if d.sum() > 0 else "behind" if d.sum() < 0 else
+                     "level, identical rows" if not d.any() else "level, rows differ")
+            half = "first" if 2 * k < len(r["raced"]) else "second"
+            where.setdefault((shown, half), []).append(float(np.abs(np.asarray(x) - np.asarray(g)).max()))
+    print("\n| on the slice | half of the run | positions | median max abs(x - g) |\n|---|---|---|---|")
+    for (shown, half), dist in sorted(where.items()):
+        print(f"| {shown} | {half} | {len(dist)} | {statistics.median(dist):.3f} |")
     print(f"\nmean evaluations a seed {statistics.mean(evaluations):.0f}; {bench.evaluations} new dev evaluations")
 
 
