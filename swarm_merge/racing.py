@@ -180,7 +180,7 @@ class Race:
         steps, start = [], 0
         for slope, size in zip(slopes, self.sizes):
             w = ref_w[start:start + size]
-            if w.sum() > 0 and (w > 0).any():
+            if w.sum() > 0:  # (weights are >= 0: some row weighs)
                 steps.append(slope * float(w[w > 0].min()) / float(w.sum()))
             start += size
         return min(steps) if steps else 0.0
@@ -249,7 +249,7 @@ def race_of(settings, objective, data) -> Optional[Race]:
                               "scores a whole set at once; set swarm.racing: auto (or false)")
         return None
     race = plan_race(objective, data, fraction=settings.race_slice, confidence=settings.race_confidence,
-                     seed=settings.seed, gain=getattr(settings, "race_gain", "any"))
+                     seed=settings.seed, gain=settings.race_gain)
     if race is None and settings.racing is True:
         raise RecipeError(f"swarm.racing: true, but a slice of {settings.race_slice:g} of the dev rows (2 or more per "
                           "row group) leaves no rows to finish with; add dev rows or lower swarm.race_slice")
