@@ -14,7 +14,8 @@ and, per stage, what the raced positions showed on the rows seen so far (ahead o
 identical rows, level with rows that differ, behind) and how many of each end strictly better on every row:
 the share a rule at confidence c must finish is the evidence for what a valid rule can save. Last, where the
 raced positions are: what they showed on the slice in the first and second half of each run, and how far from
-the global best they sit (the largest coefficient difference).
+the global best they sit (the largest coefficient difference), and which move made them: the surrogate's pick
+(swarm.surrogate) or the swarm's update, with how many of each were level on the slice and ended strictly better.
 
 A replay keeps the trajectory: under a rule that drops more, a real swarm goes elsewhere from the first
 difference on. The replay measures rows and risk; test quality needs real runs (bench_selection --levers).
@@ -43,7 +44,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from bench_selection import Bench  # noqa: E402
 
-from swarm_merge import objectives, racing  # noqa: E402
+from swarm_merge import objectives, racing, search, swarm  # noqa: E402
 
 # (label, race_confidence, race_gain, late stages): late False merges the stages after half the rows into one
 # (the schedule before the three-quarter stage: slice, half, all).
@@ -58,11 +59,24 @@ RULES = [
 
 
 def trace_runs(bench: Bench, seeds):
-    """Per seed: the rows of the initial swarm, and every raced position with the global best it raced."""
-    runs = []
+    """Per seed: the rows of the initial swarm, every raced position with the global best it raced, and which
+    move proposed each position ("surrogate" or "update", by position key)."""
+    runs, original = [], swarm.propose
     for seed in seeds:
-        bench.trace = []
-        result = bench.run("default", seed)
+        bench.trace, made_by = [], {}
+
+        def propose(state, settings, rng, made_by=made_by):
+            proposal = original(state, settings, rng)
+            for i in np.flatnonzero(proposal.evaluate):
+                made_by.setdefault(search.position_key(proposal.x[i]),
+                                   "surrogate" if i == proposal.surrogate else "update")
+            return proposal
+
+        swarm.propose = propose  # (search.run_search calls swarm.propose: recorded, then put back)
+        try:
+            result = bench.run("default", seed)
+        finally:
+            swarm.propose = original
         trace, bench.trace = bench.trace, None
         settings = bench.recipe.swarm.model_copy(update={"seed": seed})
         race = racing.race_of(settings, bench.objective, bench.dev)
@@ -76,7 +90,8 @@ def trace_runs(bench: Bench, seeds):
                 # positions of the same iteration finish after every one of them has started its race).
                 g = max(full, key=lambda p: p[0])[1]
                 raced.append((x, g))
-        runs.append({"seed": seed, "items": result["items"], "race": race, "initial": initial, "raced": raced})
+        runs.append({"seed": seed, "items": result["items"], "race": race, "initial": initial, "raced": raced,
+                     "made_by": made_by})
     return runs
 
 
@@ -157,7 +172,7 @@ def main() -> None:
         print(f"| {seen} | {shown} | {m} | {b} ({b / m:.0%}) |")
     # Where the raced positions are: what they showed on the slice, in the first and the second half of each run's
     # raced positions, and how far they sit from the global best (the largest coefficient difference).
-    where = {}
+    where, made = {}, {}
     for r in runs:
         for k, (x, g) in enumerate(r["raced"]):
             d = (np.asarray(bench.rows(x)[0]) - np.asarray(bench.rows(g)[0]))[r["race"].seen(0)]
@@ -165,9 +180,17 @@ def main() -> None:
                      "level, identical rows" if not d.any() else "level, rows differ")
             half = "first" if 2 * k < len(r["raced"]) else "second"
             where.setdefault((shown, half), []).append(float(np.abs(np.asarray(x) - np.asarray(g)).max()))
+            m = made.setdefault((r["made_by"].get(search.position_key(x), "?"), half), [0, 0, 0])
+            m[0] += 1
+            m[1] += shown == "level, identical rows"
+            m[2] += utility(bench, x) > utility(bench, g)
     print("\n| on the slice | half of the run | positions | median max abs(x - g) |\n|---|---|---|---|")
     for (shown, half), dist in sorted(where.items()):
         print(f"| {shown} | {half} | {len(dist)} | {statistics.median(dist):.3f} |")
+    print("\n| made by | half of the run | positions | level with identical rows on the slice | end strictly better |"
+          "\n|---|---|---|---|---|")
+    for (by, half), (m, tied, moved) in sorted(made.items()):
+        print(f"| {by} | {half} | {m} | {tied} ({tied / m:.0%}) | {moved} ({moved / m:.0%}) |")
     print(f"\nmean evaluations a seed {statistics.mean(evaluations):.0f}; {bench.evaluations} new dev evaluations")
 
 
