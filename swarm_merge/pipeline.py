@@ -441,6 +441,8 @@ def _print_table(report: Report, out) -> None:
     s = report.search
     print(f"search: {s.iterations} iterations, {s.evaluations} evaluations, {card.cost(s)}, {s.stop_reason}, "
           f"{report.wall_seconds:.0f} s", file=out)
+    if s.found is not None:
+        print(f"winner found at {card.found(s)}", file=out)
     a = report.analysis
     if a is not None:
         w = a.weak_to_strong

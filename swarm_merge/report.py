@@ -31,8 +31,8 @@ from swarm_merge.recipe import Recipe
 
 __all__ = [
     "SCHEMA_VERSION", "Split", "ScoreRow", "Scores", "AdapterRecord", "ExpertRecord", "BaseModelRecord", "LoraRecord", "Coefficients",
-    "HistoryEntry", "RacingRecord", "SearchRecord", "DataRecord", "MethodResult", "MethodSummary", "Comparison", "WeakToStrong",
-    "Emergence", "Analysis", "Report", "ReportError", "read", "write", "json_schema", "finite",
+    "HistoryEntry", "RacingRecord", "FoundRecord", "SearchRecord", "DataRecord", "MethodResult", "MethodSummary", "Comparison",
+    "WeakToStrong", "Emergence", "Analysis", "Report", "ReportError", "read", "write", "json_schema", "finite",
 ]
 
 SCHEMA_VERSION = 2  # 1: swarm_merge 0.1.0 (no schema_version field)
@@ -179,6 +179,25 @@ class RacingRecord(_Model):
     finished: int = Field(description="particles scored on the other rows too")
 
 
+class FoundRecord(_Model):
+    """When the winner became the global best: what the search had spent by the end of that iteration. What came
+    after found nothing better, so a run that stopped there would have written the same merge."""
+
+    iteration: int = Field(description="the iteration at whose end the winner was first the global best (0: the "
+                           "initial swarm)")
+    evaluations: int = Field(description="evaluations made by the end of that iteration")
+    items: Optional[int] = Field(None, description="dev rows scored by the end of that iteration")
+
+    @classmethod
+    def of(cls, history: List[Dict[str, Any]]) -> Optional["FoundRecord"]:
+        """From the search's history (one record per iteration, with the global best after it); None without one."""
+        final = history[-1].get("global_best") if history else None
+        if final is None:
+            return None
+        first = next(h for h in history if h.get("global_best") == final)
+        return cls(iteration=first["iteration"], evaluations=first["evaluations"], items=first.get("items"))
+
+
 class SearchRecord(_Model):
     iterations: int
     evaluations: int
@@ -186,6 +205,8 @@ class SearchRecord(_Model):
     items: Optional[int] = Field(None, description="dev rows scored by the search (item-evaluations): its cost")
     racing: Optional[RacingRecord] = None
     stop_reason: str
+    found: Optional[FoundRecord] = Field(None, description="when the winner became the global best (the rest of the "
+                                         "budget found nothing better)")
     chosen_by: Optional[str] = Field(None, description="how the winner was chosen among the positions scored")
     resumed: bool
     seconds: float = Field(description="search time, resumed parts included")

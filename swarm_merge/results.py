@@ -150,6 +150,7 @@ def build_report(plan, digests, result, scores, analysis, comparison) -> Report:
                                             dropped=result.raced["dropped"], finished=result.raced["finished"])
                     if result.raced else None),
             stop_reason=result.stop_reason,
+            found=report_mod.FoundRecord.of(result.history),
             chosen_by=f"the best dev utility of the {len(result.memo)} distinct positions the swarm scored on "
                       "every dev row",
             resumed=result.resumed,

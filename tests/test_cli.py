@@ -107,6 +107,14 @@ def test_run_writes_a_loadable_affine_merge_with_report_and_card(finished_run, t
     assert f"{s.items} dev rows scored (racing: {s.racing.dropped} of" in card.text
     assert "SPSO-2011" in card.text and "inertia / cognitive" not in card.text
     assert report.search.chosen_by in card.text
+    # When the winner became the global best: the first iteration whose global best is the winner's dev score,
+    # what had been spent by then (on the card too).
+    f = s.found
+    first = next(h for h in s.history if h.global_best == report.scores.winner.dev.utility)
+    assert (f.iteration, f.evaluations, f.items) == (first.iteration, first.evaluations, first.items)
+    assert f.evaluations <= s.evaluations and f.items <= s.items
+    assert f"| winner found at | iteration {f.iteration} of {s.iterations}: after {f.evaluations} of {s.evaluations} " \
+           f"evaluations, {f.items} of {s.items} dev rows; nothing after it scored higher |" in card.text
     assert "around the uniform soup (soup + N(0, 0.3) per coefficient)" in card.text
     # The recipe block is the recipe as written (paths relative to its folder), not every default.
     block = yaml.safe_load(card.text.split("The recipe, as run")[1].split("```yaml")[1].split("```")[0])

@@ -49,6 +49,15 @@ def test_a_report_round_trips_through_strict_json(tmp_path):
     assert json.loads(text)["schema_version"] == report.SCHEMA_VERSION
 
 
+def test_the_winner_was_found_at_the_first_iteration_with_its_global_best():
+    h = [{"iteration": i, "global_best": g, "evaluations": 8 + 4 * i, "items": 576 + 200 * i, "seconds": 1.0}
+         for i, g in enumerate([0.4, 0.5, 0.5, 0.6, 0.6, 0.6])]
+    assert report.FoundRecord.of(h) == report.FoundRecord(iteration=3, evaluations=20, items=1176)
+    assert report.FoundRecord.of(h[:1]) == report.FoundRecord(iteration=0, evaluations=8, items=576)
+    assert report.FoundRecord.of([{**h[0], "global_best": None}]) is None  # (every particle failed)
+    assert report.FoundRecord.of([]) is None
+
+
 def test_non_finite_numbers_are_null():
     assert report.finite(float("nan")) is None and report.finite(float("-inf")) is None
     assert report.finite(1) == 1.0

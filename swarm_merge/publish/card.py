@@ -57,6 +57,17 @@ def cost(search) -> str:
     return text
 
 
+def found(search) -> str:
+    """When the winner became the global best, against what the whole search spent ("" when not recorded): how
+    much of the budget the result needed, for the table and the card."""
+    f = search.found
+    if f is None:
+        return ""
+    rows = (f", {f.items} of {search.items} dev rows" if f.items is not None and search.items is not None else "")
+    return (f"iteration {f.iteration} of {search.iterations}: after {f.evaluations} of {search.evaluations} "
+            f"evaluations{rows}; nothing after it scored higher")
+
+
 def plot_history(history: List[HistoryEntry], path: Path, *, title: str = "") -> Optional[Path]:
     """Best / mean / worst dev utility of each iteration, and the global best."""
     try:
@@ -253,6 +264,7 @@ def render_card(report: "Report", *, recipe_yaml: str, mergekit_yaml: str, repo_
               if recipe.swarm.init == "soup" else "the paper's (random inter/extrapolations of pairs)"),
         evaluations=search.evaluations,
         cost=cost(search),  # (our own words and numbers: nothing from the recipe)
+        found=found(search),
         wall_time=f"{report.wall_seconds:.0f} s",
         hardware=md(report.hardware),
         plot=plot,
