@@ -53,7 +53,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from swarm_merge import baselines, objectives, pipeline, racing, search  # noqa: E402
+from swarm_merge import baselines, objectives, pipeline, racing, report, search  # noqa: E402
 from swarm_merge.options import RunOptions  # noqa: E402
 from swarm_merge.objectives import Score  # noqa: E402
 from swarm_merge.recipe import load_recipe  # noqa: E402
@@ -214,7 +214,8 @@ class Bench:
         dev = float(np.mean(self.rows(winner)[0]))
         return {"dev": dev, "test": self.test_utility(winner), "coefficients": np.round(winner, 3).tolist(),
                 "evaluations": len(positions), "items": result.items,
-                "dropped": result.raced["dropped"] if result.raced else 0}
+                "dropped": result.raced["dropped"] if result.raced else 0,
+                "found": report.FoundRecord.of(result.history)}
 
 
 def summarize(values):
@@ -299,6 +300,15 @@ def main() -> None:
     print("\nwinners' coefficients:")
     for lever, rows in results.items():
         print(f"  {lever}: " + "; ".join(str(r["coefficients"]) for r in rows))
+    # (the swarm's levers: the search's history says when its winner became the global best; the rest of the
+    # run found nothing better)
+    found = {lever: rows for lever, rows in results.items() if all(r.get("found") for r in rows)}
+    if found:
+        print("\nwhen each winner was found (evaluations and dev rows scored by then, per seed; the share of the run's rows):")
+        for lever, rows in found.items():
+            share = statistics.mean(r["found"].items / r["items"] for r in rows)
+            print(f"  {lever}: " + " / ".join(f"{r['found'].evaluations}, {r['found'].items}" for r in rows)
+                  + f" ({share:.0%} of the rows on average)")
     print(f"\n{bench.evaluations} distinct dev evaluations in all, {time.monotonic() - start:.0f} s")
 
 
