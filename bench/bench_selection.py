@@ -192,9 +192,8 @@ class Bench:
             positions.setdefault(search.position_key(x), np.array(x))
             if self.trace is not None:
                 self.trace.append((which, np.array(x)))
-            idx = race.parts[which]
             values = self.rows(x)[0]
-            return objectives.aggregate([values[i] for i in idx], [1.0] * len(idx), race.rows(which))
+            return objectives.aggregate([values[i] for i in which], [1.0] * len(which), race.subset(which))
 
         # (per bench: two benches may run side by side)
         memo_path = self.cache_path.with_name(

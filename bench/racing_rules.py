@@ -46,15 +46,19 @@ from bench_selection import Bench  # noqa: E402
 
 from swarm_merge import objectives, racing, search, swarm  # noqa: E402
 
-# (label, race_confidence, race_gain, late stages): late False merges the stages after half the rows into one
-# (the schedule before the three-quarter stage: slice, half, all).
+# (label, race_confidence, race_gain, late stages, race_neighbours): late False merges the stages after half the
+# rows into one (the schedule before the three-quarter stage: slice, half, all).
 RULES = [
-    ("0.95, slice / half / all (before)", 0.95, "any", False),
-    ("0.95 (the default)", 0.95, "any", True),
-    ("0.9", 0.9, "any", True),
-    ("0.8", 0.8, "any", True),
-    ("0.95, race_gain: row", 0.95, "row", True),
-    ("0.8, race_gain: row", 0.8, "row", True),
+    ("0.95, no neighbours, slice / half / all (before)", 0.95, "any", False, 0),
+    ("0.95, no neighbours (the default)", 0.95, "any", True, 0),
+    ("0.95, 4 neighbours", 0.95, "any", True, 4),
+    ("0.95, 8 neighbours", 0.95, "any", True, 8),
+    ("0.9, no neighbours", 0.9, "any", True, 0),
+    ("0.9, 4 neighbours", 0.9, "any", True, 4),
+    ("0.8, no neighbours", 0.8, "any", True, 0),
+    ("0.95, race_gain: row, no neighbours", 0.95, "row", True, 0),
+    ("0.95, race_gain: row, 4 neighbours", 0.95, "row", True, 4),
+    ("0.8, race_gain: row, no neighbours", 0.8, "row", True, 0),
 ]
 
 
@@ -80,16 +84,20 @@ def trace_runs(bench: Bench, seeds):
         trace, bench.trace = bench.trace, None
         settings = bench.recipe.swarm.model_copy(update={"seed": seed})
         race = racing.race_of(settings, bench.objective, bench.dev)
-        full, raced, initial = [], [], 0  # full: (utility, x) scored on every row, in the order they were
-        for stage, x in trace:
-            if stage is None or stage == len(race.parts) - 1:
-                full.append((utility(bench, x), x))
-                initial += stage is None
-            if stage == 0:
+        # full: (utility, x) scored on every row, in the order they were; seen: rows scored per raced position
+        full, raced, initial, seen = [], [], 0, {}
+        for rows, x in trace:
+            key = search.position_key(x)
+            if rows is not None and key not in seen:
                 # The global best: the first of the best scored on every row so far (a later tie does not move it;
-                # positions of the same iteration finish after every one of them has started its race).
+                # positions of the same iteration finish after every one of them has started its race), and the
+                # positions scored on every row before (the neighbours a plan may use: earlier iterations').
                 g = max(full, key=lambda p: p[0])[1]
-                raced.append((x, g))
+                raced.append((x, g, [p[1] for p in full]))
+            seen[key] = seen.get(key, 0) + (len(bench.dev) if rows is None else len(rows))
+            if seen[key] == len(bench.dev):
+                full.append((utility(bench, x), x))
+                initial += rows is None
         runs.append({"seed": seed, "items": result["items"], "race": race, "initial": initial, "raced": raced,
                      "made_by": made_by})
     return runs
@@ -110,17 +118,21 @@ def replay(bench: Bench, run, race: racing.Race):
     """(dev rows, improvers dropped, improvers) of one run's raced positions under ``race``'s rule."""
     n = len(bench.dev)
     rows, dropped, improvers = run["initial"] * n, 0, 0
-    for x, g in run["raced"]:
+    for x, g, before in run["raced"]:
         values, ref_values = bench.rows(x)[0], bench.rows(g)[0]
         ref_u = utility(bench, g)
         reference = {"utility": ref_u, "rows": ref_values, "weights": [1.0] * n}
         better = utility(bench, x) > ref_u
         improvers += better
-        parts = []
-        for j, idx in enumerate(race.parts):
+        key_g = search.position_key(g)
+        contested = race.contested(x, ref_values, [(p, bench.rows(p)[0]) for p in before
+                                                   if search.position_key(p) != key_g])
+        plan, parts = race.plan(contested), []
+        for j, idx in enumerate(plan):
             rows += len(idx)
-            parts.append(objectives.aggregate([values[i] for i in idx], [1.0] * len(idx), race.rows(j)))
-            if j < len(race.parts) - 1 and race.verdict(race.combine(parts), j, reference) is not None:
+            parts.append(objectives.aggregate([values[i] for i in idx], [1.0] * len(idx), race.subset(idx)))
+            seen = np.sort(np.concatenate(plan[: j + 1]))
+            if j < len(plan) - 1 and race.verdict(race.combine(parts, plan), seen, reference, contested) is not None:
                 dropped += better
                 break
     return rows, dropped, improvers
@@ -146,10 +158,11 @@ def main() -> None:
           f"{sum(len(r['raced']) for r in runs)} raced\n")
     print(f"replay check: the default rule's rows {default}, the runs scored {[r['items'] for r in runs]}\n")
     print("| rule | dev rows (of every row) | improvers dropped |\n|---|---|---|")
-    for label, confidence, gain, late in RULES:
+    for label, confidence, gain, late, neighbours in RULES:
         total = [0, 0, 0]
         for r in runs:
-            race = dataclasses.replace(r["race"], z=NormalDist().inv_cdf(confidence), confidence=confidence, gain=gain)
+            race = dataclasses.replace(r["race"], z=NormalDist().inv_cdf(confidence), confidence=confidence, gain=gain,
+                                       neighbours=neighbours)
             got = replay(bench, r, race if late else late_merged(race))
             total = [a + b for a, b in zip(total, got)]
         print(f"| {label} | {total[0] / (sum(evaluations) * n):.0%} | {total[1]} of {total[2]} |")
@@ -157,7 +170,7 @@ def main() -> None:
     counts = {}
     for r in runs:
         race = r["race"]
-        for x, g in r["raced"]:
+        for x, g, _ in r["raced"]:
             values, ref_values = np.asarray(bench.rows(x)[0]), np.asarray(bench.rows(g)[0])
             better = utility(bench, x) > utility(bench, g)
             for j in range(len(race.parts) - 1):
@@ -174,7 +187,7 @@ def main() -> None:
     # raced positions, and how far they sit from the global best (the largest coefficient difference).
     where, made = {}, {}
     for r in runs:
-        for k, (x, g) in enumerate(r["raced"]):
+        for k, (x, g, _) in enumerate(r["raced"]):
             d = (np.asarray(bench.rows(x)[0]) - np.asarray(bench.rows(g)[0]))[r["race"].seen(0)]
             shown = ("ahead" if d.sum() > 0 else "behind" if d.sum() < 0 else
                      "level, identical rows" if not d.any() else "level, rows differ")

@@ -415,8 +415,11 @@ def _print_plan(plan: Plan, out) -> None:
     race = plan.race_in(mode)
     if race is not None:
         seen = " -> ".join(str(len(race.seen(j))) for j in range(len(race.parts)))
-        print(f"racing: each moving particle is scored on {seen} dev rows, stopping where it cannot beat the "
-              f"global best{' by a whole row' if race.gain == 'row' else ''} ({race.confidence:g} confidence)", file=out)
+        contested = (f", the rows where one of the {race.neighbours} scored positions nearest it differs from the "
+                     "global best right after the slice" if race.neighbours else "")
+        print(f"racing: each moving particle is scored on {seen} dev rows{contested}, stopping where it cannot beat "
+              f"the global best{' by a whole row' if race.gain == 'row' else ''} ({race.confidence:g} confidence)",
+              file=out)
     elif s.racing is not False:
         why = (f"{objective.type} scores a whole set at once" if not racing.can_race(objective) else
                "streaming mode" if mode == "streaming" else "too few dev rows")

@@ -25,6 +25,24 @@ global best (scored on every row earlier, its rows kept in the memo):
 - Otherwise the next stage is scored; after the last, the stages merge into the whole-set score (the same
   numbers a whole-set evaluation gives, up to batching round-off of log-likelihoods).
 
+**Contested rows** (``swarm.race_neighbours`` K; 0, the default, turns it off). Late in a run most particles sit
+near the global best and give its answers on most rows; the rows where they may differ are the rows where
+positions near them already did. So a particle's own plan (:meth:`Race.plan`): the slice, then its *contested*
+rows (where one of the K positions nearest it, scored on every row in earlier iterations, gives another value
+than the global best; :meth:`Race.contested`), then the later stages' other rows, its *settled* rows. The
+estimate is stratified: per component, ``D`` and ``SE`` are computed in each stratum from its rows seen and
+weighted by the stratum's share of the rows, so once every contested row is seen that stratum is known exactly
+and only the settled rows seen (a random sample of them: the run's stages) carry uncertainty. A particle
+that loses a contested row while matching the global best on the settled rows seen is then dropped, where
+one random sample of the same size could not tell. The risk is the settled stratum's: where every settled row
+seen agrees its spread is 0, so a particle that differs only on settled rows not yet seen is judged by the
+contested ones. Replayed on ten seeds (bench/racing_rules.py; bench/RESULTS.md, "Racing on the rows the
+neighbours contest") it dropped 2 of the 58 moves that improved the global best on the demo and 0 of 47 on
+bench2, and scored 63 % of the dev rows on each, against 74 % and 79 % without. With ``race_gain: row`` the
+row asked for applies once every contested row is seen. Where the neighbours contest more than half the
+rows (far from the particle, as in 24 dimensions) they say too little, and continuous rows (loglik, reward)
+differ everywhere: the plain stages run then.
+
 A decision depends only on scores already in the memo, so a run is as deterministic with racing as
 without it, and ``--resume`` replays it. The initial swarm (the experts, the soup, the children) is
 scored on every row.
@@ -37,7 +55,7 @@ once and are never raced (``racing: auto`` leaves them alone; ``racing: true`` r
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
 
@@ -72,13 +90,11 @@ class Race:
     z: float
     confidence: float
     gain: Literal["any", "row"] = "any"  # swarm.race_gain
-    _rows: List[Any] = field(init=False, repr=False, compare=False)
+    neighbours: int = 0  # swarm.race_neighbours (0: the stages above for every particle)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "_rows", [self._subset(idx) for idx in self.parts])
-
-    def _subset(self, idx: np.ndarray) -> Any:
-        chosen, parts, start = set(idx.tolist()), [], 0
+    def subset(self, idx: np.ndarray) -> Any:
+        """The dev rows ``idx`` (indices into the rows laid end to end), in the objective's shape."""
+        chosen, parts, start = set(np.asarray(idx).tolist()), [], 0
         for part in _components(self.objective, self.data):
             parts.append([ex for i, ex in enumerate(part) if start + i in chosen])
             start += len(part)
@@ -96,22 +112,49 @@ class Race:
     def total_rows(self) -> int:
         return sum(len(p) for p in self.parts)
 
-    def rows(self, stage: int) -> Any:
-        """The dev rows of stage ``stage`` (0: the slice), in the objective's shape."""
-        return self._rows[stage]
+    def contested(self, x: np.ndarray, reference_rows, finished: Sequence[Tuple[np.ndarray, Any]]) -> Optional[np.ndarray]:
+        """The rows where one of the ``neighbours`` positions nearest ``x`` (the largest coefficient difference;
+        ``finished``: positions scored on every row, with their row values) differs from the global best's
+        ``reference_rows``. None (race on the plain stages) without neighbours, where no row is contested, or where
+        more than half are: the neighbours are then too far from ``x`` to say where it differs (in 24 dimensions
+        the contested stage cost more rows than it saved; bench/RESULTS.md, "Racing on the rows the neighbours
+        contest"), and continuous row values (loglik's) differ everywhere."""
+        if not self.neighbours or reference_rows is None or len(reference_rows) != self.total_rows:
+            return None
+        ref = np.asarray(reference_rows, dtype=float)
+        x = np.asarray(x, dtype=float)
+        distance = [float(np.abs(np.asarray(p, dtype=float) - x).max()) for p, _ in finished]
+        near = [i for i in np.argsort(distance, kind="stable") if distance[i] > 0][: self.neighbours]
+        out = np.zeros(self.total_rows, dtype=bool)
+        for i in near:
+            rows = np.asarray(finished[i][1], dtype=float)
+            if len(rows) == len(ref):
+                out |= rows != ref
+        return out if 0 < out.sum() <= len(out) / 2 else None
+
+    def plan(self, contested: Optional[np.ndarray] = None) -> Tuple[np.ndarray, ...]:
+        """One particle's stages: the slice, then (``contested`` given) the contested rows not in it, then each
+        later stage's settled rows (the plain stages without ``contested``)."""
+        if contested is None:
+            return self.parts
+        rest = np.flatnonzero(contested)
+        stages = [self.parts[0], rest[~np.isin(rest, self.parts[0])]]
+        stages += [idx[~contested[idx]] for idx in self.parts[1:]]
+        return tuple(idx for idx in stages if len(idx))
 
     def seen(self, stage: int) -> np.ndarray:
         """The rows scored once stages 0..``stage`` are, sorted."""
         return np.sort(np.concatenate(self.parts[: stage + 1]))
 
-    def combine(self, scores: Sequence[Score]) -> Score:
+    def combine(self, scores: Sequence[Score], parts: Optional[Sequence[np.ndarray]] = None) -> Score:
         """The objective's score of the rows stages 0..j cover, from the stage scores ``scores[0..j]``
-        (rows in :meth:`seen` order): after the last stage, the whole set's score."""
+        (rows in index order; ``parts``: the particle's stages, :meth:`plan`, default the plain ones): after the
+        last stage, the whole set's score."""
         if any(s.rows is None or s.weights is None or not math.isfinite(s.utility) for s in scores):
             return Score(float("nan"), {}, sum(s.n for s in scores))  # a failed part fails the whole
         n = self.total_rows
         values, weights, seen = np.zeros(n), np.zeros(n), np.zeros(n, dtype=bool)
-        for idx, s in zip(self.parts, scores):
+        for idx, s in zip(self.parts if parts is None else parts, scores):
             values[idx], weights[idx], seen[idx] = s.rows, s.weights, True
         per_component, start = [], 0
         for part in _components(self.objective, self.data):
@@ -128,22 +171,26 @@ class Race:
             start += size
         return out
 
-    def verdict(self, candidate: Score, stage: int, reference: Dict[str, Any]) -> Optional[float]:
+    def verdict(self, candidate: Score, seen: np.ndarray, reference: Dict[str, Any],
+                contested: Optional[np.ndarray] = None) -> Optional[float]:
         """None: go on with the candidate. A number: it is dropped, with this estimate of its full utility.
 
-        ``candidate``: its score on the rows of stages 0..``stage`` (:meth:`combine`). ``reference``: the
-        memo entry of the position it races (``utility``, ``rows`` and ``weights`` of every dev row)."""
+        ``candidate``: its score on the rows ``seen`` (sorted indices; :meth:`combine`). ``reference``: the
+        memo entry of the position it races (``utility``, ``rows`` and ``weights`` of every dev row).
+        ``contested`` (:meth:`contested`): each component's rows are two strata, contested and settled, each
+        estimated from its own rows seen (a stratified estimate); ``race_gain: row`` asks for its row only once
+        every contested row is seen."""
         if not math.isfinite(candidate.utility):
             return math.nan  # a failed particle is failed on every row: nothing to finish
         ref_u, ref_rows, ref_w = reference.get("utility"), reference.get("rows"), reference.get("weights")
         if ref_u is None or ref_rows is None or ref_w is None or not math.isfinite(ref_u):
             return None  # nothing to race against
-        ref_rows = np.asarray(ref_rows, dtype=float)
-        seen = self.seen(stage)
+        ref_rows, ref_w = np.asarray(ref_rows, dtype=float), np.asarray(ref_w, dtype=float)
+        seen = np.asarray(seen)
         if len(ref_rows) != self.total_rows or candidate.rows is None or len(candidate.rows) != len(seen):
             return None
         if isinstance(self.objective, Suite) and self.objective.combine == "harmonic":
-            means = self._component_means(ref_rows, np.asarray(ref_w, dtype=float))
+            means = self._component_means(ref_rows, ref_w)
             total = sum(o.weight for o in self.objective.parts)
             if min(means) <= 0:
                 return None  # the harmonic mean is 0 there: no slope to linearise along
@@ -153,20 +200,34 @@ class Race:
             slopes = [o.weight / total for o in self.objective.parts]
         else:
             slopes = [1.0]
-        d = np.asarray(candidate.rows, dtype=float) - ref_rows[seen]
-        w = np.asarray(candidate.weights, dtype=float)
-        part_of = np.searchsorted(np.cumsum(self.sizes), seen, side="right")
-        margin = self._step(slopes, ref_rows, np.asarray(ref_w, dtype=float), candidate.rows) if self.gain == "row" else 0
-        estimate, variance = 0.0, 0.0
-        for c, (slope, size) in enumerate(zip(slopes, self.sizes)):
-            mine = part_of == c
-            m, wc, dc = int(mine.sum()), w[mine], d[mine]
-            if m < 2 or wc.sum() <= 0:
-                return None  # too few rows seen in a component to say anything
-            mean = float(np.dot(wc, dc) / wc.sum())
-            var = float(np.dot(wc ** 2, (dc - mean) ** 2) / wc.sum() ** 2) * m / (m - 1) * (1 - m / size)
-            estimate += slope * mean
-            variance += slope ** 2 * var
+        d = np.zeros(self.total_rows)
+        w = np.zeros(self.total_rows)
+        is_seen = np.zeros(self.total_rows, dtype=bool)
+        d[seen], w[seen], is_seen[seen] = np.asarray(candidate.rows, dtype=float) - ref_rows[seen], candidate.weights, True
+        strata = np.zeros(self.total_rows, dtype=bool) if contested is None else np.asarray(contested, dtype=bool)
+        every_contested_seen = not (strata & ~is_seen).any()
+        margin = (self._step(slopes, ref_rows, ref_w, candidate.rows)
+                  if self.gain == "row" and every_contested_seen else 0)
+        estimate, variance, start = 0.0, 0.0, 0
+        for slope, size in zip(slopes, self.sizes):
+            component = np.zeros(self.total_rows, dtype=bool)
+            component[start:start + size] = True
+            start += size
+            weight = ref_w[component].sum()
+            for stratum in (component & strata, component & ~strata):
+                rows, mine = int(stratum.sum()), stratum & is_seen
+                m = int(mine.sum())
+                if rows == 0:
+                    continue
+                if (m < 2 and m < rows) or w[mine].sum() <= 0 or weight <= 0:
+                    return None  # too few rows seen in a stratum to say anything
+                share = ref_w[stratum].sum() / weight  # (1 without strata)
+                wc, dc = w[mine], d[mine]
+                mean = float(np.dot(wc, dc) / wc.sum())
+                var = 0.0 if m == rows else (
+                    float(np.dot(wc ** 2, (dc - mean) ** 2) / wc.sum() ** 2) * m / (m - 1) * (1 - m / rows))
+                estimate += slope * share * mean
+                variance += (slope * share) ** 2 * var
         if estimate + self.z * math.sqrt(variance) < margin and estimate <= 0:  # (ahead so far: finish it)
             return ref_u + estimate
         return None
@@ -186,7 +247,8 @@ class Race:
         return min(steps) if steps else 0.0
 
 
-def plan_race(objective, data, *, fraction: float, confidence: float, seed: int, gain: str = "any") -> Optional[Race]:
+def plan_race(objective, data, *, fraction: float, confidence: float, seed: int, gain: str = "any",
+              neighbours: int = 0) -> Optional[Race]:
     """The run's race: the slice is ``fraction`` of the rows of every (component, group) stratum (at least two),
     each next stage doubles the share seen up to half, then halves the share left while it is at least ``fraction``,
     the last takes the rest; drawn with a generator of its own
@@ -230,7 +292,7 @@ def plan_race(objective, data, *, fraction: float, confidence: float, seed: int,
     if len(np.unique(np.searchsorted(ends, parts[-1], side="right"))) < len(ends):
         return None
     return Race(objective=objective, data=data, parts=parts, z=NormalDist().inv_cdf(confidence), confidence=confidence,
-                gain=gain)
+                gain=gain, neighbours=neighbours)
 
 
 def race_of(settings, objective, data) -> Optional[Race]:
@@ -249,7 +311,7 @@ def race_of(settings, objective, data) -> Optional[Race]:
                               "scores a whole set at once; set swarm.racing: auto (or false)")
         return None
     race = plan_race(objective, data, fraction=settings.race_slice, confidence=settings.race_confidence,
-                     seed=settings.seed, gain=settings.race_gain)
+                     seed=settings.seed, gain=settings.race_gain, neighbours=settings.race_neighbours)
     if race is None and settings.racing is True:
         raise RecipeError(f"swarm.racing: true, but a slice of {settings.race_slice:g} of the dev rows (2 or more per "
                           "row group) leaves no rows to finish with; add dev rows or lower swarm.race_slice")
@@ -257,7 +319,7 @@ def race_of(settings, objective, data) -> Optional[Race]:
 
 
 def rows_scorer(evaluator, race: Optional[Race], objective):
-    """Racing's scorer: ``(coefficients, stage) -> Score`` on that stage's dev rows (None without a race)."""
+    """Racing's scorer: ``(coefficients, row indices) -> Score`` on those dev rows (None without a race)."""
     if race is None:
         return None
-    return lambda x, stage: evaluator.evaluate(x, race.rows(stage), objective)
+    return lambda x, idx: evaluator.evaluate(x, race.subset(idx), objective)

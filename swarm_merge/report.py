@@ -175,6 +175,9 @@ class RacingRecord(_Model):
                               "the global best")
     gain: Literal["any", "row"] = Field("any", description="swarm.race_gain: the least gain over the global best a "
                                         "particle must be able to reach to be finished (row: one dev row)")
+    neighbours: int = Field(0, description="swarm.race_neighbours: after the slice, a particle is scored on the rows "
+                            "where one of this many positions nearest it differs from the global best (0: the plain "
+                            "stages)")
     dropped: int = Field(description="particles dropped before their last stage")
     finished: int = Field(description="particles scored on the other rows too")
 

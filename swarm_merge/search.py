@@ -30,7 +30,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Literal, Optional
+from typing import Any, Callable, Dict, List, Literal, Optional, Tuple
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
@@ -47,8 +47,9 @@ __all__ = ["SearchResult", "run_search", "position_key"]
 LOG = logging.getLogger(__name__)
 # 2: strict JSON (null for a failed utility), wall time; 3: items, raced slices; 4: the state's archive (every
 # position scored, the surrogate's data: a run resumed without it would not be the uninterrupted run); 5: racing's
-# stages go on past half the rows (a stage index saved by 4 names other rows)
-CHECKPOINT_VERSION = 5
+# stages go on past half the rows (a stage index saved by 4 names other rows); 6: a particle's stages follow its
+# contested rows (swarm.race_neighbours)
+CHECKPOINT_VERSION = 6
 
 
 def position_key(x: np.ndarray) -> str:
@@ -199,6 +200,28 @@ class Checkpoint(BaseModel):
 _SCORE_FIELDS = ("score", "p_score", "g_score", "gw_score", "archive_s")
 
 
+def _contested_rows(race: Race, going: Dict[str, np.ndarray], state: swarm.SwarmState, memo: Dict[str, Any],
+                    partial: Dict[str, Any]) -> Dict[str, Optional[np.ndarray]]:
+    """Each raced position's contested rows (:meth:`Race.contested`; None: the plain stages): its neighbours are
+    the positions of earlier iterations (the state's archive) scored on every row, the global best aside; a race
+    begun before (a resumed iteration, an earlier one) keeps the rows its checkpoint entry names."""
+    finished: Dict[str, Tuple[np.ndarray, Any]] = {}
+    if race.neighbours and state.archive_x is not None:
+        for a in state.archive_x:
+            key = position_key(a)
+            if key in memo and memo[key].get("rows") is not None and key != position_key(state.g):
+                finished.setdefault(key, (a, memo[key]["rows"]))
+    reference = memo.get(position_key(state.g), {}).get("rows")
+    return {key: race.contested(x, reference, list(finished.values())) if key not in partial
+            else _contested_of(partial[key], race) for key, x in going.items()}
+
+
+def _contested_of(entry: Dict[str, Any], race: Race) -> Optional[np.ndarray]:
+    """The contested rows a raced position's plan was made with (its checkpoint entry), as a mask."""
+    rows = entry.get("contested")
+    return None if rows is None else np.isin(np.arange(race.total_rows), rows)
+
+
 def _strict(state: Dict[str, Any]) -> Dict[str, Any]:
     def clean(v):
         if isinstance(v, list):
@@ -320,7 +343,7 @@ def run_search(  # noqa: C901, PLR0913 (the loop and the closures that share its
     started: Optional[float] = None,
     ranks: Optional[distributed.Ranks] = None,
     race: Optional[Race] = None,
-    evaluate_rows: Optional[Callable[[np.ndarray, int], Score]] = None,
+    evaluate_rows: Optional[Callable[[np.ndarray, np.ndarray], Score]] = None,
 ) -> SearchResult:
     """Run Model Swarms over coefficient arrays of shape ``(num_groups, num_experts)``.
 
@@ -333,7 +356,7 @@ def run_search(  # noqa: C901, PLR0913 (the loop and the closures that share its
         started: ``time.monotonic()`` when the run began (its wall time is checkpointed).
         ranks: the processes sharing the evaluations (default: this one alone).
         race: racing (:mod:`swarm_merge.racing`): a moving particle is scored stage by stage
-            (``evaluate_rows(x, stage)``, the slice first) while it may still beat the global best.
+            (``evaluate_rows(x, rows)``, row indices: the slice first) while it may still beat the global best.
             None: every position is scored on every row.
 
     Raises:
@@ -381,44 +404,51 @@ def run_search(  # noqa: C901, PLR0913 (the loop and the closures that share its
                     "then run the same command again (nothing was saved yet)")
             raise EvaluationError(f"{str(exc).rstrip('; ')}, {then}") from exc
 
-    def raced_scores(xs, ref: np.ndarray) -> List[float]:
-        """Utilities of ``xs``, each raced against ``ref`` (the global best, scored on every row): scored
-        stage by stage (the slice first) until it is dropped (then its estimate) or every row is scored."""
-        ref_entry = run.memo.get(position_key(ref), {})
+    def raced_scores(xs, state: swarm.SwarmState) -> List[float]:
+        """Utilities of ``xs``, each raced against the global best ``state.g`` (scored on every row): scored
+        stage by stage (its plan: the slice first) until it is dropped (then its estimate) or every row is
+        scored. The plans come from the state and the memo as they were when the iteration began (positions
+        of earlier iterations), so a resumed iteration plans the same stages."""
+        ref_entry = run.memo.get(position_key(state.g), {})
         estimates: Dict[str, float] = {}
         going: Dict[str, np.ndarray] = {}
         for x in xs:
             key = position_key(x)
             if key not in run.memo:
                 going.setdefault(key, x)
-        for stage in range(len(race.parts)):
+        contested = _contested_rows(race, going, state, run.memo, run.partial)
+        plans = {k: race.plan(contested[k]) for k in going}
+        for stage in range(max((len(p) for p in plans.values()), default=0)):
             # Positions whose next stage is this one (on resume some are further on already).
             todo = [k for k in going if run.partial.get(k, {}).get("stage", -1) == stage - 1]
-            last = stage == len(race.parts) - 1
 
-            def scored(i: int, score: Score, todo=todo, stage=stage, last=last) -> None:
+            def scored(i: int, score: Score, todo=todo, stage=stage) -> None:
                 key = todo[i]
                 before = run.partial.pop(key, None)
                 parts = [Score.from_dict(p) for p in before["parts"]] if before else []
                 parts.append(score)
-                if last:
-                    run.memo[key] = race.combine(parts).to_dict(rows=True)
+                combined = race.combine(parts, plans[key])
+                if stage == len(plans[key]) - 1:
+                    run.memo[key] = combined.to_dict(rows=True)
                     run.finished += 1
                     bar.update()
                 else:
-                    run.partial[key] = {**race.combine(parts).to_dict(rows=True), "stage": stage,
-                                        "parts": [p.to_dict(rows=True) for p in parts]}
+                    run.partial[key] = {**combined.to_dict(rows=True), "stage": stage,
+                                        "parts": [p.to_dict(rows=True) for p in parts],
+                                        "contested": None if contested[key] is None
+                                        else np.flatnonzero(contested[key]).tolist()}
                 run.items += score.n
                 save()
 
-            spread(lambda x, stage=stage: evaluate_rows(x, stage), [going[k] for k in todo], scored)
-            if last:
-                break
+            spread(lambda key, stage=stage: evaluate_rows(going[key], plans[key][stage]), todo, scored)
             for key in list(going):
                 entry = run.partial.get(key)
                 if entry is None or entry["stage"] != stage:
+                    if key in run.memo:  # finished
+                        del going[key]
                     continue
-                verdict = race.verdict(Score.from_dict(entry), stage, ref_entry)
+                seen = np.sort(np.concatenate(plans[key][: stage + 1]))
+                verdict = race.verdict(Score.from_dict(entry), seen, ref_entry, contested[key])
                 if verdict is not None:  # (counted at the end: a replayed iteration decides again)
                     estimates[key] = verdict
                     del going[key]
@@ -451,12 +481,15 @@ def run_search(  # noqa: C901, PLR0913 (the loop and the closures that share its
     state = run.state
     # (budget(): the most evaluations any run makes, under either stop rule)
     _check_state(state, checkpoint, n=len(x0), groups=num_groups, experts=num_experts, limit=swarm.budget(settings))
-    stages = len(race.parts) if race is not None else 0
     for entry in run.partial.values():  # (their scores were checked by _Run.parse)
-        stage, parts = entry.get("stage"), entry.get("parts")
-        if (isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage < stages - 1
-                or not isinstance(parts, list) or len(parts) != stage + 1 or not all(_is_score(p) for p in parts)):
-            raise OutputError(f"checkpoint {checkpoint} is damaged (a raced position's stage); pass --force to start over")
+        stage, parts, rows = entry.get("stage"), entry.get("parts"), entry.get("contested")
+        plan = race.plan(_contested_of(entry, race)) if race is not None and (rows is None or (
+            isinstance(rows, list) and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < race.total_rows
+                                           for i in rows))) else ()
+        if (isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage < len(plan) - 1
+                or not isinstance(parts, list) or len(parts) != stage + 1 or not all(_is_score(p) for p in parts)
+                or any(p.get("rows") is None or len(p["rows"]) != len(idx) for p, idx in zip(parts, plan))):
+            raise OutputError(f"checkpoint {checkpoint} is damaged (a raced position's stages); pass --force to start over")
     rng.bit_generator.state = run.rng_state
 
     planned = settings.max_iterations
@@ -470,7 +503,7 @@ def run_search(  # noqa: C901, PLR0913 (the loop and the closures that share its
         scores = np.full(len(proposal.x), np.nan)
         chosen = np.flatnonzero(proposal.evaluate)
         if race is not None:
-            scores[chosen] = raced_scores([proposal.x[i] for i in chosen], state.g)
+            scores[chosen] = raced_scores([proposal.x[i] for i in chosen], state)
         else:
             scores[chosen] = scores_of([proposal.x[i] for i in chosen])
         state = swarm.update(state, proposal, scores, settings)

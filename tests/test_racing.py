@@ -103,15 +103,15 @@ def test_a_particle_as_good_as_the_best_goes_on_and_a_clearly_worse_one_is_dropp
     best[::3] = 0.0
     ref = reference(best)
     same = score_rows(best, race.seen(0), race)
-    assert race.verdict(same, 0, ref) is None
+    assert race.verdict(same, race.seen(0), ref) is None
     worse = best.copy()
     worse[race.seen(0)[::2]] = 0.0  # half the slice lost
-    estimate = race.verdict(score_rows(worse, race.seen(0), race), 0, ref)
+    estimate = race.verdict(score_rows(worse, race.seen(0), race), race.seen(0), ref)
     assert estimate is not None and estimate < ref["utility"]
     diff = (worse - best)[race.seen(0)].mean()
     assert estimate == pytest.approx(ref["utility"] + diff)
-    assert math.isnan(race.verdict(Score(float("nan"), {}, 24), 0, ref))  # failed: nothing to finish
-    assert race.verdict(same, 0, {"utility": 0.5}) is None  # a reference without rows: no race
+    assert math.isnan(race.verdict(Score(float("nan"), {}, 24), race.seen(0), ref))  # failed: nothing to finish
+    assert race.verdict(same, race.seen(0), {"utility": 0.5}) is None  # a reference without rows: no race
 
 
 def test_one_row_worse_on_the_slice_is_not_enough_evidence():
@@ -120,7 +120,7 @@ def test_one_row_worse_on_the_slice_is_not_enough_evidence():
     best[::2] = 0.0
     worse = best.copy()
     worse[next(i for i in race.seen(0) if best[i] == 1)] = 0.0
-    assert race.verdict(score_rows(worse, race.seen(0), race), 0, reference(best)) is None
+    assert race.verdict(score_rows(worse, race.seen(0), race), race.seen(0), reference(best)) is None
 
 
 def test_race_gain_row_drops_a_tie_and_finishes_a_particle_that_may_gain_a_row():
@@ -130,13 +130,13 @@ def test_race_gain_row_drops_a_tie_and_finishes_a_particle_that_may_gain_a_row()
     best[::3] = 0.0
     ref, seen = reference(best), row_gain.seen(0)
     tie = score_rows(best, seen, row_gain)
-    assert any_gain.verdict(tie, 0, ref) is None  # "any": a tie may still beat the best on the other rows
-    assert row_gain.verdict(tie, 0, ref) == ref["utility"]  # "row": dropped, at the best's own score
+    assert any_gain.verdict(tie, seen, ref) is None  # "any": a tie may still beat the best on the other rows
+    assert row_gain.verdict(tie, seen, ref) == ref["utility"]  # "row": dropped, at the best's own score
     ahead = best.copy()
     ahead[next(i for i in seen if best[i] == 0)] = 1.0  # one row better on the slice: it may change the winner
-    assert row_gain.verdict(score_rows(ahead, seen, row_gain), 0, ref) is None
+    assert row_gain.verdict(score_rows(ahead, seen, row_gain), seen, ref) is None
     soft = best * 0.5 + 0.25  # rows that are not 0/1 (loglik, reward): no whole row to ask for, as "any"
-    assert row_gain.verdict(score_rows(soft, seen, row_gain), 0, reference(soft)) is None
+    assert row_gain.verdict(score_rows(soft, seen, row_gain), seen, reference(soft)) is None
     assert racing.race_of(SwarmSettings(race_gain="row"), OBJECTIVE, DEV).gain == "row"
 
 
@@ -158,8 +158,67 @@ def test_a_harmonic_suite_races_on_its_linearised_utility():
     assert ref["utility"] == pytest.approx(0.75)
     worse = best.copy()
     worse[[i for i in race.seen(0) if i >= 48]] = 0.0  # component b collapses on the slice
-    assert race.verdict(scored(worse, race.seen(0)), 0, ref) is not None
-    assert race.verdict(scored(best, race.seen(0)), 0, ref) is None
+    assert race.verdict(scored(worse, race.seen(0)), race.seen(0), ref) is not None
+    assert race.verdict(scored(best, race.seen(0)), race.seen(0), ref) is None
+
+
+def test_the_contested_rows_come_after_the_slice_and_the_settled_rows_keep_the_stages():
+    race = racing.plan_race(OBJECTIVE, DEV, fraction=0.25, confidence=0.95, seed=42, neighbours=2)
+    best = np.ones(ROWS)
+    best[::3] = 0.0
+    near, far = np.array([[0.5, 0.3, 0.2]]), np.array([[0.0, 0.0, 1.0]])
+    differ = best.copy()
+    differ[[1, 2, 3, 50]] = 1 - differ[[1, 2, 3, 50]]
+    other = best.copy()
+    other[[90]] = 1 - other[[90]]
+    x = np.array([[0.55, 0.3, 0.15]])
+    # The two positions nearest x are `near` and the copy of it; `far` (four rows off) is the third.
+    finished = [(far, other), (near, differ), (near + 1e-3, best)]
+    contested = race.contested(x, best, finished)
+    assert sorted(np.flatnonzero(contested).tolist()) == [1, 2, 3, 50]
+    plan = race.plan(contested)
+    assert np.array_equal(plan[0], race.parts[0])  # the slice first, as for every particle
+    assert sorted(plan[1].tolist()) == sorted(set([1, 2, 3, 50]) - set(race.parts[0].tolist()))
+    for got, stage in zip(plan[2:], race.parts[1:]):  # then each stage's settled rows
+        assert np.array_equal(got, stage[~contested[stage]])
+    assert sorted(np.concatenate(plan).tolist()) == list(range(ROWS))  # every row once
+    # Nothing to stratify by: no neighbours, none differs, or every row differs (continuous rows).
+    assert racing.plan_race(OBJECTIVE, DEV, fraction=0.25, confidence=0.95, seed=42).contested(x, best, finished) is None
+    assert race.contested(x, best, [(near, best)]) is None
+    assert race.contested(x, best, [(near, best * 0.5 + 0.1)]) is None
+    half = best.copy()
+    half[: ROWS // 2 + 1] = 1 - half[: ROWS // 2 + 1]
+    assert race.contested(x, best, [(near, half)]) is None  # over half the rows: the neighbours say too little
+    assert race.contested(x, best, [(near, half), (far, best)]) is None
+    half[ROWS // 2] = best[ROWS // 2]
+    assert race.contested(x, best, [(near, half)]).sum() == ROWS // 2
+    assert race.plan(None) == race.parts
+
+
+def test_one_contested_row_lost_is_dropped_where_the_plain_estimate_goes_on():
+    race = racing.plan_race(OBJECTIVE, DEV, fraction=0.25, confidence=0.95, seed=42, neighbours=4)
+    best = np.ones(ROWS)
+    best[::3] = 0.0
+    ref = reference(best)
+    contested = np.zeros(ROWS, dtype=bool)
+    contested[[i for i in range(ROWS) if best[i] == 1][:6]] = True
+    plan = race.plan(contested)
+    worse = best.copy()
+    worse[np.flatnonzero(contested)[0]] = 0.0  # one row lost, a contested one; the settled rows as the best's
+    seen = np.sort(np.concatenate(plan[:2]))  # the slice and every contested row
+    estimate = race.verdict(score_rows(worse, seen, race), seen, ref, contested)
+    assert estimate == pytest.approx(ref["utility"] - 1 / ROWS)  # the contested rows are known: exact there
+    # The same rows as one random sample: one row worse is not enough evidence.
+    assert race.verdict(score_rows(worse, seen, race), seen, ref) is None
+    # A tie on every contested row and the settled rows seen goes on with "any", and with "row" is dropped
+    # only once every contested row is seen.
+    tie = score_rows(best, seen, race)
+    assert race.verdict(tie, seen, ref, contested) is None
+    row_gain = racing.plan_race(OBJECTIVE, DEV, fraction=0.25, confidence=0.95, seed=42, gain="row", neighbours=4)
+    assert row_gain.verdict(tie, seen, ref, contested) == ref["utility"]
+    slice_only = plan[0]
+    if (contested & ~np.isin(np.arange(ROWS), slice_only)).any():
+        assert row_gain.verdict(score_rows(best, slice_only, race), slice_only, ref, contested) is None
 
 
 # ------------------------------------------------------------------ the search
@@ -180,9 +239,9 @@ class RowEvaluator:
         self.tick()
         return aggregate(row_values(x), [1.0] * ROWS, DEV)
 
-    def rows(self, x, stage):
+    def rows(self, x, idx):
         self.tick()
-        return score_rows(row_values(x), self.race.parts[stage], self.race)
+        return score_rows(row_values(x), idx, self.race)
 
 
 def swarm_settings(**update):
@@ -206,16 +265,16 @@ def test_racing_spends_fewer_rows_and_its_winner_is_scored_on_every_row(tmp_path
     # Every row counted once: the positions scored on every row, plus the dropped ones' stages.
     dropped = json.loads((tmp_path / "raced.json").read_text())["partial"]
     assert raced.raced["dropped"] == len(dropped)
-    assert raced.items == ROWS * len(raced.memo) + sum(len(race.seen(e["stage"])) for e in dropped.values())
+    assert raced.items == ROWS * len(raced.memo) + sum(len(p["rows"]) for e in dropped.values() for p in e["parts"])
     # The winner (the global best) was scored on every row, and its score is the whole set's.
     assert raced.best_score.n == ROWS
     assert raced.best_score.utility == aggregate(row_values(raced.best), [1.0] * ROWS, DEV).utility
     assert raced.history[-1]["items"] == raced.items
 
 
-@pytest.mark.parametrize("calls", [7, 23, 40])
-def test_same_seed_same_winner_and_resume_equals_an_uninterrupted_run(tmp_path, calls):
-    settings = swarm_settings()
+@pytest.mark.parametrize("calls,neighbours", [(7, 4), (23, 4), (40, 4), (23, 0)])
+def test_same_seed_same_winner_and_resume_equals_an_uninterrupted_run(tmp_path, calls, neighbours):
+    settings = swarm_settings(race_neighbours=neighbours)
     race = racing.race_of(settings, OBJECTIVE, DEV)
     whole = run(tmp_path, "whole", settings, race, RowEvaluator(race))
     again = run(tmp_path, "again", settings, race, RowEvaluator(race))
@@ -235,7 +294,21 @@ def test_same_seed_same_winner_and_resume_equals_an_uninterrupted_run(tmp_path, 
     assert resumed.memo == whole.memo
 
 
-def test_a_damaged_raced_entry_in_a_checkpoint_is_refused(tmp_path):
+def _stage(entry):
+    entry["stage"] = 7
+
+
+def _contested(entry):
+    entry["contested"] = [10 ** 6]
+
+
+def _rows(entry):
+    entry["parts"][0]["rows"] = entry["parts"][0]["rows"][:-1]
+    entry["parts"][0]["weights"] = entry["parts"][0]["weights"][:-1]
+
+
+@pytest.mark.parametrize("damage", [_stage, _contested, _rows])
+def test_a_damaged_raced_entry_in_a_checkpoint_is_refused(tmp_path, damage):
     settings = swarm_settings()
     race = racing.race_of(settings, OBJECTIVE, DEV)
     with pytest.raises(EvaluationError):
@@ -244,7 +317,7 @@ def test_a_damaged_raced_entry_in_a_checkpoint_is_refused(tmp_path):
     data = json.loads(path.read_text())
     assert data["partial"], "the kill should leave a raced position mid-race"
     key = next(iter(data["partial"]))
-    data["partial"][key]["stage"] = 7
+    damage(data["partial"][key])
     path.write_text(json.dumps(data))
     from swarm_merge.errors import OutputError
 
@@ -259,7 +332,9 @@ def test_the_run_reports_its_rows_and_the_plan_says_how_it_races(tiny_recipe, ca
     recipe = tiny_recipe(objective="exact_match")
     assert cli.main([str(recipe), "--dry-run"]) == 0
     plan = capsys.readouterr().out
-    assert "racing: " in plan and "by a whole row" not in plan
+    assert "racing: " in plan and "by a whole row" not in plan and "nearest it" not in plan
+    assert cli.main([str(recipe), "--set", "swarm.race_neighbours=4", "--dry-run"]) == 0
+    assert "the rows where one of the 4 scored positions nearest it differs from the global best" in capsys.readouterr().out
     assert cli.main([str(recipe), "--set", "swarm.race_gain=row", "--dry-run"]) == 0
     assert "cannot beat the global best by a whole row" in capsys.readouterr().out
     assert cli.main([str(recipe), "--set", "swarm.racing=false", "--dry-run"]) == 0
