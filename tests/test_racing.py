@@ -172,7 +172,7 @@ def test_the_contested_rows_come_after_the_slice_and_the_settled_rows_keep_the_s
     other = best.copy()
     other[[90]] = 1 - other[[90]]
     x = np.array([[0.55, 0.3, 0.15]])
-    # The two positions nearest x are `near` and the copy of it; `far` (four rows off) is the third.
+    # The two positions nearest x are `near` and the one beside it; `far` (its row 90 differs) is left out.
     finished = [(far, other), (near, differ), (near + 1e-3, best)]
     contested = race.contested(x, best, finished)
     assert sorted(np.flatnonzero(contested).tolist()) == [1, 2, 3, 50]
@@ -217,8 +217,8 @@ def test_one_contested_row_lost_is_dropped_where_the_plain_estimate_goes_on():
     row_gain = racing.plan_race(OBJECTIVE, DEV, fraction=0.25, confidence=0.95, seed=42, gain="row", neighbours=4)
     assert row_gain.verdict(tie, seen, ref, contested) == ref["utility"]
     slice_only = plan[0]
-    if (contested & ~np.isin(np.arange(ROWS), slice_only)).any():
-        assert row_gain.verdict(score_rows(best, slice_only, race), slice_only, ref, contested) is None
+    assert (contested & ~np.isin(np.arange(ROWS), slice_only)).any()  # (contested rows left after the slice)
+    assert row_gain.verdict(score_rows(best, slice_only, race), slice_only, ref, contested) is None
 
 
 # ------------------------------------------------------------------ the search
