@@ -110,7 +110,7 @@ class Bench:
         self.cache_path = Path(f"/tmp/bench-selection-cache-{tag}.json")
         self.cache = json.loads(self.cache_path.read_text()) if self.cache_path.exists() else {}
         self.evaluations = 0
-        self.trace = None  # a list: every scoring the search asks for, in order ((None, x): every row; (j, x): stage j)
+        self.trace = None  # a list: every scoring the search asks for, in order ((None, x): every row; (rows, x): a raced stage's row indices)
 
     def _entry(self, x) -> dict:
         return self.cache.setdefault(search.position_key(x), {})
@@ -187,7 +187,7 @@ class Bench:
             race = racing.race_of(settings, self.objective, self.dev)
 
         def part(x, which):
-            # The slice's or the other rows' score, from the position's cached rows (every row is
+            # A raced stage's score (``which``: its row indices), from the position's cached rows (every row is
             # computed once for the cache; the search counts only the rows racing asked for).
             positions.setdefault(search.position_key(x), np.array(x))
             if self.trace is not None:

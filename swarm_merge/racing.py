@@ -38,8 +38,8 @@ one random sample of the same size could not tell. The risk is the settled strat
 seen agrees its spread is 0, so a particle that differs only on settled rows not yet seen is judged by the
 contested ones. Replayed on the default's runs, ten seeds (bench/racing_rules.py; bench/RESULTS.md, "Racing
 on the rows the neighbours contest"), K = 4 dropped 1 of the 62 moves that improved the global best on the demo
-and 0 of 43 on bench2, and scored 61 % and 56 % of the dev rows, against 72 % and 77 % without. With ``race_gain: row`` the
-row asked for applies once every contested row is seen. Where the neighbours contest more than half the
+and 0 of 43 on bench2, and scored 61 % and 56 % of the dev rows, against 72 % and 77 % without. With
+``race_gain: row`` the row asked for applies once every contested row is seen. Where the neighbours contest more than half the
 rows (far from the particle, as in 24 dimensions) they say too little, and continuous rows (loglik, reward)
 differ everywhere: the plain stages run then.
 
