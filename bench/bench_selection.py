@@ -110,7 +110,9 @@ class Bench:
         self.cache_path = Path(f"/tmp/bench-selection-cache-{tag}.json")
         self.cache = json.loads(self.cache_path.read_text()) if self.cache_path.exists() else {}
         self.evaluations = 0
-        self.trace = None  # a list: every scoring the search asks for, in order ((None, x): every row; (rows, x): a raced stage's row indices)
+        # A list, when set: every scoring the search asks for, in order ((None, x): every row; (rows, x): a raced
+        # stage's row indices).
+        self.trace = None
 
     def _entry(self, x) -> dict:
         return self.cache.setdefault(search.position_key(x), {})
