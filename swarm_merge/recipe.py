@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictInt, ValidationError, field_validator, model_validator
 
 from swarm_merge.errors import RecipeError
 
@@ -239,8 +239,8 @@ class SwarmSettings(_Frozen):
     init: Literal["soup", "paper"] = "soup"
     init_spread: float = Field(0.3, gt=0, le=100)
     # Levers beyond the paper (swarm_merge/swarm.py; measured in bench/RESULTS.md, "Swarm against CMA-ES").
-    # Paper values: anchors false, update paper, stop patience, racing false, surrogate off (with init: paper,
-    # seed_soup: false: the paper).
+    # Paper values: anchors false, update paper, stop patience, racing false, surrogate off, explore_after 0
+    # (with init: paper, seed_soup: false: the paper).
     # anchors: the experts are scored once and stay put (they set the global best and worst); the soup and
     # children move. update spso: SPSO-2011 constants, a random weight per coefficient, no normaliser, no
     # restarts (inertia, cognitive, social, repel, step_length* and restart_patience are then unused).
@@ -268,6 +268,16 @@ class SwarmSettings(_Frozen):
     # the global best (swarm.surrogate_point). bench/RESULTS.md ("A Gaussian-process surrogate as one particle"):
     # over ten seeds +0.032 dev / +0.024 test on bench2, +0.014 / 0.000 on the demo. "off": SPSO moves it.
     surrogate: Literal["off", "gp"] = "gp"
+    # explore_after N (0: off, the paper): once the global best has not moved for N iterations, the moving
+    # particle with the worst personal best that the surrogate did not take goes to a fresh draw of the initial
+    # children (the soup plus N(0, init_spread)); its velocity is the jump. A swarm of four moving particles
+    # collapses onto its first good plateau (demo seeds 52 and 59 stopped at dev 0.514 and 0.486); a raced
+    # fresh draw that scores badly costs only its slice. "auto": 3 with granularity model, 0 with layer groups.
+    # bench/RESULTS.md ("Exploring once the global best stalls"), N = 3: dev / test +0.004 / +0.007 on the demo
+    # (20 seeds), 0.000 / -0.003 on bench2 (10), +0.012 / +0.018 on bench8 (10), level on the single task (10),
+    # fewer dev rows on each; but -0.030 / -0.042 on the 24-dimension layer bench (6), where fresh draws (random
+    # search) are far worse than the swarm's moves.
+    explore_after: Union[StrictInt, Literal["auto"]] = "auto"
     racing: Union[bool, Literal["auto"]] = "auto"
     race_slice: float = Field(0.25, gt=0, lt=1)
     # race_confidence 0.8 (bench/RESULTS.md, "Racing at 0.8", measured with the stages before the three-quarter one):
@@ -298,6 +308,8 @@ class SwarmSettings(_Frozen):
             )
         if self.drop_k >= 1:
             raise ValueError("swarm.drop_k must be < 1: with drop_k 1 no particle is ever evaluated")
+        if not isinstance(self.explore_after, str) and not 0 <= self.explore_after <= 1_000_000:
+            raise ValueError("swarm.explore_after must be auto or an iteration count from 0 (off) to 1000000")
         if self.layer_groups is not None and self.granularity != "layer":
             raise ValueError("swarm.layer_groups needs swarm.granularity: layer")
         return self

@@ -49,7 +49,13 @@ Levers beyond the paper (each a SwarmSettings field; their paper values give the
   personal best (not the local searcher) goes to :func:`surrogate_point`, the upper confidence bound of a
   Gaussian process over every position scored so far (``SwarmState.archive_x``/``archive_s``), among
   candidates around the global best; its velocity becomes the jump. Its draw,
-  ``rng.normal(size=(SURROGATE_CANDIDATES, groups, K))``, is the last of ``propose`` (after drop-K/N's).
+  ``rng.normal(size=(SURROGATE_CANDIDATES, groups, K))``, is the last of ``propose`` (after drop-K/N's)
+  but for the explorer's.
+- ``explore_after`` N ("auto" by default: 3 with one group, 0 with layer groups; 0 is the paper): once g has
+  not moved for N iterations, the moving particle with the worst personal best that neither the local search
+  nor the surrogate took goes to a fresh draw of the initial children (init "soup": the soup plus
+  ``N(0, init_spread)``, re-centred); its velocity becomes the jump. Its draw,
+  ``rng.normal(0, init_spread, size=(groups, K))``, comes last, and only then.
 """
 
 from __future__ import annotations
@@ -255,6 +261,7 @@ class Proposal:
     restarted: np.ndarray  # (n,) bool
     searcher: int = -1  # local_search: the particle sent around g this iteration (-1: none)
     surrogate: int = -1  # surrogate: the particle placed at the model's proposal this iteration (-1: none)
+    explorer: int = -1  # explore_after: the particle sent to a fresh draw of the initial swarm (-1: none)
 
 
 def propose(state: SwarmState, settings: Any, rng: np.random.Generator) -> Proposal:
@@ -309,12 +316,44 @@ def propose(state: SwarmState, settings: Any, rng: np.random.Generator) -> Propo
             placed = -1
         else:
             v[placed], x[placed] = point - state.x[placed], point
+    explorer = _explorer(state, settings, moving, (searcher, placed))
+    if explorer >= 0:
+        # a fresh draw of the initial swarm's children (init "soup"): the uniform soup plus N(0, init_spread)
+        step = rng.normal(0.0, float(settings.init_spread), size=x.shape[1:])
+        point = 1.0 / x.shape[-1] + step - step.mean(axis=-1, keepdims=True)
+        v[explorer], x[explorer] = point - state.x[explorer], point
     evaluate = ~skip_one & (not skip_all) & moving
     if getattr(settings, "stop", "patience") == "budget":
         # The last iteration scores only the particles that still fit in the budget.
         left = max(budget(settings) - state.evaluations, 0)
         evaluate &= np.cumsum(evaluate) <= left
-    return Proposal(x=x, v=v, evaluate=evaluate, restarted=restarted, searcher=searcher, surrogate=placed)
+    return Proposal(x=x, v=v, evaluate=evaluate, restarted=restarted, searcher=searcher, surrogate=placed,
+                    explorer=explorer)
+
+
+EXPLORE_AFTER = 3  # explore_after "auto" with one coefficient group (granularity model)
+
+
+def explore_after(settings: Any, groups: int) -> int:
+    """The setting's iteration count; "auto": EXPLORE_AFTER with one group, 0 (off) with layer groups, where
+    fresh draws are far worse than the swarm's moves (bench/RESULTS.md, "Exploring once the global best stalls")."""
+    value = getattr(settings, "explore_after", 0)
+    return (EXPLORE_AFTER if groups == 1 else 0) if value == "auto" else int(value)
+
+
+def _explorer(state: SwarmState, settings: Any, moving: np.ndarray, taken) -> int:
+    """explore_after N: once g has not moved for N iterations, the moving particle with the worst personal best
+    that neither the local search nor the surrogate took explores; -1 for none."""
+    after = explore_after(settings, state.x.shape[1])
+    if not after or state.since_global < after:
+        return -1
+    candidates = moving.copy()
+    for i in taken:
+        if i >= 0:
+            candidates[i] = False
+    if not candidates.any():
+        return -1
+    return int(np.argmin(np.where(candidates, _nan_worst(state.p_score), np.inf)))
 
 
 def _surrogate_particle(state: SwarmState, settings: Any, moving: np.ndarray, searcher: int) -> int:

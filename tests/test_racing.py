@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from swarm_merge import cli, racing, search
+from swarm_merge import cli, racing, search, swarm
 from swarm_merge.errors import EvaluationError, RecipeError
 from swarm_merge.objectives import Custom, Example, Score, Suite, aggregate
 from swarm_merge.recipe import SwarmSettings
@@ -273,10 +273,19 @@ def test_racing_spends_fewer_rows_and_its_winner_is_scored_on_every_row(tmp_path
 
 
 @pytest.mark.parametrize("calls,neighbours", [(7, 4), (23, 4), (40, 4), (23, 0)])
-def test_same_seed_same_winner_and_resume_equals_an_uninterrupted_run(tmp_path, calls, neighbours):
+def test_same_seed_same_winner_and_resume_equals_an_uninterrupted_run(tmp_path, calls, neighbours, monkeypatch):
     settings = swarm_settings(race_neighbours=neighbours)
     race = racing.race_of(settings, OBJECTIVE, DEV)
+    explored, propose = [], swarm.propose
+
+    def spy(*args):
+        proposal = propose(*args)
+        explored.append(proposal.explorer)
+        return proposal
+
+    monkeypatch.setattr(swarm, "propose", spy)
     whole = run(tmp_path, "whole", settings, race, RowEvaluator(race))
+    assert max(explored) >= 0  # the defaults' explorer moved (its draw is part of what a resume must replay)
     again = run(tmp_path, "again", settings, race, RowEvaluator(race))
     assert np.array_equal(whole.best, again.best) and whole.items == again.items
     # Killed every `calls` evaluations (in the middle of races, after drops were decided and saved),

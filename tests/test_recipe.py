@@ -63,6 +63,8 @@ def test_overrides_apply_before_validation(tmp_path):
         ("name: t\nexperts: [./a, ./b]\n", r"missing key 'objective'"),
         ("- a\n- b\n", "a recipe is a YAML mapping"),
         (GOOD + "swarm: {inertia: 0, cognitive: 0, social: 0, repel: 0}\n", "must be > 0"),
+        (GOOD + "swarm: {explore_after: -1}\n", r"swarm.explore_after must be auto or an iteration count"),
+        (GOOD + "swarm: {explore_after: soon}\n", r"swarm.explore_after"),
         ("name: t\nexperts: [./a, ./a]\nobjective: {type: loglik, dev: d.jsonl}\n", "listed twice"),
     ],
 )

@@ -13,7 +13,7 @@ from swarm_merge.recipe import SwarmSettings
 
 # The paper's values of the levers beyond the paper: the tests below that predate them test the paper's
 # update, stop rule and moving experts whatever the product defaults are.
-PAPER_LEVERS = {"anchors": False, "update": "paper", "stop": "patience", "surrogate": "off"}
+PAPER_LEVERS = {"anchors": False, "update": "paper", "stop": "patience", "surrogate": "off", "explore_after": 0}
 
 
 def settings(**kw):
@@ -285,10 +285,11 @@ def test_product_defaults_are_the_new_levers_and_paper_values_select_the_paper()
     # The product's defaults (bench/RESULTS.md, "Swarm against CMA-ES"); init: paper, seed_soup: false and
     # the levers at their paper values is the paper's algorithm (the weight-space reference test runs it).
     d = SwarmSettings()
-    assert (d.anchors, d.update, d.stop, d.anchor_velocity, d.surrogate) == (True, "spso", "budget", 0.3, "gp")
+    assert (d.anchors, d.update, d.stop, d.anchor_velocity, d.surrogate, d.explore_after) == (
+        True, "spso", "budget", 0.3, "gp", "auto")
     assert (d.racing, d.race_confidence, d.race_gain, d.race_neighbours) == ("auto", 0.95, "any", 0)  # "Racing at 0.8"
     s = SwarmSettings(init="paper", seed_soup=False, **PAPER_LEVERS)
-    assert (s.anchors, s.update, s.stop, s.surrogate) == (False, "paper", "patience", "off")
+    assert (s.anchors, s.update, s.stop, s.surrogate, s.explore_after) == (False, "paper", "patience", "off", 0)
 
 
 def test_anchors_stay_put_and_are_scored_once():
@@ -492,3 +493,41 @@ def test_the_surrogate_moves_the_particle_with_the_worst_personal_best_and_is_ke
     with pytest.raises(KeyError):
         swarm.SwarmState.from_dict(old)
     assert swarm.propose(state, settings(**NEW, size=8, surrogate="off"), rng).surrogate == -1
+
+
+def test_after_explore_after_iterations_without_a_new_global_best_one_particle_explores():
+    # explore_after N: once g has not moved for N iterations, the moving particle with the worst personal best
+    # that the surrogate did not take goes to a fresh draw of the initial swarm's children (the soup plus
+    # N(0, init_spread), re-centred; one draw after the surrogate's); the others move as before.
+    s = settings(**NEW, size=8, surrogate="gp", explore_after=3, init_spread=0.4)
+    rng = np.random.default_rng(0)
+    x0 = swarm.initial_positions(4, s.size, seed_soup=True, rng=rng, init=s.init, spread=s.init_spread)
+    state = swarm.init_state(x0, np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.05, 0.6]), s, rng)
+    plain = settings(**NEW, size=8, surrogate="gp", explore_after=0)
+    for since in (0, 2):  # g moved lately: no explorer, the draws of a run without the setting
+        moved = swarm.SwarmState(**{**vars(state), "since_global": since})
+        a, b = np.random.default_rng(5), np.random.default_rng(5)
+        prop = swarm.propose(moved, s, a)
+        assert prop.explorer == -1 and np.array_equal(prop.x, swarm.propose(moved, plain, b).x)
+        assert a.random() == b.random()
+    stalled = swarm.SwarmState(**{**vars(state), "since_global": 3})
+    after, check = np.random.default_rng(5), np.random.default_rng(5)
+    prop = swarm.propose(stalled, s, after)
+    base = swarm.propose(stalled, plain, check)
+    step = check.normal(0.0, 0.4, size=(1, 4))
+    # particle 6 (worst, 0.05) is the surrogate's; particle 4 (0.5, the next worst moving one) explores
+    assert (prop.surrogate, prop.explorer) == (6, 4)
+    assert np.allclose(prop.x[4], 0.25 + step - step.mean()) and np.allclose(prop.v[4], prop.x[4] - x0[4])
+    assert np.array_equal(np.delete(prop.x, 4, 0), np.delete(base.x, 4, 0))
+    assert np.allclose(prop.x.sum(-1), 1.0) and after.random() == check.random()
+    # without the surrogate the worst one explores
+    alone = swarm.propose(stalled, settings(**NEW, size=8, surrogate="off", explore_after=3), np.random.default_rng(5))
+    assert (alone.surrogate, alone.explorer) == (-1, 6)
+    # "auto" (the default): 3 with one coefficient group, off with layer groups (fresh draws lose there)
+    auto = settings(**NEW, size=8, surrogate="gp", explore_after="auto", init_spread=0.4)
+    assert swarm.explore_after(auto, 1) == 3 and swarm.explore_after(auto, 6) == 0
+    assert swarm.propose(stalled, auto, np.random.default_rng(5)).explorer == 4
+    layered = swarm.init_state(np.repeat(x0, 6, axis=1), np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.05, 0.6]), auto,
+                               np.random.default_rng(0))
+    layered = swarm.SwarmState(**{**vars(layered), "since_global": 9})
+    assert swarm.propose(layered, auto, np.random.default_rng(5)).explorer == -1
