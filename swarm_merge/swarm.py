@@ -347,6 +347,11 @@ def _explorer(state: SwarmState, settings: Any, moving: np.ndarray, taken) -> in
     after = explore_after(settings, state.x.shape[1])
     if not after or state.since_global < after:
         return -1
+    return _worst_moving(state, moving, taken)
+
+
+def _worst_moving(state: SwarmState, moving: np.ndarray, taken) -> int:
+    """The moving particle with the worst personal best, not one of ``taken`` (-1 entries ignored); -1 for none."""
     candidates = moving.copy()
     for i in taken:
         if i >= 0:
@@ -360,12 +365,7 @@ def _surrogate_particle(state: SwarmState, settings: Any, moving: np.ndarray, se
     """surrogate: the moving particle with the worst personal best (not the local searcher); -1 for none."""
     if getattr(settings, "surrogate", "off") == "off" or state.archive_x is None:
         return -1
-    candidates = moving.copy()
-    if searcher >= 0:
-        candidates[searcher] = False
-    if not candidates.any():
-        return -1
-    return int(np.argmin(np.where(candidates, _nan_worst(state.p_score), np.inf)))
+    return _worst_moving(state, moving, (searcher,))
 
 
 SURROGATE_CANDIDATES = 512
