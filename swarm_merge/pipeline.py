@@ -445,13 +445,15 @@ def _print_table(report: Report, out) -> None:
     print(f"search: {s.iterations} iterations, {s.evaluations} evaluations, {card.cost(s)}, {s.stop_reason}, "
           f"{report.wall_seconds:.0f} s", file=out)
     if s.found is not None:
-        print(f"winner found at {card.found(s)}", file=out)
+        print(f"global best found at {card.found(s)}", file=out)
+    if s.average is not None:
+        print(f"winner: {s.chosen_by}", file=out)
     a = report.analysis
     if a is not None:
         w = a.weak_to_strong
         if w.start_rank is not None:
             how = " (its winning position was the surrogate's proposal)" if w.surrogate else ""
-            print(f"weak-to-strong: the winning particle started as {w.started_as}, ranked {w.start_rank} of "
+            print(f"weak-to-strong: the particle that found the global best started as {w.started_as}, ranked {w.start_rank} of "
                   f"{w.size} in the initial swarm{how}", file=out)
         if a.emergence is not None:
             e = a.emergence

@@ -189,17 +189,9 @@ class Race:
         seen = np.asarray(seen)
         if len(ref_rows) != self.total_rows or candidate.rows is None or len(candidate.rows) != len(seen):
             return None
-        if isinstance(self.objective, Suite) and self.objective.combine == "harmonic":
-            means = self._component_means(ref_rows, ref_w)
-            total = sum(o.weight for o in self.objective.parts)
-            if min(means) <= 0:
-                return None  # the harmonic mean is 0 there: no slope to linearise along
-            slopes = [o.weight * ref_u ** 2 / (total * m ** 2) for o, m in zip(self.objective.parts, means)]
-        elif isinstance(self.objective, Suite):
-            total = sum(o.weight for o in self.objective.parts)
-            slopes = [o.weight / total for o in self.objective.parts]
-        else:
-            slopes = [1.0]
+        slopes = self._slopes(ref_u, ref_rows, ref_w)
+        if slopes is None:
+            return None
         d = np.zeros(self.total_rows)
         w = np.zeros(self.total_rows)
         is_seen = np.zeros(self.total_rows, dtype=bool)
@@ -231,6 +223,44 @@ class Race:
         if estimate + self.z * math.sqrt(variance) < margin and estimate <= 0:  # (ahead so far: finish it)
             return ref_u + estimate
         return None
+
+    def _slopes(self, ref_u: float, ref_rows: np.ndarray, ref_w: np.ndarray) -> Optional[List[float]]:
+        """How the whole-set utility moves with each component's mean (a harmonic suite: linearised at the
+        reference); None where the harmonic mean is 0 (no slope to linearise along)."""
+        if isinstance(self.objective, Suite) and self.objective.combine == "harmonic":
+            means = self._component_means(ref_rows, ref_w)
+            total = sum(o.weight for o in self.objective.parts)
+            if min(means) <= 0:
+                return None
+            return [o.weight * ref_u ** 2 / (total * m ** 2) for o, m in zip(self.objective.parts, means)]
+        if isinstance(self.objective, Suite):
+            total = sum(o.weight for o in self.objective.parts)
+            return [o.weight / total for o in self.objective.parts]
+        return [1.0]
+
+    def paired_error(self, candidate: Dict[str, Any], reference: Dict[str, Any]) -> Optional[float]:
+        """The standard error of the difference between two positions' whole-set utilities (memo entries, each
+        scored on every dev row), from their paired row differences, with the dev rows taken as a sample of the
+        task's rows (no finite-population factor: every row is seen, and the question is whether the difference
+        would hold on other rows). None without both positions' rows or a slope."""
+        rows = [np.asarray(e.get("rows") if e.get("rows") is not None else [], dtype=float) for e in (candidate, reference)]
+        w = np.asarray(reference.get("weights") if reference.get("weights") is not None else [], dtype=float)
+        ref_u = reference.get("utility")
+        if any(len(r) != self.total_rows for r in rows) or len(w) != self.total_rows or ref_u is None:
+            return None
+        slopes = self._slopes(float(ref_u), rows[1], w)
+        if slopes is None:
+            return None
+        d, variance, start = rows[0] - rows[1], 0.0, 0
+        for slope, size in zip(slopes, self.sizes):
+            wc, dc = w[start:start + size], d[start:start + size]
+            start += size
+            m = int((wc > 0).sum())
+            if m < 2:
+                return None
+            mean = float(np.dot(wc, dc) / wc.sum())
+            variance += slope ** 2 * float(np.dot(wc ** 2, (dc - mean) ** 2) / wc.sum() ** 2) * m / (m - 1)
+        return math.sqrt(variance)
 
     def _step(self, slopes, ref_rows: np.ndarray, ref_w: np.ndarray, cand_rows) -> float:
         """The smallest gain of the whole-set utility: one row of weight w in component c moves it by

@@ -69,14 +69,17 @@ class Split(_Model):
 
 class ScoreRow(_Model):
     name: str
-    kind: Literal["expert", "uniform", "winner"]
+    kind: Literal["expert", "uniform", "winner", "global_best"] = Field(
+        description="global_best: the search's best position, shown where the average of the top ones won "
+                    "(swarm.average_top)")
     coefficients: List[List[float]] = Field(description="(groups, experts) coefficients of this model")
     dev: Split
     test: Optional[Split] = None
 
 
 class Scores(_Model):
-    """The experts, the uniform average and the winner, on dev (searched) and test (held out)."""
+    """The experts, the uniform average, the winner (and the global best where it is not the winner), on dev
+    (searched) and test (held out)."""
 
     rows: List[ScoreRow]
 
@@ -183,10 +186,10 @@ class RacingRecord(_Model):
 
 
 class FoundRecord(_Model):
-    """When the winner became the global best: what the search had spent by the end of that iteration. What came
-    after found nothing better, so a run that stopped there would have written the same merge."""
+    """When the global best was found: what the search had spent by the end of that iteration. What came after
+    found nothing better (with ``average_top`` 1 a run that stopped there would have written the same merge)."""
 
-    iteration: int = Field(description="the iteration at whose end the winner was first the global best (0: the "
+    iteration: int = Field(description="the iteration at whose end the global best was first reached (0: the "
                            "initial swarm)")
     evaluations: int = Field(description="evaluations made by the end of that iteration")
     items: Optional[int] = Field(None, description="dev rows scored by the end of that iteration")
@@ -201,6 +204,19 @@ class FoundRecord(_Model):
         return cls(iteration=first["iteration"], evaluations=first["evaluations"], items=first.get("items"))
 
 
+class AverageRecord(_Model):
+    """``swarm.average_top``: the average of the best positions, scored on every dev row once the search was over,
+    against the global best."""
+
+    top: int = Field(description="positions averaged: the best ones scored on every dev row")
+    average: Optional[float] = Field(description="the average's dev utility")
+    global_best: Optional[float] = Field(description="the global best's dev utility")
+    standard_error: Optional[float] = Field(description="the standard error of their difference, from the paired "
+                                            "row differences (null without per-row scores)")
+    chosen: Literal["average", "global best"] = Field(description="the winner: the average unless the global best "
+                                                      "beats it by more than one standard error")
+
+
 class SearchRecord(_Model):
     iterations: int
     evaluations: int
@@ -208,8 +224,10 @@ class SearchRecord(_Model):
     items: Optional[int] = Field(None, description="dev rows scored by the search (item-evaluations): its cost")
     racing: Optional[RacingRecord] = None
     stop_reason: str
-    found: Optional[FoundRecord] = Field(None, description="when the winner became the global best (the rest of the "
-                                         "budget found nothing better)")
+    found: Optional[FoundRecord] = Field(None, description="when the global best was found (the rest of the budget "
+                                         "found nothing better)")
+    average: Optional[AverageRecord] = Field(None, description="swarm.average_top: the average of the best positions "
+                                             "against the global best (null: not averaged)")
     chosen_by: Optional[str] = Field(None, description="how the winner was chosen among the positions scored")
     resumed: bool
     seconds: float = Field(description="search time, resumed parts included")
@@ -268,7 +286,7 @@ class Comparison(_Model):
 
 
 class WeakToStrong(_Model):
-    """Where the particle that found the winner started (the paper's weak-to-strong analysis)."""
+    """Where the particle that found the global best started (the paper's weak-to-strong analysis)."""
 
     particle: Optional[int] = Field(None, description="its index in the initial swarm (null: not traceable)")
     start_rank: Optional[int] = Field(None, description="its initial dev utility's rank in the initial swarm (1: best)")

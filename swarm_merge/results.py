@@ -18,7 +18,7 @@ from swarm_merge.publish import card
 from swarm_merge.recipe import portable_path
 from swarm_merge.report import Report
 
-__all__ = ["score_candidates", "analysis", "selection_noise", "build_report", "hardware"]
+__all__ = ["score_candidates", "analysis", "selection_noise", "build_report", "chosen_by", "hardware"]
 
 
 def score_candidates(plan, result, evaluator):
@@ -29,6 +29,8 @@ def score_candidates(plan, result, evaluator):
     candidates = [(e.name, "expert", np.tile(np.eye(k)[i], (num_groups, 1))) for i, e in enumerate(plan.experts)]
     candidates.append(("uniform average", "uniform", np.full((num_groups, k), 1.0 / k)))
     candidates.append(("swarm winner", "winner", result.best))
+    if not np.array_equal(result.best, result.state.g):  # (average_top: the average won; how the best fares)
+        candidates.append(("swarm global best", "global_best", result.state.g))
     jobs = [(x, dev) for _, _, x in candidates if result.lookup(x) is None]
     jobs += [(x, test) for _, _, x in candidates] if test is not None else []
     found = iter(evaluate.score_all(evaluator, objective, jobs, ranks))
@@ -152,8 +154,8 @@ def build_report(plan, digests, result, scores, analysis, comparison) -> Report:
                     if result.raced else None),
             stop_reason=result.stop_reason,
             found=report_mod.FoundRecord.of(result.history),
-            chosen_by=f"the best dev utility of the {len(result.memo)} distinct positions the swarm scored on "
-                      "every dev row",
+            chosen_by=chosen_by(result),
+            average=report_mod.AverageRecord(**result.pick) if result.pick else None,
             resumed=result.resumed,
             seconds=round(result.seconds, 3),
             history=result.history,
@@ -170,6 +172,25 @@ def build_report(plan, digests, result, scores, analysis, comparison) -> Report:
         versions={"swarm_merge": VERSION, "mergekit": getattr(mergekit, "__version__", "0.1.x"),
                   "torch": torch.__version__, "transformers": transformers.__version__},
     )
+
+
+def chosen_by(result) -> str:
+    """How the winner was chosen, for swarm.json and the card."""
+    pick = result.pick
+    if pick is None:
+        return f"the best dev utility of the {len(result.memo)} distinct positions the swarm scored on every dev row"
+    full = len(result.memo) - 1  # (the average is one of them)
+    se = "" if pick["standard_error"] is None else f", standard error {pick['standard_error']:.4f}"
+
+    def u(value):
+        return "-" if value is None else f"{value:.4f}"
+
+    if pick["chosen"] == "average":
+        return (f"the average of the top {pick['top']} of the {full} distinct positions the swarm scored on every dev "
+                f"row (swarm.average_top): dev {u(pick['average'])}, the global best {u(pick['global_best'])}{se}")
+    return (f"the best dev utility of the {full} distinct positions the swarm scored on every dev row: the average "
+            f"of the top {pick['top']} scored {u(pick['average'])} against its {u(pick['global_best'])}{se}, "
+            "more than one standard error below")
 
 
 def hardware(device) -> str:

@@ -71,6 +71,9 @@ class SearchResult:
     wall_before: float = 0.0  # wall time of the earlier sessions of a resumed run
     items: int = 0  # dev rows scored (a full evaluation costs every row; a raced-out one its stages' rows)
     raced: Optional[Dict[str, int]] = None  # racing: slice rows, positions dropped and finished
+    # average_top: the average of the top positions against the global best (utilities, the standard error of
+    # their paired difference, which one is the winner); None where nothing was averaged
+    pick: Optional[Dict[str, Any]] = None
 
     def lookup(self, x: np.ndarray) -> Optional[Score]:
         hit = self.memo.get(position_key(x))
@@ -519,6 +522,23 @@ def run_search(  # noqa: C901, PLR0913 (the loop and the closures that share its
         if not progress and ranks.is_main:
             LOG.info("iteration %d/%d: best %.4f, mean %s, %d evaluations", state.iteration, planned,
                      state.g_score, "-" if mean is None else f"{mean:.4f}", state.evaluations)
+    best, pick = state.g.copy(), None
+    average, averaged = _top_average(state, run.memo, int(getattr(settings, "average_top", 1)))
+    if average is not None:
+        bar.total += 1
+        u_avg, u_best = scores_of([average])[0], state.g_score
+        avg_entry, best_entry = run.memo[position_key(average)], run.memo[position_key(state.g)]
+        se = race.paired_error(avg_entry, best_entry) if race is not None else None
+        keep = not math.isfinite(u_avg) or u_best - u_avg > swarm.AVERAGE_Z * (se or 0.0)
+        if not keep:
+            best = np.asarray(average, dtype=float)
+        pick = {"top": averaged, "average": finite(u_avg),
+                "global_best": finite(u_best), "standard_error": se,
+                "chosen": "global best" if keep else "average"}
+        if ranks.is_main:
+            LOG.info("average of the top %d: %s against the global best's %.4f (standard error %s): the %s is the "
+                     "winner", pick["top"], "-" if pick["average"] is None else f"{u_avg:.4f}", u_best,
+                     "-" if se is None else f"{se:.4f}", pick["chosen"])
     bar.total = bar.n
     bar.close()
     if getattr(settings, "stop", "patience") == "budget":
@@ -526,10 +546,9 @@ def run_search(  # noqa: C901, PLR0913 (the loop and the closures that share its
     else:
         reason = "max_iterations reached" if state.iteration >= settings.max_iterations else (
             f"global best unchanged for {settings.patience} iterations")
-    best_hit = run.memo[position_key(state.g)]
     return SearchResult(
-        best=state.g.copy(),
-        best_score=Score.from_dict(best_hit),
+        best=best,
+        best_score=Score.from_dict(run.memo[position_key(best)]),
         state=state,
         initial=x0,
         history=run.history,
@@ -541,4 +560,22 @@ def run_search(  # noqa: C901, PLR0913 (the loop and the closures that share its
         items=run.items,
         raced=None if race is None else {"slice_rows": race.slice_rows, "rows": race.total_rows,
                                          "dropped": len(run.partial), "finished": run.finished},
+        pick=pick,
     )
+
+
+def _top_average(state: swarm.SwarmState, memo: Dict[str, Dict[str, Any]], k: int) -> Tuple[Optional[np.ndarray], int]:
+    """``average_top``: the average of the ``k`` best distinct positions the run scored on every dev row (the
+    archive's order breaks ties) and how many it averages; (None, 0) with ``k`` 1 or fewer than two such positions."""
+    if k < 2 or state.archive_x is None:
+        return None, 0
+    xs, scores, seen = [], [], set()
+    for x in state.archive_x:
+        key = position_key(x)
+        if key in memo and key not in seen:
+            seen.add(key)
+            xs.append(x)
+            u = memo[key].get("utility")
+            scores.append(float("nan") if u is None else u)
+    average = swarm.top_average(np.asarray(xs), np.asarray(scores, dtype=float), k) if xs else None
+    return average, 0 if average is None else min(k, int(np.isfinite(scores).sum()))

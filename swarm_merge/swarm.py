@@ -497,6 +497,23 @@ def finished(state: SwarmState, settings: Any) -> bool:
     return state.iteration >= settings.max_iterations or state.since_global >= settings.patience
 
 
+AVERAGE_Z = 1.0  # average_top: the global best stays only if it beats the average by more than this many SEs
+
+
+def top_average(xs: np.ndarray, scores: np.ndarray, k: int) -> Optional[np.ndarray]:
+    """``average_top``: the mean of the ``k`` best positions of ``xs`` (distinct ones, each scored on every
+    dev row) by ``scores`` (NaN: failed, left out; equal scores: the earlier first), or None where fewer than 2
+    are left to average. Each row of a position sums to 1, so the mean's rows do too: it is a merge like any
+    other. bench/RESULTS.md ("The average of the top five as the winner"): where the global best is a few
+    positions tied on the dev rows, their average holds up better on test rows than any one of them."""
+    scores = np.asarray(scores, dtype=float)
+    ok = np.flatnonzero(np.isfinite(scores))
+    if k < 2 or len(ok) < 2:
+        return None
+    top = ok[np.argsort(-scores[ok], kind="stable")[:k]]
+    return np.asarray(xs, dtype=float)[top].mean(axis=0)
+
+
 def budget(settings: Any) -> int:
     """The most evaluations a run can make: the initial swarm plus ``max_iterations`` iterations of it
     (``stop: budget`` spends exactly this many; with anchors it takes more, smaller iterations)."""

@@ -74,14 +74,14 @@ def test_cmaes_finds_the_optimum_of_a_smooth_utility():
     assert np.abs(run.best - TARGET).max() < 0.05
 
 
-def test_weak_to_strong_names_the_particle_that_found_the_winner(tmp_path):
+def test_weak_to_strong_names_the_particle_that_found_the_global_best(tmp_path):
     settings = SwarmSettings(size=6, max_iterations=6, patience=6)
     result = search.run_search(settings, num_experts=3, num_groups=1, evaluate=Counting(),
                                checkpoint=tmp_path / "s.json", fingerprint="t", progress=False)
     initial = [result.lookup(x).utility for x in result.initial]
     found = baselines.weak_to_strong(result.state, initial, ["a", "b", "c"], seed_soup=True)
     i = found["particle"]
-    assert np.array_equal(result.state.p[i], result.best)
+    assert np.array_equal(result.state.p[i], result.state.g)  # (the winner, or the top five's average: average_top)
     assert found["start_rank"] == 1 + sum(u > initial[i] for u in initial)
     assert found["started_as"] == (["a", "b", "c", "uniform soup"] + ["child"] * 2)[i]
 

@@ -99,21 +99,34 @@ def test_run_writes_a_loadable_affine_merge_with_report_and_card(finished_run, t
     # (with racing, among the positions scored on every dev row: the ones not dropped after a stage)
     s = report.search
     full = s.distinct_positions_scored - (s.racing.dropped if s.racing else 0)
-    assert s.chosen_by == f"the best dev utility of the {full} distinct positions the swarm scored on every dev row"
+    # The winner: the average of the top five (swarm.average_top) unless the global best beats it by more than one
+    # standard error of their paired row differences; the average is one more position scored on every row.
+    a = s.average
+    assert a is not None and a.top == 5 and a.standard_error is not None and a.standard_error >= 0
+    assert a.global_best == max(h.global_best for h in s.history)
+    if a.chosen == "average":
+        assert a.global_best - a.average <= a.standard_error and report.scores.winner.dev.utility == a.average
+        assert s.chosen_by.startswith(f"the average of the top 5 of the {full - 1} distinct positions")
+        best = next(r for r in report.scores.rows if r.kind == "global_best")  # shown beside it, on test too
+        assert best.dev.utility == a.global_best and best.test is not None
+    else:
+        assert a.global_best - a.average > a.standard_error and report.scores.winner.dev.utility == a.global_best
+        assert s.chosen_by.startswith(f"the best dev utility of the {full - 1} distinct positions")
+        assert not any(r.kind == "global_best" for r in report.scores.rows)
     assert s.racing is not None and 0 < s.racing.dropped + s.racing.finished <= s.evaluations - 5  # the moving ones
-    assert s.items < s.evaluations * report.data.dev_rows
+    assert s.items < s.distinct_positions_scored * report.data.dev_rows
     assert (s.racing.confidence, s.racing.gain, s.racing.neighbours) == (0.95, "any", 0)  # the recipe's race, as run
     # The card says what the search spent and which update ran (the paper's phi are unused under SPSO).
     assert f"{s.items} dev rows scored (racing: {s.racing.dropped} of" in card.text
     assert "SPSO-2011" in card.text and "inertia / cognitive" not in card.text
     assert report.search.chosen_by in card.text
-    # When the winner became the global best: the first iteration whose global best is the winner's dev score,
+    # When the global best was found: the first iteration whose global best is its dev score,
     # what had been spent by then (on the card too).
     f = s.found
-    first = next(h for h in s.history if h.global_best == report.scores.winner.dev.utility)
+    first = next(h for h in s.history if h.global_best == a.global_best)
     assert (f.iteration, f.evaluations, f.items) == (first.iteration, first.evaluations, first.items)
     assert f.evaluations <= s.evaluations and f.items <= s.items
-    assert f"| winner found at | iteration {f.iteration} of {s.iterations}: after {f.evaluations} of {s.evaluations} " \
+    assert f"| global best found at | iteration {f.iteration} of {s.iterations}: after {f.evaluations} of {s.evaluations} " \
            f"evaluations, {f.items} of {s.items} dev rows; nothing after it scored higher |" in card.text
     assert "around the uniform soup (soup + N(0, 0.3) per coefficient)" in card.text
     # The recipe block is the recipe as written (paths relative to its folder), not every default.

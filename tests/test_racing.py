@@ -269,7 +269,7 @@ def test_racing_spends_fewer_rows_and_its_winner_is_scored_on_every_row(tmp_path
     # The winner (the global best) was scored on every row, and its score is the whole set's.
     assert raced.best_score.n == ROWS
     assert raced.best_score.utility == aggregate(row_values(raced.best), [1.0] * ROWS, DEV).utility
-    assert raced.history[-1]["items"] == raced.items
+    assert raced.history[-1]["items"] + ROWS == raced.items  # (and the average of the top five, scored after)
 
 
 @pytest.mark.parametrize("calls,neighbours", [(7, 4), (23, 4), (40, 4), (23, 0)])
@@ -348,3 +348,71 @@ def test_the_run_reports_its_rows_and_the_plan_says_how_it_races(tiny_recipe, ca
     assert "cannot beat the global best by a whole row" in capsys.readouterr().out
     assert cli.main([str(recipe), "--set", "swarm.racing=false", "--dry-run"]) == 0
     assert "racing: " not in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ the winner: the average of the top positions
+
+
+class Rigged(RowEvaluator):
+    """Scores one position (``at``) on ``value`` rows (all 0 or all 1), every other one as RowEvaluator does."""
+
+    def __init__(self, race, at, value):
+        super().__init__(race)
+        self.at, self.value = search.position_key(at), value
+
+    def full(self, x):
+        if search.position_key(x) == self.at:
+            self.tick()
+            return aggregate([self.value] * ROWS, [1.0] * ROWS, DEV)
+        return super().full(x)
+
+
+def top_five(result):
+    """The average of the five best distinct positions scored on every row, from the archive and the memo."""
+    seen, ranked = set(), []
+    for x in result.state.archive_x:
+        key = search.position_key(x)
+        if key in result.memo and key not in seen:
+            seen.add(key)
+            ranked.append((-result.memo[key]["utility"], len(ranked), x))
+    return np.mean([x for _, _, x in sorted(ranked, key=lambda t: t[:2])[:5]], axis=0)
+
+
+@pytest.mark.parametrize("raced", [True, False])
+def test_the_winner_is_the_average_of_the_top_five_unless_the_global_best_beats_it(tmp_path, raced):
+    settings = swarm_settings()
+    assert settings.average_top == 5  # the default
+    race = racing.race_of(settings, OBJECTIVE, DEV) if raced else None
+    plain = run(tmp_path, "best", settings.model_copy(update={"average_top": 1}), race, RowEvaluator(race))
+    assert plain.pick is None and np.array_equal(plain.best, plain.state.g)  # 1: the global best (the paper)
+    average = top_five(plain)
+    assert np.allclose(average.sum(axis=1), 1.0)  # a merge like any other
+    # The average is scored once the search is over: the same search, one position more.
+    result = run(tmp_path, "avg", settings, race, RowEvaluator(race))
+    assert np.array_equal(result.state.g, plain.state.g) and len(result.memo) == len(plain.memo) + 1
+    assert result.items == plain.items + ROWS
+    chosen = result.pick["chosen"]
+    assert np.array_equal(result.best, average if chosen == "average" else result.state.g)
+    assert result.best_score.n == ROWS
+    assert result.best_score.utility == aggregate(row_values(result.best), [1.0] * ROWS, DEV).utility
+    if raced:  # the standard error of the paired row differences: their sample deviation over sqrt(rows)
+        d = row_values(average) - row_values(result.state.g)
+        assert result.pick["standard_error"] == pytest.approx(d.std(ddof=1) / math.sqrt(ROWS))
+    else:
+        assert result.pick["standard_error"] is None
+    # An average that scores no row loses to the global best; one that scores every row wins.
+    low = run(tmp_path, "low", settings, race, Rigged(race, average, 0.0))
+    assert low.pick["chosen"] == "global best" and np.array_equal(low.best, low.state.g)
+    assert low.best_score.utility == plain.best_score.utility and low.pick["average"] == 0.0
+    high = run(tmp_path, "high", settings, race, Rigged(race, average, 1.0))
+    assert high.pick["chosen"] == "average" and np.array_equal(high.best, average) and high.best_score.utility == 1.0
+
+
+def test_paired_error_is_the_deviation_of_the_row_differences_over_root_rows():
+    race = race_of()
+    a, b = np.zeros(ROWS), np.zeros(ROWS)
+    a[:30], b[10:40] = 1.0, 1.0  # a wins rows 0-9, b rows 30-39
+    entry = {k: aggregate(v, [1.0] * ROWS, DEV).to_dict(rows=True) for k, v in (("a", a), ("b", b))}
+    assert race.paired_error(entry["a"], entry["b"]) == pytest.approx((a - b).std(ddof=1) / math.sqrt(ROWS))
+    assert race.paired_error(entry["a"], entry["a"]) == 0.0
+    assert race.paired_error({"utility": 0.3}, entry["b"]) is None  # no rows: nothing to pair

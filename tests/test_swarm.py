@@ -13,7 +13,8 @@ from swarm_merge.recipe import SwarmSettings
 
 # The paper's values of the levers beyond the paper: the tests below that predate them test the paper's
 # update, stop rule and moving experts whatever the product defaults are.
-PAPER_LEVERS = {"anchors": False, "update": "paper", "stop": "patience", "surrogate": "off", "explore_after": 0}
+PAPER_LEVERS = {"anchors": False, "update": "paper", "stop": "patience", "surrogate": "off", "explore_after": 0,
+                "average_top": 1}
 
 
 def settings(**kw):
@@ -285,11 +286,12 @@ def test_product_defaults_are_the_new_levers_and_paper_values_select_the_paper()
     # The product's defaults (bench/RESULTS.md, "Swarm against CMA-ES"); init: paper, seed_soup: false and
     # the levers at their paper values is the paper's algorithm (the weight-space reference test runs it).
     d = SwarmSettings()
-    assert (d.anchors, d.update, d.stop, d.anchor_velocity, d.surrogate, d.explore_after) == (
-        True, "spso", "budget", 0.3, "gp", "auto")
+    assert (d.anchors, d.update, d.stop, d.anchor_velocity, d.surrogate, d.explore_after, d.average_top) == (
+        True, "spso", "budget", 0.3, "gp", "auto", 5)
     assert (d.racing, d.race_confidence, d.race_gain, d.race_neighbours) == ("auto", 0.95, "any", 0)  # "Racing at 0.8"
     s = SwarmSettings(init="paper", seed_soup=False, **PAPER_LEVERS)
-    assert (s.anchors, s.update, s.stop, s.surrogate, s.explore_after) == (False, "paper", "patience", "off", 0)
+    assert (s.anchors, s.update, s.stop, s.surrogate, s.explore_after, s.average_top) == (
+        False, "paper", "patience", "off", 0, 1)
 
 
 def test_anchors_stay_put_and_are_scored_once():
@@ -531,3 +533,14 @@ def test_after_explore_after_iterations_without_a_new_global_best_one_particle_e
                                np.random.default_rng(0))
     layered = swarm.SwarmState(**{**vars(layered), "since_global": 9})
     assert swarm.propose(layered, auto, np.random.default_rng(5)).explorer == -1
+
+
+def test_top_average_is_the_mean_of_the_best_k_positions():
+    xs = np.array([[[1.0, 0.0]], [[0.0, 1.0]], [[0.5, 0.5]], [[2.0, -1.0]], [[0.2, 0.8]]])
+    scores = np.array([0.4, 0.9, np.nan, 0.9, 0.7])  # a failed one is left out; ties: the earlier first
+    assert np.allclose(swarm.top_average(xs, scores, 2), (xs[1] + xs[3]) / 2)
+    assert np.allclose(swarm.top_average(xs, scores, 3), (xs[1] + xs[3] + xs[4]) / 3)
+    assert np.allclose(swarm.top_average(xs, scores, 10), xs[[0, 1, 3, 4]].mean(axis=0))  # k past the positions
+    assert np.allclose(swarm.top_average(xs, scores, 3).sum(axis=-1), 1.0)  # affine, like every position
+    assert swarm.top_average(xs, scores, 1) is None  # 1: the global best is the winner
+    assert swarm.top_average(xs[:3], np.array([0.1, np.nan, np.nan]), 5) is None  # one finite: nothing to average

@@ -58,8 +58,8 @@ def cost(search) -> str:
 
 
 def found(search) -> str:
-    """When the winner became the global best, against what the whole search spent ("" when not recorded): how
-    much of the budget the result needed, for the table and the card."""
+    """When the global best was found, against what the whole search spent ("" when not recorded): how much of
+    the budget the result needed, for the table and the card."""
     f = search.found
     if f is None:
         return ""
@@ -293,7 +293,7 @@ def _analysis_lines(report: "Report") -> List[str]:
     if w.start_rank is not None:
         how = (" Its winning position was the Gaussian-process surrogate's proposal for it (`swarm.surrogate`), "
                "not a move of the swarm's update." if w.surrogate else "")
-        lines.append(f"Weak to strong: the particle that found the winner started as {md(w.started_as)}, ranked "
+        lines.append(f"Weak to strong: the particle that found the global best started as {md(w.started_as)}, ranked "
                      f"{w.start_rank} of {w.size} by dev utility in the initial swarm (the paper: only 10.4% of "
                      "winners started as the best expert)." + how)
     if a.emergence is not None:
