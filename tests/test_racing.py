@@ -406,6 +406,14 @@ def test_the_winner_is_the_average_of_the_top_five_unless_the_global_best_beats_
     assert low.best_score.utility == plain.best_score.utility and low.pick["average"] == 0.0
     high = run(tmp_path, "high", settings, race, Rigged(race, average, 1.0))
     assert high.pick["chosen"] == "average" and np.array_equal(high.best, average) and high.best_score.utility == 1.0
+    # Killed while the average is scored (the run's last evaluation), --resume ends as the uninterrupted run.
+    counted = RowEvaluator(race)
+    run(tmp_path, "count", settings, race, counted)
+    with pytest.raises(EvaluationError):
+        run(tmp_path, "killed", settings, race, RowEvaluator(race, fail_after=counted.calls - 1))
+    resumed = run(tmp_path, "killed", settings, race, RowEvaluator(race), resume=True)
+    assert resumed.resumed and resumed.pick == result.pick and np.array_equal(resumed.best, result.best)
+    assert resumed.memo == result.memo and resumed.items == result.items
 
 
 def test_paired_error_is_the_deviation_of_the_row_differences_over_root_rows():
