@@ -209,6 +209,7 @@ class AverageRecord(_Model):
     against the global best."""
 
     top: int = Field(description="positions averaged: the best ones scored on every dev row")
+    positions: int = Field(description="the distinct positions scored on every dev row it was chosen from")
     average: Optional[float] = Field(description="the average's dev utility")
     global_best: Optional[float] = Field(description="the global best's dev utility")
     standard_error: Optional[float] = Field(description="the standard error of their difference, from the paired "

@@ -179,7 +179,7 @@ def chosen_by(result) -> str:
     pick = result.pick
     if pick is None:
         return f"the best dev utility of the {len(result.memo)} distinct positions the swarm scored on every dev row"
-    full = len(result.memo) - 1  # (the average is one of them)
+    full = pick["positions"]
     se = "" if pick["standard_error"] is None else f", standard error {pick['standard_error']:.4f}"
 
     def u(value):
@@ -188,6 +188,9 @@ def chosen_by(result) -> str:
     if pick["chosen"] == "average":
         return (f"the average of the top {pick['top']} of the {full} distinct positions the swarm scored on every dev "
                 f"row (swarm.average_top): dev {u(pick['average'])}, the global best {u(pick['global_best'])}{se}")
+    if pick["average"] is None:
+        return (f"the best dev utility of the {full} distinct positions the swarm scored on every dev row: the average "
+                f"of the top {pick['top']} failed to score")
     return (f"the best dev utility of the {full} distinct positions the swarm scored on every dev row: the average "
             f"of the top {pick['top']} scored {u(pick['average'])} against its {u(pick['global_best'])}{se}, "
             "more than one standard error below")

@@ -523,6 +523,7 @@ def run_search(  # noqa: C901, PLR0913 (the loop and the closures that share its
             LOG.info("iteration %d/%d: best %.4f, mean %s, %d evaluations", state.iteration, planned,
                      state.g_score, "-" if mean is None else f"{mean:.4f}", state.evaluations)
     best, pick = state.g.copy(), None
+    scored = len(run.memo)  # (the positions scored on every row, before the average)
     average, averaged = _top_average(state, run.memo, int(getattr(settings, "average_top", 1)))
     if average is not None:
         bar.total += 1
@@ -532,7 +533,7 @@ def run_search(  # noqa: C901, PLR0913 (the loop and the closures that share its
         keep = not math.isfinite(u_avg) or u_best - u_avg > swarm.AVERAGE_Z * (se or 0.0)
         if not keep:
             best = np.asarray(average, dtype=float)
-        pick = {"top": averaged, "average": finite(u_avg),
+        pick = {"top": averaged, "positions": scored, "average": finite(u_avg),
                 "global_best": finite(u_best), "standard_error": se,
                 "chosen": "global best" if keep else "average"}
         if ranks.is_main:

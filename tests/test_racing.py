@@ -391,6 +391,7 @@ def test_the_winner_is_the_average_of_the_top_five_unless_the_global_best_beats_
     result = run(tmp_path, "avg", settings, race, RowEvaluator(race))
     assert np.array_equal(result.state.g, plain.state.g) and len(result.memo) == len(plain.memo) + 1
     assert result.items == plain.items + ROWS
+    assert result.pick["positions"] == len(plain.memo) and result.pick["top"] == 5  # chosen from, averaged
     chosen = result.pick["chosen"]
     assert np.array_equal(result.best, average if chosen == "average" else result.state.g)
     assert result.best_score.n == ROWS
