@@ -230,6 +230,26 @@ def test_layer_granularity_writes_per_group_weights(tiny_recipe, tiny_experts, t
     assert report.coefficients.groups == ["embeddings + layer 0", "layer 1 + head"]
 
 
+def test_where_the_average_wins_it_is_written_and_the_global_best_is_a_row_beside_it(tiny_recipe, tiny_experts,
+                                                                                      tmp_path, monkeypatch, capsys):
+    # swarm.average_top: with the fallback out of reach the average of the top five is always the winner.
+    from swarm_merge import swarm
+    from swarm_merge.publish.card import md as card_md
+
+    monkeypatch.setattr(swarm, "AVERAGE_Z", 1e9)
+    assert main([str(tiny_recipe("", objective="loglik")), "--no-progress"]) == 0
+    report = assert_is_affine_merge(tmp_path / "out", tiny_experts)  # the written weights are the average's
+    a = report.search.average
+    assert a.chosen == "average" and report.scores.winner.dev.utility == a.average
+    best = next(r for r in report.scores.rows if r.kind == "global_best")
+    assert best.name == "swarm global best" and best.dev.utility == a.global_best and best.test is not None
+    assert best.coefficients != report.scores.winner.coefficients
+    assert report.search.chosen_by.startswith(f"the average of the top 5 of the {a.positions} distinct positions")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert card_md(report.search.chosen_by) in card and "| swarm global best |" in card
+    assert "swarm global best" in capsys.readouterr().out
+
+
 def test_layer_granularity_without_numbered_layers_is_bad_input(tiny_experts):
     # Experts of an architecture whose tensors have no numbered layers: a checkpoint that
     # merely renamed them is refused earlier, for lacking the tensors its config needs
