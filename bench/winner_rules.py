@@ -35,12 +35,9 @@ from swarm_merge import racing, search, swarm  # noqa: E402
 
 
 def gp_mean(xs: np.ndarray, ys: np.ndarray, noise: float = 0.3) -> np.ndarray:
-    """A GP's posterior mean at its own data (RBF kernel, length scale the median distance, scores standardised)."""
-    y = (ys - ys.mean()) / (ys.std() or 1.0)
-    d2 = swarm._sq_dist(xs, xs)
-    length = float(np.sqrt(np.median(d2[np.triu_indices(len(xs), 1)]))) or 1.0
-    k = np.exp(-d2 / (2 * length**2))
-    return k @ np.linalg.solve(k + noise * np.eye(len(xs)), y)
+    """The surrogate's GP (swarm.gp_fit), its posterior mean at its own data."""
+    length, _, weights = swarm.gp_fit(xs, ys, noise)
+    return np.exp(-swarm._sq_dist(xs, xs) / (2 * length**2)) @ weights
 
 
 def main() -> None:

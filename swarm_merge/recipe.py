@@ -240,8 +240,7 @@ class SwarmSettings(_Frozen):
     init_spread: float = Field(0.3, gt=0, le=100)
     # Levers beyond the paper (swarm_merge/swarm.py; measured in bench/RESULTS.md, "Swarm against CMA-ES").
     # Paper values: anchors false, update paper, stop patience, racing false, surrogate off, explore_after 0,
-    # average_top 1
-    # (with init: paper, seed_soup: false: the paper).
+    # average_top 1 (with init: paper, seed_soup: false: the paper).
     # anchors: the experts are scored once and stay put (they set the global best and worst); the soup and
     # children move. update spso: SPSO-2011 constants, a random weight per coefficient, no normaliser, no
     # restarts (inertia, cognitive, social, repel, step_length* and restart_patience are then unused).

@@ -56,6 +56,9 @@ Levers beyond the paper (each a SwarmSettings field; their paper values give the
   nor the surrogate took goes to a fresh draw of the initial children (init "soup": the soup plus
   ``N(0, init_spread)``, re-centred); its velocity becomes the jump. Its draw,
   ``rng.normal(0, init_spread, size=(groups, K))``, comes last, and only then.
+
+Once the search is over, ``average_top`` (search.py, :func:`top_average`) may make the average of the best
+positions scored the winner instead of g; it draws nothing and moves no particle.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -379,6 +382,18 @@ def _sq_dist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.clip((a**2).sum(1)[:, None] + (b**2).sum(1)[None, :] - 2.0 * a @ b.T, 0.0, None)
 
 
+def gp_fit(xs: np.ndarray, ys: np.ndarray, noise: float) -> Tuple[float, np.ndarray, np.ndarray]:
+    """The surrogate's Gaussian process on positions ``xs`` (rows) and scores ``ys``: an RBF kernel whose length
+    scale is the median distance between the positions, scores standardised, ``noise`` the noise variance in
+    units of their variance. Returns (length scale, Cholesky factor of the noisy Gram matrix, weights): the
+    posterior mean at ``z`` is ``exp(-|z - xs|^2 / (2 l^2)) @ weights``."""
+    y = (ys - ys.mean()) / (ys.std() or 1.0)
+    d2 = _sq_dist(xs, xs)
+    length = float(np.sqrt(np.median(d2[np.triu_indices(len(xs), 1)]))) or 1.0
+    chol = np.linalg.cholesky(np.exp(-d2 / (2 * length**2)) + noise * np.eye(len(xs)))
+    return length, chol, np.linalg.solve(chol.T, np.linalg.solve(chol, y))
+
+
 def surrogate_point(archive_x: np.ndarray, archive_s: np.ndarray, g: np.ndarray,
                     rng: np.random.Generator) -> Optional[np.ndarray]:
     """The best of SURROGATE_CANDIDATES positions around ``g`` by a Gaussian process's upper confidence bound,
@@ -400,12 +415,7 @@ def surrogate_point(archive_x: np.ndarray, archive_s: np.ndarray, g: np.ndarray,
     if len(xs) > SURROGATE_POINTS:  # a local model: the positions nearest g (bounded cost at any budget)
         near = np.argsort(_sq_dist(xs, g.reshape(1, -1))[:, 0], kind="stable")[:SURROGATE_POINTS]
         xs, ys = xs[near], ys[near]
-    y = (ys - ys.mean()) / (ys.std() or 1.0)
-    d2 = _sq_dist(xs, xs)
-    length = float(np.sqrt(np.median(d2[np.triu_indices(len(xs), 1)]))) or 1.0
-    gram = np.exp(-d2 / (2 * length**2)) + SURROGATE_NOISE * np.eye(len(xs))
-    chol = np.linalg.cholesky(gram)
-    alpha = np.linalg.solve(chol.T, np.linalg.solve(chol, y))
+    length, chol, alpha = gp_fit(xs, ys, SURROGATE_NOISE)
     scale = np.where(np.arange(SURROGATE_CANDIDATES) % 2 == 0, 1.0, 0.25)[:, None, None] * length / np.sqrt(g.size)
     step = z * scale
     cand = g[None] + step - step.mean(axis=-1, keepdims=True)
