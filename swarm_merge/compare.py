@@ -123,8 +123,25 @@ def _records(plan, evaluator, runs, mergekit_runs, rows: int) -> list:
     return records
 
 
+def _gap(swarm: dict, mine: dict):
+    """The swarm's utility minus a method's (``{seed: utility}`` each), paired by seed; None without a shared
+    finite one."""
+    from scipy import stats
+
+    d = np.array([swarm[s] - mine[s] for s in sorted(swarm.keys() & mine.keys())
+                  if swarm[s] is not None and mine[s] is not None])
+    if not len(d):
+        return None
+    half = (float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else None)
+    return report_mod.Gap(seeds=len(d), mean=float(d.mean()), half_width=half, above=int((d > 0).sum()),
+                          below=int((d < 0).sum()))
+
+
 def _summary(records) -> list:
-    """Mean and deviation over seeds per method, in the table's order."""
+    """Mean and deviation over seeds per method, in the table's order, and each method's gap to the swarm."""
+    def by_seed(method, split):
+        return {r.seed: getattr(getattr(r, split), "utility", None) for r in records if r.method == method}
+
     summary = []
     for method in ("swarm", "random search", "CMA-ES", "GP (Optuna)", "NGOpt (Nevergrad)", "task arithmetic", "TIES",
                    "DARE"):
@@ -136,7 +153,9 @@ def _summary(records) -> list:
         summary.append(report_mod.MethodSummary(
             method=method, seeds=len(mine), dev_mean=dev_s["mean"], dev_std=dev_s["std"], test_mean=test_s["mean"],
             test_std=test_s["std"], evaluations=max(r.evaluations for r in mine), items=max(r.items for r in mine),
-            seconds_mean=round(float(np.mean([r.seconds for r in mine])), 3)))
+            seconds_mean=round(float(np.mean([r.seconds for r in mine])), 3),
+            dev_gap=None if method == "swarm" else _gap(by_seed("swarm", "dev"), by_seed(method, "dev")),
+            test_gap=None if method == "swarm" else _gap(by_seed("swarm", "test"), by_seed(method, "test"))))
     return summary
 
 

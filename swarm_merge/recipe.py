@@ -278,6 +278,9 @@ class SwarmSettings(_Frozen):
     # fewer dev rows on each; but -0.030 / -0.042 on the 24-dimension layer bench (6), where fresh draws (random
     # search) are far worse than the swarm's moves.
     explore_after: Union[StrictInt, Literal["auto"]] = "auto"
+    # explore_draws N (1: one fresh draw): the explorer takes, of N fresh draws, the best upper confidence bound
+    # of the surrogate's GP among those at least one length scale from the global best (swarm.explore_pick).
+    explore_draws: int = Field(1, ge=1, le=100_000)
     # average_top K (1: off, the paper's winner, the global best): after the search, the average of the K best
     # positions scored on every dev row (the global best among them) is scored on every row and written instead
     # of the global best, unless the global best beats it by more than one standard error of their paired row

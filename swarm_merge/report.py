@@ -260,6 +260,18 @@ class MethodResult(_Model):
     seconds: float = Field(description="wall time of the method (positions another method scored first cost nothing)")
 
 
+class Gap(_Model):
+    """The swarm's winner against another method's, seed by seed: the same seed, budget and rows (paired)."""
+
+    seeds: int = Field(description="seeds where both have a finite utility")
+    mean: float = Field(description="the mean over those seeds of the swarm's utility minus this method's")
+    half_width: Optional[float] = Field(None, description="half the width of the mean's 95 % Student t interval over "
+                                        "the seeds (null with one seed); an interval that spans 0: the seeds do not "
+                                        "tell the two apart")
+    above: int = Field(description="seeds where the swarm's utility is higher")
+    below: int = Field(description="seeds where it is lower")
+
+
 class MethodSummary(_Model):
     """A method over its seeds: mean and spread (sample standard deviation) of its winners' utilities."""
 
@@ -272,6 +284,9 @@ class MethodSummary(_Model):
     evaluations: int
     items: Optional[int] = None
     seconds_mean: float
+    dev_gap: Optional[Gap] = Field(None, description="the swarm minus this method on dev, paired by seed (null in "
+                                   "the swarm's own row)")
+    test_gap: Optional[Gap] = Field(None, description="the same on test")
 
 
 class Comparison(_Model):

@@ -322,8 +322,10 @@ def propose(state: SwarmState, settings: Any, rng: np.random.Generator) -> Propo
     explorer = _explorer(state, settings, moving, (searcher, placed))
     if explorer >= 0:
         # a fresh draw of the initial swarm's children (init "soup"): the uniform soup plus N(0, init_spread)
-        step = rng.normal(0.0, float(settings.init_spread), size=x.shape[1:])
-        point = 1.0 / x.shape[-1] + step - step.mean(axis=-1, keepdims=True)
+        draws = int(getattr(settings, "explore_draws", 1))
+        step = rng.normal(0.0, float(settings.init_spread), size=(draws, *x.shape[1:]))
+        points = 1.0 / x.shape[-1] + step - step.mean(axis=-1, keepdims=True)
+        point = points[explore_pick(state.archive_x, state.archive_s, state.g, points)]
         v[explorer], x[explorer] = point - state.x[explorer], point
     evaluate = ~skip_one & (not skip_all) & moving
     if getattr(settings, "stop", "patience") == "budget":
@@ -351,6 +353,25 @@ def _explorer(state: SwarmState, settings: Any, moving: np.ndarray, taken) -> in
     if not after or state.since_global < after:
         return -1
     return _worst_moving(state, moving, taken)
+
+
+def explore_pick(archive_x: Optional[np.ndarray], archive_s: Optional[np.ndarray], g: np.ndarray,
+                 points: np.ndarray) -> int:
+    """explore_draws N > 1: which of the N fresh draws ``points`` the explorer takes: among those at least one
+    GP length scale from ``g`` (all of them if none is), the best upper confidence bound of the surrogate's GP
+    fitted to every position scored so far, so the explorer looks for another plateau where the scores so
+    far do not rule one out. 0 with one draw, or fewer than 4 finite scores."""
+    if len(points) == 1 or archive_x is None or np.isfinite(archive_s).sum() < 4:
+        return 0
+    ok = np.isfinite(archive_s)
+    xs, ys = archive_x[ok].reshape(int(ok.sum()), -1), archive_s[ok]
+    length, chol, alpha = gp_fit(xs, ys, SURROGATE_NOISE)
+    flat = points.reshape(len(points), -1)
+    k = np.exp(-_sq_dist(flat, xs) / (2 * length**2))
+    w = np.linalg.solve(chol, k.T)
+    ucb = k @ alpha + SURROGATE_KAPPA * np.sqrt(np.clip(1.0 + SURROGATE_NOISE - (w**2).sum(0), 0.0, None))
+    far = _sq_dist(flat, g.reshape(1, -1))[:, 0] >= length**2
+    return int(np.argmax(np.where(far, ucb, -np.inf))) if far.any() else int(np.argmax(ucb))
 
 
 def _worst_moving(state: SwarmState, moving: np.ndarray, taken) -> int:

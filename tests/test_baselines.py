@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from swarm_merge import baselines, cli, report as report_mod, search, swarm
+from swarm_merge import baselines, cli, compare, report as report_mod, search, swarm
 from swarm_merge.publish import card
 from swarm_merge.objectives import Score
 from swarm_merge.recipe import SwarmSettings
@@ -130,6 +130,21 @@ def test_compare_reports_every_method_at_the_swarms_budget(tiny_recipe, capsys):
     assert report.analysis.emergence is not None and report.analysis.weak_to_strong.size == 5
     assert {m.method for m in c.summary} == set(methods)
     assert data["comparison"]["summary"][0]["seeds"] == 2
+    # Each method's gap to the swarm, paired by seed: the swarm's utility minus its own, at each seed.
+    for summary in c.summary:
+        if summary.method == "swarm":
+            assert summary.dev_gap is None and summary.test_gap is None
+            continue
+        for split, gap in (("dev", summary.dev_gap), ("test", summary.test_gap)):
+            d = [getattr(next(r for r in c.runs if r.method == "swarm" and r.seed == s), split).utility
+                 - getattr(next(r for r in c.runs if r.method == summary.method and r.seed == s), split).utility
+                 for s in (42, 43)]
+            assert gap.seeds == 2 and gap.mean == pytest.approx(np.mean(d))
+            assert (gap.above, gap.below) == (sum(x > 0 for x in d), sum(x < 0 for x in d))
+            # 95 % Student t with one degree of freedom: 12.706 * sd / sqrt(2)
+            assert gap.half_width == pytest.approx(12.7062 * np.std(d, ddof=1) / np.sqrt(2), rel=1e-4)
+        cell = f"{summary.test_gap.mean:+.4f} ± {summary.test_gap.half_width:.4f}"
+        assert cell in card_text and cell.replace("±", "+-") in out
     assert "### Was the swarm worth it?" in card_text and "Weak to strong" in card_text
 
 
@@ -244,3 +259,14 @@ def test_selection_noise_warns_when_the_gain_is_within_chance():
     assert results.selection_noise(objective, far, 56)[1] == []  # a gain of 0.3 is not chance
     loglik = Objective(type="loglik", dev="x.jsonl")
     assert results.selection_noise(loglik, close, 56) == (None, [])  # accuracy objectives only
+
+
+def test_gap_pairs_seeds_and_skips_missing_scores():
+    gap = compare._gap({1: 0.5, 2: 0.7, 3: 0.6, 4: None}, {1: 0.4, 2: 0.7, 3: 0.65, 4: 0.1, 5: 0.9})
+    d = np.array([0.1, 0.0, -0.05])  # seeds 1-3: seed 4 has no swarm score, seed 5 no swarm run
+    assert (gap.seeds, gap.above, gap.below) == (3, 1, 1)
+    assert gap.mean == pytest.approx(d.mean())
+    assert gap.half_width == pytest.approx(4.3027 * d.std(ddof=1) / np.sqrt(3), rel=1e-4)  # t(0.975, 2 df)
+    one = compare._gap({7: 0.5}, {7: 0.25})
+    assert (one.seeds, one.mean, one.half_width, one.above) == (1, 0.25, None, 1)
+    assert compare._gap({7: None}, {7: 0.25}) is None

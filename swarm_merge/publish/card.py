@@ -160,10 +160,20 @@ def comparison_table(report: "Report", *, markdown: bool = False) -> Optional[Ta
     def ms(mean, std):
         return "-" if mean is None else f"{mean:.4f} ± {std:.4f}" if len(c.seeds) > 1 else f"{mean:.4f}"
 
+    def gap(g):
+        if g is None:
+            return "-"
+        interval = "" if g.half_width is None else f" ± {g.half_width:.4f}"
+        return f"{g.mean:+.4f}{interval} (above at {g.above}, below at {g.below} of {g.seeds})"
+
     esc = md if markdown else str
-    return Table(["method", "dev", "test", "evaluations", "dev rows scored", "seconds"],
-                 [[esc(m.method), ms(m.dev_mean, m.dev_std), ms(m.test_mean, m.test_std), str(m.evaluations),
-                   "-" if m.items is None else str(m.items), f"{m.seconds_mean:.0f}"] for m in c.summary])
+    has_test = any(m.test_gap is not None for m in c.summary)
+    header = ["method", "dev", "test", "evaluations", "dev rows scored", "seconds", "swarm - this, dev"]
+    header += ["swarm - this, test"] if has_test else []
+    return Table(header, [
+        [esc(m.method), ms(m.dev_mean, m.dev_std), ms(m.test_mean, m.test_std), str(m.evaluations),
+         "-" if m.items is None else str(m.items), f"{m.seconds_mean:.0f}", gap(m.dev_gap)]
+        + ([gap(m.test_gap)] if has_test else []) for m in c.summary])
 
 
 def render_card(report: "Report", *, recipe_yaml: str, mergekit_yaml: str, repo_id: Optional[str] = None,
@@ -325,7 +335,9 @@ def _comparison_note(report: "Report") -> str:
     text = (f"Random search, CMA-ES, a Gaussian-process optimiser (Optuna) and NGOpt (Nevergrad) searched the swarm's "
             f"coefficients with the swarm's budget: {budget} ({seeds}). Random search draws positions the way the "
             "swarm draws its initial particles; the others start at the uniform average. Every method picked its "
-            "winner by dev utility.")
+            "winner by dev utility. The last columns pair the seeds: the swarm's utility minus the method's, their "
+            "mean over the seeds ± the half-width of its 95 % interval, and at how many seeds the swarm was above "
+            "and below; an interval that spans 0 means these seeds do not tell the two apart.")
     if any(r.config for r in c.runs):
         text += (" Task arithmetic, TIES and DARE are mergekit's own methods against the base model, each tried at a "
                  "small grid of its hyperparameters (the evaluations column) and chosen on dev; swarm.json holds "
