@@ -53,7 +53,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from swarm_merge import baselines, objectives, pipeline, racing, report, search  # noqa: E402
+from swarm_merge import baselines, compare, objectives, pipeline, racing, report, search  # noqa: E402
 from swarm_merge.options import RunOptions  # noqa: E402
 from swarm_merge.objectives import Score  # noqa: E402
 from swarm_merge.recipe import load_recipe  # noqa: E402
@@ -298,6 +298,16 @@ def main() -> None:
         items = " / ".join(str(r["items"]) for r in rows)
         print(f"| {lever} | {dm:.3f} ± {ds:.3f} | {tm:.3f} ± {ts:.3f} | {per_dev} | {per} | {below} of {len(rows)} | "
               f"{max(r['evaluations'] for r in rows)} | {items} | {sum(r['dropped'] for r in rows)} |")
+    swarm_rows = next(iter(results.values()))
+    if len(results) > 1:  # each method against the first lever, paired by seed (compare's gap columns)
+        print(f"\n{next(iter(results))} minus each method, paired by seed: mean ± the half-width of its 95 % t interval "
+              "(seeds above / below)")
+        for lever, rows in list(results.items())[1:]:
+            gaps = [compare._gap({i: r[split] for i, r in enumerate(swarm_rows)}, {i: r[split] for i, r in enumerate(rows)})
+                    for split in ("dev", "test")]
+            print(f"  {lever}: " + ", ".join(
+                f"{split} {g.mean:+.4f} ± {g.half_width or 0:.4f} ({g.above} / {g.below})"
+                for split, g in zip(("dev", "test"), gaps)))
     print("\nwinners' coefficients:")
     for lever, rows in results.items():
         print(f"  {lever}: " + "; ".join(str(r["coefficients"]) for r in rows))

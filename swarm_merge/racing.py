@@ -262,6 +262,41 @@ class Race:
             variance += slope ** 2 * float(np.dot(wc ** 2, (dc - mean) ** 2) / wc.sum() ** 2) * m / (m - 1)
         return math.sqrt(variance)
 
+    def bagged(self, entries: Sequence[Dict[str, Any]], draws: int, seed: int) -> Optional[np.ndarray]:
+        """Bagging the argmax (``swarm.average_top: bag``): on each of ``draws`` bootstrap draws of the dev rows
+        (with replacement within each objective component, so a suite keeps its parts; ``seed`` draws them),
+        which of the positions (memo entries, each scored on every row) has the best utility, the objective's
+        combination of its components included; ties share the draw. Returns how often each one wins (weights
+        that sum to 1), or None without every position's rows. Written here: the draws are multinomial row counts
+        (draws x rows), so the cost is one matrix product, whatever the rows and positions."""
+        if not entries:
+            return None
+        rows = [e.get("rows") for e in entries]
+        w = entries[0].get("weights")
+        if w is None or len(w) != self.total_rows or any(r is None or len(r) != self.total_rows for r in rows):
+            return None
+        rows, w = np.asarray(rows, dtype=float), np.asarray(w, dtype=float)
+        rng = np.random.default_rng(seed)
+        means, start = [], 0
+        for size in self.sizes:
+            counts = rng.multinomial(size, np.full(size, 1.0 / size), size=draws) * w[start:start + size]
+            mass = counts.sum(axis=1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                means.append(rows[:, start:start + size] @ counts.T / mass)  # (positions, draws)
+            start += size
+        utility = means[0]
+        if isinstance(self.objective, Suite):
+            parts = [o.weight for o in self.objective.parts]
+            if self.objective.combine == "harmonic":
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    utility = sum(parts) / sum(p / m for p, m in zip(parts, means))
+                utility = np.where(np.any([m <= 0 for m in means], axis=0), 0.0, utility)
+            else:
+                utility = sum(p * m for p, m in zip(parts, means)) / sum(parts)
+        utility = np.where(np.isfinite(utility), utility, -np.inf)
+        best = utility >= utility.max(axis=0, keepdims=True)
+        return (best / best.sum(axis=0, keepdims=True)).sum(axis=1) / draws
+
     def _step(self, slopes, ref_rows: np.ndarray, ref_w: np.ndarray, cand_rows) -> float:
         """The smallest gain of the whole-set utility: one row of weight w in component c moves it by
         ``slope_c * w / W_c`` when every row value is 0 or 1 (exact match, multiple choice); 0 otherwise."""

@@ -208,7 +208,9 @@ class AverageRecord(_Model):
     """``swarm.average_top``: the average of the best positions, scored on every dev row once the search was over,
     against the global best."""
 
-    top: int = Field(description="positions averaged: the best ones scored on every dev row")
+    rule: Literal["bag", "top"] = Field("top", description="bag: each position weighted by how often it is the best "
+                                       "on bootstrap draws of the dev rows; top: the mean of the best ones")
+    top: int = Field(description="positions averaged (bag: those with a weight above 0)")
     positions: int = Field(description="the distinct positions scored on every dev row it was chosen from")
     average: Optional[float] = Field(description="the average's dev utility")
     global_best: Optional[float] = Field(description="the global best's dev utility")

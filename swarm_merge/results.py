@@ -185,15 +185,16 @@ def chosen_by(result) -> str:
     def u(value):
         return "-" if value is None else f"{value:.4f}"
 
+    average = (f"the average of {pick['top']} positions weighted by how often each is the best on bootstrap draws of "
+               f"the dev rows" if pick.get("rule") == "bag" else f"the average of the top {pick['top']}")
     if pick["chosen"] == "average":
-        return (f"the average of the top {pick['top']} of the {full} distinct positions the swarm scored on every dev "
-                f"row (swarm.average_top): dev {u(pick['average'])}, the global best {u(pick['global_best'])}{se}")
+        return (f"{average}, of the {full} distinct positions the swarm scored on every dev row (swarm.average_top): "
+                f"dev {u(pick['average'])}, the global best {u(pick['global_best'])}{se}")
     if pick["average"] is None:
-        return (f"the best dev utility of the {full} distinct positions the swarm scored on every dev row: the average "
-                f"of the top {pick['top']} failed to score")
-    return (f"the best dev utility of the {full} distinct positions the swarm scored on every dev row: the average "
-            f"of the top {pick['top']} scored {u(pick['average'])} against its {u(pick['global_best'])}{se}, "
-            "more than one standard error below")
+        return (f"the best dev utility of the {full} distinct positions the swarm scored on every dev row: {average} "
+                "failed to score")
+    return (f"the best dev utility of the {full} distinct positions the swarm scored on every dev row: {average} "
+            f"scored {u(pick['average'])} against its {u(pick['global_best'])}{se}, more than one standard error below")
 
 
 def hardware(device) -> str:

@@ -524,7 +524,8 @@ def run_search(  # noqa: C901, PLR0913 (the loop and the closures that share its
                      state.g_score, "-" if mean is None else f"{mean:.4f}", state.evaluations)
     best, pick = state.g.copy(), None
     scored = len(run.memo)  # (the positions scored on every row, before the average)
-    average, averaged = _top_average(state, run.memo, int(getattr(settings, "average_top", 1)))
+    average, averaged, rule = _top_average(state, run.memo, getattr(settings, "average_top", 1), race,
+                                           int(getattr(settings, "seed", 0)))
     if average is not None:
         bar.total += 1
         u_avg, u_best = scores_of([average])[0], state.g_score
@@ -533,12 +534,13 @@ def run_search(  # noqa: C901, PLR0913 (the loop and the closures that share its
         keep = not math.isfinite(u_avg) or u_best - u_avg > swarm.AVERAGE_Z * (se or 0.0)
         if not keep:
             best = np.asarray(average, dtype=float)
-        pick = {"top": averaged, "positions": scored, "average": finite(u_avg),
+        pick = {"rule": rule, "top": averaged, "positions": scored, "average": finite(u_avg),
                 "global_best": finite(u_best), "standard_error": se,
                 "chosen": "global best" if keep else "average"}
         if ranks.is_main:
-            LOG.info("average of the top %d: %s against the global best's %.4f (standard error %s): the %s is the "
-                     "winner", pick["top"], "-" if pick["average"] is None else f"{u_avg:.4f}", u_best,
+            LOG.info("%s: %s against the global best's %.4f (standard error %s): the %s is the winner",
+                     f"the bagged average of {averaged} positions" if rule == "bag" else f"average of the top {averaged}",
+                     "-" if pick["average"] is None else f"{u_avg:.4f}", u_best,
                      "-" if se is None else f"{se:.4f}", pick["chosen"])
     bar.total = bar.n
     bar.close()
@@ -565,18 +567,28 @@ def run_search(  # noqa: C901, PLR0913 (the loop and the closures that share its
     )
 
 
-def _top_average(state: swarm.SwarmState, memo: Dict[str, Dict[str, Any]], k: int) -> Tuple[Optional[np.ndarray], int]:
-    """``average_top``: the average of the ``k`` best distinct positions the run scored on every dev row (the
-    archive's order breaks ties) and how many it averages; (None, 0) with ``k`` 1 or fewer than two such positions."""
+def _top_average(state: swarm.SwarmState, memo: Dict[str, Dict[str, Any]], setting: Any, race: Optional[Race],
+                 seed: int) -> Tuple[Optional[np.ndarray], int, str]:
+    """``average_top``: the average of the distinct positions the run scored on every dev row (the archive's order
+    breaks ties), how many it averages, and the rule ("bag" or "top"); (None, 0, rule) with ``average_top`` 1 or
+    fewer than two such positions. "bag" (:meth:`Race.bagged`) weighs each position by how often it is the best on
+    bootstrap draws of the dev rows; without per-row scores (no racing) it falls back to the top
+    swarm.BAG_FALLBACK_TOP. An integer K: the mean of the K best."""
+    rule = "bag" if setting == "bag" else "top"
+    k = swarm.BAG_FALLBACK_TOP if setting == "bag" else int(setting)
     if k < 2 or state.archive_x is None:
-        return None, 0
-    xs, scores, seen = [], [], set()
+        return None, 0, rule
+    xs, entries, seen = [], [], set()
     for x in state.archive_x:
         key = position_key(x)
         if key in memo and key not in seen:
             seen.add(key)
-            xs.append(x)
-            u = memo[key].get("utility")
-            scores.append(float("nan") if u is None else u)
-    average = swarm.top_average(np.asarray(xs), np.asarray(scores, dtype=float), k) if xs else None
-    return average, 0 if average is None else min(k, int(np.isfinite(scores).sum()))
+            xs.append(np.asarray(x, dtype=float))
+            entries.append(memo[key])
+    scores = np.array([float("nan") if e.get("utility") is None else e["utility"] for e in entries], dtype=float)
+    if rule == "bag" and race is not None and int(np.isfinite(scores).sum()) >= 2:
+        weights = race.bagged(entries, swarm.BAG_DRAWS, seed)
+        if weights is not None:
+            return np.tensordot(weights, np.asarray(xs), axes=1), int((weights > 0).sum()), rule
+    average = swarm.top_average(np.asarray(xs), scores, k) if xs else None
+    return average, 0 if average is None else min(k, int(np.isfinite(scores).sum())), "top"

@@ -57,8 +57,9 @@ Levers beyond the paper (each a SwarmSettings field; their paper values give the
   ``N(0, init_spread)``, re-centred); its velocity becomes the jump. Its draw,
   ``rng.normal(0, init_spread, size=(groups, K))``, comes last, and only then.
 
-Once the search is over, ``average_top`` (search.py, :func:`top_average`) may make the average of the best
-positions scored the winner instead of g; it draws nothing and moves no particle.
+Once the search is over, ``average_top`` (search.py; "bag": racing.Race.bagged, K: :func:`top_average`) may make
+an average of the best positions scored the winner instead of g; it draws nothing from ``rng`` (the bootstrap
+has its own generator, seeded by ``swarm.seed``) and moves no particle.
 """
 
 from __future__ import annotations
@@ -322,10 +323,8 @@ def propose(state: SwarmState, settings: Any, rng: np.random.Generator) -> Propo
     explorer = _explorer(state, settings, moving, (searcher, placed))
     if explorer >= 0:
         # a fresh draw of the initial swarm's children (init "soup"): the uniform soup plus N(0, init_spread)
-        draws = int(getattr(settings, "explore_draws", 1))
-        step = rng.normal(0.0, float(settings.init_spread), size=(draws, *x.shape[1:]))
-        points = 1.0 / x.shape[-1] + step - step.mean(axis=-1, keepdims=True)
-        point = points[explore_pick(state.archive_x, state.archive_s, state.g, points)]
+        step = rng.normal(0.0, float(settings.init_spread), size=x.shape[1:])
+        point = 1.0 / x.shape[-1] + step - step.mean(axis=-1, keepdims=True)
         v[explorer], x[explorer] = point - state.x[explorer], point
     evaluate = ~skip_one & (not skip_all) & moving
     if getattr(settings, "stop", "patience") == "budget":
@@ -353,25 +352,6 @@ def _explorer(state: SwarmState, settings: Any, moving: np.ndarray, taken) -> in
     if not after or state.since_global < after:
         return -1
     return _worst_moving(state, moving, taken)
-
-
-def explore_pick(archive_x: Optional[np.ndarray], archive_s: Optional[np.ndarray], g: np.ndarray,
-                 points: np.ndarray) -> int:
-    """explore_draws N > 1: which of the N fresh draws ``points`` the explorer takes: among those at least one
-    GP length scale from ``g`` (all of them if none is), the best upper confidence bound of the surrogate's GP
-    fitted to every position scored so far, so the explorer looks for another plateau where the scores so
-    far do not rule one out. 0 with one draw, or fewer than 4 finite scores."""
-    if len(points) == 1 or archive_x is None or np.isfinite(archive_s).sum() < 4:
-        return 0
-    ok = np.isfinite(archive_s)
-    xs, ys = archive_x[ok].reshape(int(ok.sum()), -1), archive_s[ok]
-    length, chol, alpha = gp_fit(xs, ys, SURROGATE_NOISE)
-    flat = points.reshape(len(points), -1)
-    k = np.exp(-_sq_dist(flat, xs) / (2 * length**2))
-    w = np.linalg.solve(chol, k.T)
-    ucb = k @ alpha + SURROGATE_KAPPA * np.sqrt(np.clip(1.0 + SURROGATE_NOISE - (w**2).sum(0), 0.0, None))
-    far = _sq_dist(flat, g.reshape(1, -1))[:, 0] >= length**2
-    return int(np.argmax(np.where(far, ucb, -np.inf))) if far.any() else int(np.argmax(ucb))
 
 
 def _worst_moving(state: SwarmState, moving: np.ndarray, taken) -> int:
@@ -529,6 +509,8 @@ def finished(state: SwarmState, settings: Any) -> bool:
 
 
 AVERAGE_Z = 1.0  # average_top: the global best stays only if it beats the average by more than this many SEs
+BAG_DRAWS = 1000  # average_top "bag": bootstrap draws of the dev rows (racing.Race.bagged)
+BAG_FALLBACK_TOP = 5  # average_top "bag" without per-row scores: the average of this many best positions
 
 
 def top_average(xs: np.ndarray, scores: np.ndarray, k: int) -> Optional[np.ndarray]:

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 import swarm_merge
 from swarm_merge import RunOptions, load_recipe
 from swarm_merge.cli import main
+from swarm_merge.publish.card import md as card_md
 from swarm_merge.report import read as read_report
 from swarm_merge.space import tensor_groups
 
@@ -64,9 +65,11 @@ def test_run_writes_a_loadable_affine_merge_with_report_and_card(finished_run, t
     a = np.array(report.coefficients.model)
     assert len(a) == 3 and abs(a.sum() - 1) < 1e-9
     names = [r.name for r in report.scores.rows]
-    assert names == ["expert0", "expert1", "expert2", "uniform average", "swarm winner"]
+    averaged = report.search.average.chosen == "average"  # (then the global best is a row beside the winner)
+    assert names == ["expert0", "expert1", "expert2", "uniform average", "swarm winner"] + (
+        ["swarm global best"] if averaged else [])
     winner = report.scores.winner
-    assert winner.dev.utility >= max(r.dev.utility for r in report.scores.rows[:4]) - 1e-12
+    assert report.search.average.global_best >= max(r.dev.utility for r in report.scores.rows[:4]) - 1e-12
     assert set(winner.test.groups) == {"add", "sum"}
     assert np.allclose(winner.coefficients, [report.coefficients.model])
     history = report.search.history
@@ -99,14 +102,16 @@ def test_run_writes_a_loadable_affine_merge_with_report_and_card(finished_run, t
     # (with racing, among the positions scored on every dev row: the ones not dropped after a stage)
     s = report.search
     full = s.distinct_positions_scored - (s.racing.dropped if s.racing else 0)
-    # The winner: the average of the top five (swarm.average_top) unless the global best beats it by more than one
+    # The winner: the bagged average (swarm.average_top) unless the global best beats it by more than one
     # standard error of their paired row differences; the average is one more position scored on every row.
     a = s.average
-    assert a is not None and a.top == 5 and a.standard_error is not None and a.standard_error >= 0
+    assert a is not None and a.rule == "bag" and 2 <= a.top <= full - 1
+    assert a.standard_error is not None and a.standard_error >= 0
     assert a.global_best == max(h.global_best for h in s.history)
     if a.chosen == "average":
         assert a.global_best - a.average <= a.standard_error and report.scores.winner.dev.utility == a.average
-        assert s.chosen_by.startswith(f"the average of the top 5 of the {full - 1} distinct positions")
+        assert s.chosen_by.startswith(f"the average of {a.top} positions weighted by how often each is the best")
+        assert f"of the {full - 1} distinct positions" in s.chosen_by
         best = next(r for r in report.scores.rows if r.kind == "global_best")  # shown beside it, on test too
         assert best.dev.utility == a.global_best and best.test is not None
     else:
@@ -119,7 +124,7 @@ def test_run_writes_a_loadable_affine_merge_with_report_and_card(finished_run, t
     # The card says what the search spent and which update ran (the paper's phi are unused under SPSO).
     assert f"{s.items} dev rows scored (racing: {s.racing.dropped} of" in card.text
     assert "SPSO-2011" in card.text and "inertia / cognitive" not in card.text
-    assert report.search.chosen_by in card.text
+    assert card_md(report.search.chosen_by) in card.text  # (Markdown-escaped on the card)
     # When the global best was found: the first iteration whose global best is its dev score,
     # what had been spent by then (on the card too).
     f = s.found
@@ -232,9 +237,8 @@ def test_layer_granularity_writes_per_group_weights(tiny_recipe, tiny_experts, t
 
 def test_where_the_average_wins_it_is_written_and_the_global_best_is_a_row_beside_it(tiny_recipe, tiny_experts,
                                                                                       tmp_path, monkeypatch, capsys):
-    # swarm.average_top: with the fallback out of reach the average of the top five is always the winner.
+    # swarm.average_top: with the fallback out of reach the average is always the winner (loglik rows: bagged).
     from swarm_merge import swarm
-    from swarm_merge.publish.card import md as card_md
 
     monkeypatch.setattr(swarm, "AVERAGE_Z", 1e9)
     assert main([str(tiny_recipe("", objective="loglik")), "--no-progress"]) == 0
@@ -244,7 +248,8 @@ def test_where_the_average_wins_it_is_written_and_the_global_best_is_a_row_besid
     best = next(r for r in report.scores.rows if r.kind == "global_best")
     assert best.name == "swarm global best" and best.dev.utility == a.global_best and best.test is not None
     assert best.coefficients != report.scores.winner.coefficients
-    assert report.search.chosen_by.startswith(f"the average of the top 5 of the {a.positions} distinct positions")
+    assert a.rule == "bag" and report.search.chosen_by.startswith(f"the average of {a.top} positions weighted")
+    assert f"of the {a.positions} distinct positions" in report.search.chosen_by
     card = (tmp_path / "out" / "README.md").read_text()
     assert card_md(report.search.chosen_by) in card and "| swarm global best |" in card
     assert "swarm global best" in capsys.readouterr().out

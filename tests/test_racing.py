@@ -367,31 +367,49 @@ class Rigged(RowEvaluator):
         return super().full(x)
 
 
-def top_five(result):
-    """The average of the five best distinct positions scored on every row, from the archive and the memo."""
-    seen, ranked = set(), []
+def scored_positions(result):
+    """The distinct positions scored on every row, in the archive's order, and their memo entries."""
+    seen, xs, entries = set(), [], []
     for x in result.state.archive_x:
         key = search.position_key(x)
         if key in result.memo and key not in seen:
             seen.add(key)
-            ranked.append((-result.memo[key]["utility"], len(ranked), x))
-    return np.mean([x for _, _, x in sorted(ranked, key=lambda t: t[:2])[:5]], axis=0)
+            xs.append(x)
+            entries.append(result.memo[key])
+    return np.asarray(xs), entries
+
+
+def top_five(result):
+    """The average of the five best distinct positions scored on every row, from the archive and the memo."""
+    xs, entries = scored_positions(result)
+    order = sorted(range(len(xs)), key=lambda i: (-entries[i]["utility"], i))
+    return xs[order[:5]].mean(axis=0)
 
 
 @pytest.mark.parametrize("raced", [True, False])
-def test_the_winner_is_the_average_of_the_top_five_unless_the_global_best_beats_it(tmp_path, raced):
+def test_the_winner_is_the_bagged_average_unless_the_global_best_beats_it(tmp_path, raced):
     settings = swarm_settings()
-    assert settings.average_top == 5  # the default
+    assert settings.average_top == "bag"  # the default
     race = racing.race_of(settings, OBJECTIVE, DEV) if raced else None
     plain = run(tmp_path, "best", settings.model_copy(update={"average_top": 1}), race, RowEvaluator(race))
     assert plain.pick is None and np.array_equal(plain.best, plain.state.g)  # 1: the global best (the paper)
-    average = top_five(plain)
+    if raced:  # each position weighted by how often it is the best on bootstrap draws of the rows
+        xs, entries = scored_positions(plain)
+        weights = race.bagged(entries, swarm.BAG_DRAWS, settings.seed)
+        average, averaged = np.tensordot(weights, xs, axes=1), int((weights > 0).sum())
+    else:  # no per-row scores: the top five
+        average, averaged = top_five(plain), 5
     assert np.allclose(average.sum(axis=1), 1.0)  # a merge like any other
     # The average is scored once the search is over: the same search, one position more.
     result = run(tmp_path, "avg", settings, race, RowEvaluator(race))
     assert np.array_equal(result.state.g, plain.state.g) and len(result.memo) == len(plain.memo) + 1
     assert result.items == plain.items + ROWS
-    assert result.pick["positions"] == len(plain.memo) and result.pick["top"] == 5  # chosen from, averaged
+    assert result.pick["positions"] == len(plain.memo) and result.pick["top"] == averaged  # chosen from, averaged
+    assert result.pick["rule"] == ("bag" if raced else "top") and averaged >= 2
+    if raced:  # average_top K: the top K, raced or not
+        five = run(tmp_path, "five", settings.model_copy(update={"average_top": 5}), race, RowEvaluator(race))
+        assert five.pick["rule"] == "top" and five.pick["top"] == 5
+        assert np.array_equal(five.memo[search.position_key(top_five(plain))]["rows"], row_values(top_five(plain)))
     chosen = result.pick["chosen"]
     assert np.array_equal(result.best, average if chosen == "average" else result.state.g)
     assert result.best_score.n == ROWS
@@ -425,3 +443,38 @@ def test_paired_error_is_the_deviation_of_the_row_differences_over_root_rows():
     assert race.paired_error(entry["a"], entry["b"]) == pytest.approx((a - b).std(ddof=1) / math.sqrt(ROWS))
     assert race.paired_error(entry["a"], entry["a"]) == 0.0
     assert race.paired_error({"utility": 0.3}, entry["b"]) is None  # no rows: nothing to pair
+
+
+@pytest.mark.parametrize("combine", [None, "mean", "harmonic"])
+def test_bagged_weights_count_the_bootstrap_wins_as_a_loop_does(combine):
+    rng = np.random.default_rng(3)
+    rows = (rng.random((6, ROWS)) < np.linspace(0.4, 0.7, 6)[:, None]).astype(float)
+    rows[5] = rows[4]  # a tie: every draw that one wins, the other wins too, and they share it
+    parts = (SimpleNamespace(type="exact_match", name="a", weight=1.0),
+             SimpleNamespace(type="exact_match", name="b", weight=3.0))
+    objective = OBJECTIVE if combine is None else Suite(parts, combine)
+    data = DEV if combine is None else [DEV[:40], DEV[40:]]
+    race = racing.plan_race(objective, data, fraction=0.25, confidence=0.95, seed=42)
+    entries = [{"utility": float(r.mean()), "rows": r.tolist(), "weights": [1.0] * ROWS} for r in rows]
+    got = race.bagged(entries, 200, seed=7)
+    # The same draws (multinomial row counts per component, in order), scored one by one as the objective would.
+    draw, want = np.random.default_rng(7), np.zeros(6)
+    sizes = [ROWS] if combine is None else [40, ROWS - 40]
+    counts = [draw.multinomial(n, np.full(n, 1.0 / n), size=200) for n in sizes]
+    for d in range(200):
+        means = [rows[:, s:s + n] @ c[d] / n for c, n, s in zip(counts, sizes, np.cumsum([0] + sizes))]
+        if combine is None:
+            u = means[0]
+        elif combine == "mean":
+            u = (means[0] + 3 * means[1]) / 4
+        else:
+            u = np.array([0.0 if min(a, b) <= 0 else 4 / (1 / a + 3 / b) for a, b in zip(*means)])
+        best = u >= u.max()
+        want += best / best.sum()
+    assert got == pytest.approx(want / 200)
+    assert got.sum() == pytest.approx(1.0) and got[4] == got[5]
+    # A position better on every row takes every draw; one with no rows: no bagging.
+    clear = [dict(e) for e in entries]
+    clear[2] = {"utility": 1.0, "rows": [1.0] * ROWS, "weights": [1.0] * ROWS}
+    assert race.bagged(clear, 50, seed=7).tolist() == [0, 0, 1, 0, 0, 0]
+    assert race.bagged([{"utility": 0.5}] + entries, 50, seed=7) is None

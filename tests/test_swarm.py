@@ -287,7 +287,7 @@ def test_product_defaults_are_the_new_levers_and_paper_values_select_the_paper()
     # the levers at their paper values is the paper's algorithm (the weight-space reference test runs it).
     d = SwarmSettings()
     assert (d.anchors, d.update, d.stop, d.anchor_velocity, d.surrogate, d.explore_after, d.average_top) == (
-        True, "spso", "budget", 0.3, "gp", "auto", 5)
+        True, "spso", "budget", 0.3, "gp", "auto", "bag")
     assert (d.racing, d.race_confidence, d.race_gain, d.race_neighbours) == ("auto", 0.95, "any", 0)  # "Racing at 0.8"
     s = SwarmSettings(init="paper", seed_soup=False, **PAPER_LEVERS)
     assert (s.anchors, s.update, s.stop, s.surrogate, s.explore_after, s.average_top) == (
