@@ -586,9 +586,12 @@ def _top_average(state: swarm.SwarmState, memo: Dict[str, Dict[str, Any]], setti
             xs.append(np.asarray(x, dtype=float))
             entries.append(memo[key])
     scores = np.array([float("nan") if e.get("utility") is None else e["utility"] for e in entries], dtype=float)
-    if rule == "bag" and race is not None and int(np.isfinite(scores).sum()) >= 2:
-        weights = race.bagged(entries, swarm.BAG_DRAWS, seed)
+    ok = np.flatnonzero(np.isfinite(scores))  # (a failed position has no rows to draw from)
+    if rule == "bag" and race is not None and len(ok) >= 2:
+        weights = race.bagged([entries[i] for i in ok], swarm.BAG_DRAWS, seed)
         if weights is not None:
-            return np.tensordot(weights, np.asarray(xs), axes=1), int((weights > 0).sum()), rule
+            if (weights > 0).sum() < 2:  # one position wins every draw: it is the global best, nothing to average
+                return None, 0, rule
+            return np.tensordot(weights, np.asarray(xs)[ok], axes=1), int((weights > 0).sum()), rule
     average = swarm.top_average(np.asarray(xs), scores, k) if xs else None
     return average, 0 if average is None else min(k, int(np.isfinite(scores).sum())), "top"

@@ -478,3 +478,23 @@ def test_bagged_weights_count_the_bootstrap_wins_as_a_loop_does(combine):
     clear[2] = {"utility": 1.0, "rows": [1.0] * ROWS, "weights": [1.0] * ROWS}
     assert race.bagged(clear, 50, seed=7).tolist() == [0, 0, 1, 0, 0, 0]
     assert race.bagged([{"utility": 0.5}] + entries, 50, seed=7) is None
+
+
+def test_the_bagged_average_skips_failed_positions_and_a_clear_best_is_no_average():
+    race = race_of()
+    rng = np.random.default_rng(1)
+    xs = [np.array([[a, 1.0 - a]]) for a in (0.1, 0.2, 0.3, 0.4)]
+    tied = (rng.random(ROWS) < 0.6).astype(float)
+    entries = [aggregate(tied, [1.0] * ROWS, DEV).to_dict(rows=True) for _ in range(3)]  # three positions tied
+    memo = {search.position_key(x): e for x, e in zip(xs, entries)}
+    memo[search.position_key(xs[3])] = {"utility": None}  # failed: no rows
+    state = SimpleNamespace(archive_x=np.array(xs))
+    average, averaged, rule = search._top_average(state, memo, "bag", race, 42)
+    assert (averaged, rule) == (3, "bag") and np.allclose(average, np.mean(xs[:3], axis=0))  # ties share every draw
+    better = np.ones(ROWS)  # better than the others on every row: it wins every draw, so nothing is averaged
+    memo[search.position_key(xs[0])] = aggregate(better, [1.0] * ROWS, DEV).to_dict(rows=True)
+    assert search._top_average(state, memo, "bag", race, 42) == (None, 0, "bag")
+    # Without a race (no per-row scores): the top five (here the three finite ones); an integer K: the top K.
+    average, averaged, rule = search._top_average(state, memo, "bag", None, 42)
+    assert (averaged, rule) == (3, "top") and np.allclose(average, np.mean(xs[:3], axis=0))
+    assert search._top_average(state, memo, 2, race, 42)[1:] == (2, "top")
