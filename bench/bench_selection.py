@@ -203,7 +203,9 @@ class Bench:
         memo_path.unlink(missing_ok=True)
         result = search.run_search(settings, num_experts=self.k, num_groups=self.g, evaluate=scored,
                                    checkpoint=memo_path, fingerprint=lever, progress=False, race=race,
-                                   evaluate_rows=part if race else None)
+                                   evaluate_rows=part if race else None,
+                                   rows_layout=None if "holdout" in lever or "tiebreak" in lever else
+                                   racing.layout_of(settings, self.objective, self.dev))
         memo_path.unlink(missing_ok=True)
         full = [p for k, p in positions.items() if k in result.memo]  # scored on every row (not raced out)
         ranked = sorted(full, key=lambda p: -key_of(p))

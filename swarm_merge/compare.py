@@ -68,7 +68,8 @@ def _other_seeds(plan, result, evaluator, race, seeds, memo) -> list:
                 settings, num_experts=len(plan.experts), num_groups=len(plan.group_labels),
                 evaluate=baselines.Budgeted(lambda x: evaluator.evaluate(x, dev, objective), memo),
                 checkpoint=Path(tmp) / f"seed-{seed}.json", fingerprint="comparison", progress=plan.options.progress,
-                ranks=plan.ranks, race=other_race, evaluate_rows=racing.rows_scorer(evaluator, other_race, objective))
+                ranks=plan.ranks, race=other_race, evaluate_rows=racing.rows_scorer(evaluator, other_race, objective),
+                rows_layout=racing.layout_of(settings, objective, dev))
             runs.append(baselines.MethodRun("swarm", seed, other.best, other.best_score, _distinct(other),
                                             time.monotonic() - start, items=other.items))
     return runs

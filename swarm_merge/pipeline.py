@@ -200,6 +200,7 @@ def _search(plan: Plan, evaluator, mode: str, folder, digests: List[str]):
         ranks=plan.ranks,
         race=race,
         evaluate_rows=racing.rows_scorer(evaluator, race, objective),
+        rows_layout=racing.layout_of(recipe.swarm, objective, dev),
     )
     LOG.info("scoring the experts, the uniform average and the winner%s", " on the test set" if test else "")
     scores, test_rows = results.score_candidates(plan, result, evaluator)

@@ -63,7 +63,7 @@ import numpy as np
 
 from swarm_merge.objectives import Score, Suite, aggregate, kind_of
 
-__all__ = ["Race", "can_race", "plan_race", "race_of", "rows_scorer"]
+__all__ = ["Race", "can_race", "layout_of", "plan_race", "race_of", "rows_scorer"]
 
 
 def can_race(objective) -> bool:
@@ -358,6 +358,15 @@ def plan_race(objective, data, *, fraction: float, confidence: float, seed: int,
         return None
     return Race(objective=objective, data=data, parts=parts, z=NormalDist().inv_cdf(confidence), confidence=confidence,
                 gain=gain, neighbours=neighbours)
+
+
+def layout_of(settings, objective, data) -> Optional[Race]:
+    """The dev rows' layout (components, their rows) that ``average_top: bag`` and its standard error read, raced
+    or not: the race ``race_of`` would plan with racing on, or None where the utility is not a mean over rows."""
+    if not can_race(objective):
+        return None
+    return plan_race(objective, data, fraction=settings.race_slice, confidence=settings.race_confidence,
+                     seed=settings.seed, gain=settings.race_gain, neighbours=settings.race_neighbours)
 
 
 def race_of(settings, objective, data) -> Optional[Race]:

@@ -285,7 +285,7 @@ class SwarmSettings(_Frozen):
     # curse); an average of the best few is a merge the search did not select on its own noise.
     # "bag" (bagging the argmax): each position weighted by how often it is the best on 1000 bootstrap draws of
     # the dev rows, so the positions the rows cannot tell apart share the weight and a clear best keeps it all
-    # (racing.Race.bagged); without per-row scores (racing off, lm_eval, custom) the top 5. An integer K: the
+    # (racing.Race.bagged); without per-row scores (lm_eval, custom) the top 5. An integer K: the
     # mean of the K best. bench/RESULTS.md ("Bagging the argmax"): dev / test against K = 5, +0.006 / +0.006 on
     # the demo (20 seeds), +0.002 / -0.001 on bench2 (20), -0.002 / +0.002 on the 24-dimension layer bench (6).
     average_top: Union[Literal["bag"], StrictInt] = "bag"

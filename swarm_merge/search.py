@@ -347,6 +347,7 @@ def run_search(  # noqa: C901, PLR0913 (the loop and the closures that share its
     ranks: Optional[distributed.Ranks] = None,
     race: Optional[Race] = None,
     evaluate_rows: Optional[Callable[[np.ndarray, np.ndarray], Score]] = None,
+    rows_layout: Optional[Race] = None,
 ) -> SearchResult:
     """Run Model Swarms over coefficient arrays of shape ``(num_groups, num_experts)``.
 
@@ -361,6 +362,8 @@ def run_search(  # noqa: C901, PLR0913 (the loop and the closures that share its
         race: racing (:mod:`swarm_merge.racing`): a moving particle is scored stage by stage
             (``evaluate_rows(x, rows)``, row indices: the slice first) while it may still beat the global best.
             None: every position is scored on every row.
+        rows_layout: without ``race``, the dev rows' layout (racing.layout_of): the memo then keeps each
+            position's rows, so ``average_top: bag`` and its standard error work unraced too.
 
     Raises:
         EvaluationError: no particle of the initial swarm scored a finite utility,
@@ -369,6 +372,7 @@ def run_search(  # noqa: C901, PLR0913 (the loop and the closures that share its
     from tqdm.auto import tqdm
 
     ranks = ranks or distributed.Ranks()
+    layout = race if race is not None else rows_layout  # the rows' layout: racing's, or average_top's alone
     checkpoint = Path(checkpoint)
     started = time.monotonic() if started is None else started
     run = _load_or_start(checkpoint, fingerprint, started, resume, ranks)
@@ -389,7 +393,7 @@ def run_search(  # noqa: C901, PLR0913 (the loop and the closures that share its
         keys = list(todo)
 
         def done(i: int, score: Score) -> None:
-            run.memo[keys[i]] = score.to_dict(rows=race is not None)
+            run.memo[keys[i]] = score.to_dict(rows=layout is not None)
             run.items += score.n
             save()
             bar.update()
@@ -524,13 +528,13 @@ def run_search(  # noqa: C901, PLR0913 (the loop and the closures that share its
                      state.g_score, "-" if mean is None else f"{mean:.4f}", state.evaluations)
     best, pick = state.g.copy(), None
     scored = len(run.memo)  # (the positions scored on every row, before the average)
-    average, averaged, rule = _top_average(state, run.memo, getattr(settings, "average_top", 1), race,
+    average, averaged, rule = _top_average(state, run.memo, getattr(settings, "average_top", 1), layout,
                                            int(getattr(settings, "seed", 0)))
     if average is not None:
         bar.total += 1
         u_avg, u_best = scores_of([average])[0], state.g_score
         avg_entry, best_entry = run.memo[position_key(average)], run.memo[position_key(state.g)]
-        se = race.paired_error(avg_entry, best_entry) if race is not None else None
+        se = layout.paired_error(avg_entry, best_entry) if layout is not None else None
         keep = not math.isfinite(u_avg) or u_best - u_avg > swarm.AVERAGE_Z * (se or 0.0)
         if not keep:
             best = np.asarray(average, dtype=float)
@@ -567,13 +571,13 @@ def run_search(  # noqa: C901, PLR0913 (the loop and the closures that share its
     )
 
 
-def _top_average(state: swarm.SwarmState, memo: Dict[str, Dict[str, Any]], setting: Any, race: Optional[Race],
+def _top_average(state: swarm.SwarmState, memo: Dict[str, Dict[str, Any]], setting: Any, layout: Optional[Race],
                  seed: int) -> Tuple[Optional[np.ndarray], int, str]:
     """``average_top``: the average of the distinct positions the run scored on every dev row (the archive's order
     breaks ties), how many it averages, and the rule ("bag" or "top"); (None, 0, rule) with ``average_top`` 1 or
     fewer than two such positions. "bag" (:meth:`Race.bagged`) weighs each position by how often it is the best on
-    bootstrap draws of the dev rows; without per-row scores (no racing) it falls back to the top
-    swarm.BAG_FALLBACK_TOP. An integer K: the mean of the K best."""
+    bootstrap draws of the dev rows (``layout``: racing's rows); without per-row scores (lm_eval, custom) it falls
+    back to the top swarm.BAG_FALLBACK_TOP. An integer K: the mean of the K best."""
     rule = "bag" if setting == "bag" else "top"
     k = swarm.BAG_FALLBACK_TOP if setting == "bag" else int(setting)
     if k < 2 or state.archive_x is None:
@@ -587,8 +591,8 @@ def _top_average(state: swarm.SwarmState, memo: Dict[str, Dict[str, Any]], setti
             entries.append(memo[key])
     scores = np.array([float("nan") if e.get("utility") is None else e["utility"] for e in entries], dtype=float)
     ok = np.flatnonzero(np.isfinite(scores))  # (a failed position has no rows to draw from)
-    if rule == "bag" and race is not None and len(ok) >= 2:
-        weights = race.bagged([entries[i] for i in ok], swarm.BAG_DRAWS, seed)
+    if rule == "bag" and layout is not None and len(ok) >= 2:
+        weights = layout.bagged([entries[i] for i in ok], swarm.BAG_DRAWS, seed)
         if weights is not None:
             if (weights > 0).sum() < 2:  # one position wins every draw: it is the global best, nothing to average
                 return None, 0, rule

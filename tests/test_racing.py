@@ -248,10 +248,10 @@ def swarm_settings(**update):
     return SwarmSettings(size=7, max_iterations=8, **update)
 
 
-def run(tmp_path, name, settings, race, evaluator, resume=False):
+def run(tmp_path, name, settings, race, evaluator, resume=False, rows_layout=None):
     return search.run_search(settings, num_experts=3, num_groups=1, evaluate=evaluator.full,
                              checkpoint=tmp_path / f"{name}.json", fingerprint="t", progress=False, resume=resume,
-                             race=race, evaluate_rows=evaluator.rows if race else None)
+                             race=race, evaluate_rows=evaluator.rows if race else None, rows_layout=rows_layout)
 
 
 def test_racing_spends_fewer_rows_and_its_winner_is_scored_on_every_row(tmp_path):
@@ -410,6 +410,16 @@ def test_the_winner_is_the_bagged_average_unless_the_global_best_beats_it(tmp_pa
         five = run(tmp_path, "five", settings.model_copy(update={"average_top": 5}), race, RowEvaluator(race))
         assert five.pick["rule"] == "top" and five.pick["top"] == 5
         assert np.array_equal(five.memo[search.position_key(top_five(plain))]["rows"], row_values(top_five(plain)))
+    else:  # unraced with the rows' layout (racing off, or streaming): the memo keeps the rows, and the bag works
+        layout = racing.layout_of(settings, OBJECTIVE, DEV)
+        bare = run(tmp_path, "bare", settings.model_copy(update={"average_top": 1}), None, RowEvaluator(None),
+                   rows_layout=layout)
+        xs, entries = scored_positions(bare)
+        weights = layout.bagged(entries, swarm.BAG_DRAWS, settings.seed)
+        bagged = run(tmp_path, "bagged", settings, None, RowEvaluator(None), rows_layout=layout)
+        assert bagged.pick["rule"] == "bag" and bagged.pick["top"] == int((weights > 0).sum())
+        assert bagged.pick["standard_error"] is not None and bagged.items == bare.items + ROWS
+        assert bagged.memo[search.position_key(np.tensordot(weights, xs, axes=1))]["rows"] is not None
     chosen = result.pick["chosen"]
     assert np.array_equal(result.best, average if chosen == "average" else result.state.g)
     assert result.best_score.n == ROWS
@@ -498,3 +508,13 @@ def test_the_bagged_average_skips_failed_positions_and_a_clear_best_is_no_averag
     average, averaged, rule = search._top_average(state, memo, "bag", None, 42)
     assert (averaged, rule) == (3, "top") and np.allclose(average, np.mean(xs[:3], axis=0))
     assert search._top_average(state, memo, 2, race, 42)[1:] == (2, "top")
+
+
+def test_racing_off_still_bags_the_winner(tiny_recipe):
+    from swarm_merge.report import read
+
+    recipe = tiny_recipe(objective="exact_match")
+    assert cli.main([str(recipe), "--set", "swarm.racing=false", "--no-progress"]) == 0
+    s = read(recipe.parent / "out" / "swarm.json").search
+    assert s.racing is None and s.items == s.distinct_positions_scored * 12  # every position on every row
+    assert s.average.rule == "bag" and s.average.standard_error is not None and s.average.top >= 2
