@@ -164,12 +164,13 @@ def comparison_table(report: "Report", *, markdown: bool = False) -> Optional[Ta
         if g is None:
             return "-"
         interval = "" if g.half_width is None else f" ± {g.half_width:.4f}"
-        return f"{g.mean:+.4f}{interval} (above at {g.above}, below at {g.below} of {g.seeds})"
+        return f"{g.mean:+.4f}{interval} ({g.above} / {g.below} of {g.seeds})"
 
     esc = md if markdown else str
     has_test = any(m.test_gap is not None for m in c.summary)
-    header = ["method", "dev", "test", "evaluations", "dev rows scored", "seconds", "swarm - this, dev"]
-    header += ["swarm - this, test"] if has_test else []
+    header = ["method", "dev", "test", "evaluations", "dev rows scored", "seconds",
+              "swarm - this, dev (seeds above / below)"]
+    header += ["swarm - this, test (seeds above / below)"] if has_test else []
     return Table(header, [
         [esc(m.method), ms(m.dev_mean, m.dev_std), ms(m.test_mean, m.test_std), str(m.evaluations),
          "-" if m.items is None else str(m.items), f"{m.seconds_mean:.0f}", gap(m.dev_gap)]
