@@ -11,8 +11,9 @@ is scored and cached):
   topK        the average of the K best positions (K = 3, 5, 8), always
   topK z=Z    the average of the K best, unless the best beats it by more than Z standard errors of their paired
               row differences (z=1 is the default, ``average_top: 5``; racing's paired_error)
-  bag         bagging the argmax: the positions averaged with weights = how often each is the best (ties share)
-              on 1000 bootstrap draws of the dev rows; "bag z=1" with topK's fallback
+  bag         bagging the argmax (Race.bagged, ``average_top: bag``): the positions averaged with weights = how
+              often each is the best (ties share) on 1000 bootstrap draws of the dev rows; "bag z=1" with topK's
+              fallback (the default)
 
 Asserts nothing; prints one Markdown table (mean dev / test per rule, and against the global best, how many seeds
 gain or lose on test).
@@ -34,9 +35,6 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import bench_selection  # noqa: E402
 from swarm_merge import racing, search, swarm  # noqa: E402
-
-
-BAGS = 1000
 
 
 def gp_mean(xs: np.ndarray, ys: np.ndarray, noise: float = 0.3) -> np.ndarray:
@@ -96,16 +94,14 @@ def main() -> None:
                 gap = rows["best"]["utility"] - rows["avg"]["utility"]
                 for z in (0.0, 1.0, 1.645):
                     picks[f"top{k} z={z:g}"] = best if gap > z * se else average
-        # bagging the argmax: on each of BAGS bootstrap draws of the dev rows the best position (ties share), the
-        # positions weighted by how often they win; the same fallback as topK z=Z
-        rows_of = np.array([bench.rows(x)[0] for x in xs], dtype=float)  # (positions, rows)
-        boot = np.random.default_rng(seed).integers(0, rows_of.shape[1], size=(BAGS, rows_of.shape[1]))
-        means = rows_of[:, boot].mean(axis=2)  # (positions, BAGS)
-        wins = (means >= means.max(axis=0, keepdims=True) - 1e-12).astype(float)
-        weights = (wins / wins.sum(axis=0, keepdims=True)).sum(axis=1) / BAGS
-        bag = np.tensordot(weights, xs, axes=1)
-        picks["bag"] = bag
+        # bagging the argmax, as the product draws it (Race.bagged, swarm.BAG_DRAWS draws seeded by the run's seed):
+        # the positions weighted by how often each is the best on bootstrap draws of the dev rows; the same
+        # fallback as topK z=Z
         if race is not None:
+            entries = [{"utility": float(u), "rows": bench.rows(x)[0], "weights": [1.0] * len(bench.dev)}
+                       for x, u in zip(xs, ys)]
+            bag = np.tensordot(race.bagged(entries, swarm.BAG_DRAWS, seed), xs, axes=1)
+            picks["bag"] = bag
             rows = {n: {"utility": float(np.mean(bench.rows(x)[0])), "rows": bench.rows(x)[0],
                         "weights": [1.0] * len(bench.dev)} for n, x in (("bag", bag), ("best", best))}
             se = race.paired_error(rows["bag"], rows["best"]) or 0.0

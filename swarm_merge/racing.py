@@ -384,8 +384,7 @@ def race_of(settings, objective, data) -> Optional[Race]:
             raise RecipeError(f"swarm.racing: true needs a utility that is a mean over dev rows, and {objective.type} "
                               "scores a whole set at once; set swarm.racing: auto (or false)")
         return None
-    race = plan_race(objective, data, fraction=settings.race_slice, confidence=settings.race_confidence,
-                     seed=settings.seed, gain=settings.race_gain, neighbours=settings.race_neighbours)
+    race = layout_of(settings, objective, data)
     if race is None and settings.racing is True:
         raise RecipeError(f"swarm.racing: true, but a slice of {settings.race_slice:g} of the dev rows (2 or more per "
                           "row group) leaves no rows to finish with; add dev rows or lower swarm.race_slice")
