@@ -287,7 +287,7 @@ class SwarmSettings(_Frozen):
     # the dev rows, so the positions the rows cannot tell apart share the weight and a clear best keeps it all
     # (racing.Race.bagged); without per-row scores (lm_eval, custom) the top 5. An integer K: the
     # mean of the K best. bench/RESULTS.md ("Bagging the argmax"): dev / test against K = 5, +0.006 / +0.006 on
-    # the demo (20 seeds), +0.002 / -0.001 on bench2 (20), -0.002 / +0.002 on the 24-dimension layer bench (6).
+    # the demo (20 seeds), +0.001 / 0.000 on bench2 (20), -0.002 / +0.002 on the 24-dimension layer bench (6).
     average_top: Union[Literal["bag"], StrictInt] = "bag"
     racing: Union[bool, Literal["auto"]] = "auto"
     race_slice: float = Field(0.25, gt=0, lt=1)
