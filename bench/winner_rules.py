@@ -8,6 +8,9 @@ is scored and cached):
   best        the global best (the paper's winner; ``average_top: 1``)
   gp          the best posterior mean of a GP fitted to those positions (the surrogate's kernel, noise 0.3)
   tied        among the positions tied with the best dev score, the one nearest the top five's average
+  soup        among the positions tied with the best dev score, the one nearest the uniform soup (1/K each:
+              the least extrapolation from the experts' mean); "soup 1se": among those within one standard
+              error of the best's paired row differences
   topK        the average of the K best positions (K = 3, 5, 8), always
   topK z=Z    the average of the K best, unless the best beats it by more than Z standard errors of their paired
               row differences (z=1 is the default, ``average_top: 5``; racing's paired_error)
@@ -84,6 +87,14 @@ def main() -> None:
         tied = np.flatnonzero(ys >= ys[order[0]] - 1e-12)
         centre = xs[order[:5]].mean(axis=0)
         picks["tied"] = xs[tied[int(np.argmin(((xs[tied] - centre) ** 2).sum(axis=(1, 2))))]]
+        soup_distance = ((xs - 1.0 / xs.shape[-1]) ** 2).sum(axis=(1, 2))
+        picks["soup"] = xs[tied[int(np.argmin(soup_distance[tied]))]]
+        if race is not None:
+            best_entry = {"utility": float(ys[order[0]]), "rows": bench.rows(best)[0], "weights": [1.0] * len(bench.dev)}
+            near = [i for i in range(len(xs)) if ys[order[0]] - ys[i] <= (race.paired_error(
+                {"utility": float(ys[i]), "rows": bench.rows(xs[i])[0], "weights": [1.0] * len(bench.dev)},
+                best_entry) or 0.0)]
+            picks["soup 1se"] = xs[near[int(np.argmin(soup_distance[near]))]]
         for k in (3, 5, 8):
             average = xs[order[:k]].mean(axis=0)
             picks[f"top{k}"] = average
