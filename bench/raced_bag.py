@@ -18,18 +18,16 @@ and scores the pick on dev and test. Asserts nothing; prints one Markdown table.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
-import bench_selection  # noqa: E402
-from swarm_merge import racing, search, swarm  # noqa: E402
+import winner_rules  # noqa: E402
+from swarm_merge import search, swarm  # noqa: E402
 
 
 def replay(bench, race, result, seed):
@@ -80,23 +78,7 @@ def replay(bench, race, result, seed):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--recipe", type=Path, default=REPO / "recipes" / "demo.yml")
-    ap.add_argument("--seeds", default="42,43,44")
-    ap.add_argument("--set", action="append", default=[], metavar="swarm.KEY=VALUE")
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    bench = bench_selection.Bench(args.recipe, args.set)
-    captured = {}
-    run_search = search.run_search
-
-    def capture(*a, **k):
-        captured["result"] = run_search(*a, **k)
-        return captured["result"]
-
-    bench_selection.search.run_search = capture
-    race = racing.race_of(bench.recipe.swarm, bench.objective, bench.dev)
+    args, bench, race, captured = winner_rules.replaying(__doc__.splitlines()[0])
     n = len(bench.dev)
     table, rows_share = {}, []
     for seed in (int(s) for s in args.seeds.split(",")):

@@ -46,8 +46,10 @@ def gp_mean(xs: np.ndarray, ys: np.ndarray, noise: float = 0.3) -> np.ndarray:
     return np.exp(-swarm._sq_dist(xs, xs) / (2 * length**2)) @ weights
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def replaying(description: str):
+    """The command line both replays take (--recipe, --seeds, --set, --threads), the bench on that recipe, its race,
+    and a dict whose "result" is the last SearchResult a ``bench.run`` made."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--recipe", type=Path, default=REPO / "recipes" / "demo.yml")
     ap.add_argument("--seeds", default="42,43,44")
     ap.add_argument("--set", action="append", default=[], metavar="swarm.KEY=VALUE")
@@ -63,7 +65,11 @@ def main() -> None:
         return captured["result"]
 
     bench_selection.search.run_search = capture
-    race = racing.race_of(bench.recipe.swarm, bench.objective, bench.dev)
+    return args, bench, racing.race_of(bench.recipe.swarm, bench.objective, bench.dev), captured
+
+
+def main() -> None:
+    args, bench, race, captured = replaying(__doc__.splitlines()[0])
 
     def scored(x):
         return float(np.mean(bench.rows(x)[0])), bench.test_utility(x)
