@@ -34,10 +34,6 @@ def replay(bench, race, result, seed):
     """One run's picks ({rule: (position, positions averaged)}), its share of the rows scored, and how many
     positions it finished and dropped (``bench.trace``: what the search scored)."""
     n = len(bench.dev)
-    ones = [1.0] * n
-
-    def entry(rows):
-        return {"utility": float(np.mean(rows)), "rows": list(rows), "weights": ones}
 
     seen: dict = {}  # position key -> (x, the row indices the search scored)
     for which, x in bench.trace:
@@ -52,14 +48,10 @@ def replay(bench, race, result, seed):
 
     def bag(keys, rows_of):
         xs = np.array([seen[k][0] for k in keys])
-        weights = race.bagged([entry(rows_of(k)) for k in keys], swarm.BAG_DRAWS, seed)
+        weights = race.bagged([winner_rules.entry(rows_of(k)) for k in keys], swarm.BAG_DRAWS, seed)
         if weights is None or (weights > 0).sum() < 2:
             return g, 0
-        average = np.tensordot(weights, xs, axes=1)
-        avg_rows = bench.rows(average)[0]
-        se = race.paired_error(entry(avg_rows), entry(g_rows)) or 0.0
-        keep = float(np.mean(g_rows)) - float(np.mean(avg_rows)) > swarm.AVERAGE_Z * se
-        return (g if keep else average), int((weights > 0).sum())
+        return winner_rules.unless_best_leads(race, np.tensordot(weights, xs, axes=1), g, bench), int((weights > 0).sum())
 
     def true_rows(k):
         return bench.rows(seen[k][0])[0]

@@ -46,6 +46,18 @@ def gp_mean(xs: np.ndarray, ys: np.ndarray, noise: float = 0.3) -> np.ndarray:
     return np.exp(-swarm._sq_dist(xs, xs) / (2 * length**2)) @ weights
 
 
+def entry(rows) -> dict:
+    """A memo entry of a position scored on every dev row (the benches' rows weigh alike)."""
+    return {"utility": float(np.mean(rows)), "rows": list(rows), "weights": [1.0] * len(rows)}
+
+
+def unless_best_leads(race, average, best, bench, z: float = swarm.AVERAGE_Z):
+    """The product's fallback (search.run_search): ``best`` if it beats ``average`` on dev by more than ``z``
+    standard errors of their paired row differences, else ``average``."""
+    a, b = entry(bench.rows(average)[0]), entry(bench.rows(best)[0])
+    return best if b["utility"] - a["utility"] > z * (race.paired_error(a, b) or 0.0) else average
+
+
 def replaying(description: str):
     """The command line both replays take (--recipe, --seeds, --set, --threads), the bench on that recipe, its race,
     and a dict whose "result" is the last SearchResult a ``bench.run`` made."""
@@ -96,33 +108,22 @@ def main() -> None:
         soup_distance = ((xs - 1.0 / xs.shape[-1]) ** 2).sum(axis=(1, 2))
         picks["soup"] = xs[tied[int(np.argmin(soup_distance[tied]))]]
         if race is not None:
-            best_entry = {"utility": float(ys[order[0]]), "rows": bench.rows(best)[0], "weights": [1.0] * len(bench.dev)}
             near = [i for i in range(len(xs)) if ys[order[0]] - ys[i] <= (race.paired_error(
-                {"utility": float(ys[i]), "rows": bench.rows(xs[i])[0], "weights": [1.0] * len(bench.dev)},
-                best_entry) or 0.0)]
+                entry(bench.rows(xs[i])[0]), entry(bench.rows(best)[0])) or 0.0)]
             picks["soup 1se"] = xs[near[int(np.argmin(soup_distance[near]))]]
         for k in (3, 5, 8):
             average = xs[order[:k]].mean(axis=0)
             picks[f"top{k}"] = average
             if k in (3, 5) and race is not None:
-                rows = {n: {"utility": float(np.mean(bench.rows(x)[0])), "rows": bench.rows(x)[0],
-                            "weights": [1.0] * len(bench.dev)} for n, x in (("avg", average), ("best", best))}
-                se = race.paired_error(rows["avg"], rows["best"]) or 0.0
-                gap = rows["best"]["utility"] - rows["avg"]["utility"]
                 for z in (0.0, 1.0, 1.645):
-                    picks[f"top{k} z={z:g}"] = best if gap > z * se else average
+                    picks[f"top{k} z={z:g}"] = unless_best_leads(race, average, best, bench, z)
         # bagging the argmax, as the product draws it (Race.bagged, swarm.BAG_DRAWS draws seeded by the run's seed):
         # the positions weighted by how often each is the best on bootstrap draws of the dev rows; the same
         # fallback as topK z=Z
         if race is not None:
-            entries = [{"utility": float(u), "rows": bench.rows(x)[0], "weights": [1.0] * len(bench.dev)}
-                       for x, u in zip(xs, ys)]
-            bag = np.tensordot(race.bagged(entries, swarm.BAG_DRAWS, seed), xs, axes=1)
+            bag = np.tensordot(race.bagged([entry(bench.rows(x)[0]) for x in xs], swarm.BAG_DRAWS, seed), xs, axes=1)
             picks["bag"] = bag
-            rows = {n: {"utility": float(np.mean(bench.rows(x)[0])), "rows": bench.rows(x)[0],
-                        "weights": [1.0] * len(bench.dev)} for n, x in (("bag", bag), ("best", best))}
-            se = race.paired_error(rows["bag"], rows["best"]) or 0.0
-            picks["bag z=1"] = best if rows["best"]["utility"] - rows["bag"]["utility"] > se else bag
+            picks["bag z=1"] = unless_best_leads(race, bag, best, bench)
         for rule, x in picks.items():
             table.setdefault(rule, []).append(scored(x))
         print(f"seed {seed}: " + ", ".join(f"{r} {d:.3f}/{t:.3f}" for r, (d, t) in ((r, v[-1]) for r, v in table.items())),
