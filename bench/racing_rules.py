@@ -10,8 +10,11 @@ with every dev row from the cache, it replays each rule below through the librar
   improvers dropped  positions strictly better than the global best they raced (on every row) that the rule
                      drops: each one a move of the global best the run would not make
 
-and, per stage, what the raced positions showed on the rows seen so far (ahead of the global best, level with
-identical rows, level with rows that differ, behind) and how many of each end strictly better on every row:
+then where the rows of two rules go, the default's and the cheap race measured in whole runs (0.8, 4 neighbours,
+a slice of 1/8): the raced positions by what they are on every row against the global best they raced (better,
+its answers on every row, level on utility with other answers, worse), finished or dropped; and, per stage,
+what the raced positions showed on the rows seen so far (ahead of the global best, level with identical rows,
+level with rows that differ, behind) and how many of each end strictly better on every row:
 the share a rule at confidence c must finish is the evidence for what a valid rule can save. Last, where the
 raced positions are: what they showed on the slice in the first and second half of each run, and how far from
 the global best they sit (the largest coefficient difference), and which move made them: the surrogate's pick
@@ -46,19 +49,26 @@ from bench_selection import Bench  # noqa: E402
 
 from swarm_merge import objectives, racing, search, swarm  # noqa: E402
 
-# (label, race_confidence, race_gain, late stages, race_neighbours): late False merges the stages after half the
-# rows into one (the schedule before the three-quarter stage: slice, half, all).
+# (label, race_confidence, race_gain, late stages, race_neighbours, race_slice): late False merges the stages after
+# half the rows into one (the schedule before the three-quarter stage: slice, half, all). A slice other than the
+# run's plans the race again (racing.plan_race, from the same seed).
 RULES = [
-    ("0.95, no neighbours, slice / half / all (before)", 0.95, "any", False, 0),
-    ("0.95, no neighbours (the default)", 0.95, "any", True, 0),
-    ("0.95, 4 neighbours", 0.95, "any", True, 4),
-    ("0.95, 8 neighbours", 0.95, "any", True, 8),
-    ("0.9, no neighbours", 0.9, "any", True, 0),
-    ("0.9, 4 neighbours", 0.9, "any", True, 4),
-    ("0.8, no neighbours", 0.8, "any", True, 0),
-    ("0.95, race_gain: row, no neighbours", 0.95, "row", True, 0),
-    ("0.95, race_gain: row, 4 neighbours", 0.95, "row", True, 4),
-    ("0.8, race_gain: row, no neighbours", 0.8, "row", True, 0),
+    ("0.95, no neighbours, slice / half / all (before)", 0.95, "any", False, 0, 0.25),
+    ("0.95, no neighbours (the default)", 0.95, "any", True, 0, 0.25),
+    ("0.95, 4 neighbours", 0.95, "any", True, 4, 0.25),
+    ("0.95, 8 neighbours", 0.95, "any", True, 8, 0.25),
+    ("0.9, no neighbours", 0.9, "any", True, 0, 0.25),
+    ("0.9, 4 neighbours", 0.9, "any", True, 4, 0.25),
+    ("0.8, no neighbours", 0.8, "any", True, 0, 0.25),
+    ("0.8, 4 neighbours", 0.8, "any", True, 4, 0.25),
+    ("0.7, 4 neighbours", 0.7, "any", True, 4, 0.25),
+    ("0.95, race_gain: row, no neighbours", 0.95, "row", True, 0, 0.25),
+    ("0.95, race_gain: row, 4 neighbours", 0.95, "row", True, 4, 0.25),
+    ("0.8, race_gain: row, no neighbours", 0.8, "row", True, 0, 0.25),
+    ("0.95, 4 neighbours, slice 1/8", 0.95, "any", True, 4, 0.125),
+    ("0.9, 4 neighbours, slice 1/8", 0.9, "any", True, 4, 0.125),
+    ("0.8, 4 neighbours, slice 1/8", 0.8, "any", True, 4, 0.125),
+    ("0.8, no neighbours, slice 1/8", 0.8, "any", True, 0, 0.125),
 ]
 
 
@@ -114,8 +124,10 @@ def late_merged(race: racing.Race) -> racing.Race:
     return dataclasses.replace(race, parts=parts)
 
 
-def replay(bench: Bench, run, race: racing.Race):
-    """(dev rows, improvers dropped, improvers) of one run's raced positions under ``race``'s rule."""
+def replay(bench: Bench, run, race: racing.Race, where: dict | None = None):
+    """(dev rows, improvers dropped, improvers) of one run's raced positions under ``race``'s rule; ``where``
+    (given) gathers [positions, rows] by (what a position is on every row against the global best it raced,
+    finished or dropped)."""
     n = len(bench.dev)
     rows, dropped, improvers = run["initial"] * n, 0, 0
     for x, g, before in run["raced"]:
@@ -127,14 +139,22 @@ def replay(bench: Bench, run, race: racing.Race):
         key_g = search.position_key(g)
         contested = race.contested(x, ref_values, [(p, bench.rows(p)[0]) for p in before
                                                    if search.position_key(p) != key_g])
-        plan, parts = race.plan(contested), []
+        plan, parts, spent, finished = race.plan(contested), [], 0, True
         for j, idx in enumerate(plan):
-            rows += len(idx)
+            spent += len(idx)
             parts.append(objectives.aggregate([values[i] for i in idx], [1.0] * len(idx), race.subset(idx)))
             seen = np.sort(np.concatenate(plan[: j + 1]))
             if j < len(plan) - 1 and race.verdict(race.combine(parts, plan), seen, reference, contested) is not None:
                 dropped += better
+                finished = False
                 break
+        rows += spent
+        if where is not None:
+            truth = ("better" if better else "the global best's answers on every row" if np.array_equal(values, ref_values)
+                     else "level on utility, other answers" if utility(bench, x) == ref_u else "worse")
+            w = where.setdefault((truth, "finished" if finished else "dropped"), [0, 0])
+            w[0] += 1
+            w[1] += spent
     return rows, dropped, improvers
 
 
@@ -158,14 +178,29 @@ def main() -> None:
           f"{sum(len(r['raced']) for r in runs)} raced\n")
     print(f"replay check: the default rule's rows {default}, the runs scored {[r['items'] for r in runs]}\n")
     print("| rule | dev rows (of every row) | improvers dropped |\n|---|---|---|")
-    for label, confidence, gain, late, neighbours in RULES:
-        total = [0, 0, 0]
-        for r in runs:
-            race = dataclasses.replace(r["race"], z=NormalDist().inv_cdf(confidence), confidence=confidence, gain=gain,
+    wheres = {}
+    for label, confidence, gain, late, neighbours, fraction in RULES:
+        total, where = [0, 0, 0], wheres.setdefault(label, {})
+        for r, seed in zip(runs, seeds):
+            race = (r["race"] if fraction == bench.recipe.swarm.race_slice else
+                    racing.plan_race(bench.objective, bench.dev, fraction=fraction, confidence=confidence, seed=seed))
+            race = dataclasses.replace(race, z=NormalDist().inv_cdf(confidence), confidence=confidence, gain=gain,
                                        neighbours=neighbours)
-            got = replay(bench, r, race if late else late_merged(race))
+            got = replay(bench, r, race if late else late_merged(race), where)
             total = [a + b for a, b in zip(total, got)]
         print(f"| {label} | {total[0] / (sum(evaluations) * n):.0%} | {total[1]} of {total[2]} |")
+    # Where two rules' rows go: the positions by what they are on every row against the global best they raced.
+    shown = [RULES[1][0], "0.8, 4 neighbours, slice 1/8"]
+    everything = sum(evaluations) * n
+    print(f"\n| positions (rows each) | {' | '.join(shown)} |\n|---|{'---|' * len(shown)}")
+    initial = f"{sum(r['initial'] for r in runs) * n / everything:.1%}"
+    print(f"| the initial swarm and the bag's average | {' | '.join(initial for _ in shown)} |")
+    for key in sorted({k for label in shown for k in wheres[label]}):
+        cells = []
+        for label in shown:
+            m, spent = wheres[label].get(key, [0, 0])
+            cells.append(f"{spent / everything:.1%} ({m}, {spent / m:.0f} each)" if m else "")
+        print(f"| {key[0]}, {key[1]} | {' | '.join(cells)} |")
     # What the raced positions showed on the rows seen at each stage, and how many end strictly better.
     counts = {}
     for r in runs:
