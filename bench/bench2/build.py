@@ -63,21 +63,23 @@ NEW_SKILLS = {"upper": task_upper, "plural": task_plural, "double": task_double,
 STEPS = {"upper": 30, "plural": 30, "double": 30, "first": 6}  # first: the weak expert
 
 
-def main() -> int:
+def build(here: Path, new_skills: dict, steps: dict) -> int:
+    """Write ``here``/data and build one expert a skill of ``new_skills`` (``steps`` training steps each) in
+    ``here``/models, on the demo's base; a bench of new skills (bench3 uses it too)."""
     # The demo builder's functions read its SKILLS table: point it at the new skills.
     skills.SKILLS.clear()
-    skills.SKILLS.update(NEW_SKILLS)
-    skills.write_data(HERE / "data")
+    skills.SKILLS.update(new_skills)
+    skills.write_data(here / "data")
     build_experts.setup_runtime(2)
     demo_models = REPO / "recipes" / "demo" / "models"
-    out = HERE / "models"
+    out = here / "models"
     out.mkdir(exist_ok=True)
     base = layout.base_dir(out)
     if not base.exists():
         base.symlink_to(layout.base_dir(demo_models).resolve())  # the demo's base, built by `make demo-models`
     forbidden = skills.eval_prompts()
-    for skill in NEW_SKILLS:
-        spec = ExpertSpec.for_skill(skill, steps=STEPS[skill])
+    for skill in new_skills:
+        spec = ExpertSpec.for_skill(skill, steps=steps[skill])
         if expert_status(out, spec) == "ok":
             print(f"[{skill}] complete, skipped", flush=True)
             continue
@@ -89,4 +91,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(build(HERE, NEW_SKILLS, STEPS))
