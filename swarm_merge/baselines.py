@@ -80,14 +80,16 @@ class Budgeted:
                 todo[key] = x
         found = (self.ranks or distributed.Ranks()).map(self.evaluate, list(todo.values()))
         for key, score in zip(todo, found):
-            self.memo[key] = score.to_dict()
+            self.memo[key] = score.to_dict(rows=True)
         self.fresh += len(todo)
 
     def __call__(self, x: np.ndarray) -> Score:
         key = position_key(x)
         self.asked.add(key)
         if key not in self.memo:
-            self.memo[key] = self.evaluate(x).to_dict()
+            # With each row's value: the swarm at another seed (compare) races against, and bags, the
+            # positions it finds here, as the run does with its own memo.
+            self.memo[key] = self.evaluate(x).to_dict(rows=True)
             self.fresh += 1
         return Score.from_dict(self.memo[key])
 

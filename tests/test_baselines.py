@@ -7,6 +7,7 @@ exactness and budgets are checked; the CLI runs ``compare`` on tiny experts.
 from __future__ import annotations
 
 import json
+import logging
 import re
 
 import numpy as np
@@ -270,3 +271,23 @@ def test_gap_pairs_seeds_and_skips_missing_scores():
     one = compare._gap({7: 0.5}, {7: 0.25})
     assert (one.seeds, one.mean, one.half_width, one.above) == (1, 0.25, None, 1)
     assert compare._gap({7: None}, {7: 0.25}) is None
+
+
+def test_the_swarm_at_another_seed_runs_in_compare_as_it_runs_alone(tiny_recipe, tmp_path, caplog):
+    """compare's swarm at its second seed is the run that seed gives alone: raced, and its winner bagged, on
+    the rows of every position it scores (the shared memo keeps them), at the same dev rows."""
+    recipe = tiny_recipe(objective="exact_match")
+    raced = ["--set", "swarm.racing=true"]
+    with caplog.at_level(logging.INFO, logger="swarm_merge.search"):
+        assert cli.main(["compare", str(recipe), "--seeds", "2", *raced]) == 0
+    # Each seed's winner is the bag's pick (every position has its rows), never the top five's fallback.
+    picks = [r.message for r in caplog.records if "against the global best's" in r.message]
+    assert len(picks) == 2 and all(m.startswith("the bagged average of") for m in picks), picks
+    c = report_mod.read(recipe.parent / "out" / "swarm.json").comparison
+    alone_out = tmp_path / "alone"
+    assert cli.main([str(recipe), "--seed", "43", "--out", str(alone_out), *raced]) == 0
+    alone = report_mod.read(alone_out / "swarm.json")
+    other = next(r for r in c.runs if r.method == "swarm" and r.seed == 43)
+    assert alone.search.racing is not None and alone.search.racing.dropped > 0  # (the race drops some here)
+    assert other.items == alone.search.items < other.evaluations * alone.data.dev_rows
+    assert other.coefficients == alone.scores.winner.coefficients
