@@ -29,13 +29,15 @@ def compare(plan, result, evaluator, race) -> report_mod.Comparison:
     dev rows it scored), through the run's evaluator and one memo shared with the swarm's (baselines.py);
     task arithmetic, TIES and DARE on their grids. ``plan``: the run's :class:`swarm_merge.pipeline.Plan`;
     ``race``: the search's racing (None: off)."""
-    # The swarm's cost in dev rows buys each baseline this many whole-dev-set evaluations (without
-    # racing: exactly the distinct positions the swarm scored).
+    # At each seed the swarm's cost in dev rows buys each baseline this many whole-dev-set evaluations
+    # (without racing: exactly the distinct positions the swarm scored), so every seed pairs equal budgets.
     rows = result.best_score.n or objectives.row_count(plan.dev)
-    budget = max(1, result.items // rows)
     seeds = [plan.recipe.swarm.seed + i for i in range(plan.options.seeds)]
     memo = dict(result.memo)
-    runs = _other_seeds(plan, result, evaluator, race, seeds, memo) + _optimisers(plan, evaluator, seeds, memo, budget)
+    swarms = _other_seeds(plan, result, evaluator, race, seeds, memo)
+    budgets = {r.seed: max(1, r.items // rows) for r in swarms}
+    budget = budgets[seeds[0]]
+    runs = swarms + _optimisers(plan, evaluator, seeds, memo, budgets)
     for r in runs:
         if r.items is None:
             r.items = r.evaluations * rows
@@ -75,8 +77,8 @@ def _other_seeds(plan, result, evaluator, race, seeds, memo) -> list:
     return runs
 
 
-def _optimisers(plan, evaluator, seeds, memo, budget: int) -> list:
-    """Random search around the soup, CMA-ES, the GP and NGOpt at ``budget`` dev evaluations per seed."""
+def _optimisers(plan, evaluator, seeds, memo, budgets: dict) -> list:
+    """Random search around the soup, CMA-ES, the GP and NGOpt at ``budgets[seed]`` dev evaluations per seed."""
     import importlib.util
 
     k, g, swarm = len(plan.experts), len(plan.group_labels), plan.recipe.swarm
@@ -92,6 +94,7 @@ def _optimisers(plan, evaluator, seeds, memo, budget: int) -> list:
 
     runs = []
     for seed in seeds:
+        budget = budgets[seed]
         LOG.info("comparison: random search, CMA-ES, GP and NGOpt at seed %d (%d dev evaluations each)", seed, budget)
         runs.append(baselines.random_search(scorer(), num_experts=k, num_groups=g, budget=budget, seed=seed,
                                             seed_soup=swarm.seed_soup, init=swarm.init, spread=swarm.init_spread))

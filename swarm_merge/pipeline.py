@@ -469,7 +469,6 @@ def _print_table(report: Report, out) -> None:
     c = report.comparison
     if c is not None:
         seeds = f"{len(c.seeds)} seeds" if len(c.seeds) > 1 else f"seed {c.seeds[0]}"
-        spent = f"{c.items} dev rows" if c.items is not None else f"{c.budget} distinct dev evaluations"
         spread = "; mean +- std over seeds" if len(c.seeds) > 1 else ""
-        print(f"\nat equal budget ({spent} per method and seed, {seeds}{spread}):", file=out)
+        print(f"\nat equal budget (every method: {card.comparison_budget(c)}; {seeds}{spread}):", file=out)
         print(card.comparison_table(report).text(), file=out)

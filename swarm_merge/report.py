@@ -294,10 +294,10 @@ class MethodSummary(_Model):
 class Comparison(_Model):
     """Other searches over the same coefficients at the swarm's budget (``--baselines`` / ``compare``)."""
 
-    budget: int = Field(description="whole dev-set evaluations each baseline and seed was given: the swarm's "
-                        "item-evaluations over the dev rows")
-    items: Optional[int] = Field(None, description="dev rows each method and seed was given: the swarm's "
-                                 "item-evaluations")
+    budget: int = Field(description="whole dev-set evaluations each baseline was given at the run's seed: the "
+                        "swarm's item-evaluations over the dev rows (at every other seed, the swarm's there: runs)")
+    items: Optional[int] = Field(None, description="dev rows each method was given at the run's seed: the swarm's "
+                                 "item-evaluations (at every other seed, the swarm's there: runs)")
     seeds: List[int]
     runs: List[MethodResult]
     summary: List[MethodSummary]

@@ -120,9 +120,12 @@ def test_compare_reports_every_method_at_the_swarms_budget(tiny_recipe, capsys):
     for row in report.scores.rows:
         assert re.search(re.escape(row.name) + r"\s+" + re.escape(f"{row.dev.utility:.4f}"), out), row.name
         assert f"| {row.dev.utility:.4f} | {row.test.utility:.4f} |" in card_text
-    assert all(r.evaluations == c.budget for r in c.runs if r.method in ("random search", "CMA-ES"))
+    # At each seed, the dev rows the swarm scored at that seed (paired budgets).
+    budgets = {r.seed: r.items // report.data.dev_rows for r in c.runs if r.method == "swarm"}
+    assert budgets[42] == c.budget
+    assert all(r.evaluations == budgets[r.seed] for r in c.runs if r.method in ("random search", "CMA-ES"))
     # (a GP or NGOpt that keeps proposing the same position stops short of the budget, never past it)
-    assert all(0 < r.evaluations <= c.budget for r in c.runs if r.method != "swarm")
+    assert all(0 < r.evaluations <= budgets[r.seed] for r in c.runs if r.method != "swarm")
     assert all(r.items == r.evaluations * report.data.dev_rows for r in c.runs if r.method != "swarm")
     assert next(r for r in c.runs if r.method == "swarm" and r.seed == 42).items == report.search.items
     assert all(r.test is not None for r in c.runs)
@@ -291,3 +294,6 @@ def test_the_swarm_at_another_seed_runs_in_compare_as_it_runs_alone(tiny_recipe,
     assert alone.search.racing is not None and alone.search.racing.dropped > 0  # (the race drops some here)
     assert other.items == alone.search.items < other.evaluations * alone.data.dev_rows
     assert other.coefficients == alone.scores.winner.coefficients
+    # The baselines at that seed get its rows, as whole-dev-set evaluations (the run's seed's rows are another budget).
+    assert all(r.evaluations == alone.search.items // alone.data.dev_rows
+               for r in c.runs if r.seed == 43 and r.method in ("random search", "CMA-ES"))

@@ -325,14 +325,23 @@ def _analysis_lines(report: "Report") -> List[str]:
     return lines
 
 
+def comparison_budget(c) -> str:
+    """What every method was given (``report.comparison``): the swarm's dev rows at each seed."""
+    if c.items is None:
+        return f"{c.budget} distinct positions scored on dev"
+    rows = [next((r.items for r in c.runs if r.method == "swarm" and r.seed == s), None) for s in c.seeds]
+    if len(set(rows)) <= 1 or None in rows:
+        return f"{c.items} dev rows scored, {c.budget} whole-dev-set evaluations"
+    return f"at each seed, the dev rows the swarm scored there ({' / '.join(map(str, rows))})"
+
+
 def _comparison_note(report: "Report") -> str:
     c = report.comparison
     if c is None:
         return ""
     seeds = (f"mean ± standard deviation over seeds {', '.join(map(str, c.seeds))}" if len(c.seeds) > 1
              else f"seed {c.seeds[0]}")
-    budget = (f"{c.items} dev rows scored, {c.budget} whole-dev-set evaluations" if c.items is not None
-              else f"{c.budget} distinct positions scored on dev")
+    budget = comparison_budget(c)
     text = (f"Random search, CMA-ES, a Gaussian-process optimiser (Optuna) and NGOpt (Nevergrad) searched the swarm's "
             f"coefficients with the swarm's budget: {budget} ({seeds}). Random search draws positions the way the "
             "swarm draws its initial particles; the others start at the uniform average. Every method picked its "
