@@ -443,8 +443,9 @@ def _print_table(report: Report, out) -> None:
         print(f"warning: {report.data.test_rows_in_dev} of the {report.data.test_rows} test rows are also dev rows: "
               "the test column is not held out", file=out)
     s = report.search
+    # (the search's own time: a compare run's whole wall time is mostly its baselines)
     print(f"search: {s.iterations} iterations, {s.evaluations} evaluations, {card.cost(s)}, {s.stop_reason}, "
-          f"{report.wall_seconds:.0f} s", file=out)
+          f"{s.seconds:.0f} s (the whole run: {report.wall_seconds:.0f} s)", file=out)
     if s.found is not None:
         print(f"global best found at {card.found(s)}", file=out)
     if s.average is not None:
