@@ -128,6 +128,8 @@ def test_compare_reports_every_method_at_the_swarms_budget(tiny_recipe, capsys):
     assert all(0 < r.evaluations <= budgets[r.seed] for r in c.runs if r.method != "swarm")
     assert all(r.items == r.evaluations * report.data.dev_rows for r in c.runs if r.method != "swarm")
     assert next(r for r in c.runs if r.method == "swarm" and r.seed == 42).items == report.search.items
+    # The search line gives the search's own time, then the whole run's (mostly the baselines here).
+    assert f"{report.search.seconds:.0f} s (the whole run: {report.wall_seconds:.0f} s)" in out
     assert all(r.test is not None for r in c.runs)
     first = next(r for r in c.runs if r.method == "swarm" and r.seed == 42)
     assert first.coefficients == report.scores.winner.coefficients

@@ -65,7 +65,7 @@ STEPS = {"upper": 30, "plural": 30, "double": 30, "first": 6}  # first: the weak
 
 def build(here: Path, new_skills: dict, steps: dict) -> int:
     """Write ``here``/data and build one expert a skill of ``new_skills`` (``steps`` training steps each) in
-    ``here``/models, on the demo's base; a bench of new skills (bench3 uses it too)."""
+    ``here``/models, on the demo's base; a bench of new skills (bench3 and bench4 use it too)."""
     # The demo builder's functions read its SKILLS table: point it at the new skills.
     skills.SKILLS.clear()
     skills.SKILLS.update(new_skills)
