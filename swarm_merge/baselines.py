@@ -325,19 +325,23 @@ def weak_to_strong(state: swarm.SwarmState, initial_scores: Sequence[float], nam
                    seed_soup: bool) -> dict:
     """Where the particle that found the global best started: its rank among the
     initial swarm's dev utilities (1 = best), and what it started as; ``surrogate``: the winning
-    position was the surrogate's proposal for that particle (``swarm.surrogate``), not its own move."""
-    match = [i for i in range(len(state.p_score))
-             if state.p_score[i] == state.g_score and np.array_equal(state.p[i], state.g)]
+    position was the surrogate's proposal for that particle (``swarm.surrogate``), not its own move.
+    ``initial_scores``: the initial swarm's, then the scouts' (``swarm.scouts``; a scout is no particle)."""
+    size = len(state.p_score)
+    match = [i for i in range(size) if state.p_score[i] == state.g_score and np.array_equal(state.p[i], state.g)]
     surrogate = bool(state.g_by_surrogate)
-    if not match:  # the global best came from a particle that later restarted elsewhere: unknown
-        return {"particle": None, "start_rank": None, "started_as": None, "size": len(initial_scores),
+    if not match:  # a scout, or a particle that later restarted elsewhere (unknown)
+        scout = state.archive_x is not None and any(
+            np.array_equal(x, state.g) for x in state.archive_x[size:len(initial_scores)])
+        return {"particle": None, "start_rank": None, "started_as": "scout" if scout else None, "size": size,
                 "surrogate": surrogate}
     i = match[0]
-    scores = np.where(np.isfinite(initial_scores), initial_scores, -np.inf)
+    scores = np.asarray(initial_scores[:size], dtype=float)
+    scores = np.where(np.isfinite(scores), scores, -np.inf)
     rank = int(1 + np.sum(scores > scores[i]))
     k = len(names)
     started = names[i] if i < k else ("uniform soup" if i == k and seed_soup else "child")
-    return {"particle": int(i), "start_rank": rank, "started_as": started, "size": len(initial_scores),
+    return {"particle": int(i), "start_rank": rank, "started_as": started, "size": size,
             "surrogate": surrogate}
 
 

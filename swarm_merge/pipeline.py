@@ -457,6 +457,8 @@ def _print_table(report: Report, out) -> None:
             how = " (its winning position was the surrogate's proposal)" if w.surrogate else ""
             print(f"weak-to-strong: the particle that found the global best started as {w.started_as}, ranked {w.start_rank} of "
                   f"{w.size} in the initial swarm{how}", file=out)
+        elif w.started_as == "scout":
+            print("weak-to-strong: the global best is a scout (swarm.scouts), which no particle beat", file=out)
         if a.emergence is not None:
             e = a.emergence
             print(f"emergence (test): {e.gained} of {e.items} items solved by the winner and by no expert; "

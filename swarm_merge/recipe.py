@@ -240,7 +240,7 @@ class SwarmSettings(_Frozen):
     init_spread: float = Field(0.3, gt=0, le=100)
     # Levers beyond the paper (swarm_merge/swarm.py; measured in bench/RESULTS.md, "Swarm against CMA-ES").
     # Paper values: anchors false, update paper, stop patience, racing false, surrogate off, explore_after 0,
-    # average_top 1 (with init: paper, seed_soup: false: the paper).
+    # scouts 0, average_top 1 (with init: paper, seed_soup: false: the paper).
     # anchors: the experts are scored once and stay put (they set the global best and worst); the soup and
     # children move. update spso: SPSO-2011 constants, a random weight per coefficient, no normaliser, no
     # restarts (inertia, cognitive, social, repel, step_length* and restart_patience are then unused).
@@ -278,6 +278,14 @@ class SwarmSettings(_Frozen):
     # fewer dev rows on each; but -0.030 / -0.042 on the 24-dimension layer bench (6), where fresh draws (random
     # search) are far worse than the swarm's moves.
     explore_after: Union[StrictInt, Literal["auto"]] = "auto"
+    # scouts N (0: none, the paper): N more draws of the initial children, scored with the initial swarm; they
+    # set the global best and join the surrogate's data but never move, and they count in the budget. Four
+    # moving particles see only the soup and three children at the start; where the best merges are near the soup
+    # and the experts are weak, the swarm followed the best expert's corner onto a lower plateau at 3 of 10
+    # bench4 seeds. "auto": a ninth of the budget (8 of 72 evaluations) with granularity model, 0 with layer
+    # groups. bench/RESULTS.md ("Scouts"), dev / test against the default before, ten seeds each: bench4
+    # +0.014 / +0.018 (below uniform test at 1 seed, was 3), demo 0.000 / +0.029, bench2 -0.007 / +0.003.
+    scouts: Union[StrictInt, Literal["auto"]] = "auto"
     # average_top (1: off, the paper's winner, the global best): after the search, an average of the positions
     # scored on every dev row is scored on every row and written instead of the global best, unless the global
     # best beats it by more than one standard error of their paired row differences (without per-row scores:
@@ -325,6 +333,9 @@ class SwarmSettings(_Frozen):
             raise ValueError("swarm.drop_k must be < 1: with drop_k 1 no particle is ever evaluated")
         if not isinstance(self.explore_after, str) and not 0 <= self.explore_after <= 1_000_000:
             raise ValueError("swarm.explore_after must be auto or an iteration count from 0 (off) to 1000000")
+        if not isinstance(self.scouts, str) and not 0 <= self.scouts <= self.size * self.max_iterations:
+            raise ValueError(f"swarm.scouts must be auto or a count from 0 to size * max_iterations "
+                             f"({self.size * self.max_iterations}): scouts are spent from the iterations' evaluations")
         if not isinstance(self.average_top, str) and not 1 <= self.average_top <= 1000:
             raise ValueError("swarm.average_top must be bag or a number of positions from 1 (off) to 1000")
         if self.layer_groups is not None and self.granularity != "layer":

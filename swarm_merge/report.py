@@ -308,7 +308,9 @@ class WeakToStrong(_Model):
 
     particle: Optional[int] = Field(None, description="its index in the initial swarm (null: not traceable)")
     start_rank: Optional[int] = Field(None, description="its initial dev utility's rank in the initial swarm (1: best)")
-    started_as: Optional[str] = Field(None, description="an expert's name, 'uniform soup' or 'child'")
+    started_as: Optional[str] = Field(None, description="an expert's name, 'uniform soup', 'child', or 'scout' "
+                                      "(swarm.scouts: a draw scored at the start that no particle beat; particle "
+                                      "and start_rank are then null)")
     size: int
     surrogate: bool = Field(False, description="the winning position was the surrogate's proposal for that particle "
                                                "(swarm.surrogate), not a move of the swarm's update")

@@ -62,7 +62,7 @@ class SearchResult:
     best: np.ndarray  # (G, K) coefficients of the winner
     best_score: Score
     state: swarm.SwarmState
-    initial: np.ndarray  # (size, G, K) the initial swarm
+    initial: np.ndarray  # (size + scouts, G, K) the initial swarm, then the scouts (swarm.scouts)
     history: List[Dict[str, Any]]
     memo: Dict[str, Dict[str, Any]]
     seconds: float
@@ -469,7 +469,8 @@ def run_search(  # noqa: C901, PLR0913 (the loop and the closures that share its
     # The initial swarm is drawn again from the seed on resume (same positions),
     # and its utilities come back from the memo.
     rng = np.random.default_rng(settings.seed)
-    x0 = swarm.initial_positions(num_experts, settings.size, groups=num_groups, seed_soup=settings.seed_soup, rng=rng,
+    # (the scouts' rows follow the initial swarm's: the same draws as without them, then theirs)
+    x0 = swarm.initial_positions(num_experts, settings.size + swarm.scouts(settings, num_groups), groups=num_groups, seed_soup=settings.seed_soup, rng=rng,
                                  init=settings.init, spread=settings.init_spread)
     # One bar, in evaluations (a raced-out position counts when it is dropped): the initial swarm, then
     # every iteration, up to the budget (the patience stop may end it sooner).
@@ -487,7 +488,7 @@ def run_search(  # noqa: C901, PLR0913 (the loop and the closures that share its
         save()
     state = run.state
     # (budget(): the most evaluations any run makes, under either stop rule)
-    _check_state(state, checkpoint, n=len(x0), groups=num_groups, experts=num_experts, limit=swarm.budget(settings))
+    _check_state(state, checkpoint, n=settings.size, groups=num_groups, experts=num_experts, limit=swarm.budget(settings))
     for entry in run.partial.values():  # (their scores were checked by _Run.parse)
         stage, parts, rows = entry.get("stage"), entry.get("parts"), entry.get("contested")
         plan = race.plan(_contested_of(entry, race)) if race is not None and (rows is None or (
@@ -501,7 +502,7 @@ def run_search(  # noqa: C901, PLR0913 (the loop and the closures that share its
 
     planned = settings.max_iterations
     if getattr(settings, "stop", "patience") == "budget":  # (drop-K/N aside) the iterations the budget buys
-        moving = len(x0) - (num_experts if getattr(settings, "anchors", False) else 0)
+        moving = settings.size - (num_experts if getattr(settings, "anchors", False) else 0)
         planned = math.ceil(max(swarm.budget(settings) - len(x0), 0) / max(moving, 1))
     bar.n = state.evaluations
     bar.set_postfix(best=f"{state.g_score:.4f}")

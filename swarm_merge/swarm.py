@@ -18,7 +18,7 @@ previous iteration (synchronous update, as the official code evaluates the
 particles of an iteration in parallel).
 
 The random draws, in order, so a weight-space reference can replay them:
-``initial_positions`` (init "paper"): per child ``rng.choice(n_so_far, 2,
+``initial_positions`` (``size`` rows, then the scouts'; init "paper"): per child ``rng.choice(n_so_far, 2,
 replace=False)`` then ``rng.uniform(0, 2, size=groups)``; ``initial_velocities`` ("random"):
 per particle ``rng.integers(n - 1)``; ``propose``: ``rng.random((n, groups, 4))``
 (r_v, r_p, r_g, r_w), then ``rng.random()`` (drop-K), then ``rng.random(n)``
@@ -51,6 +51,10 @@ Levers beyond the paper (each a SwarmSettings field; their paper values give the
   candidates around the global best; its velocity becomes the jump. Its draw,
   ``rng.normal(size=(SURROGATE_CANDIDATES, groups, K))``, is the last of ``propose`` (after drop-K/N's)
   but for the explorer's.
+- ``scouts`` N ("auto" by default: a ninth of the budget with one group, 0 with layer groups; 0 is the paper):
+  N more draws of the initial children (rows ``size`` on of ``initial_positions``), scored with the initial
+  swarm. They set the global best and worst and join the surrogate's data, but are no particles: nothing
+  moves them. They count in the budget.
 - ``explore_after`` N ("auto" by default: 3 with one group, 0 with layer groups; 0 is the paper): once g has
   not moved for N iterations, the moving particle with the worst personal best that neither the local search
   nor the surrogate took goes to a fresh draw of the initial children (init "soup": the soup plus
@@ -217,32 +221,35 @@ def _nan_worst(scores: np.ndarray) -> np.ndarray:
 
 
 def init_state(x: np.ndarray, scores: np.ndarray, settings: Any, rng: np.random.Generator) -> SwarmState:
-    """The state after evaluating the initial swarm ``x`` (scores, NaN = failed)."""
-    s = _nan_worst(np.asarray(scores, dtype=float))
-    best, worst = int(np.argmax(s)), int(np.argmin(s))
+    """The state after evaluating the initial swarm ``x`` (scores, NaN = failed). Rows past ``settings.size`` are
+    scouts (``swarm.scouts``): they count in the global best and worst and the surrogate's data, and are no
+    particle."""
+    every_x, every_s = x, _nan_worst(np.asarray(scores, dtype=float))
+    best, worst = int(np.argmax(every_s)), int(np.argmin(every_s))
+    x, s = every_x[: settings.size], every_s[: settings.size]
     fixed = _anchors(settings, x.shape[-1])
     if fixed:  # the anchors rest; the moving particles draw their velocities among themselves
         v = np.zeros_like(x)
         if len(x) - fixed > 1 or settings.init_velocity != "random":
-            v[fixed:] = initial_velocities(x[fixed:], settings.init_velocity, rng, best=x[best])
-        v[fixed:] += anchor_push(s, fixed, float(getattr(settings, "anchor_velocity", 0.0)))
+            v[fixed:] = initial_velocities(x[fixed:], settings.init_velocity, rng, best=every_x[best])
+        v[fixed:] += anchor_push(every_s, fixed, float(getattr(settings, "anchor_velocity", 0.0)))
     else:
-        v = initial_velocities(x, settings.init_velocity, rng, best=x[best])
+        v = initial_velocities(x, settings.init_velocity, rng, best=every_x[best])
     return SwarmState(
         x=x.copy(),
         v=v,
         score=s.copy(),
         p=x.copy(),
         p_score=s.copy(),
-        g=x[best].copy(),
-        g_score=float(s[best]),
-        gw=x[worst].copy(),
-        gw_score=float(s[worst]),
+        g=every_x[best].copy(),
+        g_score=float(every_s[best]),
+        gw=every_x[worst].copy(),
+        gw_score=float(every_s[worst]),
         stale=np.zeros(len(x), dtype=np.int64),
         step_length=float(settings.step_length),
-        evaluations=len(x),
-        archive_x=x.copy(),
-        archive_s=s.copy(),
+        evaluations=len(every_x),
+        archive_x=every_x.copy(),
+        archive_s=every_s.copy(),
     )
 
 
@@ -336,6 +343,16 @@ def propose(state: SwarmState, settings: Any, rng: np.random.Generator) -> Propo
 
 
 EXPLORE_AFTER = 3  # explore_after "auto" with one coefficient group (granularity model)
+SCOUT_SHARE = 9  # scouts "auto" with one coefficient group: one in this many of the budget's evaluations
+
+
+def scouts(settings: Any, groups: int) -> int:
+    """The setting's count of scouts; "auto": a ninth of ``budget(settings)`` (8 of 72) with one group, 0 with
+    layer groups."""
+    value = getattr(settings, "scouts", 0)
+    if value == "auto":
+        return budget(settings) // SCOUT_SHARE if groups == 1 else 0
+    return int(value)
 
 
 def explore_after(settings: Any, groups: int) -> int:

@@ -21,8 +21,8 @@ pytestmark = pytest.mark.processes
 
 REPO = Path(__file__).resolve().parents[1]
 
-# A custom utility that can kill its own process (rank 1, at its 3rd evaluation,
-# once) when KILL_MARKER names a file that does not exist yet: a rank dying mid-run.
+# A custom utility that can kill its own process (rank 1, at its 6th evaluation, past the initial swarm and
+# its scouts; once) when KILL_MARKER names a file that does not exist yet: a rank dying mid-run.
 CODE = '''
 import os, signal
 
@@ -31,7 +31,7 @@ CALLS = [0]
 def utility(model, tokenizer, rows, device):
     CALLS[0] += 1
     marker = os.environ.get("KILL_MARKER")
-    if marker and os.environ.get("RANK") == "1" and CALLS[0] == 3 and not os.path.exists(marker):
+    if marker and os.environ.get("RANK") == "1" and CALLS[0] == 6 and not os.path.exists(marker):
         open(marker, "w").close()
         os.kill(os.getpid(), signal.SIGKILL)
     losses = []

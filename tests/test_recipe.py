@@ -65,6 +65,8 @@ def test_overrides_apply_before_validation(tmp_path):
         (GOOD + "swarm: {inertia: 0, cognitive: 0, social: 0, repel: 0}\n", "must be > 0"),
         (GOOD + "swarm: {explore_after: -1}\n", r"swarm.explore_after must be auto or an iteration count"),
         (GOOD + "swarm: {explore_after: soon}\n", r"swarm.explore_after"),
+        (GOOD + "swarm: {size: 8, max_iterations: 2, scouts: 17}\n", r"swarm.scouts must be auto or a count from 0 to "
+         r"size \* max_iterations \(16\)"),
         (GOOD + "swarm: {average_top: 0}\n", r"swarm.average_top must be bag or a number of positions from 1"),
         (GOOD + "swarm: {average_top: top}\n", r"swarm.average_top"),
         ("name: t\nexperts: [./a, ./a]\nobjective: {type: loglik, dev: d.jsonl}\n", "listed twice"),

@@ -14,7 +14,7 @@ from swarm_merge.recipe import SwarmSettings
 # The paper's values of the levers beyond the paper: the tests below that predate them test the paper's
 # update, stop rule and moving experts whatever the product defaults are.
 PAPER_LEVERS = {"anchors": False, "update": "paper", "stop": "patience", "surrogate": "off", "explore_after": 0,
-                "average_top": 1}
+                "scouts": 0, "average_top": 1}
 
 
 def settings(**kw):
@@ -266,7 +266,9 @@ def drive(s, experts, rng, *, steps=None, state=None):
     score = lambda a: utility(np.tensordot(a[0], experts, axes=1))  # noqa: E731
     scored = 0
     if state is None:
-        x0 = swarm.initial_positions(k, s.size, seed_soup=s.seed_soup, rng=rng, init=s.init, spread=s.init_spread)
+        # (the initial swarm, then the scouts, as search.run_search draws them)
+        x0 = swarm.initial_positions(k, s.size + swarm.scouts(s, 1), seed_soup=s.seed_soup, rng=rng, init=s.init,
+                                     spread=s.init_spread)
         state = swarm.init_state(x0, np.array([score(x) for x in x0]), s, rng)
         scored = len(x0)
     done = 0
@@ -286,12 +288,12 @@ def test_product_defaults_are_the_new_levers_and_paper_values_select_the_paper()
     # The product's defaults (bench/RESULTS.md, "Swarm against CMA-ES"); init: paper, seed_soup: false and
     # the levers at their paper values is the paper's algorithm (the weight-space reference test runs it).
     d = SwarmSettings()
-    assert (d.anchors, d.update, d.stop, d.anchor_velocity, d.surrogate, d.explore_after, d.average_top) == (
-        True, "spso", "budget", 0.3, "gp", "auto", "bag")
+    assert (d.anchors, d.update, d.stop, d.anchor_velocity, d.surrogate, d.explore_after, d.scouts, d.average_top) == (
+        True, "spso", "budget", 0.3, "gp", "auto", "auto", "bag")
     assert (d.racing, d.race_confidence, d.race_gain, d.race_neighbours) == ("auto", 0.95, "any", 0)  # "Racing at 0.8"
     s = SwarmSettings(init="paper", seed_soup=False, **PAPER_LEVERS)
-    assert (s.anchors, s.update, s.stop, s.surrogate, s.explore_after, s.average_top) == (
-        False, "paper", "patience", "off", 0, 1)
+    assert (s.anchors, s.update, s.stop, s.surrogate, s.explore_after, s.scouts, s.average_top) == (
+        False, "paper", "patience", "off", 0, 0, 1)
 
 
 def test_anchors_stay_put_and_are_scored_once():
@@ -533,6 +535,48 @@ def test_after_explore_after_iterations_without_a_new_global_best_one_particle_e
                                np.random.default_rng(0))
     layered = swarm.SwarmState(**{**vars(layered), "since_global": 9})
     assert swarm.propose(layered, auto, np.random.default_rng(5)).explorer == -1
+
+
+def test_scouts_set_the_global_best_and_the_surrogates_data_but_never_move():
+    s = settings(**NEW, size=8, max_iterations=8, surrogate="gp", scouts=4)
+    draw = dict(seed_soup=True, init=s.init, spread=s.init_spread)
+    x0 = swarm.initial_positions(4, s.size + swarm.scouts(s, 1), rng=np.random.default_rng(3), **draw)
+    # The scouts' draws come after the initial swarm's, which stays what it is without them.
+    assert np.array_equal(x0[:8], swarm.initial_positions(4, 8, rng=np.random.default_rng(3), **draw))
+    scores = np.linspace(0.0, 0.5, 12)
+    scores[10] = 1.0  # a scout is the best position scored
+    state = swarm.init_state(x0, scores, s, np.random.default_rng(4))
+    assert state.x.shape == (8, 1, 4) and np.array_equal(state.x, x0[:8]) and np.array_equal(state.p, x0[:8])
+    assert np.array_equal(state.g, x0[10]) and state.g_score == 1.0
+    assert np.array_equal(state.gw, x0[0]) and state.gw_score == 0.0
+    assert state.evaluations == 12 and np.array_equal(state.archive_x, x0) and np.array_equal(state.archive_s, scores)
+    # Only the particles move, towards the scout: the SPSO pull to g is the only term that reaches x0[10].
+    prop = swarm.propose(state, s, np.random.default_rng(5))
+    assert prop.x.shape == (8, 1, 4) and prop.evaluate.sum() == 4
+    # A whole run spends the budget, the scouts included; "auto": a ninth of the budget with one group, none
+    # with layer groups (where random draws are far worse than the swarm's moves).
+    experts = np.random.default_rng(1).normal(size=(4, 20))
+    end, scored = drive(s, experts, np.random.default_rng(2))
+    assert scored == end.evaluations == swarm.budget(s) and len(end.archive_x) == swarm.budget(s)
+    auto = SwarmSettings(size=8, max_iterations=8)
+    assert swarm.scouts(auto, 1) == 8 and swarm.scouts(auto, 6) == 0 and swarm.scouts(settings(), 1) == 0
+
+
+def test_a_scout_as_the_global_best_is_named_in_weak_to_strong():
+    from swarm_merge import baselines
+
+    s = settings(**NEW, size=8, max_iterations=8, scouts=4)
+    x0 = swarm.initial_positions(4, 12, seed_soup=True, rng=np.random.default_rng(3), init="soup", spread=0.3)
+    scores = np.linspace(0.0, 0.5, 12)
+    scores[8:] = 0.1  # the scouts
+    scores[10] = 1.0
+    state = swarm.init_state(x0, scores, s, np.random.default_rng(4))
+    found = baselines.weak_to_strong(state, list(scores), ["a", "b", "c", "d"], seed_soup=True)
+    assert found == {"particle": None, "start_rank": None, "started_as": "scout", "size": 8, "surrogate": False}
+    scores[10] = 0.2  # now a particle (the last child) holds it: ranked among the particles only
+    found = baselines.weak_to_strong(swarm.init_state(x0, scores, s, np.random.default_rng(4)), list(scores),
+                                     ["a", "b", "c", "d"], seed_soup=True)
+    assert (found["particle"], found["start_rank"], found["started_as"], found["size"]) == (7, 1, "child", 8)
 
 
 def test_top_average_is_the_mean_of_the_best_k_positions():

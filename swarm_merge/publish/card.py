@@ -307,6 +307,9 @@ def _analysis_lines(report: "Report") -> List[str]:
         lines.append(f"Weak to strong: the particle that found the global best started as {md(w.started_as)}, ranked "
                      f"{w.start_rank} of {w.size} by dev utility in the initial swarm (the paper: only 10.4% of "
                      "winners started as the best expert)." + how)
+    elif w.started_as == "scout":
+        lines.append("Weak to strong: the global best is a scout (`swarm.scouts`: a draw of the initial children "
+                     "scored at the start), which no particle beat.")
     if a.emergence is not None:
         e = a.emergence
         per = "; ".join(f"{md(g)}: +{v['gained']} / -{v['lost']}" for g, v in sorted(e.groups.items()))
