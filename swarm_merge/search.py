@@ -470,8 +470,8 @@ def run_search(  # noqa: C901, PLR0913 (the loop and the closures that share its
     # and its utilities come back from the memo.
     rng = np.random.default_rng(settings.seed)
     # (the scouts' rows follow the initial swarm's: the same draws as without them, then theirs)
-    x0 = swarm.initial_positions(num_experts, settings.size + swarm.scouts(settings, num_groups), groups=num_groups, seed_soup=settings.seed_soup, rng=rng,
-                                 init=settings.init, spread=settings.init_spread)
+    x0 = swarm.initial_positions(num_experts, settings.size + swarm.scouts(settings, num_groups), groups=num_groups,
+                                 seed_soup=settings.seed_soup, rng=rng, init=settings.init, spread=settings.init_spread)
     # One bar, in evaluations (a raced-out position counts when it is dropped): the initial swarm, then
     # every iteration, up to the budget (the patience stop may end it sooner).
     bar = tqdm(total=swarm.budget(settings), desc="swarm", unit="eval", disable=not progress)
@@ -488,7 +488,8 @@ def run_search(  # noqa: C901, PLR0913 (the loop and the closures that share its
         save()
     state = run.state
     # (budget(): the most evaluations any run makes, under either stop rule)
-    _check_state(state, checkpoint, n=settings.size, groups=num_groups, experts=num_experts, limit=swarm.budget(settings))
+    _check_state(state, checkpoint, n=settings.size, groups=num_groups, experts=num_experts,
+                 limit=swarm.budget(settings))
     for entry in run.partial.values():  # (their scores were checked by _Run.parse)
         stage, parts, rows = entry.get("stage"), entry.get("parts"), entry.get("contested")
         plan = race.plan(_contested_of(entry, race)) if race is not None and (rows is None or (
