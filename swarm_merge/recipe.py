@@ -283,8 +283,9 @@ class SwarmSettings(_Frozen):
     # moving particles see only the soup and three children at the start; where the best merges are near the soup
     # and the experts are weak, the swarm followed the best expert's corner onto a lower plateau at 3 of 10
     # bench4 seeds. "auto": a ninth of the budget (8 of 72 evaluations) with granularity model, 0 with layer
-    # groups. bench/RESULTS.md ("Scouts"), dev / test against the default before, ten seeds each: bench4
-    # +0.014 / +0.018 (below uniform test at 1 seed, was 3), demo 0.000 / +0.029, bench2 -0.007 / +0.003.
+    # groups. bench/RESULTS.md ("Scouts"), dev / test against scouts 0: bench4 +0.014 / +0.018 (10 seeds; below
+    # uniform test at 1, was 3), demo 0.000 / +0.018 (20), bench8 +0.008 / +0.011, bench2 -0.007 / +0.003, bench3
+    # 0.000 / +0.002, single task 0.000 / -0.008 (10 each); 1-5 % more dev rows (the scouts are not raced).
     scouts: Union[StrictInt, Literal["auto"]] = "auto"
     # average_top (1: off, the paper's winner, the global best): after the search, an average of the positions
     # scored on every dev row is scored on every row and written instead of the global best, unless the global
