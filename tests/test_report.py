@@ -73,3 +73,16 @@ def test_unreadable_reports_are_clear_errors(tmp_path, content, message):
     (tmp_path / "swarm.json").write_text(content)
     with pytest.raises(report.ReportError, match=message):
         report.read(tmp_path / "swarm.json")
+
+
+def test_a_scout_holding_the_global_best_is_named_in_the_card():
+    # (swarm.scouts: the weak-to-strong analysis has no particle to rank; the card says what won instead)
+    from types import SimpleNamespace
+
+    from swarm_merge.publish import card
+
+    w2s = report.WeakToStrong(particle=None, start_rank=None, started_as="scout", size=8)
+    analysis = SimpleNamespace(weak_to_strong=w2s, emergence=None, winner_gap=None, selection_noise=None, warnings=[])
+    lines = card._analysis_lines(SimpleNamespace(analysis=analysis))
+    assert lines == ["Weak to strong: the global best is a scout (`swarm.scouts`: a draw of the initial children "
+                     "scored at the start), which no particle beat."]
