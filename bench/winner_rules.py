@@ -42,7 +42,8 @@ from swarm_merge import racing, search, swarm  # noqa: E402
 
 def gp_mean(xs: np.ndarray, ys: np.ndarray, noise: float = 0.3) -> np.ndarray:
     """The surrogate's GP (swarm.gp_fit), its posterior mean at its own data."""
-    length, _, weights = swarm.gp_fit(xs, ys, noise)
+    length = swarm.median_distance(xs)
+    _, _, weights = swarm.gp_fit(xs, ys, noise, length)
     return np.exp(-swarm._sq_dist(xs, xs) / (2 * length**2)) @ weights
 
 

@@ -266,7 +266,9 @@ class SwarmSettings(_Frozen):
     # surrogate "gp": each iteration the moving particle with the worst personal best goes where a Gaussian
     # process fitted to every position scored so far puts its upper confidence bound, among candidates around
     # the global best (swarm.surrogate_point). bench/RESULTS.md ("A Gaussian-process surrogate as one particle"):
-    # over ten seeds +0.032 dev / +0.024 test on bench2, +0.014 / 0.000 on the demo. "off": SPSO moves it.
+    # over ten seeds +0.032 dev / +0.024 test on bench2, +0.014 / 0.000 on the demo. With one group its kernel
+    # has a length scale per expert once 4 positions per expert are scored (swarm.gp_lengths; "A length scale
+    # per expert, on new seeds"). "off": SPSO moves it.
     surrogate: Literal["off", "gp"] = "gp"
     # explore_after N (0: off, the paper): once the global best has not moved for N iterations, the moving
     # particle with the worst personal best that the surrogate did not take goes to a fresh draw of the initial

@@ -400,16 +400,62 @@ def _sq_dist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.clip((a**2).sum(1)[:, None] + (b**2).sum(1)[None, :] - 2.0 * a @ b.T, 0.0, None)
 
 
-def gp_fit(xs: np.ndarray, ys: np.ndarray, noise: float) -> Tuple[float, np.ndarray, np.ndarray]:
-    """The surrogate's Gaussian process on positions ``xs`` (rows) and scores ``ys``: an RBF kernel whose length
-    scale is the median distance between the positions, scores standardised, ``noise`` the noise variance in
-    units of their variance. Returns (length scale, Cholesky factor of the noisy Gram matrix, weights): the
-    posterior mean at ``z`` is ``exp(-|z - xs|^2 / (2 l^2)) @ weights``."""
+def gp_fit(xs: np.ndarray, ys: np.ndarray, noise: float,
+           lengths: Optional[np.ndarray] = None) -> Tuple[float, np.ndarray, np.ndarray]:
+    """The surrogate's Gaussian process on positions ``xs`` (rows) and scores ``ys``: an RBF kernel, scores
+    standardised, ``noise`` the noise variance in units of their variance. ``lengths``: the length scale, one
+    per column of ``xs`` or one for all (None: the median distance between the positions). Returns (log marginal
+    likelihood, Cholesky factor of the noisy Gram matrix, weights): the posterior mean at ``z`` is
+    ``exp(-|(z - xs) / lengths|^2 / 2) @ weights``."""
     y = (ys - ys.mean()) / (ys.std() or 1.0)
+    if lengths is None:
+        lengths = median_distance(xs)
+    scaled = xs / lengths
+    chol = np.linalg.cholesky(np.exp(-_sq_dist(scaled, scaled) / 2) + noise * np.eye(len(xs)))
+    weights = np.linalg.solve(chol.T, np.linalg.solve(chol, y))
+    return float(-0.5 * y @ weights - np.log(np.diag(chol)).sum()), chol, weights
+
+
+def median_distance(xs: np.ndarray) -> float:
+    """The median distance between the rows of ``xs`` (1.0 where they all coincide): the kernel's base length."""
     d2 = _sq_dist(xs, xs)
-    length = float(np.sqrt(np.median(d2[np.triu_indices(len(xs), 1)]))) or 1.0
-    chol = np.linalg.cholesky(np.exp(-d2 / (2 * length**2)) + noise * np.eye(len(xs)))
-    return length, chol, np.linalg.solve(chol.T, np.linalg.solve(chol, y))
+    return float(np.sqrt(np.median(d2[np.triu_indices(len(xs), 1)]))) or 1.0
+
+
+SURROGATE_LENGTHS = (0.5, 1.0, 2.0, 4.0)  # a coefficient's length scale, in units of the median distance
+SURROGATE_SWEEPS = 3  # coordinate-ascent sweeps over the coefficients (it stops early once none moves)
+SURROGATE_ARD_POINTS = 4  # a length per coefficient only from this many scored positions per coefficient
+
+
+def gp_lengths(xs: np.ndarray, ys: np.ndarray, noise: float, groups: int) -> np.ndarray:
+    """The surrogate's length scales, one per column of ``xs``: with one group, a length per expert coefficient
+    ("automatic relevance determination", as Optuna's GP sampler fits), chosen by coordinate ascent on the log
+    marginal likelihood over SURROGATE_LENGTHS times the median distance, starting from the median distance
+    itself, once there are SURROGATE_ARD_POINTS positions per coefficient (with fewer, the likelihood of a few
+    points picks lengths that mislead the proposal); otherwise, and with layer groups, the median distance for
+    every column (bench/RESULTS.md, "The surrogate's proposals" and "A length scale per expert, on new seeds").
+    Exact: a fixed grid, no random restarts, ties keep the earlier value. Written here, not fitted with scipy or
+    a GP library: a grid of at most 3 * 4 * K small Cholesky factorisations keeps it exact and the optimiser free
+    of dependencies."""
+    base = median_distance(xs)
+    scale = np.ones(xs.shape[1])
+    if groups != 1 or len(xs) < SURROGATE_ARD_POINTS * xs.shape[1]:
+        return base * scale
+    best = gp_fit(xs, ys, noise, base * scale)[0]
+    for _ in range(SURROGATE_SWEEPS):
+        moved = False
+        for d in range(len(scale)):
+            for value in SURROGATE_LENGTHS:
+                if value == scale[d]:
+                    continue
+                trial = scale.copy()
+                trial[d] = value
+                fit = gp_fit(xs, ys, noise, base * trial)[0]
+                if fit > best + 1e-9:
+                    best, scale, moved = fit, trial, True
+        if not moved:
+            break
+    return base * scale
 
 
 def surrogate_point(archive_x: np.ndarray, archive_s: np.ndarray, g: np.ndarray,
@@ -420,10 +466,11 @@ def surrogate_point(archive_x: np.ndarray, archive_s: np.ndarray, g: np.ndarray,
     the baselines): a few lines of numpy, exact and seeded, in the optimiser's own coordinates, and the
     optimiser stays free of dependencies.
 
-    The GP: an RBF kernel whose length scale is the median distance between scored positions, noise
-    SURROGATE_NOISE, scores standardised. The candidates: ``g`` plus ``N(0, l / sqrt(D))`` per coefficient
-    (half at ``l``, half at ``l / 4``, ``D`` coefficients in all), projected onto sum 0 per group, so each row
-    still sums to 1. Draw: ``rng.normal(size=(SURROGATE_CANDIDATES, G, K))``, made whatever the data."""
+    The GP: an RBF kernel with the length scales of :func:`gp_lengths` (one per expert coefficient with one
+    group), noise SURROGATE_NOISE, scores standardised. The candidates: ``g`` plus ``N(0, l_j / sqrt(D))`` per
+    coefficient j (half at ``l_j``, half at ``l_j / 4``, ``D`` coefficients in all), projected onto sum 0 per
+    group, so each row still sums to 1. Draw: ``rng.normal(size=(SURROGATE_CANDIDATES, G, K))``, made whatever
+    the data."""
     ok = np.isfinite(archive_s)
     z = rng.normal(size=(SURROGATE_CANDIDATES, *g.shape))  # drawn always: the stream does not depend on the data
     if ok.sum() < 4:
@@ -433,11 +480,12 @@ def surrogate_point(archive_x: np.ndarray, archive_s: np.ndarray, g: np.ndarray,
     if len(xs) > SURROGATE_POINTS:  # a local model: the positions nearest g (bounded cost at any budget)
         near = np.argsort(_sq_dist(xs, g.reshape(1, -1))[:, 0], kind="stable")[:SURROGATE_POINTS]
         xs, ys = xs[near], ys[near]
-    length, chol, alpha = gp_fit(xs, ys, SURROGATE_NOISE)
-    scale = np.where(np.arange(SURROGATE_CANDIDATES) % 2 == 0, 1.0, 0.25)[:, None, None] * length / np.sqrt(g.size)
-    step = z * scale
+    lengths = gp_lengths(xs, ys, SURROGATE_NOISE, g.shape[0])
+    _, chol, alpha = gp_fit(xs, ys, SURROGATE_NOISE, lengths)
+    near_g = np.where(np.arange(SURROGATE_CANDIDATES) % 2 == 0, 1.0, 0.25)[:, None, None]
+    step = z * near_g * lengths.reshape(g.shape) / np.sqrt(g.size)
     cand = g[None] + step - step.mean(axis=-1, keepdims=True)
-    k = np.exp(-_sq_dist(cand.reshape(len(cand), -1), xs) / (2 * length**2))
+    k = np.exp(-_sq_dist(cand.reshape(len(cand), -1) / lengths, xs / lengths) / 2)
     mean = k @ alpha
     w = np.linalg.solve(chol, k.T)
     sd = np.sqrt(np.clip(1.0 + SURROGATE_NOISE - (w**2).sum(0), 0.0, None))

@@ -463,6 +463,27 @@ def test_the_surrogate_proposes_where_a_gp_of_the_scored_positions_is_highest():
     assert r.random() == drawn.random()
 
 
+def test_the_surrogates_length_scales_follow_the_coefficients_that_matter():
+    # gp_lengths: with one group and enough positions, a coefficient the score does not depend on gets the
+    # longest length on the grid, one it depends on sharply a short one; exact (the same lengths again). With
+    # too few positions per coefficient, or with layer groups, every length is the median distance.
+    rng = np.random.default_rng(3)
+    xs = rng.normal(0.25, 0.3, size=(40, 4))
+    ys = np.sin(6 * xs[:, 0]) - 0.2 * xs[:, 1]  # coefficient 0 sharply, 1 gently, 2 and 3 not at all
+    base = swarm.median_distance(xs)
+    lengths = swarm.gp_lengths(xs, ys, swarm.SURROGATE_NOISE, 1)
+    scale = lengths / base
+    assert set(scale) <= set(swarm.SURROGATE_LENGTHS)
+    assert scale[0] < 1.0 and scale[2] == scale[3] == max(swarm.SURROGATE_LENGTHS)
+    fitted = swarm.gp_fit(xs, ys, swarm.SURROGATE_NOISE, lengths)[0]
+    assert fitted > swarm.gp_fit(xs, ys, swarm.SURROGATE_NOISE, base)[0]  # the likelihood rose from the start
+    assert np.array_equal(lengths, swarm.gp_lengths(xs, ys, swarm.SURROGATE_NOISE, 1))
+    few = swarm.SURROGATE_ARD_POINTS * 4 - 1
+    assert np.array_equal(swarm.gp_lengths(xs[:few], ys[:few], swarm.SURROGATE_NOISE, 1),
+                          np.full(4, swarm.median_distance(xs[:few])))
+    assert np.array_equal(swarm.gp_lengths(xs, ys, swarm.SURROGATE_NOISE, 2), np.full(4, base))
+
+
 def test_the_surrogate_moves_the_particle_with_the_worst_personal_best_and_is_kept_in_the_checkpoint():
     s = settings(**NEW, size=8, surrogate="gp")
     rng = np.random.default_rng(0)
