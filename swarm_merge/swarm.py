@@ -435,7 +435,7 @@ def gp_lengths(xs: np.ndarray, ys: np.ndarray, noise: float, groups: int) -> np.
     points picks lengths that mislead the proposal); otherwise, and with layer groups, the median distance for
     every column (bench/RESULTS.md, "The surrogate's proposals" and "A length scale per expert, on new seeds").
     Exact: a fixed grid, no random restarts, ties keep the earlier value. Written here, not fitted with scipy or
-    a GP library: a grid of at most 3 * 4 * K small Cholesky factorisations keeps it exact and the optimiser free
+    a GP library: at most 1 + 3 * 3 * K small Cholesky factorisations (K coefficients) keep it exact and the optimiser free
     of dependencies."""
     base = median_distance(xs)
     scale = np.ones(xs.shape[1])
