@@ -400,16 +400,13 @@ def _sq_dist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.clip((a**2).sum(1)[:, None] + (b**2).sum(1)[None, :] - 2.0 * a @ b.T, 0.0, None)
 
 
-def gp_fit(xs: np.ndarray, ys: np.ndarray, noise: float,
-           lengths: Optional[np.ndarray] = None) -> Tuple[float, np.ndarray, np.ndarray]:
+def gp_fit(xs: np.ndarray, ys: np.ndarray, noise: float, lengths) -> Tuple[float, np.ndarray, np.ndarray]:
     """The surrogate's Gaussian process on positions ``xs`` (rows) and scores ``ys``: an RBF kernel, scores
     standardised, ``noise`` the noise variance in units of their variance. ``lengths``: the length scale, one
-    per column of ``xs`` or one for all (None: the median distance between the positions). Returns (log marginal
+    per column of ``xs`` (an array) or one for all (a float). Returns (log marginal
     likelihood, Cholesky factor of the noisy Gram matrix, weights): the posterior mean at ``z`` is
     ``exp(-|(z - xs) / lengths|^2 / 2) @ weights``."""
     y = (ys - ys.mean()) / (ys.std() or 1.0)
-    if lengths is None:
-        lengths = median_distance(xs)
     scaled = xs / lengths
     chol = np.linalg.cholesky(np.exp(-_sq_dist(scaled, scaled) / 2) + noise * np.eye(len(xs)))
     weights = np.linalg.solve(chol.T, np.linalg.solve(chol, y))

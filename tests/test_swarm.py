@@ -463,7 +463,7 @@ def test_the_surrogate_proposes_where_a_gp_of_the_scored_positions_is_highest():
     assert r.random() == drawn.random()
 
 
-def test_the_surrogates_length_scales_follow_the_coefficients_that_matter():
+def test_the_surrogates_length_scales_follow_the_coefficients_that_matter(monkeypatch):
     # gp_lengths: with one group and enough positions, a coefficient the score does not depend on gets the
     # longest length on the grid, one it depends on sharply a short one; exact (the same lengths again). With
     # too few positions per coefficient, or with layer groups, every length is the median distance.
@@ -482,6 +482,11 @@ def test_the_surrogates_length_scales_follow_the_coefficients_that_matter():
     assert np.array_equal(swarm.gp_lengths(xs[:few], ys[:few], swarm.SURROGATE_NOISE, 1),
                           np.full(4, swarm.median_distance(xs[:few])))
     assert np.array_equal(swarm.gp_lengths(xs, ys, swarm.SURROGATE_NOISE, 2), np.full(4, base))
+    # surrogate_point uses them: the same data and draws with one length for all propose elsewhere
+    g = xs[None, int(np.argmax(ys))]
+    point = swarm.surrogate_point(xs[:, None], ys, g, np.random.default_rng(1))
+    monkeypatch.setattr(swarm, "gp_lengths", lambda xs, ys, noise, groups: np.full(xs.shape[1], swarm.median_distance(xs)))
+    assert not np.allclose(point, swarm.surrogate_point(xs[:, None], ys, g, np.random.default_rng(1)))
 
 
 def test_the_surrogate_moves_the_particle_with_the_worst_personal_best_and_is_kept_in_the_checkpoint():
