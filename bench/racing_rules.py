@@ -184,7 +184,7 @@ def main() -> None:
     for label, confidence, gain, late, neighbours, fraction in RULES:
         total, where = [0, 0, 0], wheres.setdefault(label, {})
         for r, seed in zip(runs, seeds):
-            race = (r["race"] if fraction == bench.recipe.swarm.race_slice else
+            race = (r["race"] if fraction == racing.slice_of(bench.recipe.swarm) else
                     racing.plan_race(bench.objective, bench.dev, fraction=fraction, confidence=confidence, seed=seed))
             race = dataclasses.replace(race, z=NormalDist().inv_cdf(confidence), confidence=confidence, gain=gain,
                                        neighbours=neighbours)

@@ -124,6 +124,21 @@ def load_tokenizer(path):
 # ----------------------------------------------------------------- evaluators
 
 
+def _remembered(build):
+    """A ``build`` that the evaluator remembers: ``evaluate`` skips it for the coefficients the model holds already.
+    A race scores one position's stages one after another (search.py); without this each stage would build the
+    same weights again (0.1 s on the demo, most of an evaluation for a large model's short answers). Forgotten
+    first, so a build that fails or raises NonFiniteWeights half way is done again next time."""
+
+    def remembering(self, coefficients: np.ndarray) -> None:
+        self._built = None
+        build(self, coefficients)
+        self._built = np.array(coefficients, dtype=float)
+
+    remembering.__doc__ = build.__doc__
+    return remembering
+
+
 class Evaluator(abc.ABC):
     """Shared by both modes: a model whose weights follow ``build(coefficients)``."""
 
@@ -139,6 +154,8 @@ class Evaluator(abc.ABC):
     model: torch.nn.Module
     tokenizer: object
     device: torch.device
+    # The coefficients the model's weights hold (set by a _remembered build; None: unknown).
+    _built: Optional[np.ndarray] = None
 
     @abc.abstractmethod
     def build(self, coefficients: np.ndarray) -> None:
@@ -166,6 +183,8 @@ class Evaluator(abc.ABC):
                 would recur on every particle: the run stops instead of scoring
                 NaN a hundred times. The checkpoint is kept for --resume.
         """
+        if self._built is not None and np.array_equal(self._built, np.asarray(coefficients, dtype=float)):
+            return self._score(lambda: None, examples, objective)  # (it holds them already: _remembered)
         return self._score(lambda: self.build(coefficients), examples, objective)
 
     def evaluate_weights(self, tensor_of: Callable[[str], torch.Tensor], examples: Sequence[Example],
@@ -303,6 +322,7 @@ class InMemoryEvaluator(Evaluator):
         # whose chunks then skip the check (weights.may_overflow).
         self.peaks = {n: weights.row_peaks(t) for n, t in self.stacked.items() if t.is_floating_point()}
 
+    @_remembered
     @torch.no_grad()
     def build(self, coefficients: np.ndarray) -> None:
         """Write ``sum_k a[g, k] E_k`` into every weight of the skeleton, in place."""
@@ -329,6 +349,7 @@ class InMemoryEvaluator(Evaluator):
 
     @torch.no_grad()
     def load(self, tensor_of) -> None:
+        self._built = None  # (weights from outside the search)
         for name, target in self.targets.items():
             target.data.copy_(tensor_of(name).reshape(target.shape))
             if target.is_floating_point() and not weights.is_finite(target):
@@ -375,6 +396,7 @@ class OneModelEvaluator(Evaluator):
         self.model, self.targets = _skeleton(experts, self.dtype, device)
         self.combiner = ChunkedCombiner(experts, dtype=self.dtype, device=device)
 
+    @_remembered
     @torch.no_grad()
     def build(self, coefficients: np.ndarray) -> None:
         rows = coefficient_rows(coefficients, self.device)

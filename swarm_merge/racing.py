@@ -5,7 +5,8 @@ Each new position is scored stage by stage on a fixed draw of the dev rows, made
 seed and stratified by objective component and row group (the same rows for every particle, so
 comparisons are paired): a ``race_slice`` share of every stratum (at least two rows), then twice that,
 and so on up to half the rows, then the rows left are halved down to a last stage about as large as the slice
-(the default 0.25: 1/4, 1/2, 3/4, every row). After each stage but the last its rows are compared with the same rows of the
+(the default with ``granularity: model`` 0.125: 1/8, 1/4, 1/2, 3/4, 7/8, every row; with layer groups 0.25:
+1/4, 1/2, 3/4, every row). After each stage but the last its rows are compared with the same rows of the
 global best (scored on every row earlier, its rows kept in the memo):
 
 - ``D`` = the estimated difference of the whole-set utilities: per component, the weighted mean of the
@@ -25,7 +26,8 @@ global best (scored on every row earlier, its rows kept in the memo):
 - Otherwise the next stage is scored; after the last, the stages merge into the whole-set score (the same
   numbers a whole-set evaluation gives, up to batching round-off of log-likelihoods).
 
-**Contested rows** (``swarm.race_neighbours`` K; 0, the default, turns it off). Late in a run most particles sit
+**Contested rows** (``swarm.race_neighbours`` K, by default 4 with ``granularity: model`` and 0 with layer groups;
+0 turns it off). Late in a run most particles sit
 near the global best and give its answers on most rows; the rows where they may differ are the rows where
 positions near them already did. So a particle's own plan (:meth:`Race.plan`): the slice, then its *contested*
 rows (where one of the K positions nearest it, scored on every row in earlier iterations, gives another value
@@ -38,7 +40,10 @@ one random sample of the same size could not tell. The risk is the settled strat
 seen agrees its spread is 0, so a particle that differs only on settled rows not yet seen is judged by the
 contested ones. Replayed on the default's runs, ten seeds (bench/racing_rules.py; bench/RESULTS.md, "Racing
 on the rows the neighbours contest"), K = 4 dropped 1 of the 62 moves that improved the global best on the demo
-and 0 of 43 on bench2, and scored 61 % and 56 % of the dev rows, against 72 % and 77 % without. With
+and 0 of 43 on bench2, and scored 61 % and 56 % of the dev rows, against 72 % and 77 % without. With a slice
+of 1/8 as well (the default since 2026-12-06), whole runs over twenty seeds scored 63 % and 58 % of the demo's and
+bench2's rows, against 70 % and 76 % for the plain stages from a slice of 1/4, with test 0.006 higher on both
+(bench/RESULTS.md, "Contested rows after a slice of 1/8"). With
 ``race_gain: row`` the row asked for applies once every contested row is seen. Where the neighbours contest more than half the
 rows (far from the particle, as in 24 dimensions) they say too little, and continuous rows (loglik, reward)
 differ everywhere: the plain stages run then.
@@ -63,7 +68,7 @@ import numpy as np
 
 from swarm_merge.objectives import Score, Suite, aggregate, kind_of
 
-__all__ = ["Race", "can_race", "layout_of", "plan_race", "race_of", "rows_scorer"]
+__all__ = ["Race", "can_race", "layout_of", "neighbours_of", "plan_race", "race_of", "rows_scorer", "slice_of"]
 
 
 def can_race(objective) -> bool:
@@ -339,8 +344,8 @@ def plan_race(objective, data, *, fraction: float, confidence: float, seed: int,
             order = rng.permutation(strata[key]).tolist()
             done = 0
             for j, share in enumerate(shares):
-                if j < doubling:  # (at least two rows more per stage)
-                    upto = min(len(order), max(2 * (j + 1), round(share * len(order))))
+                if j < doubling:  # (at least two rows more per stage, and a row kept for the last one)
+                    upto = min(len(order) - 1, max(2 * (j + 1), round(share * len(order))))
                 else:  # (a halving stage keeps a row for the last one)
                     upto = max(done, min(round(share * len(order)), len(order) - 1))
                 stages[j] += order[done:upto]
@@ -360,13 +365,26 @@ def plan_race(objective, data, *, fraction: float, confidence: float, seed: int,
                 gain=gain, neighbours=neighbours)
 
 
+def slice_of(settings) -> float:
+    """``swarm.race_slice``; "auto": 1/8 with ``granularity: model``, 1/4 with layer groups (bench/RESULTS.md,
+    "Contested rows after a slice of 1/8")."""
+    value = getattr(settings, "race_slice", 0.25)
+    return (0.125 if getattr(settings, "granularity", "model") == "model" else 0.25) if value == "auto" else float(value)
+
+
+def neighbours_of(settings) -> int:
+    """``swarm.race_neighbours``; "auto": 4 with ``granularity: model``, 0 (the plain stages) with layer groups."""
+    value = getattr(settings, "race_neighbours", 0)
+    return (4 if getattr(settings, "granularity", "model") == "model" else 0) if value == "auto" else int(value)
+
+
 def layout_of(settings, objective, data) -> Optional[Race]:
     """The dev rows' layout (components, their rows) that ``average_top: bag`` and its standard error read, raced
     or not: the race ``race_of`` would plan with racing on, or None where the utility is not a mean over rows."""
     if not can_race(objective):
         return None
-    return plan_race(objective, data, fraction=settings.race_slice, confidence=settings.race_confidence,
-                     seed=settings.seed, gain=settings.race_gain, neighbours=settings.race_neighbours)
+    return plan_race(objective, data, fraction=slice_of(settings), confidence=settings.race_confidence,
+                     seed=settings.seed, gain=settings.race_gain, neighbours=neighbours_of(settings))
 
 
 def race_of(settings, objective, data) -> Optional[Race]:
@@ -386,7 +404,7 @@ def race_of(settings, objective, data) -> Optional[Race]:
         return None
     race = layout_of(settings, objective, data)
     if race is None and settings.racing is True:
-        raise RecipeError(f"swarm.racing: true, but a slice of {settings.race_slice:g} of the dev rows (2 or more per "
+        raise RecipeError(f"swarm.racing: true, but a slice of {slice_of(settings):g} of the dev rows (2 or more per "
                           "row group) leaves no rows to finish with; add dev rows or lower swarm.race_slice")
     return race
 

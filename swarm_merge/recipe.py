@@ -249,7 +249,7 @@ class SwarmSettings(_Frozen):
     update: Literal["paper", "spso"] = "spso"
     stop: Literal["patience", "budget"] = "budget"
     # Racing (swarm_merge/racing.py): a moving particle is scored on race_slice of the dev rows first, then
-    # twice that, ... up to half, then half the rows left, ... (0.25: 1/4, 1/2, 3/4, all), and finished only if
+    # twice that, ... up to half, then half the rows left, ... (0.125: 1/8, 1/4, 1/2, 3/4, 7/8, all), and finished only if
     # it may still beat the global best (dropped when its paired estimate is below it at race_confidence).
     # auto: on where the objective's utility is a mean over rows (not lm_eval or custom).
     # local_search (update spso only, GCPSO): each iteration one moving particle samples around the global best,
@@ -301,11 +301,15 @@ class SwarmSettings(_Frozen):
     # the demo (20 seeds), +0.001 / 0.000 on bench2 (20), -0.002 / +0.002 on the 24-dimension layer bench (6).
     average_top: Union[Literal["bag"], StrictInt] = "bag"
     racing: Union[bool, Literal["auto"]] = "auto"
-    # race_slice 0.125 with race_neighbours 4 and race_confidence 0.8 (bench/RESULTS.md, "A cheaper race at the
-    # default's 73 evaluations"): over twenty seeds on the demo / bench2, 45 % / 45 % of an unraced run's dev rows,
-    # dev level, test 0.010 / 0.015 below it (the default: 70 %, 0.004 / 0.006 below). A cheap race finishes fewer
-    # positions, and the bag weighs only finished ones.
-    race_slice: float = Field(0.25, gt=0, lt=1)
+    # race_slice "auto" (the default since 2026-12-06): 0.125 with granularity model (with race_neighbours 4: the
+    # stages 1/8, the contested rows, then 1/4, 1/2, 3/4, 7/8, all), 0.25 with layer groups (1/4, 1/2, 3/4, all: on
+    # the 24-dimension layer bench the cheaper race lost -0.018 of test over six seeds). bench/RESULTS.md
+    # ("Contested rows after a slice of 1/8"), against the default before (1/4, no neighbours), dev / test over
+    # twenty seeds: demo +0.009 / +0.006 at 63 % of an unraced run's dev rows (was 70 %), bench2 +0.001 / +0.006 at
+    # 58 % (76 %), bench8 +0.015 / +0.017 (10 seeds) at 61 % (67 %), the single task 0.000 / +0.002 at 75 % (82 %);
+    # bench4 -0.004 / -0.005 (10) at 61 % (76 %). With race_confidence 0.8 too (45 % of the rows) the demo and
+    # bench2 lose 0.010 / 0.015 of test ("A cheaper race at the default's 73 evaluations").
+    race_slice: Union[float, Literal["auto"]] = "auto"
     # race_confidence 0.8 (bench/RESULTS.md, "Racing at 0.8", measured with the stages before the three-quarter one):
     # over ten seeds on the demo and bench2, 59 % and 68 % of the dev rows instead of 73 % and 82 %, test level; but on
     # the 24-dimension layer bench (3 seeds) and bench8 (5) it lost test accuracy (-0.095, -0.013), so 0.95 stays the
@@ -316,14 +320,14 @@ class SwarmSettings(_Frozen):
     # the rows seen is dropped. With race_confidence 0.8, over ten seeds, demo / bench2: 43 % / 38 % of the dev rows,
     # test 0.012 / 0.002 below no racing (bench/RESULTS.md, "Racing at 0.8").
     race_gain: Literal["any", "row"] = "any"
-    # race_neighbours K (0: off): after the slice a particle is scored on the rows where one of the K positions
-    # scored on every row nearest it gives another answer than the global best (its contested rows), then on the
-    # later stages' other rows, and the race estimates the two strata apart: where the neighbours agree with
-    # the global best the particle rarely differs, so the settled rows add little uncertainty. bench/RESULTS.md
-    # ("Racing on the rows the neighbours contest"), K = 4: 62 % / 60 % of the dev rows on the demo (20 seeds) /
-    # bench2 (10) instead of 73 % / 77 %, dev level, test +0.001 / -0.005; not the default: at the demo's seeds
-    # 42-51 its test falls below CMA-ES's at the same rows, and bench8's dev is 0.015 lower.
-    race_neighbours: int = Field(0, ge=0, le=1000)
+    # race_neighbours K (0: off, the stages alone): after the slice a particle is scored on the rows where one of
+    # the K positions scored on every row nearest it gives another answer than the global best (its contested
+    # rows), then on the later stages' other rows, and the race estimates the two strata apart: where the
+    # neighbours agree with the global best the particle rarely differs, so the settled rows add little
+    # uncertainty. Where over half the rows are contested (far neighbours, 24 dimensions) the plain stages run.
+    # "auto" (the default since 2026-12-06): 4 with granularity model (with race_slice 0.125: see race_slice), 0 with
+    # layer groups, where the neighbours are far and the race lost test ("Racing on the rows the neighbours contest").
+    race_neighbours: Union[StrictInt, Literal["auto"]] = "auto"
     seed: int = Field(42, ge=0, lt=2**63)
 
     @model_validator(mode="after")
@@ -339,6 +343,10 @@ class SwarmSettings(_Frozen):
         if not isinstance(self.scouts, str) and not 0 <= self.scouts <= self.size * self.max_iterations:
             raise ValueError(f"swarm.scouts must be auto or a count from 0 to size * max_iterations "
                              f"({self.size * self.max_iterations}): scouts are spent from the iterations' evaluations")
+        if not isinstance(self.race_slice, str) and not 0 < self.race_slice < 1:
+            raise ValueError("swarm.race_slice must be auto or a share of the dev rows between 0 and 1 (e.g. 0.25)")
+        if not isinstance(self.race_neighbours, str) and not 0 <= self.race_neighbours <= 1000:
+            raise ValueError("swarm.race_neighbours must be auto or a count of positions from 0 (off) to 1000")
         if not isinstance(self.average_top, str) and not 1 <= self.average_top <= 1000:
             raise ValueError("swarm.average_top must be bag or a number of positions from 1 (off) to 1000")
         if self.layer_groups is not None and self.granularity != "layer":

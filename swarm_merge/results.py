@@ -149,7 +149,7 @@ def build_report(plan, digests, result, scores, analysis, comparison) -> Report:
             racing=(report_mod.RacingRecord(slice_rows=result.raced["slice_rows"], rows=result.raced["rows"],
                                             confidence=recipe.swarm.race_confidence,
                                             gain=recipe.swarm.race_gain,
-                                            neighbours=recipe.swarm.race_neighbours,
+                                            neighbours=result.raced["neighbours"],
                                             dropped=result.raced["dropped"], finished=result.raced["finished"])
                     if result.raced else None),
             stop_reason=result.stop_reason,

@@ -425,7 +425,22 @@ def run_search(  # noqa: C901, PLR0913 (the loop and the closures that share its
                 going.setdefault(key, x)
         contested = _contested_rows(race, going, state, run.memo, run.partial)
         plans = {k: race.plan(contested[k]) for k in going}
-        for stage in range(max((len(p) for p in plans.values()), default=0)):
+        # One process races each position through its stages before the next (its weights are built once:
+        # evaluate._remembered); several race them all stage by stage, spread over the ranks. A decision reads
+        # only the position's own rows and the global best's, so the order changes nothing else.
+        for group in ([[k] for k in going] if ranks.world == 1 else [list(going)]):
+            race_group(group, going, plans, contested, ref_entry, estimates)
+        out = []
+        for x in xs:
+            key = position_key(x)
+            out.append(Score.from_dict(run.memo[key]).utility if key in run.memo else estimates[key])
+        return out
+
+    def race_group(group, going, plans, contested, ref_entry, estimates) -> None:
+        """Race the positions ``group`` (keys of ``going``) stage by stage; a position dropped or finished leaves
+        ``going``, a dropped one's estimate goes to ``estimates``."""
+        going = {k: going[k] for k in group}
+        for stage in range(max((len(plans[k]) for k in going), default=0)):
             # Positions whose next stage is this one (on resume some are further on already).
             todo = [k for k in going if run.partial.get(k, {}).get("stage", -1) == stage - 1]
 
@@ -460,11 +475,6 @@ def run_search(  # noqa: C901, PLR0913 (the loop and the closures that share its
                     estimates[key] = verdict
                     del going[key]
                     bar.update()
-        out = []
-        for x in xs:
-            key = position_key(x)
-            out.append(Score.from_dict(run.memo[key]).utility if key in run.memo else estimates[key])
-        return out
 
     # The initial swarm is drawn again from the seed on resume (same positions),
     # and its utilities come back from the memo.
@@ -568,7 +578,8 @@ def run_search(  # noqa: C901, PLR0913 (the loop and the closures that share its
         wall_before=run.wall_before,
         items=run.items,
         raced=None if race is None else {"slice_rows": race.slice_rows, "rows": race.total_rows,
-                                         "dropped": len(run.partial), "finished": run.finished},
+                                         "neighbours": race.neighbours, "dropped": len(run.partial),
+                                         "finished": run.finished},
         pick=pick,
     )
 

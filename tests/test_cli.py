@@ -120,7 +120,7 @@ def test_run_writes_a_loadable_affine_merge_with_report_and_card(finished_run, t
         assert not any(r.kind == "global_best" for r in report.scores.rows)
     assert s.racing is not None and 0 < s.racing.dropped + s.racing.finished <= s.evaluations - 5  # the moving ones
     assert s.items < s.distinct_positions_scored * report.data.dev_rows
-    assert (s.racing.confidence, s.racing.gain, s.racing.neighbours) == (0.95, "any", 0)  # the recipe's race, as run
+    assert (s.racing.confidence, s.racing.gain, s.racing.neighbours) == (0.95, "any", 4)  # the recipe's race, as run
     # The card says what the search spent and which update ran (the paper's phi are unused under SPSO).
     assert f"{s.items} dev rows scored (racing: {s.racing.dropped} of" in card.text
     assert "SPSO-2011" in card.text and "inertia / cognitive" not in card.text

@@ -65,6 +65,15 @@ def test_too_few_rows_to_race_is_none_and_racing_true_says_so():
     assert racing.race_of(SwarmSettings(), OBJECTIVE, few) is None  # auto: quietly off
 
 
+@pytest.mark.parametrize("bad", [{"race_slice": 0}, {"race_slice": 1}, {"race_slice": "half"},
+                                 {"race_neighbours": -1}, {"race_neighbours": 2.5}, {"race_neighbours": "many"}])
+def test_a_bad_race_setting_is_refused_by_name(bad):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=next(iter(bad))):
+        SwarmSettings(**bad)
+
+
 def test_objectives_that_score_a_whole_set_never_race():
     custom = Custom(SimpleNamespace(type="custom"), lambda *a: 0.0)
     lm_eval = SimpleNamespace(type="lm_eval", name="t", weight=1.0)
@@ -341,9 +350,11 @@ def test_the_run_reports_its_rows_and_the_plan_says_how_it_races(tiny_recipe, ca
     recipe = tiny_recipe(objective="exact_match")
     assert cli.main([str(recipe), "--dry-run"]) == 0
     plan = capsys.readouterr().out
-    assert "racing: " in plan and "by a whole row" not in plan and "nearest it" not in plan
-    assert cli.main([str(recipe), "--set", "swarm.race_neighbours=4", "--dry-run"]) == 0
-    assert "the rows where one of the 4 scored positions nearest it differs from the global best" in capsys.readouterr().out
+    # the default: a slice of 1/8, then the rows the 4 nearest scored positions contest
+    assert "racing: " in plan and "by a whole row" not in plan
+    assert "the rows where one of the 4 scored positions nearest it differs from the global best" in plan
+    assert cli.main([str(recipe), "--set", "swarm.race_neighbours=0", "--dry-run"]) == 0
+    assert "nearest it" not in capsys.readouterr().out
     assert cli.main([str(recipe), "--set", "swarm.race_gain=row", "--dry-run"]) == 0
     assert "cannot beat the global best by a whole row" in capsys.readouterr().out
     assert cli.main([str(recipe), "--set", "swarm.racing=false", "--dry-run"]) == 0

@@ -309,15 +309,35 @@ def test_one_model_reads_each_expert_tensor_once_per_evaluation(tmp_path):
     experts, groups, labels, _, _ = build(paths)
     one = evaluate.OneModelEvaluator(experts, groups, dtype="float32", device=torch.device("cpu"))
     per_model = sum(e.nbytes for e in experts)
-    for kind in ("loglik", "exact_match"):  # generation too: the weights are built once, not per token
+    for i, kind in enumerate(("loglik", "exact_match")):  # generation too: the weights are built once, not per token
         rows, objective = data(tmp_path, kind)
         before = one.combiner.bytes_read
-        one.evaluate(COEFFS[1], rows, objective)
+        one.evaluate(COEFFS[1 + i], rows, objective)
         assert one.combiner.bytes_read - before == per_model
+        # The same particle again (a race's next stage): the model holds its weights, nothing is read.
+        before = one.combiner.bytes_read
+        one.evaluate(COEFFS[1 + i].copy(), rows, objective)
+        assert one.combiner.bytes_read == before
     # What it holds besides the model: K chunks of buffer per reader thread, never a second copy of a tensor.
     assert 1 <= one.combiner.workers <= torch.get_num_threads()
     assert len(one.combiner.scratch) == one.combiner.workers
     assert all(b.numel() == len(experts) * one.combiner.chunk for b in one.combiner.scratch)
+
+
+def test_a_remembered_build_is_skipped_only_while_the_model_holds_it(tmp_path):
+    paths = tiny.make_experts(tmp_path / "e", 3)
+    experts, groups, labels, _, _ = build(paths)
+    ev = evaluate.InMemoryEvaluator(experts, groups, dtype="float32", device=torch.device("cpu"))
+    rows, objective = data(tmp_path, "loglik")
+    first = ev.evaluate(COEFFS[0], rows, objective).utility
+    ev.evaluate(COEFFS[1], rows, objective)
+    assert ev.evaluate(COEFFS[0], rows, objective).utility == first  # built again: the model held COEFFS[1]
+    ev.build(COEFFS[2])  # a direct build is remembered too
+    assert ev.evaluate(COEFFS[0], rows, objective).utility == first
+    other = {n: t.detach().clone() * 0.5 for n, t in ev.targets.items()}
+    ev.load(lambda name: other[name])  # weights from outside the search: nothing is remembered
+    assert ev._built is None
+    assert ev.evaluate(COEFFS[0], rows, objective).utility == first
 
 
 def test_one_model_from_the_cli_writes_the_same_merge(tiny_recipe, tmp_path):

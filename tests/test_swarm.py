@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from swarm_merge import swarm
+from swarm_merge import racing, swarm
 from swarm_merge.recipe import SwarmSettings
 
 
@@ -290,7 +290,13 @@ def test_product_defaults_are_the_new_levers_and_paper_values_select_the_paper()
     d = SwarmSettings()
     assert (d.anchors, d.update, d.stop, d.anchor_velocity, d.surrogate, d.explore_after, d.scouts, d.average_top) == (
         True, "spso", "budget", 0.3, "gp", "auto", "auto", "bag")
-    assert (d.racing, d.race_confidence, d.race_gain, d.race_neighbours) == ("auto", 0.95, "any", 0)  # "Racing at 0.8"
+    assert (d.racing, d.race_confidence, d.race_gain, d.race_neighbours, d.race_slice) == (
+        "auto", 0.95, "any", "auto", "auto")  # "Racing at 0.8", "Contested rows after a slice of 1/8"
+    # auto: the slice of 1/8 and 4 neighbours with granularity model, the plain stages from 1/4 with layer groups
+    assert (racing.slice_of(d), racing.neighbours_of(d)) == (0.125, 4)
+    layer = SwarmSettings(granularity="layer")
+    assert (racing.slice_of(layer), racing.neighbours_of(layer)) == (0.25, 0)
+    assert (racing.slice_of(SwarmSettings(race_slice=0.5)), racing.neighbours_of(SwarmSettings(race_neighbours=0))) == (0.5, 0)
     s = SwarmSettings(init="paper", seed_soup=False, **PAPER_LEVERS)
     assert (s.anchors, s.update, s.stop, s.surrogate, s.explore_after, s.scouts, s.average_top) == (
         False, "paper", "patience", "off", 0, 0, 1)
