@@ -82,6 +82,7 @@ def trace_runs(bench: Bench, seeds):
         bench.trace, made_by = [], {}
 
         def propose(state, settings, rng, made_by=made_by):
+            bench.trace.append(("iteration", None))  # (an iteration begins: its races use what was finished before)
             proposal = original(state, settings, rng)
             for i in np.flatnonzero(proposal.evaluate):
                 made_by.setdefault(search.position_key(proposal.x[i]),
@@ -97,15 +98,19 @@ def trace_runs(bench: Bench, seeds):
         settings = bench.recipe.swarm.model_copy(update={"seed": seed})
         race = racing.race_of(settings, bench.objective, bench.dev)
         # full: (utility, x) scored on every row, in the order they were; seen: rows scored per raced position
-        full, raced, initial, seen = [], [], 0, {}
+        full, raced, initial, seen, before = [], [], 0, {}, []
         for rows, x in trace:
+            if isinstance(rows, str):  # an iteration begins
+                before = list(full)
+                continue
             key = search.position_key(x)
             if rows is not None and key not in seen:
-                # The global best: the first of the best scored on every row so far (a later tie does not move it;
-                # positions of the same iteration finish after every one of them has started its race), and the
-                # positions scored on every row before (the neighbours a plan may use: earlier iterations').
-                g = max(full, key=lambda p: p[0])[1]
-                raced.append((x, g, [p[1] for p in full]))
+                # The global best: the first of the best scored on every row before this iteration (a later tie does
+                # not move it; one process races each position through its stages, so positions of this iteration
+                # finish before the next one starts, but the search races them all against the iteration's global
+                # best), and the positions scored on every row in earlier iterations (the neighbours a plan may use).
+                g = max(before, key=lambda p: p[0])[1]
+                raced.append((x, g, [p[1] for p in before]))
             seen[key] = seen.get(key, 0) + (len(bench.dev) if rows is None else len(rows))
             if seen[key] == len(bench.dev):
                 full.append((utility(bench, x), x))
