@@ -437,8 +437,8 @@ def run_search(  # noqa: C901, PLR0913 (the loop and the closures that share its
         return out
 
     def race_group(group, going, plans, contested, ref_entry, estimates) -> None:
-        """Race the positions ``group`` (keys of ``going``) stage by stage; a position dropped or finished leaves
-        ``going``, a dropped one's estimate goes to ``estimates``."""
+        """Race the positions ``group`` (keys of ``going``) stage by stage until each is dropped (its estimate goes
+        to ``estimates``) or finished (its score to the memo)."""
         going = {k: going[k] for k in group}
         for stage in range(max((len(plans[k]) for k in going), default=0)):
             # Positions whose next stage is this one (on resume some are further on already).
