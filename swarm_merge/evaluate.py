@@ -51,6 +51,7 @@ from swarm_merge.weights import (
 
 __all__ = [
     "Evaluator",
+    "remembered",
     "InMemoryEvaluator",
     "OneModelEvaluator",
     "StreamingEvaluator",
@@ -124,7 +125,7 @@ def load_tokenizer(path):
 # ----------------------------------------------------------------- evaluators
 
 
-def _remembered(build):
+def remembered(build):
     """A ``build`` that the evaluator remembers: ``evaluate`` skips it for the coefficients the model holds already.
     A race scores one position's stages one after another (search.py); without this each stage would build the
     same weights again (0.1 s on the demo; by the cost model, docs/scale.md, an in-memory evaluation of 7B experts
@@ -155,7 +156,7 @@ class Evaluator(abc.ABC):
     model: torch.nn.Module
     tokenizer: object
     device: torch.device
-    # The coefficients the model's weights hold (set by a _remembered build; None: unknown).
+    # The coefficients the model's weights hold (set by a remembered build; None: unknown).
     _built: Optional[np.ndarray] = None
 
     @abc.abstractmethod
@@ -185,7 +186,7 @@ class Evaluator(abc.ABC):
                 NaN a hundred times. The checkpoint is kept for --resume.
         """
         if self._built is not None and np.array_equal(self._built, np.asarray(coefficients, dtype=float)):
-            return self._score(lambda: None, examples, objective)  # (it holds them already: _remembered)
+            return self._score(lambda: None, examples, objective)  # (it holds them already: remembered)
         return self._score(lambda: self.build(coefficients), examples, objective)
 
     def evaluate_weights(self, tensor_of: Callable[[str], torch.Tensor], examples: Sequence[Example],
@@ -323,7 +324,7 @@ class InMemoryEvaluator(Evaluator):
         # whose chunks then skip the check (weights.may_overflow).
         self.peaks = {n: weights.row_peaks(t) for n, t in self.stacked.items() if t.is_floating_point()}
 
-    @_remembered
+    @remembered
     @torch.no_grad()
     def build(self, coefficients: np.ndarray) -> None:
         """Write ``sum_k a[g, k] E_k`` into every weight of the skeleton, in place."""
@@ -397,7 +398,7 @@ class OneModelEvaluator(Evaluator):
         self.model, self.targets = _skeleton(experts, self.dtype, device)
         self.combiner = ChunkedCombiner(experts, dtype=self.dtype, device=device)
 
-    @_remembered
+    @remembered
     @torch.no_grad()
     def build(self, coefficients: np.ndarray) -> None:
         rows = coefficient_rows(coefficients, self.device)

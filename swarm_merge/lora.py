@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from swarm_merge.errors import EvaluationError, ExpertError, ExpertMismatchError
-from swarm_merge.evaluate import Evaluator, load_tokenizer, offload, trim_heap
+from swarm_merge.evaluate import Evaluator, load_tokenizer, offload, remembered, trim_heap
 # Reading an adapter folder is pulling an expert (experts/folder.py); re-exported here for the adapters' users.
 from swarm_merge.experts import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterInfo, index_adapter, is_adapter_folder,
                                  is_adapter_listing, read_adapter_config)
@@ -357,8 +357,10 @@ class LoraEvaluator(Evaluator):
         if self.factors is not None:  # streaming: the base's files, read per forward
             self.weights.combiner.reader.close()
 
+    @remembered
     @torch.no_grad()
     def build(self, coefficients: np.ndarray) -> None:
+        """Put the particle's LoRA factors in place (the base is untouched)."""
         for module, (a, b) in self.bank.particle(coefficients, self.groups).items():
             if not (is_finite(a) and is_finite(b)):  # float32 factors: only absurd adapters overflow them
                 raise NonFiniteWeights(f"{module}.lora_{'A' if not is_finite(a) else 'B'}", torch.float32)

@@ -5,7 +5,9 @@ With several processes (:mod:`swarm_merge.distributed`) each batch of
 positions (the initial swarm, one iteration's particles) is split over the
 ranks and the scores gathered to all, so every rank runs the same optimiser on
 the same memo; only the main rank writes the checkpoint, after each batch, and
-on resume it reads it and broadcasts it.
+on resume it reads it and broadcasts it. Raced positions go whole to one rank
+each (all their stages, one build), and every rank books the gathered stages in
+the same order.
 
 The checkpoint (``swarm-state.json``) holds the swarm state and the random
 generator's state after the last finished iteration, plus every utility
@@ -201,6 +203,18 @@ class Checkpoint(BaseModel):
 # In the swarm state a failed evaluation scores -inf (ranked worst); strict
 # JSON has no infinities, so the checkpoint writes null and reads it back.
 _SCORE_FIELDS = ("score", "p_score", "g_score", "gw_score", "archive_s")
+
+
+@dataclass
+class _Heat:
+    """One iteration's race: the positions raced (by key), each one's contested rows and stages, the global best's
+    memo entry they race, and the estimates of those dropped."""
+
+    going: Dict[str, np.ndarray]
+    contested: Dict[str, Optional[np.ndarray]]
+    plans: Dict[str, Tuple[np.ndarray, ...]]
+    reference: Dict[str, Any]
+    estimates: Dict[str, float] = field(default_factory=dict)
 
 
 def _contested_rows(race: Race, going: Dict[str, np.ndarray], state: swarm.SwarmState, memo: Dict[str, Any],
@@ -415,66 +429,92 @@ def run_search(  # noqa: C901, PLR0913 (the loop and the closures that share its
         """Utilities of ``xs``, each raced against the global best ``state.g`` (scored on every row): scored
         stage by stage (its plan: the slice first) until it is dropped (then its estimate) or every row is
         scored. The plans come from the state and the memo as they were when the iteration began (positions
-        of earlier iterations), so a resumed iteration plans the same stages."""
-        ref_entry = run.memo.get(position_key(state.g), {})
-        estimates: Dict[str, float] = {}
+        of earlier iterations), so a resumed iteration plans the same stages. Each position is raced through
+        all its stages on one process (its weights built once: evaluate.remembered): one process races them
+        in turn; several take them round-robin, then every rank books every race in the same order."""
         going: Dict[str, np.ndarray] = {}
         for x in xs:
             key = position_key(x)
             if key not in run.memo:
                 going.setdefault(key, x)
         contested = _contested_rows(race, going, state, run.memo, run.partial)
-        plans = {k: race.plan(contested[k]) for k in going}
-        # One process races each position through its stages before the next (its weights are built once:
-        # evaluate._remembered); several race them all stage by stage, spread over the ranks. A decision reads
-        # only the position's own rows and the global best's, so the order changes nothing else.
-        for group in ([[k] for k in going] if ranks.world == 1 else [list(going)]):
-            race_group(group, going, plans, contested, ref_entry, estimates)
+        heat = _Heat(going=going, contested=contested, plans={k: race.plan(contested[k]) for k in going},
+                     reference=run.memo.get(position_key(state.g), {}))
+        keys = list(going)
+        if ranks.world == 1:  # (through spread: a failed evaluation says how to resume)
+            spread(lambda key: race_one(heat, key, live), keys, None)
+        else:
+            spread(lambda key: rehearsed(heat, key), keys, lambda i, made: booked(heat, keys[i], made))
         out = []
         for x in xs:
             key = position_key(x)
-            out.append(Score.from_dict(run.memo[key]).utility if key in run.memo else estimates[key])
+            out.append(Score.from_dict(run.memo[key]).utility if key in run.memo else heat.estimates[key])
         return out
 
-    def race_group(group, going, plans, contested, ref_entry, estimates) -> None:
-        """Race the positions ``group`` (keys of ``going``) stage by stage until each is dropped (its estimate goes
-        to ``estimates``) or finished (its score to the memo)."""
-        going = {k: going[k] for k in group}
-        for stage in range(max((len(plans[k]) for k in going), default=0)):
-            # Positions whose next stage is this one (on resume some are further on already).
-            todo = [k for k in going if run.partial.get(k, {}).get("stage", -1) == stage - 1]
+    def live(heat: _Heat, key: str, stage: int) -> Score:
+        return evaluate_rows(heat.going[key], heat.plans[key][stage])
 
-            def scored(i: int, score: Score, todo=todo, stage=stage) -> None:
-                key = todo[i]
-                before = run.partial.pop(key, None)
-                parts = [Score.from_dict(p) for p in before["parts"]] if before else []
-                parts.append(score)
-                combined = race.combine(parts, plans[key])
-                if stage == len(plans[key]) - 1:
-                    run.memo[key] = combined.to_dict(rows=True)
-                    run.finished += 1
-                    bar.update()
-                else:
-                    run.partial[key] = {**combined.to_dict(rows=True), "stage": stage,
-                                        "parts": [p.to_dict(rows=True) for p in parts],
-                                        "contested": None if contested[key] is None
-                                        else np.flatnonzero(contested[key]).tolist()}
-                run.items += score.n
-                save()
-
-            spread(lambda key, stage=stage: evaluate_rows(going[key], plans[key][stage]), todo, scored)
-            for key in list(going):
-                entry = run.partial.get(key)
-                if entry is None or entry["stage"] != stage:
-                    if key in run.memo:  # finished
-                        del going[key]
-                    continue
-                seen = np.sort(np.concatenate(plans[key][: stage + 1]))
-                verdict = race.verdict(Score.from_dict(entry), seen, ref_entry, contested[key])
+    def race_one(heat: _Heat, key: str, score_stage: Callable[[_Heat, str, int], Score], book: bool = True) -> List[Score]:
+        """Race ``key`` to its verdict from where the checkpoint left it: each stage ``score_stage(heat, key,
+        stage)``, then booked (partial or memo, items; with ``book`` the checkpoint and the bar too), then judged
+        (a dropped position's estimate goes to ``heat.estimates``). Returns the stage scores it made. A decision
+        reads only the position's own rows and the global best's, so the order of the positions changes nothing."""
+        plan, contested, made = heat.plans[key], heat.contested[key], []
+        entry = run.partial.get(key)
+        parts = [Score.from_dict(p) for p in entry["parts"]] if entry else []
+        while key not in run.memo:
+            if parts:
+                seen = np.sort(np.concatenate(plan[: len(parts)]))
+                verdict = race.verdict(Score.from_dict(run.partial[key]), seen, heat.reference, contested)
                 if verdict is not None:  # (counted at the end: a replayed iteration decides again)
-                    estimates[key] = verdict
-                    del going[key]
+                    heat.estimates[key] = verdict
+                    if book:
+                        bar.update()
+                    break
+            score = score_stage(heat, key, len(parts))
+            made.append(score)
+            parts.append(score)
+            combined = race.combine(parts, plan)
+            run.items += score.n
+            if len(parts) == len(plan):
+                run.partial.pop(key, None)
+                run.memo[key] = combined.to_dict(rows=True)
+                run.finished += 1
+            else:
+                run.partial[key] = {**combined.to_dict(rows=True), "stage": len(parts) - 1,
+                                    "parts": [p.to_dict(rows=True) for p in parts],
+                                    "contested": None if contested is None else np.flatnonzero(contested).tolist()}
+            if book:
+                if key in run.memo:
                     bar.update()
+                save()
+        return made
+
+    def rehearsed(heat: _Heat, key: str) -> List[Score]:
+        """On the rank that owns ``key``: its race scored here, then forgotten (every rank books it: booked)."""
+        before = (run.partial.get(key), run.items, run.finished)
+        made = race_one(heat, key, live, book=False)
+        run.memo.pop(key, None)
+        heat.estimates.pop(key, None)
+        run.partial.pop(key, None)
+        if before[0] is not None:
+            run.partial[key] = before[0]
+        run.items, run.finished = before[1], before[2]
+        return made
+
+    def booked(heat: _Heat, key: str, made: List[Score]) -> None:
+        """On every rank: the race of ``key`` booked from the stage scores its owner made."""
+        stages = iter(made)
+
+        def replayed(_heat: _Heat, _key: str, _stage: int) -> Score:
+            got = next(stages, None)
+            if got is None:
+                raise EvaluationError(f"position {key[:12]}: its race went otherwise on another process")
+            return got
+
+        race_one(heat, key, replayed)
+        if next(stages, None) is not None:
+            raise EvaluationError(f"position {key[:12]}: its race went otherwise on another process")
 
     # The initial swarm is drawn again from the seed on resume (same positions),
     # and its utilities come back from the memo.

@@ -182,6 +182,26 @@ def test_streaming_the_base_scores_like_holding_it(tie, tmp_path):
     assert scores[0][1] == scores[1][1]
 
 
+def test_a_repeated_particle_keeps_its_factors_and_another_replaces_them(adapters, base, tmp_path, monkeypatch):
+    """A race scores one particle's stages one after another: the factors are put in place once."""
+    from swarm_merge.recipe import Objective
+
+    experts = pulled(adapters)
+    base_e = experts_mod.pull_expert(ExpertRef(model=str(base)))
+    bank = lora.AdapterBank(experts, base_e, space="factors")
+    ev = lora.LoraEvaluator(bank, base_e, {m: 0 for m in bank.modules}, dtype="float32", device=torch.device("cpu"))
+    dev = tiny.write_jsonl(tmp_path / "dev.jsonl", tiny.arithmetic_rows(4))
+    objective = Objective(type="loglik", dev=str(dev))
+    examples = objectives.load_examples(str(dev), "loglik", None)
+    built, particle = [], bank.particle
+    monkeypatch.setattr(bank, "particle", lambda c, g: built.append(np.array(c)) or particle(c, g))
+    first = ev.evaluate(COEFS, examples, objective).utility
+    assert ev.evaluate(COEFS, examples, objective).utility == first and len(built) == 1
+    other = np.array([[0.2, 0.5, 0.3]])
+    assert ev.evaluate(other, examples, objective).utility != first and len(built) == 2
+    assert ev.evaluate(COEFS, examples, objective).utility == first and len(built) == 3
+
+
 def test_a_16_bit_base_scores_as_peft_loads_the_written_adapter(adapters, base, tmp_path):
     """bfloat16 base: PEFT keeps LoRA factors in float32; the written adapter reproduces the logits bit for bit."""
     from peft import PeftModel

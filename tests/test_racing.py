@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from swarm_merge import cli, racing, search, swarm
+from swarm_merge import cli, distributed, racing, search, swarm
 from swarm_merge.errors import EvaluationError, RecipeError
 from swarm_merge.objectives import Custom, Example, Score, Suite, aggregate
 from swarm_merge.recipe import SwarmSettings
@@ -238,6 +238,7 @@ class RowEvaluator:
 
     def __init__(self, race, fail_after=None):
         self.race, self.calls, self.fail_after = race, 0, fail_after
+        self.staged = []  # the position of each stage scored, in order
 
     def tick(self):
         self.calls += 1
@@ -250,6 +251,7 @@ class RowEvaluator:
 
     def rows(self, x, idx):
         self.tick()
+        self.staged.append(search.position_key(x))
         return score_rows(row_values(x), idx, self.race)
 
 
@@ -257,10 +259,29 @@ def swarm_settings(**update):
     return SwarmSettings(size=7, max_iterations=8, **update)
 
 
-def run(tmp_path, name, settings, race, evaluator, resume=False, rows_layout=None):
+def run(tmp_path, name, settings, race, evaluator, resume=False, rows_layout=None, ranks=None):
     return search.run_search(settings, num_experts=3, num_groups=1, evaluate=evaluator.full,
                              checkpoint=tmp_path / f"{name}.json", fingerprint="t", progress=False, resume=resume,
-                             race=race, evaluate_rows=evaluator.rows if race else None, rows_layout=rows_layout)
+                             race=race, evaluate_rows=evaluator.rows if race else None, rows_layout=rows_layout,
+                             ranks=ranks)
+
+
+class TwoRanks(distributed.Ranks):
+    """Two processes played by one: ``map`` runs rank 0's share then rank 1's (round-robin, as the ranks split
+    it), then ``on_done`` for every item in order, as every rank does after the gather."""
+
+    def __init__(self):
+        super().__init__()
+        self.world = 2
+
+    def map(self, fn, items, on_done=None):
+        order = list(range(0, len(items), 2)) + list(range(1, len(items), 2))
+        got = {i: fn(items[i]) for i in order}
+        out = [got[i] for i in range(len(items))]
+        for i, r in enumerate(out):
+            if on_done is not None:
+                on_done(i, r)
+        return out
 
 
 def test_racing_spends_fewer_rows_and_its_winner_is_scored_on_every_row(tmp_path):
@@ -310,6 +331,38 @@ def test_same_seed_same_winner_and_resume_equals_an_uninterrupted_run(tmp_path, 
     assert np.array_equal(resumed.best, whole.best) and resumed.best_score.utility == whole.best_score.utility
     assert resumed.items == whole.items and resumed.raced == whole.raced
     assert resumed.memo == whole.memo
+
+
+def test_several_processes_race_each_position_whole_and_book_the_same_run(tmp_path):
+    """With several ranks each position is raced through all its stages on the rank that owns it (one build
+    there), then every rank books it: the same run as one process's, each stage scored once, and a run killed
+    in the middle resumes (with one process or two) to the same result."""
+    settings = swarm_settings()
+    race = racing.race_of(settings, OBJECTIVE, DEV)
+    one_eval, two_eval = RowEvaluator(race), RowEvaluator(race)
+    one = run(tmp_path, "one", settings, race, one_eval)
+    two = run(tmp_path, "two", settings, race, two_eval, ranks=TwoRanks())
+    assert one.raced["dropped"] > 0 and one.raced["finished"] > 0
+    assert np.array_equal(one.best, two.best) and one.items == two.items and one.raced == two.raced
+    assert one.memo == two.memo and one.history == [{**h, "seconds": o["seconds"]} for h, o in
+                                                   zip(two.history, one.history)]
+    assert two_eval.calls == one_eval.calls  # (booking a gathered race scores nothing again)
+    # each position's stages one after the other (its weights built once), not interleaved with another's
+    runs = [k for i, k in enumerate(two_eval.staged) if i == 0 or two_eval.staged[i - 1] != k]
+    assert len(runs) == len(set(runs)) and len(runs) < len(two_eval.staged)
+    assert json.loads((tmp_path / "one.json").read_text())["partial"] == json.loads(
+        (tmp_path / "two.json").read_text())["partial"]
+    for ranks in (None, TwoRanks()):
+        resumed = None
+        for attempt in range(60):
+            try:
+                resumed = run(tmp_path, f"killed-{ranks is None}", settings, race, RowEvaluator(race, fail_after=23),
+                              resume=attempt > 0, ranks=TwoRanks() if attempt % 2 else ranks)
+                break
+            except EvaluationError:
+                continue
+        assert resumed is not None and resumed.resumed
+        assert np.array_equal(resumed.best, one.best) and resumed.items == one.items and resumed.memo == one.memo
 
 
 def _stage(entry):
