@@ -496,8 +496,9 @@ def run_search(  # noqa: C901, PLR0913 (the loop and the closures that share its
         made = race_one(heat, key, live, book=False)
         run.memo.pop(key, None)
         heat.estimates.pop(key, None)
-        run.partial.pop(key, None)
-        if before[0] is not None:
+        if before[0] is None:
+            run.partial.pop(key, None)
+        else:  # (in its place: the checkpoint keeps one process's order)
             run.partial[key] = before[0]
         run.items, run.finished = before[1], before[2]
         return made
@@ -547,7 +548,8 @@ def run_search(  # noqa: C901, PLR0913 (the loop and the closures that share its
                                            for i in rows))) else ()
         if (isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage < len(plan) - 1
                 or not isinstance(parts, list) or len(parts) != stage + 1 or not all(_is_score(p) for p in parts)
-                or any(p.get("rows") is None or len(p["rows"]) != len(idx) for p, idx in zip(parts, plan))):
+                or any(len(p["rows"]) != len(idx) if p.get("rows") is not None else p.get("utility") is not None
+                       for p, idx in zip(parts, plan))):  # (a failed stage has no rows: its position is dropped)
             raise OutputError(f"checkpoint {checkpoint} is damaged (a raced position's stages); pass --force to start over")
     rng.bit_generator.state = run.rng_state
 

@@ -344,14 +344,15 @@ def test_several_processes_race_each_position_whole_and_book_the_same_run(tmp_pa
     two = run(tmp_path, "two", settings, race, two_eval, ranks=TwoRanks())
     assert one.raced["dropped"] > 0 and one.raced["finished"] > 0
     assert np.array_equal(one.best, two.best) and one.items == two.items and one.raced == two.raced
+    assert list(one.memo) == list(two.memo)  # (the same order: every rank books every race, in order)
     assert one.memo == two.memo and one.history == [{**h, "seconds": o["seconds"]} for h, o in
                                                    zip(two.history, one.history)]
     assert two_eval.calls == one_eval.calls  # (booking a gathered race scores nothing again)
     # each position's stages one after the other (its weights built once), not interleaved with another's
     runs = [k for i, k in enumerate(two_eval.staged) if i == 0 or two_eval.staged[i - 1] != k]
     assert len(runs) == len(set(runs)) and len(runs) < len(two_eval.staged)
-    assert json.loads((tmp_path / "one.json").read_text())["partial"] == json.loads(
-        (tmp_path / "two.json").read_text())["partial"]
+    partial = [list(json.loads((tmp_path / f"{n}.json").read_text())["partial"].items()) for n in ("one", "two")]
+    assert partial[0] == partial[1]
     for ranks in (None, TwoRanks()):
         resumed = None
         for attempt in range(60):
@@ -363,6 +364,36 @@ def test_several_processes_race_each_position_whole_and_book_the_same_run(tmp_pa
                 continue
         assert resumed is not None and resumed.resumed
         assert np.array_equal(resumed.best, one.best) and resumed.items == one.items and resumed.memo == one.memo
+
+
+class FailingEvaluator(RowEvaluator):
+    """Scores NaN (no rows: a build with NaN weights) for positions whose first coefficient is above 0.5."""
+
+    def rows(self, x, idx):
+        got = super().rows(x, idx)
+        return Score(float("nan"), {}, len(idx)) if np.asarray(x)[0, 0] > 0.5 else got
+
+    def full(self, x):
+        got = super().full(x)
+        return Score(float("nan"), {}, ROWS) if np.asarray(x)[0, 0] > 0.5 else got
+
+
+def test_a_failed_stage_is_dropped_and_a_checkpoint_holding_it_resumes(tmp_path):
+    settings = swarm_settings()
+    race = racing.race_of(settings, OBJECTIVE, DEV)
+    whole = run(tmp_path, "whole", settings, race, FailingEvaluator(race))
+    failed = [e for e in json.loads((tmp_path / "whole.json").read_text())["partial"].values()
+              if e["parts"][-1]["utility"] is None]
+    assert failed and all("rows" not in e["parts"][-1] for e in failed)
+    resumed = None
+    for attempt in range(60):
+        try:
+            resumed = run(tmp_path, "killed", settings, race, FailingEvaluator(race, fail_after=11), resume=attempt > 0)
+            break
+        except EvaluationError:
+            continue
+    assert resumed is not None and resumed.resumed
+    assert np.array_equal(resumed.best, whole.best) and resumed.items == whole.items and resumed.memo == whole.memo
 
 
 def _stage(entry):
