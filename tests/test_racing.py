@@ -266,6 +266,16 @@ def run(tmp_path, name, settings, race, evaluator, resume=False, rows_layout=Non
                              ranks=ranks)
 
 
+def until_done(tmp_path, name, settings, race, evaluator, ranks=lambda attempt: None):
+    """The run killed wherever ``evaluator()`` fails (a fresh one per attempt), resumed each time until it ends."""
+    for attempt in range(60):
+        try:
+            return run(tmp_path, name, settings, race, evaluator(), resume=attempt > 0, ranks=ranks(attempt))
+        except EvaluationError:
+            continue
+    raise AssertionError("the run never ended")
+
+
 class TwoRanks(distributed.Ranks):
     """Two processes played by one: ``map`` runs rank 0's share then rank 1's (round-robin, as the ranks split
     it), then ``on_done`` for every item in order, as every rank does after the gather."""
@@ -320,14 +330,8 @@ def test_same_seed_same_winner_and_resume_equals_an_uninterrupted_run(tmp_path, 
     assert np.array_equal(whole.best, again.best) and whole.items == again.items
     # Killed every `calls` evaluations (in the middle of races, after drops were decided and saved),
     # resumed each time until done.
-    resumed = None
-    for attempt in range(40):
-        try:
-            resumed = run(tmp_path, "killed", settings, race, RowEvaluator(race, fail_after=calls), resume=attempt > 0)
-            break
-        except EvaluationError:
-            continue
-    assert resumed is not None and resumed.resumed
+    resumed = until_done(tmp_path, "killed", settings, race, lambda: RowEvaluator(race, fail_after=calls))
+    assert resumed.resumed
     assert np.array_equal(resumed.best, whole.best) and resumed.best_score.utility == whole.best_score.utility
     assert resumed.items == whole.items and resumed.raced == whole.raced
     assert resumed.memo == whole.memo
@@ -353,16 +357,11 @@ def test_several_processes_race_each_position_whole_and_book_the_same_run(tmp_pa
     assert len(runs) == len(set(runs)) and len(runs) < len(two_eval.staged)
     partial = [list(json.loads((tmp_path / f"{n}.json").read_text())["partial"].items()) for n in ("one", "two")]
     assert partial[0] == partial[1]
-    for ranks in (None, TwoRanks()):
-        resumed = None
-        for attempt in range(60):
-            try:
-                resumed = run(tmp_path, f"killed-{ranks is None}", settings, race, RowEvaluator(race, fail_after=23),
-                              resume=attempt > 0, ranks=TwoRanks() if attempt % 2 else ranks)
-                break
-            except EvaluationError:
-                continue
-        assert resumed is not None and resumed.resumed
+    for first in (None, TwoRanks()):  # (then one process and two in turn)
+        resumed = until_done(tmp_path, f"killed-{first is None}", settings, race,
+                             lambda: RowEvaluator(race, fail_after=23),
+                             ranks=lambda attempt, first=first: TwoRanks() if attempt % 2 else first)
+        assert resumed.resumed
         assert np.array_equal(resumed.best, one.best) and resumed.items == one.items and resumed.memo == one.memo
 
 
@@ -385,14 +384,8 @@ def test_a_failed_stage_is_dropped_and_a_checkpoint_holding_it_resumes(tmp_path)
     failed = [e for e in json.loads((tmp_path / "whole.json").read_text())["partial"].values()
               if e["parts"][-1]["utility"] is None]
     assert failed and all("rows" not in e["parts"][-1] for e in failed)
-    resumed = None
-    for attempt in range(60):
-        try:
-            resumed = run(tmp_path, "killed", settings, race, FailingEvaluator(race, fail_after=11), resume=attempt > 0)
-            break
-        except EvaluationError:
-            continue
-    assert resumed is not None and resumed.resumed
+    resumed = until_done(tmp_path, "killed", settings, race, lambda: FailingEvaluator(race, fail_after=11))
+    assert resumed.resumed
     assert np.array_equal(resumed.best, whole.best) and resumed.items == whole.items and resumed.memo == whole.memo
 
 
