@@ -129,8 +129,8 @@ def remembered(build):
     """A ``build`` that the evaluator remembers: ``evaluate`` skips it for the coefficients the model holds already.
     A race scores one position's stages one after another (search.py); without this each stage would build the
     same weights again (0.1 s on the demo; by the cost model, docs/scale.md, an in-memory evaluation of 7B experts
-on one H200 is 2.7 x a plain forward, so the build is over half of it). Forgotten
-    first, so a build that fails or raises NonFiniteWeights half way is done again next time."""
+    on one H200 is 2.7 x a plain forward, so the build is over half of it). Forgotten first, so a build that fails
+    or raises NonFiniteWeights half way is done again next time."""
 
     def remembering(self, coefficients: np.ndarray) -> None:
         self._built = None
