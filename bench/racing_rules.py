@@ -71,6 +71,9 @@ RULES = [
     ("0.9, 4 neighbours, slice 1/8", 0.9, "any", True, 4, 0.125),
     (CHEAP, 0.8, "any", True, 4, 0.125),
     ("0.8, no neighbours, slice 1/8", 0.8, "any", True, 0, 0.125),
+    ("0.7, 4 neighbours, slice 1/8", 0.7, "any", True, 4, 0.125),
+    ("0.6, 4 neighbours, slice 1/8", 0.6, "any", True, 4, 0.125),
+    ("0.8, 8 neighbours, slice 1/8", 0.8, "any", True, 8, 0.125),
 ]
 
 

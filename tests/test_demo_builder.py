@@ -48,3 +48,30 @@ def test_the_shipped_adapters_are_used_only_for_the_spec_they_were_trained_with(
         assert info["build_spec"] == spec.key() and info["base_model_name_or_path"] == "../../base"
         assert shipped_adapter(ExpertSpec.for_skill(skill, steps=31), BaseSpec()) is None  # another training
         assert shipped_adapter(spec, BaseSpec(dtype="bfloat16")) is None  # another base
+
+
+def test_the_200_row_dev_bench_adds_rows_never_tested_or_trained_on():
+    # bench/demo200: the demo's 72 dev rows, then 128 more; a row that an expert trained on or that the demo
+    # tests would make the bench's dev scores (and racing's savings there) meaningless.
+    import importlib.util
+    import json
+
+    from builder.skills import SKILLS, eval_prompts, eval_rows
+    from builder.spec import ExpertSpec
+    from builder.train import training_batches
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "demo200" / "build.py"
+    spec = importlib.util.spec_from_file_location("demo200_build", path)
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    rows = build.dev_rows()
+    committed = [json.loads(line) for line in (path.parent / "data" / "dev.jsonl").read_text().splitlines()]
+    assert committed == rows  # the committed file is what the script writes
+    dev, test = eval_rows()
+    prompts = [r["prompt"] for r in rows]
+    assert len(rows) == 200 and len(set(prompts)) == 200
+    assert {s: sum(r["task"] == s for r in rows) for s in SKILLS} == {s: 50 for s in SKILLS}
+    assert sorted(prompts[:72]) == sorted(r["prompt"] for r in dev)  # the demo's rows first
+    assert not set(prompts) & {r["prompt"] for r in test}
+    trained = {p for s in SKILLS for batch in training_batches(ExpertSpec.for_skill(s), eval_prompts()) for p, _ in batch}
+    assert len(trained) > 800 and not set(prompts) & trained

@@ -91,16 +91,8 @@ def train_lora(base: Path, spec: ExpertSpec, forbidden: set):
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
-    rng = random.Random(f"train-{spec.skill}-{spec.seed}")
-    make = SKILLS[spec.skill]
-
     losses = []
-    for step in range(spec.steps):
-        examples = []
-        while len(examples) < spec.batch_size:
-            prompt, answer = make(rng, "train")
-            if prompt not in forbidden:
-                examples.append((prompt, answer))
+    for step, examples in enumerate(training_batches(spec, forbidden)):
         ids, mask, pos, targets = make_batch(tok, examples)
         for g in opt.param_groups:
             g["lr"] = spec.lr * lr_scale(step, spec.steps, spec.warmup)
@@ -115,6 +107,21 @@ def train_lora(base: Path, spec: ExpertSpec, forbidden: set):
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
     return model, tok, losses
+
+
+def training_batches(spec: ExpertSpec, forbidden: set):
+    """The ``spec.steps`` batches of (prompt, answer) that :func:`train_lora` trains on, drawn from the skill's
+    training pool with the spec's seed, skipping any prompt in ``forbidden`` (the same batches every time: a
+    bench that draws more evaluation rows leaves these prompts out, bench/demo200/build.py)."""
+    rng = random.Random(f"train-{spec.skill}-{spec.seed}")
+    make = SKILLS[spec.skill]
+    for _ in range(spec.steps):
+        examples = []
+        while len(examples) < spec.batch_size:
+            prompt, answer = make(rng, "train")
+            if prompt not in forbidden:
+                examples.append((prompt, answer))
+        yield examples
 
 
 def load_shipped(base: Path, shipped: Path):
