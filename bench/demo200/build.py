@@ -39,17 +39,8 @@ def dev_rows() -> list:
     used = {r["prompt"] for r in dev + test}
     banned = used | trained_prompts(used)
     per_skill = {s: [r for r in dev if r["task"] == s] for s in skills.SKILLS}
-    for skill, make in skills.SKILLS.items():
-        rng = random.Random(f"demo200-{skill}")
-        tries = 0
-        while len(per_skill[skill]) < PER_SKILL:
-            tries += 1
-            if tries > 100_000:
-                raise RuntimeError(f"not enough distinct eval items for {skill}")
-            prompt, answer = make(rng, "eval")
-            if prompt not in banned:
-                banned.add(prompt)
-                per_skill[skill].append({"prompt": prompt, "answer": answer, "task": skill})
+    for skill, rows in per_skill.items():
+        rows += skills.draw_rows(skill, random.Random(f"demo200-{skill}"), PER_SKILL - len(rows), banned)
     return [per_skill[s][i] for i in range(PER_SKILL) for s in skills.SKILLS]
 
 

@@ -90,22 +90,25 @@ SKILLS = {
 }
 
 
+def draw_rows(skill: str, rng, count: int, seen: set) -> list:
+    """``count`` rows ``{"prompt", "answer", "task"}`` of ``skill`` from its evaluation pool, drawn with ``rng``,
+    none with a prompt in ``seen`` (each drawn prompt is added to it)."""
+    make, rows, tries = SKILLS[skill], [], 0
+    while len(rows) < count:
+        tries += 1
+        if tries > 100_000:
+            raise RuntimeError(f"not enough distinct eval items for {skill}")
+        prompt, answer = make(rng, "eval")
+        if prompt not in seen:
+            seen.add(prompt)
+            rows.append({"prompt": prompt, "answer": answer, "task": skill})
+    return rows
+
+
 def eval_rows(seed: int = DATA_SEED):
     """(dev, test) rows, skills interleaved round-robin; deterministic."""
-    per_skill = {}
-    for skill, make in SKILLS.items():
-        rng = random.Random(f"eval-{skill}-{seed}")  # str seeds are stable across runs
-        seen, items = set(), []
-        tries = 0
-        while len(items) < N_DEV + N_TEST:
-            tries += 1
-            if tries > 100_000:
-                raise RuntimeError(f"not enough distinct eval items for {skill}")
-            prompt, answer = make(rng, "eval")
-            if prompt not in seen:
-                seen.add(prompt)
-                items.append({"prompt": prompt, "answer": answer, "task": skill})
-        per_skill[skill] = items
+    # (str seeds are stable across runs)
+    per_skill = {skill: draw_rows(skill, random.Random(f"eval-{skill}-{seed}"), N_DEV + N_TEST, set()) for skill in SKILLS}
     dev = [per_skill[s][i] for i in range(N_DEV) for s in SKILLS]
     test = [per_skill[s][N_DEV + i] for i in range(N_TEST) for s in SKILLS]
     return dev, test
