@@ -5,8 +5,9 @@ The demo's four experts and test rows, and a dev set of 200 rows (50 a skill) wh
 skill): the demo's 18 dev rows of each skill, then 32 more drawn by the same generator from the evaluation
 pool (recipes/demo/builder/skills.py), never one of the demo's test rows and never a prompt an expert was
 trained on (the add expert's training batches are drawn again from its seed and left out). Model Swarms
-scores 200 dev rows; the benches' 72 leave a race little to save (bench/RESULTS.md, "Racing at the paper's
-dev size"). Needs the demo's models (make demo-models); writes data/dev.jsonl (committed).
+scores 200 dev rows, the other benches 72; racing saves more on more rows (bench/RESULTS.md, "Racing's floor on
+72 dev rows, and racing at the paper's dev size"). Needs the demo's models (make demo-models); writes
+data/dev.jsonl (committed).
 
     .venv/bin/python bench/demo200/build.py
 """
