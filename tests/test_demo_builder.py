@@ -57,8 +57,6 @@ def test_the_200_row_dev_bench_adds_rows_never_tested_or_trained_on():
     import json
 
     from builder.skills import SKILLS, eval_prompts, eval_rows
-    from builder.spec import ExpertSpec
-    from builder.train import training_batches
 
     path = Path(__file__).resolve().parents[1] / "bench" / "demo200" / "build.py"
     spec = importlib.util.spec_from_file_location("demo200_build", path)
@@ -73,5 +71,5 @@ def test_the_200_row_dev_bench_adds_rows_never_tested_or_trained_on():
     assert {s: sum(r["task"] == s for r in rows) for s in SKILLS} == {s: 50 for s in SKILLS}
     assert sorted(prompts[:72]) == sorted(r["prompt"] for r in dev)  # the demo's rows first
     assert not set(prompts) & {r["prompt"] for r in test}
-    trained = {p for s in SKILLS for batch in training_batches(ExpertSpec.for_skill(s), eval_prompts()) for p, _ in batch}
+    trained = build.trained_prompts(eval_prompts())  # (train.training_batches: what train_lora trains on)
     assert len(trained) > 800 and not set(prompts) & trained
